@@ -1,0 +1,1 @@
+"""HTTP edge: FastAPI app, spec-named pydantic models, error mapping."""

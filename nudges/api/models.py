@@ -1,0 +1,98 @@
+"""CDS Hooks 2.0 request/feedback bodies as pydantic models, named after the spec.
+
+Prefetch values and context Bundles stay plain dicts: validating every FHIR resource with models on
+each call would dominate latency.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+FHIR_ID = r"^[A-Za-z0-9\-.]{1,64}$"
+
+
+class FhirAuthorization(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    access_token: str = Field(min_length=1)
+    token_type: Literal["Bearer", "bearer"]
+    expires_in: int
+    scope: str
+    subject: str
+    patient: str | None = None
+
+
+class CdsServiceRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    hook: str = Field(min_length=1)
+    hookInstance: str = Field(min_length=1, max_length=128)
+    fhirServer: str | None = None
+    fhirAuthorization: FhirAuthorization | None = None
+    context: dict[str, Any]
+    prefetch: dict[str, Any] | None = None
+    extension: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _server_with_token(self) -> CdsServiceRequest:
+        if self.fhirAuthorization is not None and not self.fhirServer:
+            raise ValueError("fhirServer is required when fhirAuthorization is present (cds-r-1)")
+        return self
+
+
+class Coding(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    system: str | None = None
+    code: str = Field(min_length=1)
+    display: str | None = None
+
+
+class OverrideReason(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: Coding | None = None
+    userComment: str | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> OverrideReason:
+        if self.reason is None and not self.userComment:
+            raise ValueError("overrideReason needs a reason or a userComment (cds-fb-3)")
+        return self
+
+
+class AcceptedSuggestion(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1)
+
+
+class Feedback(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    card: str = Field(min_length=1, max_length=64)
+    outcome: Literal["accepted", "overridden"]
+    acceptedSuggestions: list[AcceptedSuggestion] | None = None
+    overrideReason: OverrideReason | None = None
+    outcomeTimestamp: datetime
+
+    @model_validator(mode="after")
+    def _outcome_fields(self) -> Feedback:
+        if self.outcome == "accepted" and not self.acceptedSuggestions:
+            raise ValueError("acceptedSuggestions is required when the outcome is accepted (cds-fb-2)")
+        if self.outcome == "overridden" and self.acceptedSuggestions:
+            raise ValueError("acceptedSuggestions is only allowed when the outcome is accepted")
+        if self.outcome == "accepted" and self.overrideReason is not None:
+            raise ValueError("overrideReason is only allowed when the outcome is overridden")
+        if self.outcomeTimestamp.tzinfo is None:
+            raise ValueError("outcomeTimestamp must carry a UTC offset (RFC 3339)")
+        return self
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    feedback: list[Feedback] = Field(min_length=1, max_length=500)

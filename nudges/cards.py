@@ -1,0 +1,142 @@
+"""Turn a rule match into a CDS Hooks 2.0 card: fresh uuids, placeholders filled, no empty values."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from .engine import Match, age_in_years
+from .record import codings, parse_fhir_date
+from .ruleset import PLACEHOLDER, RuleSet
+
+SEVERITY = {"critical": 0, "warning": 1, "info": 2}
+MAX_SUMMARY = 139
+
+
+def elapsed(delta_seconds: float) -> str:
+    minutes = int(max(delta_seconds, 0) // 60)
+    if minutes < 90:
+        return f"{minutes} min"
+    hours = minutes // 60
+    if hours < 48:
+        return f"{hours} h"
+    return f"{hours // 24} days"
+
+
+def _display(resource: dict[str, Any], displays: dict[tuple[str, str], str]) -> str:
+    for element in ("code", "medicationCodeableConcept", "vaccineCode", "type"):
+        concept = resource.get(element)
+        if isinstance(concept, list):
+            concept = concept[0] if concept else None
+        if not isinstance(concept, dict):
+            continue
+        for key in codings(concept):
+            if key in displays:
+                return displays[key]
+        for coding in concept.get("coding") or ():
+            if isinstance(coding, dict) and coding.get("display"):
+                return str(coding["display"])
+        if concept.get("text"):
+            return str(concept["text"])
+    return resource.get("resourceType", "record")
+
+
+def _value(resource: dict[str, Any]) -> str:
+    quantity = resource.get("valueQuantity")
+    if isinstance(quantity, dict) and "value" in quantity:
+        unit = quantity.get("unit") or quantity.get("code") or ""
+        return f"{quantity['value']} {unit}".strip()
+    for key in ("valueString", "valueInteger", "valueBoolean"):
+        if key in resource:
+            return str(resource[key])
+    concept = resource.get("valueCodeableConcept")
+    if isinstance(concept, dict):
+        return str(concept.get("text") or next((c.get("display") for c in concept.get("coding") or ()
+                                                if c.get("display")), "coded value"))
+    return "not recorded"
+
+
+class Renderer:
+    """Fills placeholders for one call; values are computed only when a template asks for them."""
+
+    def __init__(self, match: Match, context: dict[str, Any], patient: dict[str, Any] | None,
+                 now: datetime) -> None:
+        self.match, self.context, self.patient, self.now = match, context, patient, now
+
+    def value(self, name: str) -> str:
+        if name.startswith("context."):
+            return str(self.context.get(name[8:], ""))
+        if name == "now":
+            return self.now.isoformat().replace("+00:00", "Z")
+        if name == "today":
+            return self.now.date().isoformat()
+        if name == "patient.reference":
+            return f"Patient/{self.context.get('patientId', '')}"
+        if name == "patient.age":
+            birth = parse_fhir_date((self.patient or {}).get("birthDate"))
+            return str(age_in_years(birth.date(), self.now.date())) if birth else "unknown"
+        bind, _, attr = name.partition(".")
+        resource = self.match.bindings.get(bind, {})
+        when = self.match.dates.get(bind)
+        if attr == "elapsed":
+            return elapsed((self.now - when).total_seconds()) if when else "an unknown time"
+        if attr == "date":
+            return when.strftime("%Y-%m-%d %H:%M UTC") if when else "an unknown date"
+        if attr == "display":
+            clause = next((c for c in self.match.rule.clauses() if c.bind == bind), None)
+            return _display(resource, clause.displays if clause else {})
+        if attr == "value":
+            return _value(resource)
+        if attr == "id":
+            return str(resource.get("id", ""))
+        if attr == "reference":
+            return f"{resource.get('resourceType')}/{resource.get('id')}"
+        return ""
+
+    def text(self, template: str) -> str:
+        return PLACEHOLDER.sub(lambda m: self.value(m.group(1)), template) if "{{" in template else template
+
+    def json(self, template: bytes) -> Any:
+        if b"{{" not in template:
+            return orjson.loads(template)
+        text = PLACEHOLDER.sub(lambda m: orjson.dumps(self.value(m.group(1))).decode()[1:-1],
+                               template.decode())
+        return orjson.loads(text)
+
+
+def build_card(match: Match, ruleset: RuleSet, context: dict[str, Any], patient: dict[str, Any] | None,
+               now: datetime) -> dict[str, Any]:
+    rule, template = match.rule, match.rule.card
+    render = Renderer(match, context, patient, now)
+    summary = render.text(template.summary)
+    if len(summary) > MAX_SUMMARY:
+        summary = summary[: MAX_SUMMARY - 1].rstrip() + "…"
+    manifest = ruleset.manifest
+    source: dict[str, Any] = {"label": manifest.source_label,
+                              "topic": {"system": manifest.topic_system, "code": rule.topic,
+                                        "display": manifest.topics.get(rule.topic, rule.topic)}}
+    if rule.source_url:
+        source["url"] = rule.source_url
+    card: dict[str, Any] = {"uuid": str(uuid.uuid4()), "summary": summary,
+                            "indicator": template.indicator, "source": source}
+    if template.detail:
+        card["detail"] = render.text(template.detail)
+    if template.suggestions_json is not None:
+        suggestions = render.json(template.suggestions_json)
+        for suggestion in suggestions:
+            suggestion["uuid"] = str(uuid.uuid4())
+        card["suggestions"] = suggestions
+        card["selectionBehavior"] = template.selection
+    if template.override_reasons:
+        card["overrideReasons"] = [dict(r) for r in template.override_reasons]
+    if template.links:
+        card["links"] = [{k: render.text(v) if isinstance(v, str) else v for k, v in link.items()}
+                         for link in template.links]
+    return card
+
+
+def order_key(rule_id: str, card: dict[str, Any]) -> tuple[int, str]:
+    return SEVERITY.get(card["indicator"], 3), rule_id

@@ -1,0 +1,114 @@
+"""The `nudges` command: serve, lint, test, schema."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import orjson
+
+
+def _lint(directory: Path) -> int:
+    from .ruleset import load_ruleset
+
+    result = load_ruleset(directory)
+    if result.ruleset is None:
+        for problem in result.problems:
+            print(problem)
+        print(f"{len(result.problems)} problem(s) in {result.files} file(s)", file=sys.stderr)
+        return 1
+    rs = result.ruleset
+    statuses: dict[str, int] = {}
+    for rule in rs.rules:
+        statuses[rule.status] = statuses.get(rule.status, 0) + 1
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(statuses.items()))
+    print(f"ok: {len(rs.rules)} rules ({counts}), {len(rs.cases)} case files, "
+          f"{result.files} files, rule set {rs.version}")
+    return 0
+
+
+def _test(directory: Path) -> int:
+    from .ruleset import load_ruleset
+    from .ruletests import run_all
+
+    result = load_ruleset(directory)
+    if result.ruleset is None:
+        for problem in result.problems:
+            print(problem)
+        return 1
+    reports = run_all(result.ruleset)
+    failed = 0
+    for report in reports:
+        mark = "PASS" if report.ok else "FAIL"
+        print(f"{mark} {report.rule}: tp={report.tp} tn={report.tn} fp={report.fp} fn={report.fn}")
+        for failure in report.failures:
+            print(failure)
+        failed += not report.ok
+    print(f"{len(reports) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+def _schema(kind: str) -> int:
+    from .rules import SCHEMAS, json_schema
+
+    schema = json_schema() if kind == "rule" else SCHEMAS[kind].model_json_schema(by_alias=True)
+    sys.stdout.write(orjson.dumps(schema, option=orjson.OPT_INDENT_2).decode() + "\n")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .api.app import create_app
+    from .errors import ConfigError
+    from .logs import configure
+    from .ruleset import load_ruleset
+    from .settings import load_settings
+
+    try:
+        settings = load_settings(args.config, host=args.host, port=args.port, rules=args.rules,
+                                 database_url=args.database_url)
+        configure(settings.log_level)
+        result = load_ruleset(settings.rules)
+        if result.ruleset is None:
+            for problem in result.problems:
+                print(problem, file=sys.stderr)
+            print(f"refusing to start: the rule set in {settings.rules} has problems", file=sys.stderr)
+            return 1
+        app = create_app(settings)
+    except ConfigError as exc:
+        print(f"refusing to start: {exc.diagnostics}", file=sys.stderr)
+        return 2
+    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
+                proxy_headers=False, server_header=False)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nudges", description="health-equity CDS Hooks service")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the CDS Hooks service")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--config", type=Path, help="YAML settings file")
+    serve.add_argument("--rules", type=Path, help="rules directory (default: bundled rules/)")
+    serve.add_argument("--database-url", dest="database_url")
+    lint = sub.add_parser("lint", help="check rule files; problems as path:line:column")
+    lint.add_argument("directory", type=Path)
+    test = sub.add_parser("test", help="run every rule's test cases")
+    test.add_argument("directory", type=Path)
+    schema = sub.add_parser("schema", help="print the JSON Schema of rule files")
+    schema.add_argument("--kind", choices=["rule", "cases", "valueset", "ruleset"], default="rule")
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "lint":
+        return _lint(args.directory)
+    if args.command == "test":
+        return _test(args.directory)
+    return _schema(args.kind)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

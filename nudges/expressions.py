@@ -1,0 +1,70 @@
+"""FHIRPath for rule authors: strict parsing (fhirpathpy silently recovers from syntax errors),
+compile once at load, evaluate with the injected clock as %now / %today."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+from antlr4 import CommonTokenStream, InputStream
+from antlr4.error.ErrorListener import ErrorListener
+from fhirpathpy import compile as fp_compile
+from fhirpathpy.models import models
+from fhirpathpy.parser.generated.FHIRPathLexer import FHIRPathLexer
+from fhirpathpy.parser.generated.FHIRPathParser import FHIRPathParser
+
+R4 = models["r4"]
+_CLOCK_FUNCTIONS = re.compile(r"\b(now|today|timeOfDay)\s*\(")
+# Anything that reads race or ethnicity: US Core extensions, the CDC race/ethnicity code system,
+# or fields literally named so. Used to keep triggers universal.
+RACE_READ = re.compile(
+    r"us-core-(race|ethnicity)|2\.16\.840\.1\.113883\.6\.238|ombCategory|\brace\b|\bethnicity\b",
+    re.IGNORECASE,
+)
+
+Compiled = Callable[[Any, dict[str, Any]], list[Any]]
+
+
+class FhirPathSyntaxError(ValueError):
+    def __init__(self, message: str, column: int) -> None:
+        super().__init__(message)
+        self.column = column
+
+
+class _Raise(ErrorListener):
+    def syntaxError(self, recognizer: Any, offending: Any, line: int, column: int, msg: str, e: Any) -> None:
+        raise FhirPathSyntaxError(f"FHIRPath syntax error: {msg}", column)
+
+
+def check_syntax(expression: str) -> None:
+    listener = _Raise()
+    lexer = FHIRPathLexer(InputStream(expression))
+    lexer.removeErrorListeners()
+    lexer.addErrorListener(listener)
+    parser = FHIRPathParser(CommonTokenStream(lexer))
+    parser.removeErrorListeners()
+    parser.addErrorListener(listener)
+    parser.entireExpression()  # requires EOF: trailing input is an error
+
+
+def compile_expression(expression: str, resource_type: str | None = None) -> Compiled:
+    """Parse strictly, then dry-run on an empty resource so unknown functions and wrong arity
+    surface at load time rather than on a patient's record."""
+    if _CLOCK_FUNCTIONS.search(expression):
+        raise FhirPathSyntaxError("use %now or %today instead of now()/today(): the clock is injected", 0)
+    check_syntax(expression)
+    compiled = fp_compile(expression, R4)
+    probe = {"resourceType": resource_type} if resource_type else {}
+    try:
+        compiled(probe, {"now": "2000-01-01T00:00:00Z", "today": "2000-01-01"})
+    except Exception as exc:  # fhirpathpy raises bare Exception for semantic errors
+        message = str(exc)
+        if "Not implemented" in message or "arity" in message or "not supported" in message.lower():
+            raise FhirPathSyntaxError(f"FHIRPath error: {message}", 0) from exc
+    return compiled
+
+
+def truthy(result: list[Any]) -> bool:
+    """FHIRPath boolean semantics for a `where`: a single true value; empty is false."""
+    return (len(result) == 1 and result[0] is True) or (bool(result) and all(r is True for r in result))

@@ -1,0 +1,21 @@
+"""Prometheus metrics on a private registry (tests create many apps in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("nudges_requests_total", "HTTP requests", ["service", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("nudges_request_seconds", "HTTP request latency", ["service"],
+                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+                                 registry=self.registry)
+        self.cards = Counter("nudges_cards_total", "cards returned", ["rule"], registry=self.registry)
+        self.rule_errors = Counter("nudges_rule_errors_total", "rules that raised while evaluating",
+                                   ["rule"], registry=self.registry)
+        self.reloads = Counter("nudges_rule_reloads_total", "rule set reloads", ["result"],
+                               registry=self.registry)
+        self.rules_loaded = Gauge("nudges_rules_loaded", "rules in the served set", registry=self.registry)

@@ -1,0 +1,88 @@
+"""Prefetch templates derived from the rules' data requirements, and resolution of a call's data:
+prefetch first, the FHIR server for what is missing, 412 when neither has it."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import PreconditionFailed
+from .ruleset import CompiledRule
+
+# Search parameter that matches each type's indexed code element (token search by equality).
+CODE_PARAM = {"Observation": "code", "Condition": "code", "Procedure": "code", "ServiceRequest": "code",
+              "DiagnosticReport": "code", "MedicationRequest": "code", "MedicationStatement": "code",
+              "MedicationAdministration": "code", "MedicationDispense": "code",
+              "AllergyIntolerance": "code", "Immunization": "vaccine-code"}
+MAX_CODES_IN_URL = 60
+TOKEN = re.compile(r"\{\{\s*(context\.(patientId|encounterId|userId))\s*\}\}")
+# Context fields each hook requires (CDS Hooks library 1.0.x).
+REQUIRED_CONTEXT: dict[str, tuple[str, ...]] = {
+    "patient-view": ("userId", "patientId"),
+    "encounter-start": ("userId", "patientId", "encounterId"),
+    "encounter-discharge": ("userId", "patientId", "encounterId"),
+    "order-select": ("userId", "patientId", "selections", "draftOrders"),
+    "order-sign": ("userId", "patientId", "draftOrders"),
+    "appointment-book": ("userId", "patientId", "appointments"),
+}
+
+
+@dataclass(frozen=True)
+class PrefetchPlan:
+    """Templates for one service; `required` keys must be obtained or the call gets 412."""
+
+    templates: dict[str, str]
+    required: frozenset[str] = field(default_factory=frozenset)
+
+
+def plan_for(rules: tuple[CompiledRule, ...]) -> PrefetchPlan:
+    """One template per resource type the rules read from the record (codes merged per type)."""
+    codes: dict[str, set[tuple[str, str]] | None] = {}
+    needs_patient = False
+    for rule in rules:
+        if rule.age_min is not None or rule.age_max is not None or rule.patient is not None:
+            needs_patient = True
+        for clause in rule.clauses():
+            if "record" not in clause.sources:
+                continue
+            if clause.resource == "Patient":
+                needs_patient = True
+                continue
+            if clause.codes is None or clause.resource not in CODE_PARAM:
+                codes[clause.resource] = None
+            elif clause.resource not in codes or codes[clause.resource] is not None:
+                merged = codes.get(clause.resource) or set()
+                codes[clause.resource] = merged | set(clause.codes)
+    templates = {"patient": "Patient/{{context.patientId}}"}
+    required = {"patient"} if needs_patient else set()
+    for kind in sorted(codes):
+        query = f"{kind}?patient={{{{context.patientId}}}}"
+        wanted = codes[kind]
+        if wanted and len(wanted) <= MAX_CODES_IN_URL:
+            query += f"&{CODE_PARAM[kind]}=" + ",".join(f"{s}|{c}" for s, c in sorted(wanted))
+        key = kind[0].lower() + kind[1:]
+        templates[key] = query
+        required.add(key)
+    templates.setdefault("coverage", "Coverage?patient={{context.patientId}}")
+    return PrefetchPlan(templates, frozenset(required))
+
+
+def render(template: str, context: dict[str, Any]) -> str:
+    return TOKEN.sub(lambda m: str(context.get(m.group(2), "")), template)
+
+
+def usable(value: Any) -> bool:
+    """A prefetch value the service can use: null (no data) or a resource that is not an
+    OperationOutcome (the client's way of saying that key failed)."""
+    return value is None or (isinstance(value, dict) and value.get("resourceType") not in
+                             (None, "OperationOutcome"))
+
+
+def missing_keys(plan: PrefetchPlan, prefetch: dict[str, Any]) -> list[str]:
+    return [key for key in plan.templates if key not in prefetch or not usable(prefetch[key])]
+
+
+def unobtainable(keys: list[str], plan: PrefetchPlan, why: str) -> PreconditionFailed:
+    required = [k for k in keys if k in plan.required]
+    return PreconditionFailed(f"required data unavailable ({', '.join(required)}): {why}")

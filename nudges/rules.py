@@ -1,0 +1,224 @@
+"""The rule file format. These pydantic models are the single source of truth: `nudges schema`
+exports them as JSON Schema for editors, and the loader validates every rule file against them."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+HOOKS = ("patient-view", "encounter-start", "encounter-discharge", "order-select", "order-sign",
+         "appointment-book")
+Hook = Literal["patient-view", "encounter-start", "encounter-discharge", "order-select", "order-sign",
+               "appointment-book"]
+Status = Literal["experimental", "test", "active", "deprecated"]
+Indicator = Literal["info", "warning", "critical"]
+
+_DURATION = re.compile(r"^(\d+)\s*(m|min|h|d|w|y)$")
+_UNITS = {"m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
+ID_PATTERN = r"^[a-z0-9]+(-[a-z0-9]+)*$"
+
+
+def parse_duration(text: str) -> timedelta:
+    match = _DURATION.match(text.strip())
+    if not match:
+        raise ValueError(f"'{text}' is not a duration: use a number and a unit m, h, d, w or y (e.g. 12h)")
+    return timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
+
+
+def _check_duration(text: str) -> str:
+    parse_duration(text)
+    return text
+
+
+Duration = Annotated[str, AfterValidator(_check_duration),
+                     Field(description="a number and a unit: m, h, d, w or y (365 days), e.g. 12h, 10y")]
+FhirPath = Annotated[str, Field(min_length=1, description="a FHIRPath expression (use %now / %today)")]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class Clause(Strict):
+    """One data requirement: resources of a type, optionally narrowed by codes, FHIRPath and time."""
+
+    bind: str | None = Field(None, alias="as", pattern=r"^[a-z][a-z0-9_]*$",
+                             description="name for the matched resource, usable in card text and `since`")
+    resource: str = Field(description="FHIR R4 resource type, e.g. Observation")
+    codes: str | None = Field(None, description="name of a value set in the valuesets folder")
+    where: FhirPath | None = Field(None, description="FHIRPath evaluated on each candidate; must be true")
+    within: Duration | None = Field(None, description="the resource's date is no older than this")
+    older_than: Duration | None = Field(None, description="the resource's date is at least this old")
+    since: str | None = Field(None, description="only resources dated at or after this bound resource")
+    date: FhirPath | None = Field(None, description="FHIRPath to the date, when not the type's usual one")
+    source: Literal["record", "draft", "selected", "any"] = Field(
+        "record", description="record: prefetch/FHIR server; draft: draftOrders or appointments in the "
+                              "hook context; selected: order-select selections; any: both")
+
+
+class AgeRange(Strict):
+    min: int | None = Field(None, ge=0, description="inclusive, in whole years")
+    max: int | None = Field(None, ge=0, description="inclusive, in whole years")
+
+
+class When(Strict):
+    """The trigger. Every part given must hold: age, patient, all, any (one of), none (absence)."""
+
+    age: AgeRange | None = None
+    patient: FhirPath | None = Field(None, description="FHIRPath on the Patient resource; must be true")
+    all: list[Clause] = Field(default_factory=list, description="each clause must match a resource")
+    any: list[Clause] = Field(default_factory=list, description="at least one clause must match")
+    none: list[Clause] = Field(default_factory=list, description="no clause may match (absence)")
+
+    @model_validator(mode="after")
+    def _has_trigger(self) -> When:
+        if not (self.all or self.any or self.patient or self.age):
+            raise ValueError("`when` needs at least one of all, any, patient or age")
+        return self
+
+
+class Coding(Strict):
+    system: str = Field(pattern=r"^[a-z][a-z0-9+.-]*:", description="absolute URI of the code system")
+    code: str = Field(min_length=1)
+    display: str = Field(min_length=1)
+
+
+class Action(Strict):
+    type: Literal["create", "update", "delete"]
+    description: str = Field(min_length=1)
+    resource: dict[str, Any] | None = Field(
+        None, description="a FHIR R4 resource; strings may use {{context.patientId}} and similar")
+    resource_id: str | None = Field(None, description="Type/id to delete")
+
+    @model_validator(mode="after")
+    def _payload(self) -> Action:
+        if self.type == "delete" and not self.resource_id:
+            raise ValueError("a delete action needs resource_id")
+        if self.type != "delete" and not self.resource:
+            raise ValueError(f"a {self.type} action needs a resource")
+        return self
+
+
+class Suggestion(Strict):
+    label: str = Field(min_length=1)
+    recommended: bool = False
+    actions: list[Action] = Field(default_factory=list)
+
+
+class Link(Strict):
+    label: str = Field(min_length=1)
+    url: str = Field(pattern=r"^https?://", description="absolute URL")
+    type: Literal["absolute", "smart"] = "absolute"
+    app_context: str | None = None
+
+
+class Card(Strict):
+    summary: str = Field(min_length=1, max_length=139, description="< 140 characters, placeholders allowed")
+    indicator: Indicator
+    detail: str | None = Field(None, description="GitHub-flavoured markdown; placeholders allowed")
+    selection: Literal["at-most-one", "any"] = "at-most-one"
+    suggestions: list[Suggestion] = Field(default_factory=list)
+    links: list[Link] = Field(default_factory=list)
+    override_reasons: list[str | Coding] = Field(
+        default_factory=list,
+        description="codes of the HL7 non-adherence-reason-codes CodeSystem, or full Codings")
+
+
+class Citation(Strict):
+    """A `seeds/` passage (seed: record-id#p3) or a published reference (evidence id or full)."""
+
+    seed: str | None = Field(None, pattern=r"^[a-z0-9-]+#p\d+$")
+    evidence: str | None = Field(None, description="id of an entry in seeds/evidence.yaml")
+    title: str | None = None
+    publisher: str | None = None
+    year: int | None = None
+    doi: str | None = None
+    url: str | None = Field(None, pattern=r"^https?://")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Citation:
+        if not (self.seed or self.evidence or (self.title and (self.doi or self.url))):
+            raise ValueError("a citation needs `seed`, `evidence`, or a title with a doi or url")
+        return self
+
+
+class Rule(Strict):
+    """One nudge: when it fires, what card it shows, why, and on what evidence."""
+
+    id: str = Field(pattern=ID_PATTERN, description="kebab-case; equals the file name without .yaml")
+    title: str = Field(min_length=1)
+    status: Status
+    version: str = Field(pattern=r"^\d+\.\d+\.\d+$")
+    hooks: list[Hook] = Field(min_length=1)
+    topic: str = Field(pattern=ID_PATTERN, description="equity topic; shown as the card's source.topic")
+    owner: str = Field(min_length=1)
+    when: When
+    card: Card
+    rationale: str = Field(min_length=1, description="plain language: why this nudge exists")
+    citations: list[Citation] = Field(min_length=1)
+    falsepositives: list[str] = Field(min_length=1, description="known situations where it fires wrongly")
+    suppress: Duration | None = Field(None, description="do not show again to the same patient for this long")
+    race_correction_removal: bool = Field(
+        False, description="only for rules that remove a race correction: allows reading race data")
+
+
+class ValueSet(Strict):
+    name: str = Field(pattern=ID_PATTERN)
+    title: str = Field(min_length=1)
+    description: str | None = None
+    codes: list[Coding] = Field(min_length=1)
+
+
+class CaseExpectation(Strict):
+    """Fields the card must have; absent fields are not checked."""
+
+    indicator: Indicator | None = None
+    summary: str | None = None
+    summary_contains: str | None = None
+    detail_contains: str | None = None
+    suggestions: list[str] | None = Field(None, description="suggestion labels, in order")
+
+
+class Case(Strict):
+    name: str = Field(min_length=1)
+    hook: Hook
+    now: str | None = Field(None, description="ISO 8601 instant; defaults to the file's `now`")
+    bundle: str | None = Field(None, description="path of a FHIR Bundle (relative to this file or a parent)")
+    resources: list[dict[str, Any]] = Field(default_factory=list, description="inline FHIR resources")
+    draft_orders: list[dict[str, Any]] = Field(default_factory=list)
+    selections: list[str] = Field(default_factory=list)
+    appointments: list[dict[str, Any]] = Field(default_factory=list)
+    context: dict[str, Any] = Field(default_factory=dict, description="extra hook context fields")
+    expect: list[CaseExpectation] = Field(
+        description="the cards this rule must return; [] means it must not fire")
+
+
+class Cases(Strict):
+    rule: str = Field(pattern=ID_PATTERN)
+    now: str = Field(description="ISO 8601 instant every case runs at, unless it sets its own")
+    cases: list[Case] = Field(min_length=1)
+
+
+class RuleSetManifest(Strict):
+    """rules/ruleset.yaml: what the whole set is called and its semantic version."""
+
+    name: str
+    version: str = Field(pattern=r"^\d+\.\d+\.\d+$")
+    source_label: str = Field(description="card source.label")
+    topic_system: str = Field(pattern=r"^[a-z][a-z0-9+.-]*:", description="Coding system of source.topic")
+    topics: dict[str, str] = Field(description="topic code -> display")
+
+
+def json_schema() -> dict[str, Any]:
+    """Schema for rule files; cases and value sets are exported alongside under $defs."""
+    schema = Rule.model_json_schema(by_alias=True)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "nudges rule"
+    return schema
+
+
+SCHEMAS: dict[str, type[BaseModel]] = {"rule": Rule, "cases": Cases, "valueset": ValueSet,
+                                       "ruleset": RuleSetManifest}

@@ -1,0 +1,389 @@
+"""Load a rules directory, check it, and compile it once into plain dataclasses for the engine.
+
+A set with any problem is refused as a whole: the service keeps the last good set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from . import yamlfiles
+from .expressions import RACE_READ, Compiled, FhirPathSyntaxError, compile_expression
+from .record import CODE_ELEMENTS
+from .rules import Card, Cases, Clause, Rule, RuleSetManifest, ValueSet, parse_duration
+from .valuesets import NON_ADHERENCE, CompiledValueSet, override_coding
+from .yamlfiles import Problem
+
+PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][\w.]*)\s*\}\}")
+BINDING_FIELDS = {"elapsed", "date", "display", "value", "id", "reference"}
+FIXED_PLACEHOLDERS = {"context.patientId", "context.userId", "context.encounterId", "now", "today",
+                      "patient.age", "patient.reference"}
+SAMPLE = {"context.patientId": "example", "context.userId": "Practitioner/example",
+          "context.encounterId": "example", "now": "2000-01-01T00:00:00Z", "today": "2000-01-01",
+          "patient.age": "50", "patient.reference": "Patient/example"}
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledClause:
+    bind: str | None
+    resource: str
+    codes: frozenset[tuple[str, str]] | None
+    displays: dict[tuple[str, str], str]
+    where: Compiled | None
+    within: timedelta | None
+    older_than: timedelta | None
+    since: str | None
+    date: Compiled | None
+    sources: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class CardTemplate:
+    summary: str
+    indicator: str
+    detail: str | None
+    selection: str
+    suggestions_json: bytes | None
+    links: tuple[dict[str, Any], ...]
+    override_reasons: tuple[dict[str, str], ...]
+
+
+@dataclass(frozen=True)
+class CompiledRule:
+    id: str
+    title: str
+    status: str
+    version: str
+    hooks: frozenset[str]
+    topic: str
+    age_min: int | None
+    age_max: int | None
+    patient: Compiled | None
+    all: tuple[CompiledClause, ...]
+    any: tuple[CompiledClause, ...]
+    none: tuple[CompiledClause, ...]
+    card: CardTemplate
+    suppress: timedelta | None
+    source_url: str | None
+    path: str
+    model: Rule = field(repr=False, compare=False)
+
+    def clauses(self) -> tuple[CompiledClause, ...]:
+        return self.all + self.any + self.none
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    manifest: RuleSetManifest
+    digest: str
+    rules: tuple[CompiledRule, ...]
+    cases: dict[str, tuple[Path, Cases]]
+    directory: Path
+
+    @property
+    def version(self) -> str:
+        return f"{self.manifest.version}+{self.digest[:8]}"
+
+    def select(self, hook: str, statuses: frozenset[str]) -> tuple[CompiledRule, ...]:
+        return tuple(r for r in self.rules if hook in r.hooks and r.status in statuses)
+
+
+@dataclass
+class LoadResult:
+    ruleset: RuleSet | None
+    problems: list[Problem]
+    files: int = 0
+
+
+def load_ruleset(directory: Path) -> LoadResult:
+    directory = directory.resolve()
+    problems: list[Problem] = []
+    files = sorted(p for p in directory.rglob("*.yaml") if p.is_file())
+    if not files:
+        return LoadResult(None, [Problem(str(directory), 1, 1, "no rule files found")])
+
+    def show(p: Path) -> str:
+        try:
+            return str(p.relative_to(Path.cwd()))
+        except ValueError:
+            return str(p)
+
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(str(path.relative_to(directory)).encode() + b"\0" + path.read_bytes() + b"\0")
+
+    manifest_path = directory / "ruleset.yaml"
+    manifest: RuleSetManifest | None = None
+    if manifest_path.exists():
+        data, found = yamlfiles.load(manifest_path, show(manifest_path))
+        problems += found
+        if data is not None:
+            manifest, found = yamlfiles.validate(RuleSetManifest, data, show(manifest_path))
+            problems += found
+    else:
+        problems.append(Problem(show(directory), 1, 1, "missing ruleset.yaml (name, version, topics)"))
+
+    valuesets: dict[str, CompiledValueSet] = {}
+    rule_docs: list[tuple[Path, Any, Rule]] = []
+    case_docs: dict[str, tuple[Path, Cases]] = {}
+    for path in files:
+        if path == manifest_path:
+            continue
+        data, found = yamlfiles.load(path, show(path))
+        problems += found
+        if data is None:
+            continue
+        if path.parent.name == "valuesets":
+            vs, found = yamlfiles.validate(ValueSet, data, show(path))
+            problems += found
+            if vs is not None:
+                if vs.name != path.stem:
+                    problems.append(Problem(show(path), *yamlfiles.position(data, ("name",)),
+                                            f"value set name '{vs.name}' must equal the file name"))
+                valuesets[vs.name] = CompiledValueSet.of(vs)
+        elif path.name.endswith(".cases.yaml"):
+            cases, found = yamlfiles.validate(Cases, data, show(path))
+            problems += found
+            if cases is not None:
+                case_docs[cases.rule] = (path, cases)
+        else:
+            rule, found = yamlfiles.validate(Rule, data, show(path))
+            problems += found
+            if rule is not None:
+                rule_docs.append((path, data, rule))
+
+    seeds = _seed_passages(directory.parent / "seeds")
+    compiled: list[CompiledRule] = []
+    seen_ids: dict[str, str] = {}
+    for path, data, rule in rule_docs:
+        checker = _RuleChecker(show(path), data, rule, valuesets, manifest, seeds)
+        result = checker.compile()
+        problems += checker.problems
+        if rule.id in seen_ids:
+            problems.append(Problem(show(path), *yamlfiles.position(data, ("id",)),
+                                    f"duplicate rule id (also in {seen_ids[rule.id]})"))
+        seen_ids[rule.id] = show(path)
+        if path.stem != rule.id:
+            problems.append(Problem(show(path), *yamlfiles.position(data, ("id",)),
+                                    f"rule id '{rule.id}' must equal the file name '{path.stem}'"))
+        cases_entry = case_docs.get(rule.id)
+        if cases_entry is not None and cases_entry[0].parent != path.parent:
+            problems.append(Problem(show(cases_entry[0]), 1, 1, "cases must sit beside their rule file"))
+        if rule.status == "active":
+            firing = cases_entry is not None and any(c.expect for c in cases_entry[1].cases)
+            quiet = cases_entry is not None and any(not c.expect for c in cases_entry[1].cases)
+            if not (firing and quiet):
+                problems.append(Problem(show(path), *yamlfiles.position(data, ("status",)),
+                                        "an active rule needs at least one firing and one non-firing case "
+                                        f"in {rule.id}.cases.yaml"))
+        if result is not None:
+            compiled.append(result)
+    for rule_id, (path, _) in case_docs.items():
+        if rule_id not in seen_ids:
+            problems.append(Problem(show(path), 1, 1, f"cases for unknown rule '{rule_id}'"))
+
+    if problems or manifest is None:
+        return LoadResult(None, sorted(set(problems)), len(files))
+    ruleset = RuleSet(manifest, digest.hexdigest(), tuple(sorted(compiled, key=lambda r: r.id)),
+                      case_docs, directory)
+    return LoadResult(ruleset, [], len(files))
+
+
+def _seed_passages(seeds_dir: Path) -> dict[str, set[str]] | None:
+    """Record id -> passage ids from seeds/*.yaml, or None when there is no seeds folder to check."""
+    if not seeds_dir.is_dir():
+        return None
+    found: dict[str, set[str]] = {}
+    for path in seeds_dir.glob("*.yaml"):
+        data, _ = yamlfiles.load(path, str(path))
+        if isinstance(data, dict) and "id" in data:
+            passages = data.get("passages") or []
+            found[str(data["id"])] = {str(p.get("id")) for p in passages if isinstance(p, dict)}
+    return found
+
+
+class _RuleChecker:
+    """Semantic checks that need more than the schema, and compilation into CompiledRule."""
+
+    def __init__(self, display: str, data: Any, rule: Rule, valuesets: dict[str, CompiledValueSet],
+                 manifest: RuleSetManifest | None, seeds: dict[str, set[str]] | None) -> None:
+        self.display, self.data, self.rule = display, data, rule
+        self.valuesets, self.manifest, self.seeds = valuesets, manifest, seeds
+        self.problems: list[Problem] = []
+
+    def problem(self, loc: tuple[Any, ...], message: str, *, value: bool = False, offset: int = 0) -> None:
+        line, col = yamlfiles.position(self.data, loc, value=value)
+        self.problems.append(Problem(self.display, line, col + offset, message))
+
+    def expression(self, loc: tuple[Any, ...], text: str | None, resource: str | None) -> Compiled | None:
+        if text is None:
+            return None
+        if RACE_READ.search(text) and not self.rule.race_correction_removal:
+            self.problem(loc, "the trigger reads race or ethnicity: nudges must be universal "
+                              "(only rules with race_correction_removal: true may)", value=True)
+        try:
+            return compile_expression(text, resource)
+        except FhirPathSyntaxError as exc:
+            quoted = 1 if isinstance(_at(self.data, loc), str) and _is_quoted(self.data, loc) else 0
+            self.problem(loc, str(exc), value=True, offset=exc.column + quoted)
+            return None
+
+    def clause(self, group: str, index: int, clause: Clause, bound: set[str]) -> CompiledClause | None:
+        loc = ("when", group, index)
+        from fhir.resources.R4B import get_fhir_model_class
+
+        try:
+            get_fhir_model_class(clause.resource)
+        except (ValueError, KeyError):
+            self.problem((*loc, "resource"), f"'{clause.resource}' is not a FHIR R4 resource type",
+                         value=True)
+        codes = displays = None
+        if clause.codes is not None:
+            vs = self.valuesets.get(clause.codes)
+            if vs is None:
+                self.problem((*loc, "codes"), f"unknown value set '{clause.codes}'", value=True)
+            else:
+                if vs.reads_race() and not self.rule.race_correction_removal:
+                    self.problem((*loc, "codes"), "value set holds race/ethnicity codes: triggers must be "
+                                                  "universal", value=True)
+                codes, displays = vs.keys, vs.displays
+            if clause.resource not in CODE_ELEMENTS or not CODE_ELEMENTS[clause.resource]:
+                self.problem((*loc, "codes"), f"{clause.resource} has no indexed code element: "
+                                              "match it with `where` instead", value=True)
+        if clause.since is not None and clause.since not in bound:
+            self.problem((*loc, "since"), f"'{clause.since}' is not bound by an earlier `all` clause",
+                         value=True)
+        where = self.expression((*loc, "where"), clause.where, clause.resource)
+        date = self.expression((*loc, "date"), clause.date, clause.resource)
+        sources = {"any": ("record", "draft")}.get(clause.source, (clause.source,))
+        return CompiledClause(
+            clause.bind, clause.resource, codes, displays or {}, where,
+            parse_duration(clause.within) if clause.within else None,
+            parse_duration(clause.older_than) if clause.older_than else None,
+            clause.since, date, sources)
+
+    def card(self, card: Card, bound: set[str]) -> CardTemplate | None:
+        ok = True
+        texts = [(("card", "summary"), card.summary), (("card", "detail"), card.detail or "")]
+        suggestions_json = None
+        if card.suggestions:
+            payload = []
+            for i, s in enumerate(card.suggestions):
+                actions = []
+                for j, action in enumerate(s.actions):
+                    if action.resource is not None:
+                        ok &= self._valid_resource(("card", "suggestions", i, "actions", j, "resource"),
+                                                   action.resource, bound)
+                    entry: dict[str, Any] = {"type": action.type, "description": action.description}
+                    if action.resource is not None:
+                        entry["resource"] = yamlfiles.plain(action.resource)
+                    if action.resource_id:
+                        entry["resourceId"] = action.resource_id
+                    actions.append(entry)
+                item: dict[str, Any] = {"label": s.label}
+                if s.recommended:
+                    item["isRecommended"] = True
+                if actions:
+                    item["actions"] = actions
+                payload.append(item)
+            suggestions_json = orjson.dumps(payload)
+        for loc, text in texts:
+            for name in PLACEHOLDER.findall(text):
+                if not _known_placeholder(name, bound):
+                    self.problem(loc, f"unknown placeholder '{{{{{name}}}}}'", value=True)
+                    ok = False
+        reasons = []
+        for i, reason in enumerate(card.override_reasons):
+            if isinstance(reason, str) and reason not in NON_ADHERENCE:
+                self.problem(("card", "override_reasons", i), f"'{reason}' is not an HL7 non-adherence "
+                                                              "reason code; give a full Coding instead")
+                ok = False
+            else:
+                reasons.append(override_coding(reason))
+        links = tuple({k: v for k, v in (("label", link.label), ("url", link.url), ("type", link.type),
+                                         ("appContext", link.app_context)) if v} for link in card.links)
+        if not ok:
+            return None
+        return CardTemplate(card.summary, card.indicator, card.detail.strip() if card.detail else None,
+                            card.selection, suggestions_json, links, tuple(reasons))
+
+    def _valid_resource(self, loc: tuple[Any, ...], resource: dict[str, Any], bound: set[str]) -> bool:
+        from fhir.resources.R4B import get_fhir_model_class
+
+        text = orjson.dumps(yamlfiles.plain(resource)).decode()
+        for name in PLACEHOLDER.findall(text):
+            if not _known_placeholder(name, bound):
+                self.problem(loc, f"unknown placeholder '{{{{{name}}}}}'")
+                return False
+        sample = PLACEHOLDER.sub(lambda m: SAMPLE.get(m.group(1), "example"), text)
+        data = orjson.loads(sample)
+        try:
+            get_fhir_model_class(str(data.get("resourceType"))).model_validate(data)
+        except Exception as exc:
+            first = str(exc).splitlines()
+            detail = "; ".join(line.strip() for line in first[1:3]) if len(first) > 1 else str(exc)
+            self.problem(loc, f"suggestion resource is not valid FHIR R4: {detail}")
+            return False
+        return True
+
+    def compile(self) -> CompiledRule | None:
+        rule = self.rule
+        before = len(self.problems)
+        if self.manifest is not None and rule.topic not in self.manifest.topics:
+            self.problem(("topic",), f"topic '{rule.topic}' is not listed in ruleset.yaml topics", value=True)
+        for i, citation in enumerate(rule.citations):
+            if citation.seed and self.seeds is not None:
+                record, passage = citation.seed.split("#")
+                if passage not in self.seeds.get(record, set()):
+                    self.problem(("citations", i, "seed"), f"no passage '{citation.seed}' in seeds/",
+                                 value=True)
+        bound: set[str] = set()
+        all_clauses = []
+        for i, c in enumerate(rule.when.all):
+            all_clauses.append(self.clause("all", i, c, bound))
+            if c.bind:
+                bound.add(c.bind)
+        any_clauses = [self.clause("any", i, c, bound) for i, c in enumerate(rule.when.any)]
+        none_clauses = [self.clause("none", i, c, bound) for i, c in enumerate(rule.when.none)]
+        patient = self.expression(("when", "patient"), rule.when.patient, "Patient")
+        card = self.card(rule.card, bound)
+        if len(self.problems) > before or card is None:
+            return None
+        age = rule.when.age
+        source_url = next((c.url or (f"https://doi.org/{c.doi}" if c.doi else None)
+                           for c in rule.citations if c.url or c.doi), None)
+        return CompiledRule(
+            rule.id, rule.title, rule.status, rule.version, frozenset(rule.hooks), rule.topic,
+            age.min if age else None, age.max if age else None, patient,
+            tuple(c for c in all_clauses if c), tuple(c for c in any_clauses if c),
+            tuple(c for c in none_clauses if c), card,
+            parse_duration(rule.suppress) if rule.suppress else None, source_url, self.display, rule)
+
+
+def _known_placeholder(name: str, bound: set[str]) -> bool:
+    if name in FIXED_PLACEHOLDERS:
+        return True
+    head, _, tail = name.partition(".")
+    return head in bound and tail in BINDING_FIELDS
+
+
+def _at(data: Any, loc: tuple[Any, ...]) -> Any:
+    for part in loc:
+        try:
+            data = data[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
+
+
+def _is_quoted(data: Any, loc: tuple[Any, ...]) -> bool:
+    from ruamel.yaml.scalarstring import DoubleQuotedScalarString, SingleQuotedScalarString
+
+    return isinstance(_at(data, loc), DoubleQuotedScalarString | SingleQuotedScalarString)

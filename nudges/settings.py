@@ -1,0 +1,102 @@
+"""Service settings: command-line flags, then NUDGES_* environment variables, then the YAML file
+given by --config, then defaults that work on a fresh clone (SQLite file, bundled rules, loopback)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+BUNDLED_RULES = Path(__file__).resolve().parent.parent / "rules"
+
+
+class ClientSettings(BaseModel):
+    """One trusted CDS client (EHR): its issuer and where its public keys are."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    iss: str
+    jwks_url: str | None = None
+    jwks_file: Path | None = None
+    jku_allowlist: list[str] = Field(default_factory=list)
+    fhir_servers: list[str] = Field(default_factory=list, description="allowed fhirServer base URLs")
+    tenant: str | None = None
+
+
+class AuthSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    clients: list[ClientSettings] = Field(default_factory=list)
+    allow_unauthenticated: bool = False
+    algorithms: list[str] = Field(default_factory=lambda: ["ES384", "RS384"])
+    leeway_seconds: int = 60
+    jwks_refresh_seconds: int = 300
+    max_token_lifetime_seconds: int = 3600
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="NUDGES_", env_nested_delimiter="__", extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    rules: Path = BUNDLED_RULES
+    database_url: str = "sqlite:///nudges.db"
+    now: str | None = Field(default=None, description="pin the clock (ISO 8601 instant)")
+    rule_statuses: list[str] = Field(default_factory=lambda: ["active"])
+    reload_interval_seconds: float = 2.0
+    max_body_bytes: int = 10 * 1024 * 1024
+    max_json_depth: int = 64
+    fhir_timeout_seconds: float = 2.0
+    fhir_max_pages: int = 5
+    fhir_allow_http: bool = Field(default=False, description="allow http:// FHIR servers off loopback")
+    fhir_server_allowlist: list[str] = Field(default_factory=list)
+    patient_hash_key: SecretStr | None = None
+    cors_origins: list[str] = Field(default_factory=list)
+    public_base_url: str | None = None
+    log_level: str = "INFO"
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _YamlSource(settings_cls))
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    """Reads the --config file; the path travels in `_config_file` set by `load_settings`."""
+
+    _config_file: Path | None = None
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = _YamlSource._config_file
+        if path is None:
+            return {}
+        from ruamel.yaml import YAML
+
+        data = YAML(typ="safe").load(path.read_text(encoding="utf-8")) or {}
+        if not isinstance(data, dict):
+            from .errors import ConfigError
+
+            raise ConfigError(f"{path}: the configuration file must be a YAML mapping")
+        return data
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build settings; `overrides` are command-line flags (None means "not given")."""
+    _YamlSource._config_file = config_file
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    finally:
+        _YamlSource._config_file = None

@@ -1,0 +1,196 @@
+"""Shared fixtures: real databases (SQLite file, local PostgreSQL), real HTTP servers on loopback."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import psycopg
+import pytest
+import uvicorn
+
+from nudges.api.app import create_app
+from nudges.clock import FixedClock, parse_instant
+from nudges.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+PG_BASE = os.environ.get("NUDGES_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+NOW = "2026-03-02T12:00:00Z"
+
+
+def postgres_reachable() -> str | None:
+    try:
+        with psycopg.connect(PG_BASE, connect_timeout=3) as conn:
+            conn.execute("SELECT 1")
+        return None
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
+@pytest.fixture(scope="session")
+def pg_schema_url() -> Iterator[str]:
+    """A private schema in the local PostgreSQL for this test session (dropped afterwards)."""
+    problem = postgres_reachable()
+    if problem:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"PostgreSQL is required in CI (CI=true) but unreachable at {PG_BASE}: {problem}")
+        pytest.skip(f"PostgreSQL not reachable at {PG_BASE} ({problem}); set CI=true to require it")
+    schema = f"nudges_test_{secrets.token_hex(4)}"
+    with psycopg.connect(PG_BASE, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    url = PG_BASE.replace("postgresql://", "postgresql+psycopg://") + f"?options=-csearch_path%3D{schema}"
+    yield url
+    with psycopg.connect(PG_BASE, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/nudges.db"
+    return str(request.getfixturevalue("pg_schema_url"))
+
+
+@pytest.fixture
+def clock() -> FixedClock:
+    return FixedClock(parse_instant(NOW))
+
+
+@pytest.fixture
+def rules_dir(tmp_path: Path) -> Path:
+    """A private copy of the bundled rules (tests may edit it) with the seeds beside it."""
+    target = tmp_path / "project" / "rules"
+    shutil.copytree(ROOT / "rules", target)
+    if (ROOT / "seeds").is_dir():
+        shutil.copytree(ROOT / "seeds", tmp_path / "project" / "seeds")
+    return target
+
+
+class LiveServer(httpx.Client):
+    """The real app under uvicorn on a loopback port, with an HTTP client pointed at it."""
+
+    def __init__(self, settings: Settings, clock: FixedClock) -> None:
+        self.app = create_app(settings, clock)
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_config=None, access_log=False,
+                                lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the service did not start")
+            time.sleep(0.01)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        super().__init__(base_url=f"http://127.0.0.1:{port}", timeout=30)
+
+    @property
+    def runtime(self) -> Any:
+        return self.app.state.runtime
+
+    def stop(self) -> None:
+        self.close()
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture
+def make_client(tmp_path: Path, clock: FixedClock, rules_dir: Path) -> Iterator[Callable[..., LiveServer]]:
+    servers: list[LiveServer] = []
+
+    def make(**overrides: Any) -> LiveServer:
+        values: dict[str, Any] = {"rules": rules_dir, "database_url": f"sqlite:///{tmp_path}/nudges.db",
+                                  "reload_interval_seconds": 0}
+        values.update(overrides)
+        server = LiveServer(Settings(**values), clock)
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def client(make_client: Callable[..., LiveServer]) -> LiveServer:
+    return make_client()
+
+
+class FhirServer:
+    """A real FHIR server on loopback serving fixture resources (read and search by patient)."""
+
+    def __init__(self) -> None:
+        self.resources: list[dict[str, Any]] = []
+        self.requests: list[tuple[str, str | None]] = []
+        self.delay = 0.0
+        self.page_size = 1000
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                server.requests.append((self.path, self.headers.get("Authorization")))
+                if server.delay:
+                    threading.Event().wait(server.delay)
+                status, body = server.answer(self.path)
+                payload = orjson.dumps(body)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/fhir+json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}/fhir"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def answer(self, path: str) -> tuple[int, dict[str, Any]]:
+        from urllib.parse import parse_qs, urlsplit
+
+        parts = urlsplit(path)
+        segments = parts.path.removeprefix("/fhir/").split("/")
+        if len(segments) == 2:
+            found = [r for r in self.resources if r["resourceType"] == segments[0] and r.get("id") == segments[1]]
+            return (200, found[0]) if found else (404, {"resourceType": "OperationOutcome", "issue": []})
+        query = parse_qs(parts.query)
+        kind = segments[0]
+        matches = [r for r in self.resources if r["resourceType"] == kind]
+        codes = query.get("code", [""])[0]
+        if codes:
+            wanted = set(codes.split(","))
+            matches = [r for r in matches if any(f"{c.get('system')}|{c.get('code')}" in wanted
+                                                 for c in (r.get("code") or {}).get("coding", []))]
+        offset = int(query.get("_offset", ["0"])[0])
+        page = matches[offset: offset + self.page_size]
+        bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset", "total": len(matches),
+                                  "entry": [{"resource": r} for r in page]}
+        if offset + self.page_size < len(matches):
+            bundle["link"] = [{"relation": "next",
+                               "url": f"{self.base}/{kind}?{parts.query}&_offset={offset + self.page_size}"}]
+        return 200, bundle
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def fhir_server() -> Iterator[FhirServer]:
+    server = FhirServer()
+    yield server
+    server.close()

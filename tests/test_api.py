@@ -1,0 +1,274 @@
+"""CDS Hooks protocol through the real HTTP app: discovery, hook calls, errors, health, CORS."""
+
+from __future__ import annotations
+
+import re
+import time
+from urllib.parse import parse_qsl, urlsplit
+
+import orjson
+from conftest import LiveServer
+from helpers import ALLOWED_TOKEN, assert_no_empty, assert_valid_card, bundle, patient, patient_view, troponin
+
+from nudges.rules import HOOKS
+
+URL = "/cds-services/nudges-patient-view"
+
+
+def outcome(response) -> str:  # type: ignore[no-untyped-def]
+    body = response.json()
+    assert body["resourceType"] == "OperationOutcome"
+    assert response.headers["content-type"].startswith("application/fhir+json")
+    return str(body["issue"][0]["diagnostics"])
+
+
+def test_discovery_lists_all_six_hooks_with_versions(client: LiveServer) -> None:
+    response = client.get("/cds-services")
+    assert response.status_code == 200
+    services = response.json()["services"]
+    assert sorted(s["hook"] for s in services) == sorted(HOOKS)
+    for service in services:
+        assert_no_empty(service)
+        assert {"id", "hook", "title", "description", "prefetch", "version", "hookVersion"} <= set(service)
+        assert re.match(r"^\d+\.\d+\.\d+\+[0-9a-f]{8}$", service["version"])
+        for template in service["prefetch"].values():
+            tokens = re.findall(r"\{\{[^}]*\}\}", template)
+            assert all(ALLOWED_TOKEN.fullmatch(t) for t in tokens), template
+            assert "draftOrders" not in template and "selections" not in template
+            parts = urlsplit(template)
+            for name, _ in parse_qsl(parts.query):
+                assert name in {"patient", "code", "vaccine-code", "_count", "_sort", "date"}, template
+
+
+def test_patient_view_returns_valid_card(client: LiveServer) -> None:
+    response = client.post(URL, json=patient_view("pt-1", troponin()))
+    assert response.status_code == 200
+    cards = response.json()["cards"]
+    assert len(cards) == 1
+    assert_valid_card(cards[0])
+    assert "14 h ago" in cards[0]["summary"]
+    assert cards[0]["suggestions"][0]["actions"][0]["resource"]["subject"]["reference"] == "Patient/pt-1"
+
+
+def test_no_guidance_is_empty_cards(client: LiveServer) -> None:
+    response = client.post(URL, json=patient_view("pt-1", troponin(value=5)))
+    assert response.json() == {"cards": []}
+
+
+def test_fresh_uuid_per_call(client: LiveServer) -> None:
+    first = client.post(URL, json=patient_view("pt-a", troponin())).json()["cards"][0]["uuid"]
+    second = client.post(URL, json=patient_view("pt-b", troponin())).json()["cards"][0]["uuid"]
+    assert first != second
+
+
+def test_malformed_json_is_400(client: LiveServer) -> None:
+    response = client.post(URL, content=b"{not json", headers={"Content-Type": "application/json"})
+    assert response.status_code == 400
+    assert "malformed JSON" in outcome(response)
+
+
+def test_json_that_is_not_an_object_is_400(client: LiveServer) -> None:
+    response = client.post(URL, content=b"[1, 2]")
+    assert response.status_code == 400
+    assert "JSON object" in outcome(response)
+
+
+def test_unknown_service_is_404(client: LiveServer) -> None:
+    response = client.post("/cds-services/nope", json=patient_view())
+    assert response.status_code == 404
+    assert "nope" in outcome(response)
+
+
+def test_hook_not_matching_service_is_400(client: LiveServer) -> None:
+    body = patient_view()
+    body["hook"] = "order-sign"
+    response = client.post(URL, json=body)
+    assert response.status_code == 400
+    assert "does not match" in outcome(response)
+
+
+def test_missing_fields_are_named(client: LiveServer) -> None:
+    body = patient_view()
+    del body["hookInstance"]
+    response = client.post(URL, json=body)
+    assert response.status_code == 400
+    assert "hookInstance" in outcome(response)
+    body = patient_view()
+    del body["context"]["patientId"]
+    response = client.post(URL, json=body)
+    assert response.status_code == 400 and "context.patientId" in outcome(response)
+    order = {"hook": "order-sign", "hookInstance": "x", "context": {"userId": "Practitioner/1", "patientId": "p"}}
+    response = client.post("/cds-services/nudges-order-sign", json=order)
+    assert response.status_code == 400 and "context.draftOrders" in outcome(response)
+    start = {"hook": "encounter-start", "hookInstance": "x", "context": {"userId": "Practitioner/1", "patientId": "p"}}
+    response = client.post("/cds-services/nudges-encounter-start", json=start)
+    assert response.status_code == 400 and "context.encounterId" in outcome(response)
+
+
+def test_absurd_nesting_is_400_not_a_crash(client: LiveServer) -> None:
+    body = b'{"hook": "patient-view", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    response = client.post(URL, content=body)
+    assert response.status_code == 400
+    assert "too deep" in outcome(response)
+    assert client.get("/healthz").status_code == 200
+
+
+def test_oversized_body_is_413(make_client) -> None:  # type: ignore[no-untyped-def]
+    client = make_client(max_body_bytes=1000)
+    response = client.post(URL, content=b"{" + b" " * 5000 + b"}")
+    assert response.status_code == 413
+    assert "exceeds" in outcome(response)
+
+    def chunks():  # type: ignore[no-untyped-def]
+        for _ in range(100):
+            yield b" " * 100
+
+    response = client.post(URL, content=chunks())  # no Content-Length: streamed and cut off
+    assert response.status_code == 413
+
+
+def test_null_prefetch_means_no_data(client: LiveServer) -> None:
+    body = patient_view(prefetch={"patient": None, "observation": None, "procedure": None,
+                                  "serviceRequest": None, "coverage": None})
+    assert client.post(URL, json=body).json() == {"cards": []}
+
+
+def test_missing_prefetch_without_server_is_412(client: LiveServer) -> None:
+    body = patient_view(prefetch={"patient": patient()})
+    response = client.post(URL, json=body)
+    assert response.status_code == 412
+    assert "observation" in outcome(response)
+
+
+def test_fetches_missing_keys_from_fhir_server_with_bearer(client: LiveServer, fhir_server) -> None:  # type: ignore[no-untyped-def]
+    fhir_server.resources = [patient("pt-9"), troponin()]
+    body = patient_view("pt-9", prefetch={"patient": patient("pt-9"),
+                                          "observation": {"resourceType": "OperationOutcome", "issue": []}})
+    body["fhirServer"] = fhir_server.base
+    body["fhirAuthorization"] = {"access_token": "secret-token", "token_type": "Bearer", "expires_in": 300,
+                                 "scope": "patient/*.read", "subject": "nudges"}
+    response = client.post(URL, json=body)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["cards"]) == 1
+    paths = [p for p, _ in fhir_server.requests]
+    assert any(p.startswith("/fhir/Observation?patient=pt-9") for p in paths)
+    assert all(auth == "Bearer secret-token" for _, auth in fhir_server.requests)
+    assert not any(p.startswith("/fhir/Patient") for p in paths)  # prefetched, not fetched again
+
+
+def test_open_fhir_server_gets_no_authorization_and_pages_are_followed(client: LiveServer, fhir_server) -> None:  # type: ignore[no-untyped-def]
+    fhir_server.page_size = 1
+    fhir_server.resources = [troponin("t-old", value=5), troponin("t-high")]
+    body = patient_view("pt-9", prefetch={"patient": patient("pt-9")})
+    body["fhirServer"] = fhir_server.base
+    response = client.post(URL, json=body)
+    assert response.status_code == 200
+    assert len(response.json()["cards"]) == 1  # the elevated result was on page 2
+    assert all(auth is None for _, auth in fhir_server.requests)
+    assert any("_offset=1" in p for p, _ in fhir_server.requests)
+
+
+def test_unreachable_fhir_server_is_a_quick_412(client: LiveServer) -> None:
+    body = patient_view(prefetch={"patient": patient()})
+    body["fhirServer"] = "http://127.0.0.1:9/fhir"
+    start = time.monotonic()
+    response = client.post(URL, json=body)
+    assert response.status_code == 412
+    assert time.monotonic() - start < 2.5
+    assert "unreachable" in outcome(response) or "in time" in outcome(response)
+
+
+def test_slow_fhir_server_is_cut_off_by_the_budget(make_client, fhir_server) -> None:  # type: ignore[no-untyped-def]
+    client = make_client(fhir_timeout_seconds=0.5)
+    fhir_server.delay = 3
+    body = patient_view(prefetch={"patient": patient()})
+    body["fhirServer"] = fhir_server.base
+    start = time.monotonic()
+    response = client.post(URL, json=body)
+    assert response.status_code == 412
+    assert time.monotonic() - start < 2.0
+
+
+def test_ssrf_guards(make_client) -> None:  # type: ignore[no-untyped-def]
+    client = make_client()
+    body = patient_view(prefetch={"patient": patient()})
+    body["fhirServer"] = "http://10.1.2.3/fhir"
+    response = client.post(URL, json=body)
+    assert response.status_code == 400 and "https" in outcome(response)
+    body["fhirServer"] = "https://169.254.169.254/latest"
+    assert client.post(URL, json=body).status_code == 400
+    allow = make_client(fhir_server_allowlist=["https://ehr.example.org/fhir"])
+    body["fhirServer"] = "https://evil.example.com/fhir"
+    response = allow.post(URL, json=body)
+    assert response.status_code == 400 and "allow-list" in outcome(response)
+
+
+def test_cards_are_ordered_by_severity_then_rule(client: LiveServer) -> None:
+    egfr = {"resourceType": "Observation", "id": "egfr", "status": "final",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "48643-1"}]},
+            "effectiveDateTime": "2026-02-01T00:00:00Z", "valueQuantity": {"value": 50}}
+    cards = client.post(URL, json=patient_view("pt-1", troponin(), egfr)).json()["cards"]
+    assert [c["indicator"] for c in cards] == ["warning", "warning"]
+    assert "CKD-EPI" in cards[0]["summary"] and "Troponin" in cards[1]["summary"]  # race-free-egfr < troponin-…
+
+
+def test_same_record_with_only_race_changed_gets_same_cards(client: LiveServer) -> None:
+    def summaries(race: str | None) -> list[tuple[str, str]]:
+        pid = f"pt-{race or 'none'}"  # a fresh patient each time, so suppression does not interfere
+        body = patient_view(pid, troponin())
+        body["prefetch"]["patient"] = patient(pid, race=race)
+        cards = client.post(URL, json=body).json()["cards"]
+        return [(c["summary"], c["indicator"]) for c in cards]
+
+    baseline = summaries(None)
+    assert baseline
+    for race in ("2054-5", "2106-3", "2028-9", "1002-5", "2076-8"):
+        assert summaries(race) == baseline
+
+
+def test_health_ready_and_metrics(client: LiveServer) -> None:
+    assert client.get("/healthz").json() == {"status": "alive"}
+    ready = client.get("/readyz").json()
+    assert ready["status"] == "ready" and ready["rules"] and ready["database"] == "ok"
+    client.post(URL, json=patient_view("pt-1", troponin()))
+    text = client.get("/metrics").text
+    assert 'nudges_requests_total{service="nudges-patient-view",status="200"}' in text
+    assert 'nudges_cards_total{rule="troponin-without-cath-plan"}' in text
+    assert "nudges_request_seconds_bucket" in text
+
+
+def test_cors_preflight_allows_authorization_on_post(make_client) -> None:  # type: ignore[no-untyped-def]
+    client = make_client(cors_origins=["https://ehr.example.org"])
+    response = client.options(URL, headers={"Origin": "https://ehr.example.org",
+                                             "Access-Control-Request-Method": "POST",
+                                             "Access-Control-Request-Headers": "authorization,content-type"})
+    assert response.status_code == 200
+    assert "authorization" in response.headers["access-control-allow-headers"].lower()
+    response = client.post(URL, json=patient_view("pt-1"), headers={"Origin": "https://ehr.example.org"})
+    assert response.headers["access-control-allow-origin"] == "https://ehr.example.org"
+    denied = client.options(URL, headers={"Origin": "https://other.example", "Access-Control-Request-Method": "POST"})
+    assert denied.status_code == 400
+
+
+def test_order_sign_and_appointment_book(client: LiveServer) -> None:
+    order = {"resourceType": "ServiceRequest", "id": "d1", "status": "draft", "intent": "order",
+             "subject": {"reference": "Patient/p"},
+             "code": {"coding": [{"system": "http://loinc.org", "code": "88293-6"}]}}
+    body = {"hook": "order-sign", "hookInstance": "h1",
+            "context": {"userId": "Practitioner/1", "patientId": "p", "draftOrders": bundle(order)},
+            "prefetch": {"patient": patient("p"), "observation": None, "coverage": None}}
+    response = client.post("/cds-services/nudges-order-sign", json=body)
+    assert response.status_code == 200, response.text
+    assert [c["summary"][:4] for c in response.json()["cards"]] == ["eGFR"]
+    appt = {"resourceType": "Appointment", "id": "a1", "status": "proposed", "participant": [
+        {"actor": {"reference": "Patient/p"}, "status": "needs-action"}]}
+    lang = patient("p", communication=[{"language": {"coding": [{"system": "urn:ietf:bcp:47", "code": "vi"}]},
+                                        "preferred": True}])
+    body = {"hook": "appointment-book", "hookInstance": "h2",
+            "context": {"userId": "Practitioner/1", "patientId": "p", "appointments": bundle(appt)},
+            "prefetch": {"patient": lang, "encounter": None, "coverage": None}}
+    response = client.post("/cds-services/nudges-appointment-book", json=body)
+    assert response.status_code == 200, response.text
+    cards = response.json()["cards"]
+    assert len(cards) == 1 and "interpreter" in cards[0]["summary"]
+    assert orjson.dumps(cards)  # serialisable, no NaN
