@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from pydantic import ValidationError
 
 from . import yamlfiles
 from .expressions import RACE_READ, Compiled, FhirPathSyntaxError, compile_expression
@@ -326,10 +327,13 @@ class _RuleChecker:
         data = orjson.loads(sample)
         try:
             get_fhir_model_class(str(data.get("resourceType"))).model_validate(data)
-        except Exception as exc:
-            first = str(exc).splitlines()
-            detail = "; ".join(line.strip() for line in first[1:3]) if len(first) > 1 else str(exc)
-            self.problem(loc, f"suggestion resource is not valid FHIR R4: {detail}")
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            where = ".".join(str(p) for p in error["loc"])
+            self.problem((*loc, *error["loc"]), f"suggestion resource is not valid FHIR R4: {where}: {error['msg']}")
+            return False
+        except ValueError as exc:  # unknown resourceType
+            self.problem(loc, f"suggestion resource is not valid FHIR R4: {exc}")
             return False
         return True
 

@@ -21,6 +21,7 @@ import uvicorn
 from nudges.api.app import create_app
 from nudges.clock import FixedClock, parse_instant
 from nudges.settings import Settings
+from nudges.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_BASE = os.environ.get("NUDGES_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
@@ -194,3 +195,19 @@ def fhir_server() -> Iterator[FhirServer]:
     server = FhirServer()
     yield server
     server.close()
+
+
+@pytest.fixture
+def make_store(database_url: str, clock: FixedClock) -> Iterator[Callable[..., Store]]:
+    """Stores on the parametrised database, migrated, and disposed after the test."""
+    stores: list[Store] = []
+
+    def make(**kwargs: Any) -> Store:
+        store = Store(database_url, clock, **kwargs)
+        store.migrate()
+        stores.append(store)
+        return store
+
+    yield make
+    for store in stores:
+        store.dispose()

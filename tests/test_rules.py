@@ -1,0 +1,153 @@
+"""Rule language: lint positions, schema, case runner, hot reload, isolation, suppression."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+from conftest import LiveServer
+from helpers import patient_view, troponin
+
+from nudges.cli import main
+from nudges.ruleset import load_ruleset
+
+RULE = Path("cardiology/troponin-without-cath-plan.yaml")
+URL = "/cds-services/nudges-patient-view"
+
+
+def lint(rules_dir: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, list[str]]:
+    code = main(["lint", str(rules_dir)])
+    return code, capsys.readouterr().out.splitlines()
+
+
+def edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, old
+    path.write_text(text.replace(old, new, 1))
+
+
+def line_of(path: Path, needle: str) -> int:
+    return next(i for i, line in enumerate(path.read_text().splitlines(), 1) if needle in line)
+
+
+def test_bundled_rules_lint_clean(rules_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = lint(rules_dir, capsys)
+    assert code == 0 and out[-1].startswith("ok: ")
+
+
+@pytest.mark.parametrize(("old", "new", "needle", "message"), [
+    ("    - as: troponin\n", "    - as: troponin\n      colour: red\n", "colour: red", "unknown field 'colour'"),
+    ("codes: troponin\n", "codes: trop-nope\n", "trop-nope", "unknown value set 'trop-nope'"),
+    ("where: \"(value as Quantity).value > referenceRange.high.value or",
+     "where: \"(value as Quantity).value >> referenceRange.high.value or", ">>", "FHIRPath syntax error"),
+    ("indicator: warning", "indicator: loud", "indicator: loud", "card.indicator"),
+    ("within: 72h", "within: 72 hours", "72 hours", "not a duration"),
+    ("            status: draft\n", "            status: draft\n            colour: red\n", "colour: red",
+     "not valid FHIR R4"),
+    ("      within: 72h\n", "      within: 72h\n      date: \"extension('race').value\"\n", "extension('race')",
+     "reads race or ethnicity"),
+])
+def test_lint_reports_path_line_column(rules_dir: Path, capsys: pytest.CaptureFixture[str], old: str, new: str,
+                                       needle: str, message: str) -> None:
+    path = rules_dir / RULE
+    edit(path, old, new)
+    code, out = lint(rules_dir, capsys)
+    assert code == 1
+    hits = [line for line in out if message in line]
+    assert hits, out
+    file, line, column, _ = hits[0].split(":", 3)
+    assert file.endswith(str(RULE)) and int(line) == line_of(path, needle) and int(column) >= 1
+
+
+def test_lint_summary_too_long_and_yaml_syntax(rules_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = rules_dir / RULE
+    edit(path, 'summary: "Troponin above', 'summary: "' + "x" * 140 + ' Troponin above')
+    code, out = lint(rules_dir, capsys)
+    assert code == 1 and any("at most 139 characters" in line and f":{line_of(path, 'xxxx')}:" in line
+                             for line in out)
+    path.write_text("id: [unclosed\n")
+    code, out = lint(rules_dir, capsys)
+    assert code == 1 and any("YAML syntax" in line for line in out)
+
+
+def test_active_rule_needs_firing_and_quiet_cases(rules_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cases = rules_dir / "cardiology/troponin-without-cath-plan.cases.yaml"
+    text = cases.read_text()
+    cases.write_text(text[: text.index("  - name: near miss")])  # keep only the firing case
+    code, out = lint(rules_dir, capsys)
+    assert code == 1 and any("firing and one non-firing case" in line and ":3:" in line for line in out)
+
+
+def test_schema_is_json_schema_of_the_rule_model(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["schema"]) == 0
+    schema = orjson.loads(capsys.readouterr().out)
+    assert schema["title"] == "nudges rule" and schema["additionalProperties"] is False
+    assert {"id", "status", "when", "card", "citations", "falsepositives"} <= set(schema["required"])
+
+
+def test_rule_tests_pass_and_catch_a_wrong_expectation(rules_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["test", str(rules_dir)]) == 0
+    capsys.readouterr()
+    cases = rules_dir / "cardiology/troponin-without-cath-plan.cases.yaml"
+    edit(cases, "      - indicator: warning\n", "      - indicator: critical\n")
+    edit(cases, "  - name: near miss - value within this assay's reference range\n",
+         "  - name: near miss - value within this assay's reference range\n    now: \"2026-03-01T12:00:00Z\"\n")
+    edit(cases, "        valueQuantity: {value: 20, unit: ng/L}", "        valueQuantity: {value: 200, unit: ng/L}")
+    assert main(["test", str(rules_dir)]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL troponin-without-cath-plan" in out
+    assert "-indicator: critical" in out and "+indicator: warning" in out  # readable diff
+
+
+def test_hot_reload_refuses_broken_rules_and_keeps_last_good(make_client, rules_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    client: LiveServer = make_client(reload_interval_seconds=0.1)
+    before = client.get("/readyz").json()["rules"]
+    path = rules_dir / RULE
+    edit(path, "codes: troponin\n", "codes: no-such-set\n")
+    deadline = time.monotonic() + 10
+    while client.runtime.holder.refused == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert client.runtime.holder.refused >= 1
+    assert client.get("/readyz").json()["rules"] == before
+    assert len(client.post(URL, json=patient_view("pt-hr", troponin())).json()["cards"]) == 1  # still served
+    edit(path, "codes: no-such-set\n", "codes: troponin\n")
+    edit(path, 'summary: "Troponin above', 'summary: "Reloaded: troponin above')
+    while client.get("/readyz").json()["rules"] == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert client.get("/readyz").json()["rules"] != before
+    card = client.post(URL, json=patient_view("pt-hr2", troponin())).json()["cards"][0]
+    assert card["summary"].startswith("Reloaded")
+    services = client.get("/cds-services").json()["services"]
+    assert services[0]["version"] == client.get("/readyz").json()["rules"]
+
+
+def test_a_failing_rule_is_isolated(make_client, rules_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    # Passes lint (valid on an empty resource) but raises on real data: string + number.
+    edit(rules_dir / "equations/race-free-egfr.yaml", "      within: 1y\n  none:",
+         "      within: 1y\n      where: \"(value as Quantity).value + 'x' > 1\"\n  none:")
+    client: LiveServer = make_client()
+    egfr = {"resourceType": "Observation", "id": "egfr", "status": "final",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "48643-1"}]},
+            "effectiveDateTime": "2026-02-01T00:00:00Z", "valueQuantity": {"value": 50}}
+    response = client.post(URL, json=patient_view("pt-iso", troponin(), egfr))
+    assert response.status_code == 200
+    assert [c["summary"][:8] for c in response.json()["cards"]] == ["Troponin"]
+    assert 'nudges_rule_errors_total{rule="race-free-egfr"} 1.0' in client.get("/metrics").text
+
+
+def test_suppression_per_hashed_patient(client: LiveServer) -> None:
+    assert len(client.post(URL, json=patient_view("pt-s1", troponin())).json()["cards"]) == 1
+    assert client.post(URL, json=patient_view("pt-s1", troponin())).json()["cards"] == []  # within 12 h
+    assert len(client.post(URL, json=patient_view("pt-s2", troponin())).json()["cards"]) == 1
+    client.runtime.clock.advance(hours=13)
+    later = troponin(when="2026-03-02T10:00:00Z")
+    assert len(client.post(URL, json=patient_view("pt-s1", later)).json()["cards"]) == 1
+
+
+def test_load_is_all_or_nothing(rules_dir: Path) -> None:
+    (rules_dir / "valuesets/broken.yaml").write_text("name: broken\ntitle: x\ncodes:\n  - code: '1'\n    display: y\n")
+    result = load_ruleset(rules_dir)
+    assert result.ruleset is None
+    assert any("system" in p.message and p.line == 4 for p in result.problems)

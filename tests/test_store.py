@@ -1,0 +1,66 @@
+"""Storage on both real databases: migrations, cards, suppression windows, feedback, replay guard."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from sqlalchemy import select
+
+from nudges.clock import FixedClock
+from nudges.store import Bucket, CardRecord, FeedbackRecord, cards, feedback
+
+
+def card(uuid: str, rule: str, patient_hash: str, clock: FixedClock, **bucket: str) -> CardRecord:
+    return CardRecord(uuid=uuid, service_id="nudges-patient-view", rule_id=rule, rule_version="1.0.0",
+                      hook="patient-view", hook_instance="h", patient_hash=patient_hash, bucket=Bucket(**bucket),
+                      indicator="info", issued_at=clock.now())
+
+
+def test_migrations_are_idempotent_and_ping(make_store) -> None:  # type: ignore[no-untyped-def]
+    store = make_store()
+    store.migrate()
+    assert store.ping()
+
+
+def test_patient_hash_is_keyed_and_stable(make_store) -> None:  # type: ignore[no-untyped-def]
+    store = make_store()
+    first = store.patient_hash("pt-1")
+    assert first == make_store().patient_hash("pt-1")  # key kept in the database
+    assert first != store.patient_hash("pt-2") and "pt-1" not in first and len(first) == 64
+    assert make_store(hash_key=b"other").patient_hash("pt-1") != first
+
+
+def test_cards_and_suppression_windows(make_store, database_url: str, clock: FixedClock) -> None:  # type: ignore[no-untyped-def]
+    store = make_store()
+    h = store.patient_hash(f"pt-{database_url[-6:]}")
+    store.record_cards([card(f"00000000-0000-4000-8000-{database_url[-6:].encode().hex()[:12]}", "rule-a", h,
+                             clock, race="black", language="es")])
+    assert store.recently_shown(h, {"rule-a": timedelta(hours=1), "rule-b": timedelta(days=1)}) == {"rule-a"}
+    clock.advance(hours=2)
+    assert store.recently_shown(h, {"rule-a": timedelta(hours=1)}) == set()
+    assert store.recently_shown(h, {"rule-a": timedelta(days=1)}) == {"rule-a"}
+    with store.engine.connect() as conn:
+        row = conn.execute(select(cards).where(cards.c.patient_hash == h)).mappings().one()
+    assert row["race"] == "black" and row["language"] == "es" and row["payer_class"] == "unknown"
+    assert not any("pt-" in str(v) for v in row.values())  # no raw patient id anywhere in the row
+
+
+def test_feedback_is_stored_once(make_store, database_url: str, clock: FixedClock) -> None:  # type: ignore[no-untyped-def]
+    store = make_store()
+    entry = FeedbackRecord(card_uuid=f"card-{database_url[-8:]}", service_id="nudges-patient-view",
+                           outcome="overridden", outcome_timestamp=clock.now(),
+                           override_system="http://terminology.hl7.org/CodeSystem/non-adherence-reason-codes",
+                           override_code="too-costly-uncovered", has_comment=True)
+    assert store.record_feedback([entry]) == 1
+    assert store.record_feedback([entry, entry]) == 0
+    with store.engine.connect() as conn:
+        rows = conn.execute(select(feedback).where(feedback.c.card_uuid == entry.card_uuid)).all()
+    assert len(rows) == 1
+
+
+def test_replay_guard(make_store, database_url: str, clock: FixedClock) -> None:  # type: ignore[no-untyped-def]
+    store = make_store()
+    jti = f"jti-{database_url[-8:]}"
+    assert store.claim_token("https://ehr", jti, clock.now() + timedelta(minutes=5))
+    assert not store.claim_token("https://ehr", jti, clock.now() + timedelta(minutes=5))
+    assert store.claim_token("https://other-ehr", jti, clock.now() + timedelta(minutes=5))
