@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import ipaddress
 import json
 import logging
 import math
@@ -26,6 +25,7 @@ import jwt
 
 from .clock import Clock
 from .errors import ConfigError, Unauthorized
+from .fhirclient import is_loopback
 from .settings import AuthSettings, ClientSettings, Settings
 from .store import Store
 
@@ -260,16 +260,6 @@ def _load_key(jwk_data: dict[str, Any], alg: str) -> jwt.PyJWK:
 def _safe(value: Any) -> str:
     """Untrusted header/claim values in log lines: repr (no control characters), truncated."""
     return repr(value)[:80]
-
-
-def is_loopback(host: str) -> bool:
-    host = host.strip().strip("[]").lower()
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_startup_policy(settings: Settings) -> list[str]:

@@ -1,4 +1,4 @@
-"""The `nudges` command: serve, lint, test, schema."""
+"""The `nudges` command: serve, lint, test, schema, replay, audit."""
 
 from __future__ import annotations
 
@@ -81,7 +81,9 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"refusing to start: {exc.diagnostics}", file=sys.stderr)
         return 2
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                proxy_headers=False, server_header=False)
+                proxy_headers=False, server_header=False,
+                ssl_certfile=str(settings.tls_certfile) if settings.tls_certfile else None,
+                ssl_keyfile=str(settings.tls_keyfile) if settings.tls_keyfile else None)
     return 0
 
 
@@ -100,7 +102,27 @@ def main(argv: list[str] | None = None) -> int:
     test.add_argument("directory", type=Path)
     schema = sub.add_parser("schema", help="print the JSON Schema of rule files")
     schema.add_argument("--kind", choices=["rule", "cases", "valueset", "ruleset"], default="rule")
+    replay = sub.add_parser("replay", help="replay hook calls against golden files; NDJSON exports")
+    replay.add_argument("paths", type=Path, nargs="+", metavar="DIR", help="folders or files")
+    replay.add_argument("--rules", type=Path, help="rules directory (default: the service's)")
+    replay.add_argument("--now", help="pin the clock (default: \"now\" in each golden file)")
+    replay.add_argument("--update", action="store_true", help="rewrite the golden files")
+    replay.add_argument("--hook", default="patient-view", help="hook for NDJSON patients",
+                        choices=["patient-view", "encounter-start", "encounter-discharge"])
+    audit = sub.add_parser("audit", help="equity audit of cards shown and acted on, per group")
+    audit.add_argument("--database-url", dest="database_url")
+    audit.add_argument("--since", help="only cards issued at or after this date or instant")
+    audit.add_argument("--format", choices=["table", "csv", "json"], default="table")
     args = parser.parse_args(argv)
+    if args.command == "replay":
+        from . import replay as replaying
+
+        return replaying.main(args.paths, rules=args.rules, now=args.now, update=args.update, hook=args.hook,
+                              out=sys.stdout, err=sys.stderr)
+    if args.command == "audit":
+        from . import audit as auditing
+
+        return auditing.main(args.database_url, args.since, args.format, sys.stdout, sys.stderr)
     if args.command == "serve":
         return _serve(args)
     if args.command == "lint":

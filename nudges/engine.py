@@ -128,8 +128,14 @@ def evaluate_rule(rule: CompiledRule, record: PatientRecord, now: datetime,
     return Match(rule, state.bindings, state.dates)
 
 
-def evaluate(rules: tuple[CompiledRule, ...], record: PatientRecord, now: datetime) -> Outcome:
-    env = {"now": now.isoformat().replace("+00:00", "Z"), "today": now.date().isoformat()}
+def evaluate(rules: tuple[CompiledRule, ...], record: PatientRecord, now: datetime,
+             context: dict[str, Any] | None = None, hook: str | None = None) -> Outcome:
+    """FHIRPath sees %now, %today, %hook and the hook context's ids (%patientId, %encounterId, %userId)."""
+    env: dict[str, Any] = {"now": now.isoformat().replace("+00:00", "Z"), "today": now.date().isoformat()}
+    for name in ("patientId", "encounterId", "userId"):
+        value = (context or {}).get(name)
+        env[name] = value if isinstance(value, str) else []  # absent: empty, so comparisons are empty
+    env["hook"] = hook or []
     outcome = Outcome()
     for rule in rules:
         try:

@@ -57,7 +57,8 @@ def compile_expression(expression: str, resource_type: str | None = None) -> Com
     compiled = fp_compile(expression, R4)
     probe = {"resourceType": resource_type} if resource_type else {}
     try:
-        compiled(probe, {"now": "2000-01-01T00:00:00Z", "today": "2000-01-01"})
+        compiled(probe, {"now": "2000-01-01T00:00:00Z", "today": "2000-01-01", "hook": "patient-view",
+                         "patientId": "example", "encounterId": "example", "userId": "Practitioner/example"})
     except Exception as exc:  # fhirpathpy raises bare Exception for semantic errors
         message = str(exc)
         if "Not implemented" in message or "arity" in message or "not supported" in message.lower():

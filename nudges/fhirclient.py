@@ -20,10 +20,11 @@ LOOPBACK_NAMES = {"localhost", "localhost.localdomain"}
 
 
 def is_loopback(host: str) -> bool:
-    if host.lower() in LOOPBACK_NAMES:
+    host = host.strip().strip("[]").lower()
+    if host in LOOPBACK_NAMES:
         return True
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
+        return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
 

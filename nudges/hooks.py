@@ -17,8 +17,10 @@ from .cards import build_card, order_key
 from .catalog import Catalog, Service
 from .demographics import bucket
 from .errors import BadRequest, MissingField, NotFound
+from .fhirclient import FhirClient, check_server
 from .prefetch import REQUIRED_CONTEXT, missing_keys, render, unobtainable, usable
 from .record import PatientRecord, flatten
+from .settings import Settings
 from .store import Bucket, CardRecord
 
 FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
@@ -104,6 +106,30 @@ def queries_for(call: Call, keys: list[str]) -> dict[str, str]:
     return {key: render(templates[key], call.context) for key in keys}
 
 
+async def fill_missing(call: Call, fhir: FhirClient, settings: Settings, allowed: list[str] | None = None) -> None:
+    """Fetch what prefetch lacks from the call's fhirServer (SSRF-checked); 412 when required data
+    cannot be had from either source."""
+    missing = still_missing(call)
+    if not missing:
+        return
+    server = call.request.fhirServer
+    if not server:
+        require(call, missing, "not in prefetch and no fhirServer given")
+        return
+    base = check_server(server, settings, allowed)
+    auth = call.request.fhirAuthorization
+    fetched = await fhir.fetch_all(base, auth.access_token if auth else None, queries_for(call, missing))
+    failed, reasons = [], set()
+    for key, value in fetched.items():
+        if isinstance(value, Exception):
+            failed.append(key)
+            reasons.add(str(value))
+        else:
+            call.prefetch[key] = value
+    if failed:
+        require(call, failed, "; ".join(sorted(reasons)))
+
+
 def require(call: Call, missing: list[str], why: str) -> None:
     if any(k in call.service.plan.required for k in missing):
         raise unobtainable(missing, call.service.plan, why)
@@ -122,7 +148,7 @@ def evaluate(call: Call, catalog: Catalog, now: datetime, *, patient_hash: str,
              tenant: str | None = None) -> Result:
     """Evaluate, drop cards suppressed for this patient, build and order the cards."""
     record = build_record(call)
-    outcome = engine.evaluate(call.service.rules, record, now)
+    outcome = engine.evaluate(call.service.rules, record, now, call.context, call.service.hook)
     windows = {m.rule.id: m.rule.suppress for m in outcome.matches if m.rule.suppress}
     suppressed = recently_shown(windows) if (windows and recently_shown) else set()
     coverages = list(flatten(call.prefetch.get("coverage")))

@@ -72,6 +72,7 @@ DATE_ELEMENTS: dict[str, tuple[str, ...]] = {
 }
 
 SOURCES = ("record", "draft", "selected")
+_CODE_PATHS = {kind: tuple(tuple(p.split(".")) for p in paths) for kind, paths in CODE_ELEMENTS.items()}
 
 
 def walk(resource: dict[str, Any], path: str) -> Iterator[Any]:
@@ -154,10 +155,14 @@ class PatientRecord:
         self.patient: dict[str, Any] | None = None
 
     def add_all(self, resources: Iterable[dict[str, Any]], source: str = "record") -> None:
+        """The hot loop of every call: plain dict access only, one pass, no models."""
         by_type, by_code, seen = self._by_type, self._by_code, self._seen
         for resource in resources:
             kind = resource.get("resourceType")
-            if not isinstance(kind, str) or _voided(resource):
+            if not isinstance(kind, str) or resource.get("status") == "entered-in-error":
+                continue
+            verification = resource.get("verificationStatus")
+            if verification is not None and _voided(resource):
                 continue
             rid = resource.get("id")
             if isinstance(rid, str):
@@ -168,10 +173,20 @@ class PatientRecord:
             if kind == "Patient" and self.patient is None and source == "record":
                 self.patient = resource
             by_type.setdefault((source, kind), []).append(resource)
-            for path in CODE_ELEMENTS.get(kind, ()):
-                for concept in walk(resource, path):
-                    for system, code in codings(concept):
-                        by_code.setdefault((source, kind, system, code), []).append(resource)
+            for path in _CODE_PATHS.get(kind, ()):
+                if len(path) == 1:
+                    value = resource.get(path[0])
+                    concepts = value if isinstance(value, list) else (value,)
+                else:
+                    concepts = tuple(walk(resource, ".".join(path)))
+                for concept in concepts:
+                    if not isinstance(concept, dict):
+                        continue
+                    for coding in concept.get("coding") or ():
+                        if isinstance(coding, dict):
+                            system, code = coding.get("system"), coding.get("code")
+                            if isinstance(system, str) and isinstance(code, str):
+                                by_code.setdefault((source, kind, system, code), []).append(resource)
             if kind.startswith("Medication") and "medicationReference" in resource:
                 self._index_contained_medication(resource, source)
 

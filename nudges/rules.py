@@ -112,7 +112,13 @@ class Link(Strict):
     label: str = Field(min_length=1)
     url: str = Field(pattern=r"^https?://", description="absolute URL")
     type: Literal["absolute", "smart"] = "absolute"
-    app_context: str | None = None
+    app_context: str | None = Field(None, description="only for smart links")
+
+    @model_validator(mode="after")
+    def _app_context_for_smart_only(self) -> Link:
+        if self.app_context and self.type != "smart":
+            raise ValueError("app_context is only allowed on smart links")
+        return self
 
 
 class Card(Strict):
@@ -145,6 +151,14 @@ class Citation(Strict):
         return self
 
 
+class Followup(Strict):
+    """Between visits: when an event brings a resource matching the `all` clause bound as `start`,
+    check the whole `when` again `after` later and raise the card if it then holds."""
+
+    start: str = Field(pattern=r"^[a-z][a-z0-9_]*$", description="a name bound (`as`) by an `all` clause")
+    after: Duration = Field(description="how long after the event to check again, e.g. 12h")
+
+
 class Rule(Strict):
     """One nudge: when it fires, what card it shows, why, and on what evidence."""
 
@@ -161,6 +175,8 @@ class Rule(Strict):
     citations: list[Citation] = Field(min_length=1)
     falsepositives: list[str] = Field(min_length=1, description="known situations where it fires wrongly")
     suppress: Duration | None = Field(None, description="do not show again to the same patient for this long")
+    followup: Followup | None = Field(
+        None, description="check again after an event (FHIR notification) even if no hook is called")
     race_correction_removal: bool = Field(
         False, description="only for rules that remove a race correction: allows reading race data")
 

@@ -75,6 +75,8 @@ class CompiledRule:
     source_url: str | None
     path: str
     model: Rule = field(repr=False, compare=False)
+    followup_start: str | None = None  # bound name of the `all` clause an event must match
+    followup_after: timedelta | None = None  # check the rule again this long after that event
 
     def clauses(self) -> tuple[CompiledClause, ...]:
         return self.all + self.any + self.none
@@ -357,6 +359,9 @@ class _RuleChecker:
         any_clauses = [self.clause("any", i, c, bound) for i, c in enumerate(rule.when.any)]
         none_clauses = [self.clause("none", i, c, bound) for i, c in enumerate(rule.when.none)]
         patient = self.expression(("when", "patient"), rule.when.patient, "Patient")
+        if rule.followup is not None and rule.followup.start not in bound:
+            self.problem(("followup", "start"), f"'{rule.followup.start}' is not bound by an `all` clause",
+                         value=True)
         card = self.card(rule.card, bound)
         if len(self.problems) > before or card is None:
             return None
@@ -368,7 +373,9 @@ class _RuleChecker:
             age.min if age else None, age.max if age else None, patient,
             tuple(c for c in all_clauses if c), tuple(c for c in any_clauses if c),
             tuple(c for c in none_clauses if c), card,
-            parse_duration(rule.suppress) if rule.suppress else None, source_url, self.display, rule)
+            parse_duration(rule.suppress) if rule.suppress else None, source_url, self.display, rule,
+            followup_start=rule.followup.start if rule.followup else None,
+            followup_after=parse_duration(rule.followup.after) if rule.followup else None)
 
 
 def _known_placeholder(name: str, bound: set[str]) -> bool:

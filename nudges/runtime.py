@@ -7,13 +7,14 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import hooks
+from . import followups, hooks
 from .auth import Authenticator, Caller, check_startup_policy
 from .catalog import Catalog, CatalogHolder
 from .clock import Clock, clock_for
 from .errors import ConfigError
 from .fhirclient import FhirClient
 from .metrics import Metrics
+from .scheduler import FollowupScheduler
 from .settings import Settings
 from .store import Store
 
@@ -30,6 +31,10 @@ class Runtime:
     auth: Authenticator
     metrics: Metrics = field(default_factory=Metrics)
     _watcher: asyncio.Task[None] | None = None
+    scheduler: FollowupScheduler = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.scheduler = FollowupScheduler(self.settings, self.clock, self.store, self.holder)
 
     @classmethod
     def create(cls, settings: Settings, clock: Clock | None = None) -> Runtime:
@@ -51,6 +56,7 @@ class Runtime:
         self._count_reload(True)
         if self.settings.reload_interval_seconds > 0:
             self._watcher = asyncio.create_task(self._watch())
+        self.scheduler.start()
 
     async def _watch(self) -> None:
         while True:
@@ -69,6 +75,7 @@ class Runtime:
     async def stop(self) -> None:
         if self._watcher:
             self._watcher.cancel()
+        await asyncio.to_thread(self.scheduler.stop)
         await self.fhir.close()
         self.store.dispose()
 
@@ -85,10 +92,16 @@ class Runtime:
                                 recently_shown=lambda w: self.store.recently_shown(patient_hash, w),
                                 tenant=caller.tenant)
         self.store.record_cards(result.records)
+        live = [r.rule_id for r in result.records]
+        pending = followups.take_pending(self.store, patient_hash, service_id=call.service.id,
+                                         hook_instance=call.request.hookInstance, live_rules=set(live), now=now)
+        result.cards = followups.merge_pending(result.cards, live, pending, call.context)
         for rule_id in result.failed:
             self.metrics.rule_errors.labels(rule_id).inc()
         for record in result.records:
             self.metrics.cards.labels(record.rule_id).inc()
+        for card in pending:
+            self.metrics.cards.labels(card.rule_id).inc()
         return result
 
     def readiness(self) -> dict[str, Any]:

@@ -53,9 +53,14 @@ class Settings(BaseSettings):
     fhir_max_pages: int = 5
     fhir_allow_http: bool = Field(default=False, description="allow http:// FHIR servers off loopback")
     fhir_server_allowlist: list[str] = Field(default_factory=list)
+    subscription_servers: dict[str, str] = Field(
+        default_factory=dict, description="subscription reference -> FHIR server base for id-only notifications")
+    followup_poll_seconds: float = Field(default=15.0, description="how often due follow-ups run (0 disables)")
     patient_hash_key: SecretStr | None = None
     cors_origins: list[str] = Field(default_factory=list)
     public_base_url: str | None = None
+    tls_certfile: Path | None = Field(default=None, description="serve HTTPS directly (else terminate TLS in front)")
+    tls_keyfile: Path | None = None
     log_level: str = "INFO"
     auth: AuthSettings = Field(default_factory=AuthSettings)
 

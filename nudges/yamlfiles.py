@@ -60,8 +60,8 @@ def position(data: Any, loc: Sequence[Any], *, value: bool = False) -> tuple[int
 
 
 def validate(model: type[BaseModel], data: Any, display: str) -> tuple[Any, list[Problem]]:
-    try:
-        return model.model_validate(data), []
+    try:  # validate plain values (ruamel scalar subclasses confuse FHIRPath); `data` keeps positions
+        return model.model_validate(plain(data)), []
     except ValidationError as exc:
         problems = []
         for error in exc.errors():

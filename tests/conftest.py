@@ -68,11 +68,12 @@ def clock() -> FixedClock:
 
 @pytest.fixture
 def rules_dir(tmp_path: Path) -> Path:
-    """A private copy of the bundled rules (tests may edit it) with the seeds beside it."""
+    """A private copy of the frozen test rules (tests may edit it) with seeds and fixtures beside it."""
     target = tmp_path / "project" / "rules"
-    shutil.copytree(ROOT / "rules", target)
-    if (ROOT / "seeds").is_dir():
-        shutil.copytree(ROOT / "seeds", tmp_path / "project" / "seeds")
+    shutil.copytree(ROOT / "tests" / "rules", target)
+    for folder in ("seeds", "fhir_fixtures"):
+        if (ROOT / folder).is_dir():
+            shutil.copytree(ROOT / folder, tmp_path / "project" / folder)
     return target
 
 
@@ -126,6 +127,11 @@ def client(make_client: Callable[..., LiveServer]) -> LiveServer:
     return make_client()
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 128  # the service fetches many prefetch keys at once
+    daemon_threads = True
+
+
 class FhirServer:
     """A real FHIR server on loopback serving fixture resources (read and search by patient)."""
 
@@ -155,7 +161,7 @@ class FhirServer:
                 except (BrokenPipeError, ConnectionResetError):
                     pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = _Server(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}/fhir"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()

@@ -5,10 +5,13 @@ from __future__ import annotations
 import copy
 import re
 import uuid
+from functools import cache
+from pathlib import Path
 from typing import Any
 
 from fhir.resources.R4B import get_fhir_model_class
 
+ROOT = Path(__file__).resolve().parent.parent
 US_CORE_RACE = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-race"
 ALLOWED_TOKEN = re.compile(r"\{\{context\.(patientId|userId|encounterId)\}\}")
 
@@ -34,13 +37,41 @@ def troponin(oid: str = "trop-1", value: float = 212, high: float = 34,
             "referenceRange": [{"high": {"value": high, "unit": "ng/L"}}]}
 
 
+@cache
+def plan_keys(hook: str) -> dict[str, str]:
+    """Prefetch keys the frozen test rules make the service ask for on `hook` (key -> template)."""
+    from nudges.catalog import Catalog, service_id
+    from nudges.ruleset import load_ruleset
+
+    ruleset = load_ruleset(ROOT / "tests" / "rules").ruleset
+    assert ruleset is not None
+    return dict(Catalog.build(ruleset, frozenset({"active"})).services[service_id(hook)].plan.templates)
+
+
+def full_prefetch(hook: str, *resources: dict[str, Any]) -> dict[str, Any]:
+    """Everything the service asks for, as an EHR that prefetched it all would send it: each
+    resource under the key of its type (a Patient as the resource itself), null where there is none."""
+    prefetch: dict[str, Any] = {key: None for key in plan_keys(hook)}
+    for resource in resources:
+        kind = resource["resourceType"]
+        if kind == "Patient":
+            prefetch["patient"] = resource
+            continue
+        key = kind[0].lower() + kind[1:]
+        if key not in prefetch:
+            key = next(iter(k for k in prefetch if k != "patient"))
+        if prefetch[key] is None:
+            prefetch[key] = bundle()
+        prefetch[key]["entry"].append({"resource": resource})
+    return prefetch
+
+
 def patient_view(pid: str = "pt-1", *resources: dict[str, Any], prefetch: dict[str, Any] | None = None,
                  **extra: Any) -> dict[str, Any]:
     body: dict[str, Any] = {"hook": "patient-view", "hookInstance": str(uuid.uuid4()),
                             "context": {"userId": "Practitioner/dr-1", "patientId": pid}}
     if prefetch is None:
-        prefetch = {"patient": patient(pid), "observation": bundle(*resources), "procedure": None,
-                    "serviceRequest": None, "coverage": None}
+        prefetch = full_prefetch("patient-view", patient(pid), *resources)
     body["prefetch"] = prefetch
     body.update(extra)
     return body
@@ -80,3 +111,27 @@ def assert_valid_card(card: dict[str, Any]) -> None:
         assert reason["system"] and reason["code"] and reason["display"]
     for link in card.get("links", []):
         assert link["url"].startswith(("http://", "https://")) and link["type"] in ("absolute", "smart")
+
+
+def for_patient(resource: dict[str, Any], pid: str, key: str = "subject") -> dict[str, Any]:
+    """A copy of `resource` that belongs to `pid` through `key` (subject, patient or beneficiary)."""
+    return {**resource, key: {"reference": f"Patient/{pid}"}}
+
+
+def cath_order(sid: str, pid: str, when: str = "2026-03-02T01:00:00Z") -> dict[str, Any]:
+    return {"resourceType": "ServiceRequest", "id": sid, "status": "active", "intent": "order",
+            "subject": {"reference": f"Patient/{pid}"}, "authoredOn": when,
+            "code": {"coding": [{"system": "http://snomed.info/sct", "code": "41976001"}]}}
+
+
+def coverage(cid: str, pid: str, payer_code: str = "2") -> dict[str, Any]:
+    return {"resourceType": "Coverage", "id": cid, "status": "active", "beneficiary": {"reference": f"Patient/{pid}"},
+            "payor": [{"display": "Payer"}], "type": {"coding": [
+                {"system": "urn:oid:2.16.840.1.113883.3.221.5", "code": payer_code}]}}
+
+
+def ndjson(*resources: dict[str, Any]) -> bytes:
+    """FHIR Bulk Data format: one resource per line."""
+    import orjson
+
+    return b"".join(orjson.dumps(r) + b"\n" for r in resources)

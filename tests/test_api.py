@@ -8,7 +8,17 @@ from urllib.parse import parse_qsl, urlsplit
 
 import orjson
 from conftest import LiveServer
-from helpers import ALLOWED_TOKEN, assert_no_empty, assert_valid_card, bundle, patient, patient_view, troponin
+from helpers import (
+    ALLOWED_TOKEN,
+    assert_no_empty,
+    assert_valid_card,
+    bundle,
+    full_prefetch,
+    patient,
+    patient_view,
+    plan_keys,
+    troponin,
+)
 
 from nudges.rules import HOOKS
 
@@ -128,8 +138,7 @@ def test_oversized_body_is_413(make_client) -> None:  # type: ignore[no-untyped-
 
 
 def test_null_prefetch_means_no_data(client: LiveServer) -> None:
-    body = patient_view(prefetch={"patient": None, "observation": None, "procedure": None,
-                                  "serviceRequest": None, "coverage": None})
+    body = patient_view(prefetch=dict.fromkeys(plan_keys("patient-view")))
     assert client.post(URL, json=body).json() == {"cards": []}
 
 
@@ -142,8 +151,9 @@ def test_missing_prefetch_without_server_is_412(client: LiveServer) -> None:
 
 def test_fetches_missing_keys_from_fhir_server_with_bearer(client: LiveServer, fhir_server) -> None:  # type: ignore[no-untyped-def]
     fhir_server.resources = [patient("pt-9"), troponin()]
-    body = patient_view("pt-9", prefetch={"patient": patient("pt-9"),
-                                          "observation": {"resourceType": "OperationOutcome", "issue": []}})
+    prefetch = full_prefetch("patient-view", patient("pt-9"))
+    prefetch["observation"] = {"resourceType": "OperationOutcome", "issue": []}  # the client failed this key
+    body = patient_view("pt-9", prefetch=prefetch)
     body["fhirServer"] = fhir_server.base
     body["fhirAuthorization"] = {"access_token": "secret-token", "token_type": "Bearer", "expires_in": 300,
                                  "scope": "patient/*.read", "subject": "nudges"}
@@ -256,7 +266,7 @@ def test_order_sign_and_appointment_book(client: LiveServer) -> None:
              "code": {"coding": [{"system": "http://loinc.org", "code": "88293-6"}]}}
     body = {"hook": "order-sign", "hookInstance": "h1",
             "context": {"userId": "Practitioner/1", "patientId": "p", "draftOrders": bundle(order)},
-            "prefetch": {"patient": patient("p"), "observation": None, "coverage": None}}
+            "prefetch": full_prefetch("order-sign", patient("p"))}
     response = client.post("/cds-services/nudges-order-sign", json=body)
     assert response.status_code == 200, response.text
     assert [c["summary"][:4] for c in response.json()["cards"]] == ["eGFR"]
@@ -266,7 +276,7 @@ def test_order_sign_and_appointment_book(client: LiveServer) -> None:
                                         "preferred": True}])
     body = {"hook": "appointment-book", "hookInstance": "h2",
             "context": {"userId": "Practitioner/1", "patientId": "p", "appointments": bundle(appt)},
-            "prefetch": {"patient": lang, "encounter": None, "coverage": None}}
+            "prefetch": full_prefetch("appointment-book", lang)}
     response = client.post("/cds-services/nudges-appointment-book", json=body)
     assert response.status_code == 200, response.text
     cards = response.json()["cards"]

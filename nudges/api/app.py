@@ -33,10 +33,10 @@ from ..errors import (
     TooDeep,
     operation_outcome,
 )
-from ..fhirclient import check_server
 from ..runtime import Runtime
 from ..settings import Settings
 from ..store import FeedbackRecord
+from . import notifications
 from .models import FeedbackRequest
 
 log = logging.getLogger("nudges.api")
@@ -164,6 +164,8 @@ def create_app(settings: Settings, clock: Clock | None = None) -> FastAPI:
     async def authenticate(request: Request) -> Caller:
         return await runtime.auth.authenticate(request.headers.get("authorization"), audience(request))
 
+    app.include_router(notifications.router(runtime, authenticate))
+
     @app.get("/cds-services", summary="CDS Hooks discovery")
     async def discovery(request: Request) -> Response:
         await authenticate(request)
@@ -176,31 +178,9 @@ def create_app(settings: Settings, clock: Clock | None = None) -> FastAPI:
         caller = await authenticate(request)
         body = parse_object(await read_body(request, settings.max_body_bytes))
         call = hooks.parse_call(runtime.catalog(), service_id, body)
-        missing = hooks.still_missing(call)
-        if missing:
-            await fetch_missing(call, missing, caller)
+        await hooks.fill_missing(call, runtime.fhir, settings, caller.client.fhir_servers if caller.client else None)
         result = await anyio.to_thread.run_sync(runtime.evaluate, call, caller)
         return json_response({"cards": result.cards})
-
-    async def fetch_missing(call: hooks.Call, missing: list[str], caller: Caller) -> None:
-        server = call.request.fhirServer
-        if not server:
-            hooks.require(call, missing, "not in prefetch and no fhirServer given")
-            return
-        base = check_server(server, settings, caller.client.fhir_servers if caller.client else None)
-        auth = call.request.fhirAuthorization
-        fetched = await runtime.fhir.fetch_all(base, auth.access_token if auth else None,
-                                               hooks.queries_for(call, missing))
-        failed = []
-        reasons = set()
-        for key, value in fetched.items():
-            if isinstance(value, Exception):
-                failed.append(key)
-                reasons.add(str(value))
-            else:
-                call.prefetch[key] = value
-        if failed:
-            hooks.require(call, failed, "; ".join(sorted(reasons)))
 
     @app.post("/cds-services/{service_id}/feedback", summary="Feedback on cards")
     async def feedback(service_id: str, request: Request) -> Response:

@@ -1,0 +1,142 @@
+"""`nudges audit`: are nudges shown and acted on alike across groups of patients?
+
+Per rule, and per group of each demographic dimension recorded at issue time: cards shown, accepted,
+overridden (by each card's latest feedback), the acceptance rate and its ratio to the rule's overall
+rate. Aggregation happens in SQL; only counts leave the database, never patient hashes. Any row
+covering fewer than 11 distinct patients is suppressed ("<11"), the usual small-cell rule, so the
+report can be shared without re-identifying anyone.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TextIO
+
+import orjson
+from sqlalchemy import case, distinct, func, inspect, select
+from sqlalchemy.engine import Connection, make_url
+
+from .clock import parse_instant
+from .store import cards, feedback, make_engine, sqlite_path
+
+DIMENSIONS = ("race", "ethnicity", "language", "payer_class")
+OVERALL = ("overall", "all")
+MIN_PATIENTS = 11
+SUPPRESSED = "<11"
+FIELDS = ("rule", "dimension", "group", "shown", "accepted", "overridden", "acceptance_rate", "rate_ratio")
+
+
+class AuditError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Cell:
+    rule: str
+    dimension: str
+    group: str
+    shown: int
+    accepted: int
+    overridden: int
+    patients: int
+
+
+def query_cells(conn: Connection, since: datetime | None) -> list[Cell]:
+    """One GROUP BY per dimension (plus the rule overall) over cards joined to their latest feedback."""
+    ranked = select(feedback.c.card_uuid, feedback.c.outcome, func.row_number().over(
+        partition_by=feedback.c.card_uuid,
+        order_by=(feedback.c.outcome_timestamp.desc(), feedback.c.id.desc())).label("position")).subquery()
+    latest = select(ranked.c.card_uuid, ranked.c.outcome).where(ranked.c.position == 1).subquery()
+    source = cards.outerjoin(latest, latest.c.card_uuid == cards.c.uuid)
+    measures = (func.count(),
+                func.sum(case((latest.c.outcome == "accepted", 1), else_=0)),
+                func.sum(case((latest.c.outcome == "overridden", 1), else_=0)),
+                func.count(distinct(cards.c.patient_hash)))
+    found: list[Cell] = []
+    for dimension in (OVERALL[0], *DIMENSIONS):
+        keys = [cards.c.rule_id] if dimension == OVERALL[0] else [cards.c.rule_id, cards.c[dimension]]
+        statement = select(*keys, *measures).select_from(source).group_by(*keys)
+        if since is not None:
+            statement = statement.where(cards.c.issued_at >= since)
+        for row in conn.execute(statement):
+            group = OVERALL[1] if dimension == OVERALL[0] else str(row[1])
+            shown, accepted, overridden, patients = (int(v or 0) for v in row[len(keys):])
+            found.append(Cell(str(row[0]), dimension, group, shown, accepted, overridden, patients))
+    order = {d: i for i, d in enumerate((OVERALL[0], *DIMENSIONS))}
+    return sorted(found, key=lambda c: (c.rule, order[c.dimension], c.group))
+
+
+def rows(cells: list[Cell]) -> list[dict[str, Any]]:
+    """Report rows; a cell with fewer than MIN_PATIENTS patients shows "<11" and no rates."""
+    overall = {c.rule: c.accepted / c.shown for c in cells if c.dimension == OVERALL[0] and c.shown}
+    result: list[dict[str, Any]] = []
+    for c in cells:
+        if c.patients < MIN_PATIENTS:
+            result.append({"rule": c.rule, "dimension": c.dimension, "group": c.group, "shown": SUPPRESSED,
+                           "accepted": SUPPRESSED, "overridden": SUPPRESSED, "acceptance_rate": None,
+                           "rate_ratio": None})
+            continue
+        rate = c.accepted / c.shown if c.shown else None
+        base = overall.get(c.rule)
+        ratio = rate / base if rate is not None and base else None
+        result.append({"rule": c.rule, "dimension": c.dimension, "group": c.group, "shown": c.shown,
+                       "accepted": c.accepted, "overridden": c.overridden,
+                       "acceptance_rate": None if rate is None else round(rate, 4),
+                       "rate_ratio": None if ratio is None else round(ratio, 3)})
+    return result
+
+
+def load(url: str, since: datetime | None) -> list[dict[str, Any]]:
+    path = sqlite_path(url)
+    if path is not None and not path.is_file():
+        raise AuditError(f"no database at {path}")
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            if not (inspect(conn).has_table("cards") and inspect(conn).has_table("feedback")):
+                raise AuditError(f"no nudges tables in {make_url(url).render_as_string(hide_password=True)}")
+            return rows(query_cells(conn, since))
+    finally:
+        engine.dispose()
+
+
+def _text(row: dict[str, Any], key: str, style: str = "{}") -> str:
+    value = row[key]
+    if value is None:
+        return SUPPRESSED if row["shown"] == SUPPRESSED else ""
+    return style.format(value) if isinstance(value, float) else str(value)
+
+
+def write(report: list[dict[str, Any]], fmt: str, out: TextIO) -> None:
+    if fmt == "json":
+        out.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
+    elif fmt == "csv":
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(FIELDS)
+        writer.writerows([_text(r, k) for k in FIELDS] for r in report)
+    else:
+        table = [["rule", "dimension", "group", "shown", "accepted", "overridden", "rate", "ratio"]]
+        table += [[*(_text(r, k) for k in FIELDS[:6]), _text(r, "acceptance_rate", "{:.1%}"),
+                   _text(r, "rate_ratio", "{:.2f}")]
+                  for r in report]
+        widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+        for line in table:
+            cells = [v.ljust(w) if i < 3 else v.rjust(w) for i, (v, w) in enumerate(zip(line, widths, strict=True))]
+            out.write("  ".join(cells).rstrip() + "\n")
+        out.write(f"{len(report)} row(s); rows covering fewer than {MIN_PATIENTS} patients show {SUPPRESSED}\n")
+
+
+def main(url: str | None, since: str | None, fmt: str, out: TextIO, err: TextIO) -> int:
+    if url is None:
+        from .settings import Settings
+
+        url = Settings().database_url
+    try:
+        report = load(url, parse_instant(since) if since else None)
+    except (AuditError, ValueError) as exc:
+        err.write(f"nudges audit: {exc}\n")
+        return 1
+    write(report, fmt, out)
+    return 0

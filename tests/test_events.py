@@ -1,0 +1,486 @@
+"""Between visits through the real HTTP app, real databases and a real loopback FHIR server: FHIR
+Subscription notifications, follow-ups run at an injected clock, pending cards surfacing once."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import ROOT, FhirServer, LiveServer
+from helpers import assert_valid_card, bundle, patient, patient_view, troponin
+from ruamel.yaml import YAML
+from sqlalchemy import select
+
+from nudges import followups
+from nudges.clock import FixedClock
+from nudges.followups import claim_due, complete, pending_cards, schedule
+from nudges.ruleset import load_ruleset
+from nudges.store import Bucket, CardRecord, Store, cards, feedback
+
+NOTIFY = "/fhir/notifications"
+RULE = "troponin-without-cath-plan"
+SUBSCRIPTION = "https://ehr.example.org/fhir/Subscription/troponin-results"
+
+
+def status(kind: str, *focus: str, subscription: str = SUBSCRIPTION) -> dict[str, Any]:
+    """The SubscriptionStatus (R4 Backport IG) as the first entry's Parameters resource."""
+    parameters: list[dict[str, Any]] = [
+        {"name": "subscription", "valueReference": {"reference": subscription}},
+        {"name": "topic", "valueCanonical": "http://example.org/SubscriptionTopic/lab-results"},
+        {"name": "status", "valueCode": "active"},
+        {"name": "type", "valueCode": kind},
+        {"name": "events-since-subscription-start", "valueString": str(len(focus))},
+    ]
+    for number, reference in enumerate(focus, start=1):
+        parameters.append({"name": "notification-event", "part": [
+            {"name": "event-number", "valueString": str(number)},
+            {"name": "timestamp", "valueInstant": "2026-03-02T12:00:00Z"},
+            {"name": "focus", "valueReference": {"reference": reference}}]})
+    return {"resourceType": "Parameters", "id": str(uuid.uuid4()), "parameter": parameters}
+
+
+def notification(kind: str, *focus: str, entries: tuple[dict[str, Any], ...] = (),
+                 subscription: str = SUBSCRIPTION) -> dict[str, Any]:
+    first = {"fullUrl": f"urn:uuid:{uuid.uuid4()}", "resource": status(kind, *focus, subscription=subscription),
+             "request": {"method": "GET", "url": "Subscription/troponin-results/$status"},
+             "response": {"status": "200"}}
+    return {"resourceType": "Bundle", "type": "history", "timestamp": "2026-03-02T12:00:00Z",
+            "entry": [first, *entries]}
+
+
+def new_patient() -> str:
+    return f"pt-{uuid.uuid4().hex[:12]}"  # unique: the PostgreSQL schema is shared by the session
+
+
+def result_for(pid: str, oid: str = "trop-1", when: str = "2026-03-02T11:00:00Z") -> dict[str, Any]:
+    """An elevated troponin resulted an hour before the notification (12:00)."""
+    return {**troponin(oid, when=when), "subject": {"reference": f"Patient/{pid}"}}
+
+
+def cath_order(pid: str) -> dict[str, Any]:
+    return {"resourceType": "ServiceRequest", "id": f"cath-{pid}", "status": "active", "intent": "order",
+            "subject": {"reference": f"Patient/{pid}"}, "authoredOn": "2026-03-02T18:00:00Z",
+            "code": {"coding": [{"system": "http://snomed.info/sct", "code": "41976001"}]}}
+
+
+def full_resource(base: str, *resources: dict[str, Any]) -> dict[str, Any]:
+    urls = [f"{base}/{r['resourceType']}/{r['id']}" for r in resources]
+    entries = tuple({"fullUrl": url, "resource": r, "request": {"method": "PUT", "url": url},
+                     "response": {"status": "201"}} for url, r in zip(urls, resources, strict=True))
+    return notification("event-notification", *urls, entries=entries)
+
+
+def empty_prefetch(client: LiveServer, service_id: str) -> dict[str, Any]:
+    """Every prefetch key the service asks for, with no data."""
+    services = client.get("/cds-services").json()["services"]
+    return {key: None for key in next(s["prefetch"] for s in services if s["id"] == service_id)}
+
+
+def quiet_view(client: LiveServer, pid: str) -> dict[str, Any]:
+    """A patient-view call whose own data fires nothing."""
+    return patient_view(pid, prefetch={**empty_prefetch(client, "nudges-patient-view"), "patient": patient(pid)})
+
+
+def troponin_cards(response: Any) -> list[dict[str, Any]]:
+    assert response.status_code == 200, response.text
+    return [c for c in response.json()["cards"] if c["summary"].startswith("Troponin")]
+
+
+def followup_rows(runtime: Any, pid: str) -> list[Any]:
+    store = runtime.store
+    with store.engine.connect() as conn:
+        return list(conn.execute(select(followups.followups)
+                                 .where(followups.followups.c.patient_hash == store.patient_hash(pid))))
+
+
+FOLLOWUP = "followup:\n  start: troponin\n  after: 12h\n"
+
+
+@pytest.fixture
+def rules_dir(rules_dir: Path) -> Path:
+    """The frozen test rules, with the follow-up the shipped troponin rule declares."""
+    path = rules_dir / "cardiology" / f"{RULE}.yaml"
+    text = path.read_text()
+    if "\nfollowup:" not in text:
+        path.write_text(text.rstrip("\n") + "\n" + FOLLOWUP)
+    return rules_dir
+
+
+@pytest.fixture
+def service(make_client: Callable[..., LiveServer], database_url: str) -> LiveServer:
+    # The background job is off: tests run the due follow-ups themselves at the pinned clock.
+    return make_client(database_url=database_url, followup_poll_seconds=0)
+
+
+# -- intake ------------------------------------------------------------------------------------------------
+def test_handshake_and_heartbeat_are_acknowledged_and_nothing_else(service: LiveServer) -> None:
+    for kind in ("handshake", "heartbeat"):
+        response = service.post(NOTIFY, json=notification(kind))
+        assert response.status_code == 200, response.text
+        assert response.json() == {"type": kind, "events": 0, "scheduled": 0}
+    assert service.runtime.scheduler.run_due() == []
+
+
+def test_full_resource_notification_schedules_once(service: LiveServer, fhir_server: FhirServer) -> None:
+    pid = new_patient()
+    body = full_resource(fhir_server.base, result_for(pid))
+    response = service.post(NOTIFY, json=body)
+    assert response.status_code == 200, response.text
+    assert response.json() == {"type": "event-notification", "events": 1, "scheduled": 1}
+    assert service.post(NOTIFY, json=body).json()["scheduled"] == 0  # the same event again
+    [row] = followup_rows(service.runtime, pid)
+    assert (row.rule_id, row.status, row.patient_ref, row.start_ref) == (RULE, "pending", pid, "Observation/trop-1")
+    assert row.fhir_server == fhir_server.base
+    assert followups._aware(row.due_at) == service.runtime.clock.now() + timedelta(hours=12)
+    assert fhir_server.requests == []  # full-resource: nothing read back
+
+
+def test_resources_that_start_nothing_schedule_nothing(service: LiveServer, fhir_server: FhirServer) -> None:
+    pid = new_patient()
+    normal = {**result_for(pid, "trop-normal"), "valueQuantity": {"value": 5, "unit": "ng/L"}}
+    orphan = {**result_for(pid, "trop-orphan")}
+    del orphan["subject"]
+    response = service.post(NOTIFY, json=full_resource(fhir_server.base, normal, orphan, cath_order(pid)))
+    assert response.status_code == 200, response.text
+    assert response.json()["scheduled"] == 0
+    assert followup_rows(service.runtime, pid) == []
+
+
+def test_id_only_notification_reads_the_focus_from_the_server(service: LiveServer, fhir_server: FhirServer) -> None:
+    pid = new_patient()
+    fhir_server.resources = [result_for(pid)]
+    body = notification("event-notification", f"{fhir_server.base}/Observation/trop-1",
+                        f"{fhir_server.base}/Encounter/enc-1",
+                        entries=({"fullUrl": f"{fhir_server.base}/Observation/trop-1",
+                                  "request": {"method": "PUT", "url": "Observation/trop-1"},
+                                  "response": {"status": "200"}},))
+    response = service.post(NOTIFY, json=body)
+    assert response.status_code == 200, response.text
+    assert response.json() == {"type": "event-notification", "events": 2, "scheduled": 1}
+    # Only what a follow-up can start from is read: no rule starts from an Encounter.
+    assert [path for path, _ in fhir_server.requests] == ["/fhir/Observation/trop-1"]
+    assert followup_rows(service.runtime, pid)[0].fhir_server == fhir_server.base
+
+
+def test_id_only_relative_reference_uses_the_configured_server(make_client: Callable[..., LiveServer],
+                                                               fhir_server: FhirServer) -> None:
+    subscription = "Subscription/relative-one"
+    client = make_client(followup_poll_seconds=0, subscription_servers={subscription: fhir_server.base})
+    pid = new_patient()
+    fhir_server.resources = [result_for(pid)]
+    response = client.post(NOTIFY, json=notification("event-notification", "Observation/trop-1",
+                                                     subscription=subscription))
+    assert response.status_code == 200, response.text
+    assert response.json()["scheduled"] == 1
+    assert [path for path, _ in fhir_server.requests] == ["/fhir/Observation/trop-1"]
+
+
+def test_id_only_notification_from_an_unreachable_server_is_412(service: LiveServer) -> None:
+    response = service.post(NOTIFY, json=notification("event-notification", "http://127.0.0.1:9/fhir/Observation/x"))
+    assert response.status_code == 412  # so the FHIR server delivers it again
+    assert response.json()["resourceType"] == "OperationOutcome"
+
+
+MALFORMED: list[tuple[dict[str, Any], str]] = [
+    ({"resourceType": "Parameters"}, "must be a FHIR Bundle"),
+    ({"resourceType": "Bundle", "type": "searchset", "entry": []}, "type 'history'"),
+    ({"resourceType": "Bundle", "type": "history", "entry": []}, "Bundle.entry"),
+    ({"resourceType": "Bundle", "type": "history", "entry": [{"resource": patient()}]}, "Parameters resource"),
+    (notification("query-status"), "unsupported notification type"),
+    ({"resourceType": "Bundle", "type": "history", "entry": [{"resource": {
+        "resourceType": "Parameters", "parameter": [{"name": "type", "valueCode": "heartbeat"}]}}]}, "subscription"),
+    ({"resourceType": "Bundle", "type": "history", "entry": [{"resource": {
+        "resourceType": "Parameters", "parameter": [
+            {"name": "subscription", "valueReference": {"reference": SUBSCRIPTION}},
+            {"name": "type", "valueCode": "event-notification"},
+            {"name": "notification-event", "part": [{"name": "focus", "valueReference": {}}]}]}}]},
+     "focus needs a reference"),
+    (notification("event-notification", "not a reference"), "neither in the Bundle"),
+    (notification("event-notification", "Observation/x", subscription="Subscription/unknown"),
+     "which FHIR server"),
+    (notification("event-notification", "http://10.1.2.3/fhir/Observation/x"), "https"),
+]
+
+
+def test_malformed_notifications_are_400(client: LiveServer) -> None:
+    for body, expected in MALFORMED:
+        response = client.post(NOTIFY, json=body)
+        assert response.status_code == 400, (expected, response.text)
+        assert response.headers["content-type"].startswith("application/fhir+json")
+        outcome = response.json()
+        assert outcome["resourceType"] == "OperationOutcome"
+        assert expected in outcome["issue"][0]["diagnostics"], (expected, outcome)
+    response = client.post(NOTIFY, content=b"{nope", headers={"Content-Type": "application/fhir+json"})
+    assert response.status_code == 400
+    assert response.json()["resourceType"] == "OperationOutcome"
+
+
+# -- follow-ups ---------------------------------------------------------------------------------------------
+def test_followup_fires_after_its_delay_and_surfaces_once(service: LiveServer, fhir_server: FhirServer,
+                                                          clock: FixedClock) -> None:
+    pid = new_patient()
+    fhir_server.resources = [patient(pid), result_for(pid)]
+    assert service.post(NOTIFY, json=full_resource(fhir_server.base, result_for(pid))).json()["scheduled"] == 1
+    scheduler = service.runtime.scheduler
+    [row] = followup_rows(service.runtime, pid)
+
+    clock.advance(hours=11, minutes=59)
+    assert all(o.id != row.id for o in scheduler.run_due())  # not due yet
+    assert not any(p.startswith("/fhir/Observation?") for p, _ in fhir_server.requests)
+    clock.advance(minutes=1)
+    assert [o.outcome for o in scheduler.run_due() if o.id == row.id] == ["fired"]
+    [row] = followup_rows(service.runtime, pid)
+    assert (row.status, row.patient_ref, row.attempts) == ("done", None, 1)  # the patient id is purged
+    assert any(p.startswith(f"/fhir/Observation?patient={pid}") for p, _ in fhir_server.requests)
+    assert all(o.id != row.id for o in scheduler.run_due())  # done: never run again
+
+    # The next hook call for this patient, whatever its own data, shows the card once.
+    first = service.post("/cds-services/nudges-patient-view", json=quiet_view(service, pid))
+    [card] = troponin_cards(first)
+    assert_valid_card(card)
+    assert "13 h ago" in card["summary"]
+    assert card["suggestions"][0]["actions"][0]["resource"]["subject"]["reference"] == f"Patient/{pid}"
+    assert troponin_cards(service.post("/cds-services/nudges-patient-view", json=quiet_view(service, pid))) == []
+
+    with service.runtime.store.engine.connect() as conn:
+        issued = conn.execute(select(cards).where(cards.c.uuid == card["uuid"])).one()
+        kept = conn.execute(select(pending_cards).where(pending_cards.c.uuid == card["uuid"])).one()
+    assert (issued.service_id, issued.hook, issued.rule_id) == ("nudges-patient-view", "followup", RULE)
+    assert issued.patient_hash == service.runtime.store.patient_hash(pid)
+    assert kept.delivered_at is not None and kept.card == {}  # the card text is not kept once shown
+
+    # Feedback on the delivered card goes to the service that showed it, and is stored once.
+    body = {"feedback": [{"card": card["uuid"], "outcome": "overridden", "outcomeTimestamp": "2026-03-03T00:05:00Z",
+                          "overrideReason": {"reason": {"system": "http://terminology.hl7.org/CodeSystem/"
+                                                        "non-adherence-reason-codes",
+                                                        "code": "indication-order-exists"}}}]}
+    response = service.post("/cds-services/nudges-patient-view/feedback", json=body)
+    assert response.status_code == 200, response.text
+    assert response.json() == {"stored": 1, "duplicates": 0}
+    assert service.post("/cds-services/nudges-patient-view/feedback", json=body).json()["stored"] == 0
+    with service.runtime.store.engine.connect() as conn:
+        stored = conn.execute(select(feedback).where(feedback.c.card_uuid == card["uuid"])).all()
+    assert [(f.outcome, f.override_code) for f in stored] == [("overridden", "indication-order-exists")]
+
+
+def test_followup_does_not_fire_when_the_order_appeared(service: LiveServer, fhir_server: FhirServer,
+                                                        clock: FixedClock) -> None:
+    pid = new_patient()
+    fhir_server.resources = [patient(pid), result_for(pid)]
+    assert service.post(NOTIFY, json=full_resource(fhir_server.base, result_for(pid))).json()["scheduled"] == 1
+    fhir_server.resources.append(cath_order(pid))  # placed six hours later
+    clock.advance(hours=12)
+    [row] = followup_rows(service.runtime, pid)
+    assert [o.outcome for o in service.runtime.scheduler.run_due() if o.id == row.id] == ["quiet"]
+    [row] = followup_rows(service.runtime, pid)
+    assert (row.status, row.patient_ref) == ("done", None)
+    assert troponin_cards(service.post("/cds-services/nudges-patient-view", json=quiet_view(service, pid))) == []
+
+
+def test_pending_card_is_ordered_with_the_others_on_any_hook(service: LiveServer, fhir_server: FhirServer,
+                                                             clock: FixedClock) -> None:
+    pid = new_patient()
+    fhir_server.resources = [result_for(pid)]
+    service.post(NOTIFY, json=full_resource(fhir_server.base, result_for(pid)))
+    clock.advance(hours=12)
+    service.runtime.scheduler.run_due()
+    speaks_vietnamese = patient(pid, communication=[{"language": {"coding": [{"system": "urn:ietf:bcp:47",
+                                                                              "code": "vi"}]}, "preferred": True}])
+    prefetch = empty_prefetch(service, "nudges-encounter-start")
+    prefetch.update(patient=speaks_vietnamese, observation=bundle(result_for(pid)))
+    body = {"hook": "encounter-start", "hookInstance": str(uuid.uuid4()),
+            "context": {"userId": "Practitioner/dr-2", "patientId": pid, "encounterId": "enc-1"},
+            "prefetch": prefetch}
+    response = service.post("/cds-services/nudges-encounter-start", json=body)
+    assert response.status_code == 200, response.text
+    found = response.json()["cards"]
+    # The live troponin card is suppressed (the follow-up card was issued at 00:00); the waiting one
+    # is shown once, before the info card.
+    assert [(c["indicator"], c["summary"][:12]) for c in found] == [("warning", "Troponin abo"),
+                                                                    ("info", "Needs an int")]
+    for card in found:
+        assert_valid_card(card)
+
+
+def test_followups_and_pending_cards_survive_a_restart(make_client: Callable[..., LiveServer], database_url: str,
+                                                       fhir_server: FhirServer, clock: FixedClock) -> None:
+    pid = new_patient()
+    fhir_server.resources = [result_for(pid)]
+    first = make_client(database_url=database_url, followup_poll_seconds=0)
+    assert first.post(NOTIFY, json=full_resource(fhir_server.base, result_for(pid))).json()["scheduled"] == 1
+    first.stop()
+
+    clock.advance(hours=12)
+    second = make_client(database_url=database_url, followup_poll_seconds=0)
+    [row] = followup_rows(second.runtime, pid)
+    assert [o.outcome for o in second.runtime.scheduler.run_due() if o.id == row.id] == ["fired"]
+    second.stop()
+
+    third = make_client(database_url=database_url, followup_poll_seconds=0)
+    assert len(troponin_cards(third.post("/cds-services/nudges-patient-view", json=quiet_view(third, pid)))) == 1
+    assert troponin_cards(third.post("/cds-services/nudges-patient-view", json=quiet_view(third, pid))) == []
+
+
+def test_failed_fetch_is_retried_later(service: LiveServer, fhir_server: FhirServer, clock: FixedClock) -> None:
+    pid = new_patient()
+    fhir_server.resources = [result_for(pid)]
+    service.post(NOTIFY, json=full_resource(fhir_server.base, result_for(pid)))
+    fhir_server.close()  # the EHR is down when the follow-up is due
+    clock.advance(hours=12)
+    [row] = followup_rows(service.runtime, pid)
+    assert [o.outcome for o in service.runtime.scheduler.run_due() if o.id == row.id] == ["retry"]
+    [row] = followup_rows(service.runtime, pid)
+    assert (row.status, row.attempts, row.patient_ref) == ("pending", 1, pid)
+    assert followups._aware(row.due_at) == clock.now() + timedelta(minutes=5)
+
+
+def test_background_job_runs_due_followups(make_client: Callable[..., LiveServer], fhir_server: FhirServer,
+                                           clock: FixedClock) -> None:
+    client = make_client(followup_poll_seconds=0.05)
+    pid = new_patient()
+    fhir_server.resources = [result_for(pid)]
+    client.post(NOTIFY, json=full_resource(fhir_server.base, result_for(pid)))
+    clock.advance(hours=12)
+    deadline = time.monotonic() + 5
+    while followup_rows(client.runtime, pid)[0].status != "done":
+        assert time.monotonic() < deadline, "the background job did not run"
+        time.sleep(0.02)
+    assert len(troponin_cards(client.post("/cds-services/nudges-patient-view", json=quiet_view(client, pid)))) == 1
+
+
+# -- exactly once across workers ----------------------------------------------------------------------------
+def _due_rows(store: Store, clock: FixedClock, count: int) -> tuple[str, list[int]]:
+    rule_id = f"race-{uuid.uuid4().hex[:8]}"  # the PostgreSQL schema is shared: only these rows are checked
+    for i in range(count):
+        assert schedule(store, rule_id=rule_id, patient_id=f"p{i}", start_ref=f"Observation/o{i}",
+                        fhir_server=None, due_at=clock.now() - timedelta(minutes=1))
+    with store.engine.connect() as conn:
+        ids = sorted(r.id for r in conn.execute(select(followups.followups.c.id)
+                                                 .where(followups.followups.c.rule_id == rule_id)))
+    assert len(ids) == count
+    return rule_id, ids
+
+
+def test_two_workers_claim_each_due_row_exactly_once(database_url: str, clock: FixedClock) -> None:
+    stores = [Store(database_url, clock), Store(database_url, clock)]
+    try:
+        stores[0].migrate()
+        rule_id, mine = _due_rows(stores[0], clock, 50)
+        assert all(store.ping() for store in stores)  # both connected before the race starts
+        barrier = threading.Barrier(2)
+        claimed: dict[str, list[int]] = {"w0": [], "w1": []}
+        errors: list[BaseException] = []
+
+        def work(name: str, store: Store) -> None:
+            try:
+                barrier.wait()
+                while batch := claim_due(store, name, 2):
+                    claimed[name] += [f.id for f in batch]
+                    assert all(f.claimed_by == name and f.status == "running" for f in batch)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(name, store))
+                   for name, store in zip(claimed, stores, strict=True)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert errors == []
+        counts = Counter(i for ids in claimed.values() for i in ids if i in mine)
+        assert sorted(counts) == mine and set(counts.values()) == {1}  # every row, exactly once
+        with stores[0].engine.connect() as conn:
+            rows = conn.execute(select(followups.followups).where(followups.followups.c.rule_id == rule_id)).all()
+        owner = {i: name for name, ids in claimed.items() for i in ids}
+        assert all(r.status == "running" and r.claimed_by == owner[r.id] and r.attempts == 1 for r in rows)
+        for r in rows:
+            assert complete(stores[0], followups._followup(r), owner[r.id])
+            assert not complete(stores[1], followups._followup(r), owner[r.id])  # already completed
+    finally:
+        for store in stores:
+            store.dispose()
+
+
+def test_claim_skips_rows_another_worker_has_locked(pg_schema_url: str, clock: FixedClock) -> None:
+    """PostgreSQL: rows a worker is claiming (locked, uncommitted) are skipped, not waited for."""
+    store, other = Store(pg_schema_url, clock), Store(pg_schema_url, clock)
+    try:
+        store.migrate()
+        _, ids = _due_rows(store, clock, 4)
+        with store.engine.connect() as holder:
+            holder.execute(select(followups.followups.c.id).where(followups.followups.c.id.in_(ids[:2]))
+                           .with_for_update())
+            got: list[list[int]] = []
+            worker = threading.Thread(target=lambda: got.append([f.id for f in claim_due(other, "w2", 100)]))
+            worker.start()
+            worker.join(timeout=5)
+            assert not worker.is_alive(), "claim_due waited on locked rows"
+            assert sorted(i for i in got[0] if i in ids) == ids[2:]
+            holder.rollback()
+        assert sorted(f.id for f in claim_due(other, "w2", 100) if f.id in ids) == ids[:2]
+    finally:
+        store.dispose()
+        other.dispose()
+
+
+def test_pending_card_is_taken_exactly_once_by_racing_calls(database_url: str, clock: FixedClock) -> None:
+    store = Store(database_url, clock)
+    try:
+        store.migrate()
+        patient_hash = store.patient_hash(new_patient())
+
+        def issued() -> CardRecord:
+            return CardRecord(uuid=str(uuid.uuid4()), service_id=followups.FOLLOWUP_SERVICE, rule_id=RULE,
+                              rule_version="1.0.0", hook=followups.FOLLOWUP_HOOK, hook_instance="followup-x",
+                              patient_hash=patient_hash, bucket=Bucket(), indicator="warning", issued_at=clock.now())
+
+        first = issued()
+        assert followups.store_pending(store, first, {"uuid": first.uuid, "summary": "x"}) == "stored"
+        assert followups.store_pending(store, issued(), {"summary": "again"}) == "waiting"  # one per rule
+        barrier = threading.Barrier(4)
+        taken: list[list[followups.PendingCard]] = []
+
+        def take() -> None:
+            barrier.wait()
+            taken.append(followups.take_pending(store, patient_hash, service_id="nudges-patient-view",
+                                                hook_instance=str(uuid.uuid4())))
+
+        threads = [threading.Thread(target=take) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert sorted(len(t) for t in taken) == [0, 0, 0, 1]
+        assert [p.uuid for t in taken for p in t] == [first.uuid]
+    finally:
+        store.dispose()
+
+
+# -- the rule format ----------------------------------------------------------------------------------------
+def test_followup_start_must_be_bound_by_an_all_clause(rules_dir: Path) -> None:
+    path = rules_dir / "cardiology" / f"{RULE}.yaml"
+    text = path.read_text()
+    assert "  start: troponin\n" in text
+    path.write_text(text.replace("  start: troponin\n", "  start: trop\n"))
+    line = next(i for i, ln in enumerate(path.read_text().splitlines(), start=1) if ln == "  start: trop")
+    result = load_ruleset(rules_dir)
+    assert result.ruleset is None
+    messages = [str(p) for p in result.problems]
+    assert any(m.endswith(f"{RULE}.yaml:{line}:10: 'trop' is not bound by an `all` clause") for m in messages), messages
+
+
+def test_followup_compiles(rules_dir: Path) -> None:
+    result = load_ruleset(rules_dir)
+    assert result.ruleset is not None
+    rule = next(r for r in result.ruleset.rules if r.id == RULE)
+    assert (rule.followup_start, rule.followup_after) == ("troponin", timedelta(hours=12))
+    assert all(r.followup_start is None for r in result.ruleset.rules if r.id != RULE)
+    shipped = YAML(typ="safe").load((ROOT / "rules" / "cardiology" / f"{RULE}.yaml").read_text())
+    assert shipped["followup"] == {"start": "troponin", "after": "12h"}

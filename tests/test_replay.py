@@ -1,0 +1,259 @@
+"""`nudges replay`: golden files, the loopback FHIR server path, and NDJSON bulk exports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from helpers import bundle, cath_order, coverage, for_patient, ndjson, patient, troponin
+
+from nudges.bulk import request_for
+from nudges.catalog import Catalog
+from nudges.cli import main
+from nudges.clock import parse_instant
+from nudges.replay import render, run_body
+from nudges.ruleset import load_ruleset
+from nudges.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+CALLS = ROOT / "fhir_fixtures" / "calls"
+NOW = "2026-03-02T12:00:00Z"
+TROPONIN = "troponin-without-cath-plan"
+
+
+def replay(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(["replay", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def catalog_for(rules_dir: Path) -> tuple[Catalog, Settings]:
+    settings = Settings(rules=rules_dir)
+    ruleset = load_ruleset(rules_dir).ruleset
+    assert ruleset is not None
+    return Catalog.build(ruleset, frozenset(settings.rule_statuses)), settings
+
+
+@pytest.fixture
+def calls(tmp_path: Path, rules_dir: Path, capsys: pytest.CaptureFixture[str]) -> Path:
+    """A troponin call prefetching every key the current rules ask for, with server and golden files."""
+    target = tmp_path / "calls"
+    target.mkdir()
+    resources = [patient("pt-trop"), for_patient(troponin(), "pt-trop")]
+    body = request_for(catalog_for(rules_dir)[0].services["nudges-patient-view"], "pt-trop", resources)
+    (target / "patient-view-troponin.json").write_bytes(orjson.dumps(body))
+    (target / "patient-view-troponin.server.json").write_bytes(orjson.dumps(bundle(*resources)))
+    assert main(["replay", str(target), "--rules", str(rules_dir), "--now", NOW, "--update"]) == 0
+    capsys.readouterr()
+    return target
+
+
+def test_shipped_fixtures_match_their_golden_files(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the service's default SQLite file would land here if anything wrote
+    code, out, _ = replay(capsys, str(CALLS))
+    assert code == 0, out
+    assert "ok " in out and "(prefetch, fhir-server)" in out
+    assert list(tmp_path.iterdir()) == []
+    for call in CALLS.glob("*.json"):
+        if not call.name.endswith((".golden.json", ".server.json")):
+            golden = orjson.loads(call.with_name(call.name.removesuffix(".json") + ".golden.json").read_bytes())
+            assert golden["now"] and isinstance(golden["cards"], list)
+
+
+def test_changed_golden_file_prints_a_diff_and_fails(capsys: pytest.CaptureFixture[str], calls: Path,
+                                                     rules_dir: Path) -> None:
+    golden = calls / "patient-view-troponin.golden.json"
+    data = orjson.loads(golden.read_bytes())
+    next(c for c in data["cards"] if c["rule"] == TROPONIN)["summary"] = "an outdated summary"
+    golden.write_bytes(orjson.dumps(data))
+    code, out, _ = replay(capsys, str(calls), "--rules", str(rules_dir))
+    assert code == 1
+    assert f"--- {golden}" in out and "+++ " in out and "@@ " in out
+    assert '-      "summary": "an outdated summary"' in out
+    assert '+      "summary": "Troponin above its reference range 14 h ago' in out
+    assert "0 of 1 call(s) match" in out
+
+
+def test_update_rewrites_the_golden_file(capsys: pytest.CaptureFixture[str], calls: Path, rules_dir: Path) -> None:
+    golden = calls / "patient-view-troponin.golden.json"
+    original = orjson.loads(golden.read_bytes())
+    changed = {**original, "cards": []}
+    golden.write_bytes(orjson.dumps(changed))
+    code, out, _ = replay(capsys, str(calls), "--rules", str(rules_dir), "--update")
+    assert code == 0, out
+    assert "updated " in out
+    assert golden.read_text() == render(original)  # the clock came from the golden file's "now"
+    assert replay(capsys, str(calls), "--rules", str(rules_dir))[0] == 0
+
+
+def test_golden_ignores_uuids_and_formatting(capsys: pytest.CaptureFixture[str], calls: Path, rules_dir: Path) -> None:
+    golden = calls / "patient-view-troponin.golden.json"
+    golden.write_bytes(orjson.dumps(orjson.loads(golden.read_bytes())))  # compact, one line
+    code, out, _ = replay(capsys, str(calls), "--rules", str(rules_dir))
+    assert code == 0, out
+    assert "uuid" not in golden.read_text()
+
+
+def test_a_clock_is_mandatory(capsys: pytest.CaptureFixture[str], calls: Path, rules_dir: Path) -> None:
+    golden = calls / "patient-view-troponin.golden.json"
+    golden.unlink()
+    code, out, _ = replay(capsys, str(calls), "--rules", str(rules_dir))
+    assert code == 1 and "pass --now" in out
+    code, out, _ = replay(capsys, str(calls), "--rules", str(rules_dir), "--now", NOW, "--update")
+    assert code == 0, out
+    assert orjson.loads(golden.read_bytes())["now"] == NOW
+    code, out, _ = replay(capsys, str(calls), "--rules", str(rules_dir), "--now", "2026-03-05T12:00:00Z")
+    assert code == 1  # three days later the troponin is out of the 72 h window
+    assert '-  "now": "2026-03-02T12:00:00Z"' in out and f'-      "rule": "{TROPONIN}",' in out
+
+
+def test_server_mode_fetches_everything_from_the_loopback_server(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, rules_dir: Path) -> None:
+    folder = tmp_path / "server-only"
+    folder.mkdir()
+    body = {"hook": "patient-view", "hookInstance": "replay-server-1",
+            "context": {"userId": "Practitioner/example", "patientId": "pt-srv"}}
+    (folder / "served.json").write_bytes(orjson.dumps(body))
+    served = [patient("pt-srv"), for_patient(troponin("trop-srv"), "pt-srv"), coverage("cov-srv", "pt-srv"),
+              for_patient(troponin("trop-other", value=900), "someone-else")]
+    server = folder / "served.server.json"
+    server.write_bytes(orjson.dumps(bundle(*served)))
+    code, out, _ = replay(capsys, str(folder), "--rules", str(rules_dir), "--now", NOW, "--update")
+    assert code == 0, out
+    assert "(fhir-server)" in out
+    cards = orjson.loads((folder / "served.golden.json").read_bytes())["cards"]
+    assert [c["rule"] for c in cards].count(TROPONIN) == 1
+    trop = next(c for c in cards if c["rule"] == TROPONIN)
+    assert trop["suggestions"][0]["resources"][0]["reasonReference"] == [{"reference": "Observation/trop-srv"}]
+
+    # The served data decides: a normal troponin on the server and the card is gone.
+    server.write_bytes(orjson.dumps(bundle(patient("pt-srv"), for_patient(troponin("trop-srv", value=5), "pt-srv"))))
+    code, out, _ = replay(capsys, str(folder), "--rules", str(rules_dir))
+    assert code == 1
+    assert "DIFF " in out and "(fhir-server)" in out and f'-      "rule": "{TROPONIN}"' in out
+
+
+def test_server_data_that_disagrees_with_prefetch_is_reported(
+        capsys: pytest.CaptureFixture[str], calls: Path, rules_dir: Path) -> None:
+    server = calls / "patient-view-troponin.server.json"
+    server.write_bytes(orjson.dumps(bundle(patient("pt-trop"), for_patient(cath_order("cath", "pt-trop"), "pt-trop"),
+                                           for_patient(troponin(), "pt-trop"))))
+    code, out, _ = replay(capsys, str(calls), "--rules", str(rules_dir))
+    assert code == 1
+    assert "DIFF " in out and "patient-view-troponin.json (fhir-server)" in out
+    assert "(prefetch)" not in out.split("DIFF")[1].splitlines()[0]
+
+
+def test_a_call_without_prefetch_or_server_data_is_an_error(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, rules_dir: Path) -> None:
+    folder = tmp_path / "bare"
+    folder.mkdir()
+    body = {"hook": "patient-view", "hookInstance": "x", "context": {"userId": "Practitioner/a", "patientId": "p"}}
+    (folder / "bare.json").write_bytes(orjson.dumps(body))
+    (folder / "not-a-call.json").write_bytes(orjson.dumps(bundle(patient("p"))))
+    code, out, _ = replay(capsys, str(folder), "--rules", str(rules_dir), "--now", NOW)
+    assert code == 1
+    assert "ERROR" in out and "bare.server.json" in out and "1 call(s)" in out
+
+
+# -- NDJSON -----------------------------------------------------------------------------------------
+def export(folder: Path, count: int) -> dict[str, list[dict[str, Any]]]:
+    """A bulk export of `count` patients spread over several files in mixed order; returns the data
+    per patient. Every third patient has a raised troponin 14 h ago; every sixth also a cath order."""
+    folder.mkdir(parents=True, exist_ok=True)
+    per_patient: dict[str, list[dict[str, Any]]] = {}
+    patients, observations, orders, coverages = [], [], [], []
+    for i in range(count):
+        pid = f"bulk-{i:04d}"
+        mine: list[dict[str, Any]] = []
+        if i % 100 != 99:  # a few patients only appear through their references
+            mine.append(patient(pid))
+            patients.append(mine[-1])
+        value = 212 if i % 3 == 0 else 12
+        obs = for_patient(troponin(f"trop-{i}", value=value), pid)
+        if i % 7 == 0:
+            obs["subject"] = {"reference": f"https://ehr.example/fhir/Patient/{pid}"}
+        observations.append(obs)
+        mine.append(obs)
+        if i % 6 == 0:
+            orders.append(cath_order(f"cath-{i}", pid))
+            mine.append(orders[-1])
+        coverages.append(coverage(f"cov-{i}", pid, "2" if i % 2 else "5"))
+        mine.append(coverages[-1])
+        per_patient[pid] = mine
+    observations.reverse()
+    half = len(observations) // 2
+    (folder / "Patient.ndjson").write_bytes(ndjson(*patients))
+    (folder / "Observation.001.ndjson").write_bytes(ndjson(*observations[:half]) + b"\n")
+    (folder / "Observation.002.ndjson").write_bytes(ndjson(*observations[half:]) + b"{not json\n")
+    (folder / "ServiceRequest.ndjson").write_bytes(ndjson(*orders))
+    (folder / "Coverage.ndjson").write_bytes(ndjson(*coverages))
+    practitioners = [{"resourceType": "Practitioner", "id": f"dr-{n}"} for n in range(4)]
+    (folder / "Practitioner.ndjson").write_bytes(ndjson(*practitioners))
+    return per_patient
+
+
+def counts(out: str) -> dict[str, tuple[int, int]]:
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("rule "))
+    return {parts[0]: (int(parts[1]), int(parts[2])) for parts in (line.split() for line in lines[start + 1:])}
+
+
+def test_ndjson_export_counts_cards_per_rule(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                              rules_dir: Path) -> None:
+    data = export(tmp_path / "export", 300)
+    code, out, err = replay(capsys, str(tmp_path / "export"), "--rules", str(rules_dir), "--now", NOW)
+    assert code == 0, out + err
+    assert "6 file(s)" in out and "for 300 patient(s), 4 without a patient, 1 invalid line(s)" in out
+    assert "300 patient(s) screened, 0 skipped" in out
+    table = counts(out)
+    assert table[TROPONIN] == (300, 50)  # raised troponin and no cath order: i % 3 == 0 and i % 6 != 0
+    assert "replay: 300/300 patients" in err and "indexed " in err  # plain progress: stderr is no TTY
+
+    # Every rule's count equals evaluating each patient's data as one call: the grouping lost nothing.
+    catalog, settings = catalog_for(rules_dir)
+    service = catalog.services["nudges-patient-view"]
+    expected = dict.fromkeys(table, 0)
+    for pid, resources in data.items():
+        body = request_for(service, pid, resources)
+        assert body is not None
+        for record in run_body(catalog, settings, body, parse_instant(NOW)).records:
+            expected[record.rule_id] += 1
+    assert {rule: cards for rule, (_, cards) in table.items()} == expected
+
+    # Deterministic: the same report again, and a single file works as the argument too.
+    assert replay(capsys, str(tmp_path / "export"), "--rules", str(rules_dir), "--now", NOW)[1] == out
+    code, out, _ = replay(capsys, str(tmp_path / "export" / "Patient.ndjson"), "--rules", str(rules_dir),
+                          "--now", NOW)
+    assert code == 0 and "297 patient(s) screened" in out and counts(out)[TROPONIN] == (297, 0)
+
+
+def test_ndjson_encounter_hook_and_clock(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                         rules_dir: Path) -> None:
+    folder = tmp_path / "export"
+    export(folder, 12)
+    encounter = {"resourceType": "Encounter", "id": "enc-0", "status": "in-progress", "class": {"code": "AMB"},
+                 "subject": {"reference": "Patient/bulk-0003"}, "period": {"start": "2026-03-02T11:00:00Z"}}
+    (folder / "Encounter.ndjson").write_bytes(ndjson(encounter))
+    code, _, err = replay(capsys, str(folder), "--rules", str(rules_dir))
+    assert code == 1 and "needs --now" in err
+    code, out, _ = replay(capsys, str(folder), "--rules", str(rules_dir), "--now", NOW, "--hook", "encounter-start")
+    assert code == 0, out
+    assert "1 patient(s) screened, 11 skipped" in out and "skipped 11: no Encounter" in out
+    assert counts(out)[TROPONIN] == (1, 1)
+
+
+def test_replay_never_calls_a_recorded_fhir_server(capsys: pytest.CaptureFixture[str], calls: Path,
+                                                   rules_dir: Path) -> None:
+    call = calls / "patient-view-troponin.json"
+    body = orjson.loads(call.read_bytes())
+    del body["prefetch"]["observation"]
+    body["fhirServer"] = "https://ehr.invalid/fhir"
+    call.write_bytes(orjson.dumps(body))
+    (calls / "patient-view-troponin.server.json").unlink()
+    code, out, _ = replay(capsys, str(calls), "--rules", str(rules_dir))
+    assert code == 1
+    assert "would answer 412" in out and "no fhirServer given" in out
