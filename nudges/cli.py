@@ -1,12 +1,16 @@
-"""The `nudges` command: serve, lint, test, schema, replay, audit."""
+"""The `nudges` command: serve, lint, test, schema, catalog, replay, audit."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import orjson
+
+if TYPE_CHECKING:
+    from .ruleset import RuleSet
 
 
 def _lint(directory: Path) -> int:
@@ -28,16 +32,23 @@ def _lint(directory: Path) -> int:
     return 0
 
 
-def _test(directory: Path) -> int:
+def _load(directory: Path) -> RuleSet | None:
+    """The rule set, or None after printing every problem as path:line:column."""
     from .ruleset import load_ruleset
-    from .ruletests import run_all
 
     result = load_ruleset(directory)
-    if result.ruleset is None:
-        for problem in result.problems:
-            print(problem)
+    for problem in result.problems:
+        print(problem)
+    return result.ruleset
+
+
+def _test(directory: Path) -> int:
+    from .ruletests import run_all
+
+    ruleset = _load(directory)
+    if ruleset is None:
         return 1
-    reports = run_all(result.ruleset)
+    reports = run_all(ruleset)
     failed = 0
     for report in reports:
         mark = "PASS" if report.ok else "FAIL"
@@ -47,6 +58,20 @@ def _test(directory: Path) -> int:
         failed += not report.ok
     print(f"{len(reports) - failed} passed, {failed} failed")
     return 1 if failed else 0
+
+
+def _catalog(directory: Path, write: Path | None) -> int:
+    from .ruledocs import catalog_markdown, replace_catalog
+
+    ruleset = _load(directory)
+    if ruleset is None:
+        return 1
+    table = catalog_markdown(ruleset)
+    if write is None:
+        print(table)
+    else:
+        write.write_text(replace_catalog(write.read_text(encoding="utf-8"), table), encoding="utf-8")
+    return 0
 
 
 def _schema(kind: str) -> int:
@@ -113,7 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     audit.add_argument("--database-url", dest="database_url")
     audit.add_argument("--since", help="only cards issued at or after this date or instant")
     audit.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    catalog = sub.add_parser("catalog", help="print the rule catalog as a markdown table")
+    catalog.add_argument("directory", type=Path, nargs="?", default=Path("rules"))
+    catalog.add_argument("--write", type=Path, metavar="README", help="replace the table in this file")
     args = parser.parse_args(argv)
+    if args.command == "catalog":
+        return _catalog(args.directory, args.write)
     if args.command == "replay":
         from . import replay as replaying
 

@@ -26,7 +26,7 @@ from .catalog import Catalog, service_id
 from .clock import parse_instant
 from .errors import NudgesError
 from .fhirclient import FhirClient
-from .record import CODE_ELEMENTS, codings, walk
+from .record import CODE_ELEMENTS, codings, flatten, walk
 from .settings import Settings
 
 GOLDEN = ".golden.json"
@@ -216,8 +216,13 @@ def load_golden(fixture: Fixture) -> dict[str, Any] | None:
 
 
 def server_resources(fixture: Fixture) -> list[dict[str, Any]]:
+    """What the loopback FHIR server holds: `<name>.server.json`, else the call's own prefetch data, so
+    every call is replayed both ways (as an EHR that prefetches, and one that lets the service fetch)."""
     if not fixture.server.is_file():
-        raise ReplayError(f"{fixture.path}: no prefetch and no {fixture.server.name} to serve its data")
+        prefetch = fixture.body.get("prefetch")
+        if not prefetch:
+            raise ReplayError(f"{fixture.path}: no prefetch and no {fixture.server.name} to serve its data")
+        return [r for value in prefetch.values() for r in flatten(value)]
     data = orjson.loads(fixture.server.read_bytes())
     if not (isinstance(data, dict) and data.get("resourceType") == "Bundle"):
         raise ReplayError(f"{fixture.server}: must be a FHIR Bundle")
@@ -226,7 +231,7 @@ def server_resources(fixture: Fixture) -> list[dict[str, Any]]:
 
 
 def run_modes(fixture: Fixture, catalog: Catalog, settings: Settings, now: datetime) -> dict[str, Any]:
-    """Cards per data mode: "prefetch" (the body as sent) and/or "fhir-server" (loopback server)."""
+    """Cards per data mode: "prefetch" (the body as sent) and "fhir-server" (loopback server)."""
     results: dict[str, Any] = {}
     has_prefetch = bool(fixture.body.get("prefetch"))
     try:
@@ -234,11 +239,11 @@ def run_modes(fixture: Fixture, catalog: Catalog, settings: Settings, now: datet
         body = {k: v for k, v in fixture.body.items() if k not in ("fhirServer", "fhirAuthorization")}
         if has_prefetch:
             results["prefetch"] = summarize(run_body(catalog, settings, body, now))
-        if fixture.server.is_file() or not has_prefetch:
-            with BundleServer(server_resources(fixture)) as server:
-                body = {k: v for k, v in body.items() if k != "prefetch"}
-                body["fhirServer"] = server.base
-                results["fhir-server"] = summarize(run_body(catalog, settings, body, now))
+        # Always also from a FHIR server: the same data fetched by the service must give the same cards.
+        with BundleServer(server_resources(fixture)) as server:
+            body = {k: v for k, v in body.items() if k != "prefetch"}
+            body["fhirServer"] = server.base
+            results["fhir-server"] = summarize(run_body(catalog, settings, body, now))
     except NudgesError as exc:
         raise ReplayError(f"{fixture.path}: the service would answer {exc.status}: {exc.diagnostics}") from None
     return results

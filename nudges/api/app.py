@@ -110,7 +110,7 @@ class Instrumentation:
             runtime: Runtime | None = getattr(scope["app"].state, "runtime", None) if "app" in scope else None
             if runtime is not None:
                 label = service if (service in runtime.holder.current.services if runtime.holder.current
-                                    else False) or service in ("cds-services", "healthz", "readyz",
+                                    else False) or service in ("cds-services", "healthz", "readyz", "fhir",
                                                                "metrics") else "other"
                 runtime.metrics.requests.labels(label, str(status[0])).inc()
                 runtime.metrics.latency.labels(label).observe(time.perf_counter() - start)

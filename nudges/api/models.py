@@ -29,7 +29,7 @@ class CdsServiceRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     hook: str = Field(min_length=1)
-    hookInstance: str = Field(min_length=1, max_length=128)
+    hookInstance: str = Field(min_length=1, max_length=64)
     fhirServer: str | None = None
     fhirAuthorization: FhirAuthorization | None = None
     context: dict[str, Any]

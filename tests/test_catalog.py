@@ -1,0 +1,79 @@
+"""The shipped catalog: lint and cases pass, every seed scenario's call gives the same cards whatever
+the patient's race, and the README's catalog table is generated from the rules."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from nudges.catalog import Catalog
+from nudges.clock import parse_instant
+from nudges.demographics import US_CORE_ETHNICITY, US_CORE_RACE
+from nudges.replay import run_body, summarize
+from nudges.ruledocs import BEGIN, END, catalog_markdown
+from nudges.ruleset import RuleSet, load_ruleset
+from nudges.ruletests import run_all
+from nudges.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+CALLS = sorted(p for p in (ROOT / "fhir_fixtures/calls").glob("*.json")
+               if not p.name.endswith((".golden.json", ".server.json")))
+RACES = [None, ("2054-5", "Black or African American"), ("2106-3", "White"), ("2028-9", "Asian"),
+         ("1002-5", "American Indian or Alaska Native")]
+
+
+@pytest.fixture(scope="module")
+def shipped() -> RuleSet:
+    result = load_ruleset(ROOT / "rules")
+    assert result.ruleset is not None, [str(p) for p in result.problems]
+    return result.ruleset
+
+
+def test_shipped_rules_cases_pass(shipped: RuleSet) -> None:
+    reports = run_all(shipped)
+    assert [r.rule for r in reports if not r.ok] == []
+    active = [r for r in shipped.rules if r.status == "active"]
+    assert len(active) >= 16
+    for report in reports:
+        assert report.tp >= 1 and report.tn >= 1, report.rule
+
+
+def with_race(body: dict[str, Any], race: tuple[str, str] | None) -> dict[str, Any]:
+    body = copy.deepcopy(body)
+    patient = (body.get("prefetch") or {}).get("patient")
+    if not isinstance(patient, dict):
+        return body
+    patient["extension"] = [e for e in patient.get("extension", []) if e.get("url") not in
+                            (US_CORE_RACE, US_CORE_ETHNICITY)]
+    if race:
+        patient["extension"].append({"url": US_CORE_RACE, "extension": [
+            {"url": "ombCategory", "valueCoding": {"system": "urn:oid:2.16.840.1.113883.6.238", "code": race[0],
+                                                   "display": race[1]}},
+            {"url": "text", "valueString": race[1]}]})
+    return body
+
+
+@pytest.mark.parametrize("call", CALLS, ids=[p.stem for p in CALLS])
+def test_same_cards_whatever_the_race(shipped: RuleSet, call: Path) -> None:
+    catalog = Catalog.build(shipped, frozenset({"active"}))
+    body = orjson.loads(call.read_bytes())
+    now = parse_instant(orjson.loads(call.with_suffix(".golden.json").read_bytes())["now"])
+    outcomes = [summarize(run_body(catalog, Settings(), with_race(body, race), now)) for race in RACES]
+    assert outcomes[0], f"{call.name} should produce at least one card"
+    assert all(outcome == outcomes[0] for outcome in outcomes)
+
+
+def test_every_hook_has_a_replayable_call() -> None:
+    hooks = {orjson.loads(p.read_bytes())["hook"] for p in CALLS}
+    assert hooks == {"patient-view", "encounter-start", "encounter-discharge", "order-select", "order-sign",
+                     "appointment-book"}
+
+
+def test_readme_catalog_is_generated_from_the_rules(shipped: RuleSet) -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index(BEGIN) + len(BEGIN): readme.index(END)].strip()
+    assert table == catalog_markdown(shipped), "run: nudges catalog --write README.md"
