@@ -641,17 +641,34 @@ class GcClock:
             self.collections[info["generation"]] += 1
 
 
-STAGES = ("orjson_loads", "parse_call", "build_record", "engine_evaluate", "hooks_evaluate", "db_suppression_read",
-          "db_card_write", "runtime_evaluate", "engine_only", "pipeline")
+STAGES = ("orjson_loads", "parse_call", "build_record", "engine_evaluate", "runtime_evaluate", "db_suppression_read",
+          "db_card_write", "runtime_rest", "engine_only", "pipeline")
 
 
-def measure_in_process(rules: Path, body: Body, runs: int, workdir: Path) -> dict[str, Any]:
+class Timed:
+    """Wraps one method of one object (an instance attribute, nothing else patched) to time its calls."""
+
+    def __init__(self, owner: Any, name: str) -> None:
+        self.inner = getattr(owner, name)
+        self.last = 0.0
+        setattr(owner, name, self)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return self.inner(*args, **kwargs)
+        finally:
+            self.last += time.perf_counter() - start
+
+
+def measure_in_process(rules: Path, body: Body, runs: int, workdir: Path, *, light: bool = False) -> dict[str, Any]:
     """The service's own pipeline without HTTP, on a fresh body each run.
 
     Pass A pauses the garbage collector inside each run and times every stage on its own: what the event
-    loop does (orjson.loads, hooks.parse_call) and what the worker thread does (Runtime.evaluate: index,
-    rules, cards, suppression read, card write). Pass B runs the same pipeline with the collector as the
-    service has it and measures the GC pauses that fall inside it."""
+    loop does (orjson.loads, hooks.parse_call), the index and the rules alone, then what the worker thread
+    does (Runtime.evaluate: index, rules, cards, suppression read, card write, and whatever else it runs).
+    Pass B runs loads + parse_call + Runtime.evaluate with the collector as the service has it and measures
+    the GC pauses that fall inside. `light` stops after the index and the rules (pass A only)."""
     from nudges import engine, hooks
     from nudges.auth import Caller
     from nudges.runtime import Runtime
@@ -664,9 +681,9 @@ def measure_in_process(rules: Path, body: Body, runs: int, workdir: Path) -> dic
     runtime.store.migrate()
     if not runtime.holder.reload():
         raise SystemExit("\n".join(str(p) for p in runtime.holder.last_problems))
-    catalog, store, caller = runtime.catalog(), runtime.store, Caller(authenticated=False)
+    catalog, caller = runtime.catalog(), Caller(authenticated=False)
     now = runtime.clock.now()
-    suppress = {r.id: r.suppress for r in catalog.services[SERVICE].rules if r.suppress}
+    db_read, db_write = Timed(runtime.store, "recently_shown"), Timed(runtime.store, "record_cards")
     samples: dict[str, list[float]] = {name: [] for name in STAGES}
     with_gc: list[float] = []
     gc_clock = GcClock()
@@ -674,6 +691,7 @@ def measure_in_process(rules: Path, body: Body, runs: int, workdir: Path) -> dic
     try:
         for i in range(runs + 3):  # pass A: stage by stage, collector paused
             payload = body.instance(numbers.next())
+            db_read.last = db_write.last = 0.0
             gc.disable()
             try:
                 t0 = time.perf_counter()
@@ -685,28 +703,25 @@ def measure_in_process(rules: Path, body: Body, runs: int, workdir: Path) -> dic
                 t3 = time.perf_counter()
                 engine.evaluate(call.service.rules, record, now)
                 t4 = time.perf_counter()
-                patient_hash = store.patient_hash(call.context["patientId"])
-                result = hooks.evaluate(call, catalog, now, patient_hash=patient_hash)
+                if not light:
+                    runtime.evaluate(call, caller)  # the worker thread's whole job, as the service runs it
                 t5 = time.perf_counter()
-                store.recently_shown(patient_hash, {k: v for k, v in suppress.items() if k in result.matched})
-                t6 = time.perf_counter()
-                store.record_cards(result.records)
-                t7 = time.perf_counter()
-                runtime.evaluate(call, caller)  # the worker thread's whole job, as the service runs it
-                t8 = time.perf_counter()
             finally:
                 gc.enable()
-            del data, call, record, result
+            del data, call, record
             if i < 3:  # warm-up
                 continue
-            for name, value in (("orjson_loads", t1 - t0), ("parse_call", t2 - t1), ("build_record", t3 - t2),
-                                ("engine_evaluate", t4 - t3), ("hooks_evaluate", t5 - t4),
-                                ("db_suppression_read", t6 - t5), ("db_card_write", t7 - t6),
-                                ("runtime_evaluate", t8 - t7), ("engine_only", t4 - t0),
-                                ("pipeline", (t2 - t0) + (t8 - t7))):
+            stages = [("orjson_loads", t1 - t0), ("parse_call", t2 - t1), ("build_record", t3 - t2),
+                      ("engine_evaluate", t4 - t3), ("engine_only", t4 - t0)]
+            if not light:
+                rest = (t5 - t4) - (t3 - t2) - (t4 - t3) - db_read.last - db_write.last
+                stages += [("runtime_evaluate", t5 - t4), ("db_suppression_read", db_read.last),
+                           ("db_card_write", db_write.last), ("runtime_rest", rest),
+                           ("pipeline", (t2 - t0) + (t5 - t4))]
+            for name, value in stages:
                 samples[name].append(value)
         gc.callbacks.append(gc_clock)
-        for i in range(runs + 3):  # pass B: loads + parse_call + Runtime.evaluate, collector as usual
+        for i in range(0 if light else runs + 3):  # pass B: the pipeline with the collector as usual
             payload = body.instance(numbers.next())
             if i == 3:
                 gc_clock.total, gc_clock.collections = 0.0, [0, 0, 0]
@@ -722,14 +737,16 @@ def measure_in_process(rules: Path, body: Body, runs: int, workdir: Path) -> dic
             gc.callbacks.remove(gc_clock)
         runtime.store.dispose()
         asyncio.run(runtime.fhir.close())
-    return {"rules": len(catalog.services[SERVICE].rules), "runs": runs,
-            "tracked_objects": len(gc.get_objects()),
-            "stages_median_ms": {k: ms(statistics.median(v)) for k, v in samples.items()},
-            "stages_min_ms": {k: ms(min(v)) for k, v in samples.items()},
-            "pipeline_with_gc": summary(with_gc) | {"mean_ms": ms(statistics.fmean(with_gc))},
-            "gc_ms_per_call": ms(gc_clock.total / runs),
-            "gc_full_collections_per_call": gc_clock.collections[2] / runs,
-            "gc_collections_per_call": [n / runs for n in gc_clock.collections]}
+    result: dict[str, Any] = {
+        "rules": len(catalog.services[SERVICE].rules), "runs": runs, "tracked_objects": len(gc.get_objects()),
+        "stages_median_ms": {k: ms(statistics.median(v)) for k, v in samples.items() if v},
+        "stages_min_ms": {k: ms(min(v)) for k, v in samples.items() if v}}
+    if with_gc:
+        result.update({"pipeline_with_gc": summary(with_gc) | {"mean_ms": ms(statistics.fmean(with_gc))},
+                       "gc_ms_per_call": ms(gc_clock.total / runs),
+                       "gc_full_collections_per_call": gc_clock.collections[2] / runs,
+                       "gc_collections_per_call": [n / runs for n in gc_clock.collections]})
+    return result
 
 
 # --------------------------------------------------------------------------------------------------
@@ -818,9 +835,9 @@ def report_text(r: dict[str, Any]) -> str:
                         ("runtime_evaluate", "worker thread: Runtime.evaluate, made of"),
                         ("build_record", "  hooks.build_record (index)"),
                         ("engine_evaluate", "  engine.evaluate (rules)"),
-                        ("hooks_evaluate", "  hooks.evaluate (index + rules + cards)"),
                         ("db_suppression_read", "  DB suppression read"),
                         ("db_card_write", "  DB card write"),
+                        ("runtime_rest", "  the rest (cards, follow-ups, ...)"),
                         ("engine_only", "engine-only: loads + parse_call + index + rules"),
                         ("pipeline", "pipeline: loads + parse_call + Runtime.evaluate")):
         add(f"   {label:<50}{med[name]:>9.2f}  {low[name]:>9.2f} ms")
@@ -858,10 +875,10 @@ def load_average() -> str:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     quick = args.quick
     calls, warmup = (25, 3) if quick else (200, 20)
-    scale_calls = 8 if quick else 50
-    rule_calls = 8 if quick else 50
+    scale_calls = 8 if quick else 30
+    rule_calls = 8 if quick else 30
     fhir_runs = 1 if quick else 3
-    engine_runs = 15 if quick else 100
+    engine_runs = 8 if quick else 60
     sizes = [50, 500, 2000, 5000]
     extra_rules = [0, 10, 200] if quick else [0, 10, 50, 100, 200]
     numbers = Numbers()
@@ -930,8 +947,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for extra, item in zip(extra_rules, series, strict=True):
             engine_only = rules_only = None
             if not quick:
-                measured = measure_in_process(rule_dirs[extra], item.body, max(10, engine_runs // 5),
-                                              tmp / f"in-process-{extra}")
+                measured = measure_in_process(rule_dirs[extra], item.body, max(10, engine_runs // 4),
+                                              tmp / f"in-process-{extra}", light=True)
                 engine_only = measured["stages_median_ms"]["engine_only"]
                 rules_only = measured["stages_median_ms"]["engine_evaluate"]
             lat = summary(item.http)
