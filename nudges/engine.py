@@ -7,12 +7,13 @@ candidates. A rule that raises is isolated: counted, logged without PHI, and ski
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any
 
 from .expressions import truthy
-from .record import PatientRecord, parse_fhir_date
+from .record import PatientRecord, parse_fhir_date, words
 from .ruleset import CompiledClause, CompiledRule
 
 log = logging.getLogger("nudges.engine")
@@ -29,6 +30,10 @@ class Match:
 class Outcome:
     matches: list[Match] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+
+
+def _says(pattern: re.Pattern[str], resource: dict[str, Any]) -> bool:
+    return any(pattern.search(text) for text in words(resource))
 
 
 def age_in_years(birth: date, today: date) -> int:
@@ -62,6 +67,12 @@ class _Evaluation:
         for source in clause.sources:
             if clause.codes is not None:
                 candidates = record.with_codes(source, clause.resource, clause.codes)
+                if clause.text is not None:
+                    coded = {id(r) for r in candidates}
+                    candidates = candidates + [r for r in record.of_type(source, clause.resource)
+                                               if id(r) not in coded and _says(clause.text, r)]
+            elif clause.text is not None:
+                candidates = [r for r in record.of_type(source, clause.resource) if _says(clause.text, r)]
             else:
                 candidates = record.of_type(source, clause.resource)
             for resource in candidates:

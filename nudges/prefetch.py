@@ -49,7 +49,7 @@ def plan_for(rules: tuple[CompiledRule, ...]) -> PrefetchPlan:
             if clause.resource == "Patient":
                 needs_patient = True
                 continue
-            if clause.codes is None or clause.resource not in CODE_PARAM:
+            if clause.codes is None or clause.text is not None or clause.resource not in CODE_PARAM:
                 codes[clause.resource] = None
             elif clause.resource not in codes or codes[clause.resource] is not None:
                 merged = codes.get(clause.resource) or set()

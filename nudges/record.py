@@ -97,6 +97,23 @@ def codings(concept: Any) -> Iterator[tuple[str, str]]:
                     yield system, code
 
 
+def words(resource: dict[str, Any]) -> Iterator[str]:
+    """The human-readable text of a resource: its code elements' text and displays, notes, strings."""
+    for path in CODE_ELEMENTS.get(resource.get("resourceType", ""), ()):
+        for concept in walk(resource, path):
+            if isinstance(concept, dict):
+                if isinstance(concept.get("text"), str):
+                    yield concept["text"]
+                for coding in concept.get("coding") or ():
+                    if isinstance(coding, dict) and isinstance(coding.get("display"), str):
+                        yield coding["display"]
+    for note in resource.get("note") or ():
+        if isinstance(note, dict) and isinstance(note.get("text"), str):
+            yield note["text"]
+    if isinstance(resource.get("valueString"), str):
+        yield resource["valueString"]
+
+
 def parse_fhir_date(value: Any) -> datetime | None:
     """FHIR date/dateTime/instant at any precision ("2026", "2026-03", "2026-03-01T10:00:00Z")."""
     if not isinstance(value, str) or len(value) < 4:

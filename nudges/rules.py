@@ -49,6 +49,10 @@ class Clause(Strict):
                              description="name for the matched resource, usable in card text and `since`")
     resource: str = Field(description="FHIR R4 resource type, e.g. Observation")
     codes: str | None = Field(None, description="name of a value set in the valuesets folder")
+    text: str | None = Field(
+        None, description="case-insensitive regular expression searched in the resource's words (code text "
+                          "and displays, notes, string values); with `codes`, a resource matching either one "
+                          "is a candidate. Much cheaper than matching text in `where`")
     where: FhirPath | None = Field(None, description="FHIRPath evaluated on each candidate; must be true")
     within: Duration | None = Field(None, description="the resource's date is no older than this")
     older_than: Duration | None = Field(None, description="the resource's date is at least this old")

@@ -38,6 +38,7 @@ class CompiledClause:
     codes: frozenset[tuple[str, str]] | None
     displays: dict[tuple[str, str], str]
     where: Compiled | None
+    text: re.Pattern[str] | None
     within: timedelta | None
     older_than: timedelta | None
     since: str | None
@@ -263,11 +264,20 @@ class _RuleChecker:
         if clause.since is not None and clause.since not in bound:
             self.problem((*loc, "since"), f"'{clause.since}' is not bound by an earlier `all` clause",
                          value=True)
+        text = None
+        if clause.text is not None:
+            if RACE_READ.search(clause.text) and not self.rule.race_correction_removal:
+                self.problem((*loc, "text"), "the trigger reads race or ethnicity: nudges must be universal",
+                             value=True)
+            try:
+                text = re.compile(clause.text, re.IGNORECASE)
+            except re.error as exc:
+                self.problem((*loc, "text"), f"bad regular expression: {exc}", value=True)
         where = self.expression((*loc, "where"), clause.where, clause.resource)
         date = self.expression((*loc, "date"), clause.date, clause.resource)
         sources = {"any": ("record", "draft")}.get(clause.source, (clause.source,))
         return CompiledClause(
-            clause.bind, clause.resource, codes, displays or {}, where,
+            clause.bind, clause.resource, codes, displays or {}, where, text,
             parse_duration(clause.within) if clause.within else None,
             parse_duration(clause.older_than) if clause.older_than else None,
             clause.since, date, sources)

@@ -48,6 +48,7 @@ def test_bundled_rules_lint_clean(rules_dir: Path, capsys: pytest.CaptureFixture
      "not valid FHIR R4"),
     ("      within: 72h\n", "      within: 72h\n      date: \"extension('race').value\"\n", "extension('race')",
      "reads race or ethnicity"),
+    ("      within: 72h\n", "      within: 72h\n      text: \"tropo(nin\"\n", "tropo(nin", "bad regular expression"),
 ])
 def test_lint_reports_path_line_column(rules_dir: Path, capsys: pytest.CaptureFixture[str], old: str, new: str,
                                        needle: str, message: str) -> None:
@@ -151,3 +152,31 @@ def test_load_is_all_or_nothing(rules_dir: Path) -> None:
     result = load_ruleset(rules_dir)
     assert result.ruleset is None
     assert any("system" in p.message and p.line == 4 for p in result.problems)
+
+
+def test_text_narrows_candidates_before_fhirpath(rules_dir: Path) -> None:
+    from nudges.catalog import Catalog
+    from nudges.clock import parse_instant
+    from nudges.engine import evaluate
+    from nudges.record import PatientRecord
+
+    path = rules_dir / "equations/race-free-egfr.yaml"
+    clause = "    - as: result\n      resource: Observation\n      codes: race-based-egfr\n"
+    edit(path, clause, clause + "      text: \"african american\"\n")
+    ruleset = load_ruleset(rules_dir).ruleset
+    assert ruleset is not None
+    rules = Catalog.build(ruleset, frozenset({"active"})).services["nudges-patient-view"].rules
+    now = parse_instant("2026-03-02T12:00:00Z")
+
+    def fires(*resources: dict) -> bool:  # type: ignore[type-arg]
+        record = PatientRecord()
+        record.add_all(resources)
+        return "race-free-egfr" in [m.rule.id for m in evaluate(rules, record, now).matches]
+
+    coded = {"resourceType": "Observation", "id": "a", "effectiveDateTime": "2026-02-01",
+             "code": {"coding": [{"system": "http://loinc.org", "code": "48643-1"}]}}
+    worded = {"resourceType": "Observation", "id": "b", "effectiveDateTime": "2026-02-01",
+              "code": {"text": "eGFR if African American"}}
+    other = {"resourceType": "Observation", "id": "c", "effectiveDateTime": "2026-02-01",
+             "code": {"text": "eGFR"}, "note": [{"text": "no race coefficient"}]}
+    assert fires(coded) and fires(worded) and not fires(other)
