@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -108,12 +107,3 @@ class CatalogHolder:
 
     def changed(self) -> bool:
         return fingerprint(self.directory) != self._seen
-
-    async def watch(self, interval: float) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                if self.changed():
-                    await asyncio.to_thread(self.reload)
-            except Exception:  # a watcher that dies silently would freeze the rule set
-                log.exception("rule watcher error")
