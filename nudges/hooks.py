@@ -18,7 +18,7 @@ from .catalog import Catalog, Service
 from .demographics import bucket
 from .errors import BadRequest, MissingField, NotFound
 from .fhirclient import FhirClient, check_server
-from .prefetch import REQUIRED_CONTEXT, missing_keys, render, unobtainable, usable
+from .prefetch import REQUIRED_CONTEXT, missing_keys, render, unobtainable
 from .record import PatientRecord, flatten
 from .settings import Settings
 from .store import Bucket, CardRecord
@@ -82,10 +82,7 @@ def parse_call(catalog: Catalog, service_id: str, body: dict[str, Any]) -> Call:
 
 
 def build_record(call: Call) -> PatientRecord:
-    record = PatientRecord()
-    for value in call.prefetch.values():
-        if usable(value) and value is not None:
-            record.add_all(flatten(value), "record")
+    record = PatientRecord.from_prefetch(call.prefetch)
     context = call.context
     drafts = list(flatten(context.get("draftOrders"))) + list(flatten(context.get("appointments")))
     if drafts:

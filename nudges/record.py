@@ -239,3 +239,11 @@ class PatientRecord:
 
     def count(self) -> int:
         return sum(len(v) for v in self._by_type.values())
+
+    @classmethod
+    def from_prefetch(cls, prefetch: dict[str, Any]) -> PatientRecord:
+        """The record from prefetch-shaped data (key -> resource, Bundle, null or OperationOutcome)."""
+        record = cls()
+        for value in prefetch.values():
+            record.add_all(flatten(value), "record")  # flatten skips null and OperationOutcome
+        return record

@@ -30,7 +30,7 @@ from .demographics import bucket
 from .errors import NudgesError, PreconditionFailed
 from .fhirclient import FhirClient, check_server
 from .followups import Followup
-from .prefetch import plan_for, render, usable
+from .prefetch import plan_for, render
 from .record import PatientRecord, flatten
 from .ruleset import CompiledRule
 from .settings import Settings
@@ -151,11 +151,8 @@ class FollowupScheduler:
         if isinstance(data, BaseException):
             log.info("follow-up fetch failed; will retry", extra={"rule": item.rule_id, "attempt": item.attempts})
             return followups.retry(store, item, worker, now + RETRY_AFTER * item.attempts)
-        record = PatientRecord()
-        for value in data.values():
-            if value is not None and usable(value):
-                record.add_all(flatten(value), "record")
-        outcome = engine.evaluate((rule,), record, now)
+        record = PatientRecord.from_prefetch(data)
+        outcome = engine.evaluate((rule,), record, now, {"patientId": item.patient_ref})
         if outcome.failed:
             followups.complete(store, item, worker, "failed")
             return "failed"

@@ -180,3 +180,32 @@ def test_text_narrows_candidates_before_fhirpath(rules_dir: Path) -> None:
     other = {"resourceType": "Observation", "id": "c", "effectiveDateTime": "2026-02-01",
              "code": {"text": "eGFR"}, "note": [{"text": "no race coefficient"}]}
     assert fires(coded) and fires(worded) and not fires(other)
+
+
+def test_fhirpath_sees_hook_and_context_ids(rules_dir: Path) -> None:
+    from nudges.catalog import Catalog
+    from nudges.clock import parse_instant
+    from nudges.engine import evaluate
+    from nudges.record import PatientRecord
+
+    path = rules_dir / "equations/race-free-egfr.yaml"
+    clause = "    - as: result\n      resource: Observation\n      codes: race-based-egfr\n"
+    where = "%hook = 'patient-view' and %patientId = 'pt-ctx' and %encounterId.empty()"
+    edit(path, clause, clause + f"      where: \"{where}\"\n")
+    ruleset = load_ruleset(rules_dir).ruleset
+    assert ruleset is not None
+    rules = Catalog.build(ruleset, frozenset({"active"})).services["nudges-patient-view"].rules
+    record = PatientRecord.from_prefetch({"observation": {"resourceType": "Bundle", "entry": [{"resource": {
+        "resourceType": "Observation", "id": "a", "effectiveDateTime": "2026-02-01",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "48643-1"}]}}}]}, "procedure": None})
+    now = parse_instant("2026-03-02T12:00:00Z")
+
+    def fired(context: dict[str, str], hook: str) -> bool:
+        outcome = evaluate(rules, record, now, context, hook)
+        assert not outcome.failed
+        return "race-free-egfr" in [m.rule.id for m in outcome.matches]
+
+    assert fired({"patientId": "pt-ctx"}, "patient-view")
+    assert not fired({"patientId": "other"}, "patient-view")
+    assert not fired({"patientId": "pt-ctx"}, "order-sign")
+    assert not fired({"patientId": "pt-ctx", "encounterId": "e1"}, "patient-view")
