@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .prefetch import PrefetchPlan, plan_for
+from .record import IndexPlan
 from .rules import HOOKS
-from .ruleset import CompiledRule, RuleSet, load_ruleset
+from .ruleset import CompiledRule, RuleSet, index_plan, load_ruleset
 from .yamlfiles import Problem
 
 log = logging.getLogger("nudges.catalog")
@@ -44,6 +45,7 @@ class Service:
     description: str
     rules: tuple[CompiledRule, ...]
     plan: PrefetchPlan
+    index: IndexPlan
 
     def discovery(self, version: str) -> dict[str, object]:
         return {"hook": self.hook, "id": self.id, "title": self.title, "description": self.description,
@@ -63,7 +65,7 @@ class Catalog:
             rules = ruleset.select(hook, statuses)
             title = f"nudges: health-equity nudges on {hook}"
             services[service_id(hook)] = Service(service_id(hook), hook, title, DESCRIPTIONS[hook], rules,
-                                                 plan_for(rules))
+                                                 plan_for(rules), index_plan(rules))
         return cls(ruleset, services)
 
 

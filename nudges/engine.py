@@ -7,13 +7,12 @@ candidates. A rule that raises is isolated: counted, logged without PHI, and ski
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any
 
 from .expressions import truthy
-from .record import PatientRecord, parse_fhir_date, words
+from .record import PatientRecord, parse_fhir_date
 from .ruleset import CompiledClause, CompiledRule
 
 log = logging.getLogger("nudges.engine")
@@ -32,8 +31,6 @@ class Outcome:
     failed: list[str] = field(default_factory=list)
 
 
-def _says(pattern: re.Pattern[str], resource: dict[str, Any]) -> bool:
-    return any(pattern.search(text) for text in words(resource))
 
 
 def age_in_years(birth: date, today: date) -> int:
@@ -57,26 +54,36 @@ class _Evaluation:
         values = clause.date(resource, self.env)
         return parse_fhir_date(values[0]) if values else None
 
-    def matches(self, clause: CompiledClause) -> list[tuple[datetime | None, dict[str, Any]]]:
-        record, now = self.record, self.now
+    def candidates(self, clause: CompiledClause, source: str) -> list[dict[str, Any]]:
+        """What the index (and a clause's text pattern) leaves for FHIRPath to look at."""
+        record = self.record
+        if clause.codes is not None:
+            found = record.with_codes(source, clause.resource, clause.codes)
+            if clause.text is not None:
+                coded = {id(r) for r in found}
+                found = found + [r for r in record.of_type(source, clause.resource)
+                                 if id(r) not in coded and record.says(clause.text, r)]
+            return found
+        if clause.text is not None:
+            return [r for r in record.of_type(source, clause.resource) if record.says(clause.text, r)]
+        return record.of_type(source, clause.resource)
+
+    def match(self, clause: CompiledClause) -> tuple[datetime | None, dict[str, Any]] | None:
+        """The resource a clause is satisfied by, or None.
+
+        A binding clause needs the latest match (ties broken by id), anything else just one, so FHIRPath
+        runs on candidates in that order and stops at the first that passes: most calls evaluate it once
+        or not at all, however many candidates the index returns."""
+        now = self.now
         timed = clause.within is not None or clause.older_than is not None or clause.since is not None
         since = self.dates.get(clause.since) if clause.since else None
         if clause.since and since is None:
-            return []
-        found = []
+            return None
+        dated = timed or clause.bind is not None
+        found: list[tuple[datetime | None, dict[str, Any]]] = []
         for source in clause.sources:
-            if clause.codes is not None:
-                candidates = record.with_codes(source, clause.resource, clause.codes)
-                if clause.text is not None:
-                    coded = {id(r) for r in candidates}
-                    candidates = candidates + [r for r in record.of_type(source, clause.resource)
-                                               if id(r) not in coded and _says(clause.text, r)]
-            elif clause.text is not None:
-                candidates = [r for r in record.of_type(source, clause.resource) if _says(clause.text, r)]
-            else:
-                candidates = record.of_type(source, clause.resource)
-            for resource in candidates:
-                when = self.date_of(clause, resource) if timed or clause.bind else None
+            for resource in self.candidates(clause, source):
+                when = self.date_of(clause, resource) if dated else None
                 if timed:
                     if when is None:
                         continue
@@ -86,15 +93,25 @@ class _Evaluation:
                         continue
                     if since is not None and when < since:
                         continue
-                if clause.where is not None and not truthy(clause.where(resource, self.env)):
-                    continue
+                if clause.where is None and clause.bind is None:
+                    return when, resource
                 found.append((when, resource))
-        return found
+        if not found:
+            return None
+        def latest(item: tuple[datetime | None, dict[str, Any]]) -> tuple[bool, datetime, str]:
+            return item[0] is not None, item[0] or now, str(item[1].get("id", ""))
+        if clause.where is None:
+            return max(found, key=latest)
+        if clause.bind is not None and len(found) > 1:
+            found.sort(key=latest, reverse=True)
+        for when, resource in found:
+            if clause.where is None or truthy(clause.where(resource, self.env)):
+                return when, resource
+        return None
 
-    def bind(self, clause: CompiledClause, found: list[tuple[datetime | None, dict[str, Any]]]) -> None:
+    def bind(self, clause: CompiledClause, hit: tuple[datetime | None, dict[str, Any]]) -> None:
         if clause.bind:
-            when, resource = max(found, key=lambda item: (item[0] is not None, item[0] or self.now,
-                                                          str(item[1].get("id", ""))))
+            when, resource = hit
             self.bindings[clause.bind] = resource
             self.dates[clause.bind] = when
             self.env[clause.bind] = resource
@@ -120,21 +137,21 @@ def evaluate_rule(rule: CompiledRule, record: PatientRecord, now: datetime,
         return None
     state = _Evaluation(record, now, env)
     for clause in rule.all:
-        found = state.matches(clause)
-        if not found:
+        hit = state.match(clause)
+        if hit is None:
             return None
-        state.bind(clause, found)
+        state.bind(clause, hit)
     if rule.any:
-        hit = False
+        anything = False
         for clause in rule.any:
-            found = state.matches(clause)
-            if found:
-                hit = True
-                state.bind(clause, found)
-        if not hit:
+            hit = state.match(clause)
+            if hit is not None:
+                anything = True
+                state.bind(clause, hit)
+        if not anything:
             return None
     for clause in rule.none:
-        if state.matches(clause):
+        if state.match(clause) is not None:
             return None
     return Match(rule, state.bindings, state.dates)
 

@@ -19,7 +19,7 @@ from .demographics import bucket
 from .errors import BadRequest, MissingField, NotFound
 from .fhirclient import FhirClient, check_server
 from .prefetch import REQUIRED_CONTEXT, missing_keys, render, unobtainable
-from .record import PatientRecord, flatten
+from .record import IndexPlan, PatientRecord, flatten
 from .settings import Settings
 from .store import Bucket, CardRecord
 
@@ -81,8 +81,9 @@ def parse_call(catalog: Catalog, service_id: str, body: dict[str, Any]) -> Call:
     return Call(service, request, context, prefetch)
 
 
-def build_record(call: Call) -> PatientRecord:
-    record = PatientRecord.from_prefetch(call.prefetch)
+def build_record(call: Call, index: IndexPlan | None = None) -> PatientRecord:
+    """The call's record; with the service's index plan on the hot path, a full index without one."""
+    record = PatientRecord.from_prefetch(call.prefetch, index)
     context = call.context
     drafts = list(flatten(context.get("draftOrders"))) + list(flatten(context.get("appointments")))
     if drafts:
@@ -144,7 +145,7 @@ def evaluate(call: Call, catalog: Catalog, now: datetime, *, patient_hash: str,
              recently_shown: Callable[[dict[str, timedelta]], set[str]] | None = None,
              tenant: str | None = None) -> Result:
     """Evaluate, drop cards suppressed for this patient, build and order the cards."""
-    record = build_record(call)
+    record = build_record(call, call.service.index)
     outcome = engine.evaluate(call.service.rules, record, now, call.context, call.service.hook)
     windows = {m.rule.id: m.rule.suppress for m in outcome.matches if m.rule.suppress}
     suppressed = recently_shown(windows) if (windows and recently_shown) else set()

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from . import yamlfiles
 from .expressions import RACE_READ, Compiled, FhirPathSyntaxError, compile_expression
-from .record import CODE_ELEMENTS
+from .record import CODE_ELEMENTS, IndexPlan
 from .rules import Card, Cases, Clause, Rule, RuleSetManifest, ValueSet, parse_duration
 from .valuesets import NON_ADHERENCE, CompiledValueSet, override_coding
 from .yamlfiles import Problem
@@ -44,6 +44,12 @@ class CompiledClause:
     since: str | None
     date: Compiled | None
     sources: tuple[str, ...]
+
+
+def index_plan(rules: tuple[CompiledRule, ...]) -> IndexPlan:
+    """Every code set some clause of these rules looks up, with the type it is looked up in."""
+    return IndexPlan((clause.resource, clause.codes) for rule in rules
+                     for clause in (*rule.all, *rule.any, *rule.none) if clause.codes is not None)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from .clock import parse_instant
 from .errors import NudgesError
 from .prefetch import plan_for
 from .rules import Case, CaseExpectation
-from .ruleset import CompiledRule, RuleSet
+from .ruleset import CompiledRule, RuleSet, index_plan
 
 
 @dataclass
@@ -76,7 +76,8 @@ def case_request(case: Case, folder: Path) -> dict[str, Any]:
 
 
 def run_case(rule: CompiledRule, ruleset: RuleSet, case: Case, folder: Path, now: str) -> list[dict[str, Any]]:
-    service = Service("rule-test", case.hook, rule.title, rule.title, (rule,), plan_for((rule,)))
+    service = Service("rule-test", case.hook, rule.title, rule.title, (rule,), plan_for((rule,)),
+                      index_plan((rule,)))
     catalog = Catalog(ruleset, {"rule-test": service})
     call = hooks.parse_call(catalog, "rule-test", case_request(case, folder))
     result = hooks.evaluate(call, catalog, parse_instant(case.now or now), patient_hash="test")

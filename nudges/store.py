@@ -216,18 +216,14 @@ class Store:
             return set()
         now = self.clock.now()
         oldest = now - max(windows.values())
-        with self.engine.connect() as conn:
+        with self.engine.connect() as conn:  # one statement shape whatever the rules: compiled once, cached
             rows = conn.execute(
                 select(cards.c.rule_id, func.max(cards.c.issued_at))
-                .where(cards.c.patient_hash == patient_hash, cards.c.rule_id.in_(list(windows)),
-                       cards.c.issued_at >= oldest, cards.c.issued_at <= now)
+                .where(cards.c.patient_hash == patient_hash, cards.c.issued_at >= oldest, cards.c.issued_at <= now)
                 .group_by(cards.c.rule_id)
             ).all()
-        shown = set()
-        for rule_id, last in rows:
-            if _aware(last) >= now - windows[rule_id]:
-                shown.add(rule_id)
-        return shown
+        return {rule_id for rule_id, last in rows
+                if rule_id in windows and _aware(last) >= now - windows[rule_id]}
 
     def card_service(self, card_uuid: str) -> str | None:
         with self.engine.connect() as conn:

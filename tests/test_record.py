@@ -1,0 +1,166 @@
+"""The per-call index: a planned index (only the code sets the rules ask for, filtered lazily) must
+answer exactly what a full index answers, for well-formed and malformed data alike."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from nudges import engine, hooks
+from nudges.catalog import Catalog
+from nudges.clock import parse_instant
+from nudges.record import IndexPlan, PatientRecord
+from nudges.ruleset import index_plan, load_ruleset
+
+ROOT = Path(__file__).resolve().parent.parent
+LOINC, SNOMED, RXNORM = "http://loinc.org", "http://snomed.info/sct", "http://www.nlm.nih.gov/research/umls/rxnorm"
+TROPONIN = frozenset({(LOINC, "89579-7"), (LOINC, "6598-7")})
+SICKLE = frozenset({(SNOMED, "417357006")})
+OPIOID = frozenset({(RXNORM, "7052")})
+DISCHARGE = frozenset({("http://terminology.hl7.org/CodeSystem/discharge-disposition", "aadvice")})
+KEYSETS = [("Observation", TROPONIN), ("Condition", SICKLE), ("MedicationRequest", OPIOID),
+           ("Encounter", DISCHARGE)]
+
+
+def obs(rid: str, *codings: Any, **extra: Any) -> dict[str, Any]:
+    return {"resourceType": "Observation", "id": rid, "code": {"coding": list(codings)}, **extra}
+
+
+def data() -> list[dict[str, Any]]:
+    return [
+        {"resourceType": "Patient", "id": "p1", "birthDate": "1970-01-01"},
+        obs("t1", {"system": LOINC, "code": "89579-7"}, {"system": LOINC, "code": "6598-7"}),  # two codes, one set
+        obs("t2", {"system": "http://other", "code": "89579-7"}),  # right code, wrong system
+        obs("t3", {"system": LOINC, "code": "6598-7"}, status="entered-in-error"),
+        obs("t1", {"system": LOINC, "code": "6598-7"}),  # same id again (a second prefetch key): first wins
+        obs("t4", {"code": "89579-7"}),  # no system
+        obs("t5", "not a coding", {"system": LOINC, "code": ["89579-7"]}),  # malformed, not indexed
+        {"resourceType": "Observation", "id": "t6", "code": "89579-7"},  # malformed concept
+        {"resourceType": "Observation", "id": "t7", "code": {"coding": {"system": LOINC, "code": "89579-7"}}},
+        obs("t8", {"system": LOINC, "code": "89579-7"}),
+        {"resourceType": "Condition", "id": "c1", "code": {"coding": [{"system": SNOMED, "code": "417357006"}]},
+         "verificationStatus": {"coding": [{"code": "refuted"}]}},
+        {"resourceType": "Condition", "id": "c2", "code": {"coding": [{"system": SNOMED, "code": "417357006"}]}},
+        {"resourceType": "MedicationRequest", "id": "m1", "medicationReference": {"reference": "#med"},
+         "contained": [{"resourceType": "Medication", "id": "med",
+                        "code": {"coding": [{"system": RXNORM, "code": "7052"}]}}]},
+        {"resourceType": "MedicationRequest", "id": "m2", "medicationReference": {"reference": "Medication/x"}},
+        {"resourceType": "Encounter", "id": "e1", "type": [{"coding": [{"system": SNOMED, "code": "1"}]}],
+         "hospitalization": {"dischargeDisposition": {"coding": [
+             {"system": "http://terminology.hl7.org/CodeSystem/discharge-disposition", "code": "aadvice"}]}}},
+        {"resourceType": "Observation"},  # no id: kept, indexed by nothing
+        {"resourceType": 7, "id": "odd"},  # no usable type: ignored
+    ]
+
+
+def ids(resources: list[dict[str, Any]]) -> list[str | None]:
+    return [r.get("id") for r in resources]
+
+
+@pytest.mark.parametrize("planned", [True, False], ids=["planned", "full"])
+def test_lookups(planned: bool) -> None:
+    record = PatientRecord(IndexPlan(KEYSETS) if planned else None)
+    record.add_all(data())
+    assert ids(record.with_codes("record", "Observation", TROPONIN)) == ["t1", "t8"]
+    assert record.with_codes("record", "Observation", TROPONIN)[0]["code"]["coding"][0]["code"] == "89579-7"
+    assert ids(record.with_codes("record", "Condition", SICKLE)) == ["c2"]
+    assert ids(record.with_codes("record", "MedicationRequest", OPIOID)) == ["m1"]
+    assert ids(record.with_codes("record", "Encounter", DISCHARGE)) == ["e1"]
+    assert ids(record.of_type("record", "Observation")) == ["t1", "t2", "t4", "t5", "t6", "t7", "t8", None]
+    assert ids(record.of_type("record", "Condition")) == ["c2"]
+    assert record.of_type("draft", "Observation") == []
+    assert record.patient is not None and record.patient["id"] == "p1"
+    assert record.count() == 13
+
+
+def test_a_second_batch_is_seen_by_later_lookups() -> None:
+    record = PatientRecord(IndexPlan(KEYSETS))
+    record.add_all(data()[:2])
+    assert ids(record.with_codes("record", "Observation", TROPONIN)) == ["t1"]
+    record.add_all([obs("t9", {"system": LOINC, "code": "6598-7"}), obs("t1", {"system": LOINC, "code": "1"})])
+    assert ids(record.with_codes("record", "Observation", TROPONIN)) == ["t1", "t9"]
+    record.add_all([obs("d1", {"system": LOINC, "code": "6598-7"})], "draft")
+    assert ids(record.with_codes("draft", "Observation", TROPONIN)) == ["d1"]
+
+
+def test_an_unplanned_lookup_is_an_error_not_an_empty_answer() -> None:
+    record = PatientRecord(IndexPlan(KEYSETS))
+    record.add_all(data())
+    with pytest.raises(LookupError):
+        record.with_codes("record", "Observation", frozenset({(LOINC, "4548-4")}))
+
+
+def calls() -> list[Path]:
+    return sorted(p for p in (ROOT / "fhir_fixtures/calls").glob("*.json")
+                  if not p.name.endswith((".golden.json", ".server.json")))
+
+
+def test_planned_index_matches_full_index_on_every_fixture_call() -> None:
+    ruleset = load_ruleset(ROOT / "rules").ruleset
+    assert ruleset is not None
+    catalog = Catalog.build(ruleset, frozenset({"active"}))
+    now = parse_instant("2026-03-02T12:00:00Z")
+    fired = 0
+    for path in calls():
+        body = orjson.loads(path.read_bytes())
+        call = hooks.parse_call(catalog, f"nudges-{body['hook']}", body)
+        assert call.service.index.buckets.keys() == index_plan(call.service.rules).buckets.keys()
+        results = []
+        for record in (hooks.build_record(call, call.service.index), hooks.build_record(call)):
+            outcome = engine.evaluate(call.service.rules, record, now, call.context, call.service.hook)
+            assert outcome.failed == []
+            results.append([(m.rule.id, {k: r.get("id") for k, r in m.bindings.items()}) for m in outcome.matches])
+        assert results[0] == results[1], path.name
+        fired += len(results[0])
+    assert fired >= len(calls())
+
+
+def test_a_binding_is_the_latest_candidate_that_passes_its_condition() -> None:
+    """FHIRPath runs newest first and stops at the first pass; the bound resource must be the one a full
+    scan would pick (latest date, then highest id)."""
+    ruleset = load_ruleset(ROOT / "rules").ruleset
+    assert ruleset is not None
+    service = Catalog.build(ruleset, frozenset({"active"})).services["nudges-patient-view"]
+    rule = next(r for r in service.rules if r.id == "troponin-without-cath-plan")
+    now = parse_instant("2026-03-02T12:00:00Z")
+
+    def troponin(rid: str, when: str, value: float) -> dict[str, Any]:
+        return obs(rid, {"system": LOINC, "code": "89579-7"}, status="final", effectiveDateTime=when,
+                   valueQuantity={"value": value, "unit": "ng/L"}, referenceRange=[{"high": {"value": 34}}])
+
+    def bound(*resources: dict[str, Any]) -> str | None:
+        record = PatientRecord(service.index)
+        record.add_all(resources)
+        match = engine.evaluate_rule(rule, record, now, {"now": "2026-03-02T12:00:00Z"})
+        return match.bindings["troponin"]["id"] if match else None
+
+    assert bound(troponin("a", "2026-03-01T08:00:00Z", 90), troponin("b", "2026-03-01T20:00:00Z", 10)) == "a"
+    assert bound(troponin("a", "2026-03-01T08:00:00Z", 90), troponin("b", "2026-03-01T20:00:00Z", 80)) == "b"
+    assert bound(troponin("b", "2026-03-01T08:00:00Z", 90), troponin("a", "2026-03-01T08:00:00Z", 80)) == "b"
+    assert bound(troponin("a", "2026-03-01T08:00:00Z", 10), troponin("b", "2026-02-01T08:00:00Z", 90)) is None
+
+
+@pytest.mark.parametrize("value", [
+    None,
+    {"resourceType": "OperationOutcome", "issue": []},
+    {"resourceType": "Patient", "id": "p"},
+    {"resourceType": "Bundle", "entry": [{"resource": r} for r in data()[1:10]]},  # one type: the fast path
+    {"resourceType": "Bundle", "entry": [{"resource": r} for r in data()]},  # mixed types, odd ones
+    {"resourceType": "Bundle", "entry": [{"resource": {"resourceType": "OperationOutcome"}}]},
+    {"resourceType": "Bundle", "entry": [{"resource": data()[1]}, {"search": {"mode": "outcome"}}, "x", None]},
+    {"resourceType": "Bundle", "entry": [{"resource": [1]}, {"resource": {"resourceType": ["Observation"]}}]},
+    {"resourceType": "Bundle", "entry": "not a list"},
+    {"resourceType": "Bundle"},
+], ids=lambda v: str(v)[:40])
+def test_a_prefetch_value_is_read_like_its_flattened_resources(value: Any) -> None:
+    from nudges.record import flatten
+
+    whole, flat = PatientRecord(IndexPlan(KEYSETS)), PatientRecord(IndexPlan(KEYSETS))
+    whole.add_value(value)
+    flat.add_all(flatten(value))
+    for kind in ("Observation", "Patient", "Condition", "OperationOutcome"):
+        assert whole.of_type("record", kind) == flat.of_type("record", kind)
+    assert whole.with_codes("record", "Observation", TROPONIN) == flat.with_codes("record", "Observation", TROPONIN)
