@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,26 +13,13 @@ from .catalog import Catalog, CatalogHolder
 from .clock import Clock, clock_for
 from .errors import ConfigError
 from .fhirclient import FhirClient
+from .heap import QuietCollector, settle_heap
 from .metrics import Metrics
 from .scheduler import FollowupScheduler
 from .settings import Settings
 from .store import Store
 
 log = logging.getLogger("nudges.runtime")
-
-
-def settle_heap() -> None:
-    """After (re)loading rules, move the long-lived heap out of the collector's sight.
-
-    A large request body creates tens of thousands of container objects; with default thresholds the
-    collector then walks the whole service heap (compiled rules, models) several times per call, which
-    costs more than the rules themselves. Freezing the heap that exists after a load and collecting the
-    young generation less often keeps per-call work proportional to the request.
-    """
-    gc.unfreeze()
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
 
 
 @dataclass
@@ -45,6 +31,7 @@ class Runtime:
     fhir: FhirClient
     auth: Authenticator
     metrics: Metrics = field(default_factory=Metrics)
+    quiet: QuietCollector = field(default_factory=QuietCollector)
     _watcher: asyncio.Task[None] | None = None
     scheduler: FollowupScheduler = field(init=False)
 

@@ -123,12 +123,16 @@ class Instrumentation:
             if message["type"] == "http.response.body" and not message.get("more_body", False):
                 answered.append(time.perf_counter())
 
+        runtime: Runtime | None = getattr(scope["app"].state, "runtime", None) if "app" in scope else None
         try:
-            await self.app(scope, receive, capture)
+            if runtime is not None and scope["method"] == "POST":  # request bodies: see heap.QuietCollector
+                with runtime.quiet:
+                    await self.app(scope, receive, capture)
+            else:
+                await self.app(scope, receive, capture)
         finally:
             parts = scope["path"].strip("/").split("/")
             service = parts[1] if len(parts) >= 2 and parts[0] == "cds-services" else parts[0] or "root"
-            runtime: Runtime | None = getattr(scope["app"].state, "runtime", None) if "app" in scope else None
             if runtime is not None:
                 label = service if (service in runtime.holder.current.services if runtime.holder.current
                                     else False) or service in ("cds-services", "healthz", "readyz", "fhir",
