@@ -4,7 +4,7 @@ compile once at load, evaluate with the injected clock as %now / %today."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from antlr4 import CommonTokenStream, InputStream
@@ -24,6 +24,8 @@ RACE_READ = re.compile(
 )
 
 Compiled = Callable[[Any, dict[str, Any]], list[Any]]
+ValueSets = Mapping[str, frozenset[tuple[str, str]]]
+MEMBER_OF = re.compile(r"\bmemberOf\s*\(\s*(?:'((?:[^'\\]|\\.)*)'\s*\)|([^)]*)\))")
 
 
 class FhirPathSyntaxError(ValueError):
@@ -48,13 +50,50 @@ def check_syntax(expression: str) -> None:
     parser.entireExpression()  # requires EOF: trailing input is an error
 
 
-def compile_expression(expression: str, resource_type: str | None = None) -> Compiled:
+def member_of(valuesets: ValueSets) -> Callable[[list[Any], str], list[bool]]:
+    """FHIRPath's memberOf(valueset) over the rule set's own value sets, named as in `codes:`.
+
+    As the FHIR terminology function: on one Coding, whether it is in the set; on one CodeableConcept,
+    whether any of its codings is; on one code string, whether the set has that code in any system;
+    empty when the input is empty or holds more than one item."""
+
+    def member(inputs: list[Any], name: str) -> list[bool]:
+        keys = valuesets[name]  # names are checked at load (value_set_names)
+        if len(inputs) != 1:
+            return []
+        item = inputs[0]
+        if isinstance(item, str):
+            return [any(code == item for _, code in keys)]
+        if not isinstance(item, dict):
+            return []
+        codings = item.get("coding") if "coding" in item else [item]
+        return [isinstance(codings, list) and any(
+            isinstance(c, dict) and (c.get("system"), c.get("code")) in keys for c in codings)]
+
+    return member
+
+
+def value_set_names(expression: str, valuesets: ValueSets) -> None:
+    """memberOf must name a known value set in quotes: checked here, so evaluation cannot fail on it."""
+    for match in MEMBER_OF.finditer(expression):
+        name = match.group(1)
+        if name is None:
+            raise FhirPathSyntaxError("memberOf takes a value set name in quotes, e.g. memberOf('hba1c')",
+                                      match.start())
+        if name not in valuesets:
+            raise FhirPathSyntaxError(f"memberOf: unknown value set '{name}'", match.start(1))
+
+
+def compile_expression(expression: str, resource_type: str | None = None,
+                       valuesets: ValueSets | None = None) -> Compiled:
     """Parse strictly, then dry-run on an empty resource so unknown functions and wrong arity
     surface at load time rather than on a patient's record."""
     if _CLOCK_FUNCTIONS.search(expression):
         raise FhirPathSyntaxError("use %now or %today instead of now()/today(): the clock is injected", 0)
     check_syntax(expression)
-    compiled = fp_compile(expression, R4)
+    value_set_names(expression, valuesets or {})
+    functions = {"memberOf": {"fn": member_of(valuesets or {}), "arity": {1: ["String"]}}}
+    compiled = fp_compile(expression, R4, options={"userInvocationTable": functions})
     probe = {"resourceType": resource_type} if resource_type else {}
     try:
         compiled(probe, {"now": "2000-01-01T00:00:00Z", "today": "2000-01-01", "hook": "patient-view",

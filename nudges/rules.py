@@ -53,7 +53,8 @@ class Clause(Strict):
         None, description="case-insensitive regular expression searched in the resource's words (code text "
                           "and displays, notes, string values); with `codes`, a resource matching either one "
                           "is a candidate. Much cheaper than matching text in `where`")
-    where: FhirPath | None = Field(None, description="FHIRPath evaluated on each candidate; must be true")
+    where: FhirPath | None = Field(None, description="FHIRPath evaluated on each candidate; must be true. "
+                                                     "memberOf('value-set-name') tests codes against a value set")
     within: Duration | None = Field(None, description="the resource's date is no older than this")
     older_than: Duration | None = Field(None, description="the resource's date is at least this old")
     since: str | None = Field(None, description="only resources dated at or after this bound resource")

@@ -16,7 +16,7 @@ import orjson
 from pydantic import ValidationError
 
 from . import yamlfiles
-from .expressions import RACE_READ, Compiled, FhirPathSyntaxError, compile_expression
+from .expressions import MEMBER_OF, RACE_READ, Compiled, FhirPathSyntaxError, compile_expression
 from .record import CODE_ELEMENTS, IndexPlan
 from .rules import Card, Cases, Clause, Rule, RuleSetManifest, ValueSet, parse_duration
 from .valuesets import NON_ADHERENCE, CompiledValueSet, override_coding
@@ -238,8 +238,13 @@ class _RuleChecker:
         if RACE_READ.search(text) and not self.rule.race_correction_removal:
             self.problem(loc, "the trigger reads race or ethnicity: nudges must be universal "
                               "(only rules with race_correction_removal: true may)", value=True)
+        for name in MEMBER_OF.findall(text):
+            vs = self.valuesets.get(name[0])
+            if vs is not None and vs.reads_race() and not self.rule.race_correction_removal:
+                self.problem(loc, f"memberOf('{name[0]}'): value set holds race/ethnicity codes: triggers "
+                                  "must be universal", value=True)
         try:
-            return compile_expression(text, resource)
+            return compile_expression(text, resource, {n: vs.keys for n, vs in self.valuesets.items()})
         except FhirPathSyntaxError as exc:
             quoted = 1 if isinstance(_at(self.data, loc), str) and _is_quoted(self.data, loc) else 0
             self.problem(loc, str(exc), value=True, offset=exc.column + quoted)

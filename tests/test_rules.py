@@ -49,6 +49,10 @@ def test_bundled_rules_lint_clean(rules_dir: Path, capsys: pytest.CaptureFixture
     ("      within: 72h\n", "      within: 72h\n      date: \"extension('race').value\"\n", "extension('race')",
      "reads race or ethnicity"),
     ("      within: 72h\n", "      within: 72h\n      text: \"tropo(nin\"\n", "tropo(nin", "bad regular expression"),
+    ("      within: 72h\n", "      within: 72h\n      date: \"effectiveDateTime.where(code.memberOf('trop'))\"\n",
+     "memberOf('trop')", "memberOf: unknown value set 'trop'"),
+    ("      within: 72h\n", "      within: 72h\n      date: \"effectiveDateTime.where(code.memberOf(code))\"\n",
+     "memberOf(code)", "memberOf takes a value set name in quotes"),
 ])
 def test_lint_reports_path_line_column(rules_dir: Path, capsys: pytest.CaptureFixture[str], old: str, new: str,
                                        needle: str, message: str) -> None:
@@ -209,3 +213,44 @@ def test_fhirpath_sees_hook_and_context_ids(rules_dir: Path) -> None:
     assert not fired({"patientId": "other"}, "patient-view")
     assert not fired({"patientId": "pt-ctx"}, "order-sign")
     assert not fired({"patientId": "pt-ctx", "encounterId": "e1"}, "patient-view")
+
+
+def test_member_of_tests_codings_against_a_named_value_set(rules_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from nudges.catalog import Catalog
+    from nudges.clock import parse_instant
+    from nudges.engine import evaluate
+    from nudges.record import PatientRecord
+
+    path = rules_dir / "equations/race-free-egfr.yaml"
+    clause = "    - as: result\n      resource: Observation\n      codes: race-based-egfr\n"
+    edit(path, clause, clause + "      where: \"code.memberOf('race-based-egfr') and code.coding.memberOf('race-free-egfr').not()\"\n")
+    code, out = lint(rules_dir, capsys)
+    assert code == 0, out
+    ruleset = load_ruleset(rules_dir).ruleset
+    assert ruleset is not None
+    rules = Catalog.build(ruleset, frozenset({"active"})).services["nudges-patient-view"].rules
+    now = parse_instant("2026-03-02T12:00:00Z")
+
+    def fires(*codings: dict[str, str]) -> bool:
+        record = PatientRecord()
+        record.add_all([{"resourceType": "Observation", "id": "a", "effectiveDateTime": "2026-02-01",
+                         "code": {"coding": list(codings)}}])
+        outcome = evaluate(rules, record, now)
+        assert outcome.failed == []
+        return "race-free-egfr" in [m.rule.id for m in outcome.matches]
+
+    race_based = {"system": "http://loinc.org", "code": "48643-1"}
+    assert fires(race_based)
+    # two codings: code.coding.memberOf(...) has more than one input, so it is empty and .not() is empty
+    assert not fires(race_based, {"system": "http://loinc.org", "code": "4548-4"})
+    assert not fires({"system": "http://example.org", "code": "48643-1"})  # the system matters
+
+
+def test_member_of_a_race_value_set_is_a_race_read(rules_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (rules_dir / "valuesets/omb-race.yaml").write_text(
+        "name: omb-race\ntitle: OMB race categories\ncodes:\n"
+        "  - system: urn:oid:2.16.840.1.113883.6.238\n    code: 2054-5\n    display: Black or African American\n")
+    path = rules_dir / RULE
+    edit(path, "      within: 72h\n", "      within: 72h\n      date: \"effectiveDateTime.where(%context.code.memberOf('omb-race'))\"\n")
+    code, out = lint(rules_dir, capsys)
+    assert code == 1 and any("memberOf('omb-race')" in line and "race" in line for line in out), out
