@@ -2,7 +2,9 @@
 
 Not a test (pytest does not collect it). It starts `nudges serve` as a subprocess on a free port with a
 temporary SQLite database, the clock pinned (NUDGES_NOW) and hot reload off, waits for /readyz, and
-calls the patient-view service with one pooled keep-alive httpx client. It reports:
+calls the patient-view service with one pooled keep-alive httpx client, in blocks of back-to-back calls
+(steady state, as the fhir.resources baseline is measured) alternating with blocks of in-process parses
+of the same payloads, plus a series of calls each after 50 ms idle. It reports:
 
 1. hook latency (median, p95) for a patient with 2,000 Observations, ~50 Conditions and ~50
    MedicationRequests, against the in-process `orjson.loads` time of the same body (target <= 2.0x);
@@ -14,7 +16,7 @@ calls the patient-view service with one pooled keep-alive httpx client. It repor
 plus the in-process cost of each stage (parse, pydantic request model, index, evaluate, cards, database)
 so HTTP overhead can be separated from rule work.
 
-    python benchmarks/hook_latency.py            # full run (about 3 minutes on 2 cores)
+    python benchmarks/hook_latency.py            # full run (about a minute on 2 cores)
     python benchmarks/hook_latency.py --quick    # smoke run (about 20 s)
     python benchmarks/hook_latency.py --json     # machine-readable output on stdout
 """
@@ -884,7 +886,8 @@ def report_text(r: dict[str, Any]) -> str:
                         ("pipeline", "pipeline: loads + parse_call + Runtime.evaluate")):
         lowest = "n/a" if name == "runtime_rest" else f"{low[name]:.2f}"  # min of a difference means nothing
         add(f"   {label:<50}{med[name]:>9.2f}  {lowest:>9} ms")
-    add(f"   the same pipeline with the collector as the service runs it: median {wgc['median_ms']:.2f} ms, mean {wgc['mean_ms']:.2f} ms, "
+    add(f"   the same pipeline with the collector as the service runs it: median {wgc['median_ms']:.2f} ms, "
+        f"mean {wgc['mean_ms']:.2f} ms, "
         f"p95 {wgc['p95_ms']:.2f} ms;")
     add(f"     GC pauses {ip['gc_ms_per_call']:.2f} ms per call on average, collections per call "
         f"(gen0/gen1/gen2) {'/'.join(f'{n:.2f}' for n in ip['gc_collections_per_call'])}")

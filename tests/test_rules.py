@@ -223,7 +223,8 @@ def test_member_of_tests_codings_against_a_named_value_set(rules_dir: Path, caps
 
     path = rules_dir / "equations/race-free-egfr.yaml"
     clause = "    - as: result\n      resource: Observation\n      codes: race-based-egfr\n"
-    edit(path, clause, clause + "      where: \"code.memberOf('race-based-egfr') and code.coding.memberOf('race-free-egfr').not()\"\n")
+    where = "code.memberOf('race-based-egfr') and code.coding.memberOf('race-free-egfr').not()"
+    edit(path, clause, clause + f"      where: \"{where}\"\n")
     code, out = lint(rules_dir, capsys)
     assert code == 0, out
     ruleset = load_ruleset(rules_dir).ruleset
@@ -251,6 +252,7 @@ def test_member_of_a_race_value_set_is_a_race_read(rules_dir: Path, capsys: pyte
         "name: omb-race\ntitle: OMB race categories\ncodes:\n"
         "  - system: urn:oid:2.16.840.1.113883.6.238\n    code: 2054-5\n    display: Black or African American\n")
     path = rules_dir / RULE
-    edit(path, "      within: 72h\n", "      within: 72h\n      date: \"effectiveDateTime.where(%context.code.memberOf('omb-race'))\"\n")
+    date = "effectiveDateTime.where(%context.code.memberOf('omb-race'))"
+    edit(path, "      within: 72h\n", f"      within: 72h\n      date: \"{date}\"\n")
     code, out = lint(rules_dir, capsys)
     assert code == 1 and any("memberOf('omb-race')" in line and "race" in line for line in out), out
