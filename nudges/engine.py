@@ -13,7 +13,7 @@ from typing import Any
 
 from .expressions import truthy
 from .record import PatientRecord, parse_fhir_date
-from .ruleset import CompiledClause, CompiledRule
+from .ruleset import CompiledClause, CompiledItem, CompiledRule
 
 log = logging.getLogger("nudges.engine")
 
@@ -109,6 +109,12 @@ class _Evaluation:
                 return when, resource
         return None
 
+    def save(self) -> tuple[dict[str, dict[str, Any]], dict[str, datetime | None], dict[str, Any]]:
+        return dict(self.bindings), dict(self.dates), dict(self.env)
+
+    def restore(self, saved: tuple[dict[str, dict[str, Any]], dict[str, datetime | None], dict[str, Any]]) -> None:
+        self.bindings, self.dates, self.env = saved
+
     def bind(self, clause: CompiledClause, hit: tuple[datetime | None, dict[str, Any]]) -> None:
         if clause.bind:
             when, resource = hit
@@ -131,28 +137,51 @@ def _applies(rule: CompiledRule, record: PatientRecord, now: datetime, env: dict
     return True
 
 
+def _holds(state: _Evaluation, item: CompiledItem) -> bool:
+    if isinstance(item, CompiledClause):
+        hit = state.match(item)
+        if hit is None:
+            return False
+        state.bind(item, hit)
+        return True
+    return _group(state, item.mode, item.items)
+
+
+def _group(state: _Evaluation, mode: str, items: tuple[CompiledItem, ...]) -> bool:
+    """all: every item (a failed branch leaves no bindings behind); any: at least one, every matching
+    item binding; none: no item, tried without keeping its bindings."""
+    if mode == "all":
+        saved = state.save()
+        for item in items:
+            if not _holds(state, item):
+                state.restore(saved)
+                return False
+        return True
+    if mode == "any":
+        hit = False
+        for item in items:
+            hit = _holds(state, item) or hit
+        return hit
+    for item in items:
+        saved = state.save()
+        found = _holds(state, item)
+        state.restore(saved)
+        if found:
+            return False
+    return True
+
+
 def evaluate_rule(rule: CompiledRule, record: PatientRecord, now: datetime,
                   env: dict[str, Any]) -> Match | None:
     if not _applies(rule, record, now, env):
         return None
     state = _Evaluation(record, now, env)
-    for clause in rule.all:
-        hit = state.match(clause)
-        if hit is None:
-            return None
-        state.bind(clause, hit)
-    if rule.any:
-        anything = False
-        for clause in rule.any:
-            hit = state.match(clause)
-            if hit is not None:
-                anything = True
-                state.bind(clause, hit)
-        if not anything:
-            return None
-    for clause in rule.none:
-        if state.match(clause) is not None:
-            return None
+    if not _group(state, "all", rule.all):
+        return None
+    if rule.any and not _group(state, "any", rule.any):
+        return None
+    if not _group(state, "none", rule.none):
+        return None
     return Match(rule, state.bindings, state.dates)
 
 

@@ -112,7 +112,7 @@ def followup_rules(rules: tuple[CompiledRule, ...]) -> list[CompiledRule]:
 
 
 def start_clause(rule: CompiledRule) -> CompiledClause | None:
-    return next((c for c in rule.all if c.bind == rule.followup_start), None)
+    return next((c for c in rule.all if isinstance(c, CompiledClause) and c.bind == rule.followup_start), None)
 
 
 def starts(rule: CompiledRule, resource: dict[str, Any], now: datetime) -> bool:

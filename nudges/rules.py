@@ -7,7 +7,7 @@ import re
 from datetime import timedelta
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 HOOKS = ("patient-view", "encounter-start", "encounter-discharge", "order-select", "order-sign",
          "appointment-book")
@@ -69,14 +69,55 @@ class AgeRange(Strict):
     max: int | None = Field(None, ge=0, description="inclusive, in whole years")
 
 
+GROUP_KEYS = ("all", "any", "none")
+
+
+def _item_kind(value: Any) -> str:
+    """A list item is a nested group when it has a group key and no `resource`; otherwise a clause."""
+    if isinstance(value, BaseModel):
+        return type(value).__name__
+    if isinstance(value, dict) and "resource" not in value and any(k in value for k in GROUP_KEYS):
+        return "Group"
+    return "Clause"
+
+
+class Group(Strict):
+    """A nested condition, for what one flat list cannot say: "A and (B or C)", "not (X and Y)"."""
+
+    all: list[Item] | None = Field(None, min_length=1, description="each item must hold")
+    any: list[Item] | None = Field(None, min_length=1, description="at least one item must hold")
+    none: list[Item] | None = Field(None, min_length=1, description="no item may hold")
+
+    @model_validator(mode="after")
+    def _one_mode(self) -> Group:
+        given = [k for k in GROUP_KEYS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("a group has exactly one of all, any or none")
+        return self
+
+    @property
+    def mode(self) -> str:
+        return next(k for k in GROUP_KEYS if getattr(self, k) is not None)
+
+    @property
+    def items(self) -> list[Item]:
+        return getattr(self, self.mode)
+
+
+Item = Annotated[Annotated[Clause, Tag("Clause")] | Annotated[Group, Tag("Group")], Discriminator(_item_kind)]
+UNION_TAGS = frozenset({"Clause", "Group"})  # appear in validation error locations; not YAML keys
+Group.model_rebuild()
+
+
 class When(Strict):
-    """The trigger. Every part given must hold: age, patient, all, any (one of), none (absence)."""
+    """The trigger. Every part given must hold: age, patient, all, any (one of), none (absence).
+    An item of all/any/none is a clause or a nested group (`any:`, `all:` or `none:` with its own items)."""
 
     age: AgeRange | None = None
     patient: FhirPath | None = Field(None, description="FHIRPath on the Patient resource; must be true")
-    all: list[Clause] = Field(default_factory=list, description="each clause must match a resource")
-    any: list[Clause] = Field(default_factory=list, description="at least one clause must match")
-    none: list[Clause] = Field(default_factory=list, description="no clause may match (absence)")
+    all: list[Item] = Field(default_factory=list, description="each item must hold")
+    any: list[Item] = Field(default_factory=list, description="at least one item must hold")
+    none: list[Item] = Field(default_factory=list, description="no item may hold (absence)")
 
     @model_validator(mode="after")
     def _has_trigger(self) -> When:

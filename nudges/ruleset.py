@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -18,7 +19,7 @@ from pydantic import ValidationError
 from . import yamlfiles
 from .expressions import MEMBER_OF, RACE_READ, Compiled, FhirPathSyntaxError, compile_expression
 from .record import CODE_ELEMENTS, IndexPlan
-from .rules import Card, Cases, Clause, Rule, RuleSetManifest, ValueSet, parse_duration
+from .rules import Card, Cases, Clause, Group, Rule, RuleSetManifest, ValueSet, parse_duration
 from .valuesets import NON_ADHERENCE, CompiledValueSet, override_coding
 from .yamlfiles import Problem
 
@@ -46,10 +47,27 @@ class CompiledClause:
     sources: tuple[str, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class CompiledGroup:
+    mode: str  # all | any | none
+    items: tuple[CompiledClause | CompiledGroup, ...]
+
+
+CompiledItem = CompiledClause | CompiledGroup
+
+
+def flat_clauses(items: tuple[CompiledItem, ...]) -> Iterator[CompiledClause]:
+    for item in items:
+        if isinstance(item, CompiledClause):
+            yield item
+        else:
+            yield from flat_clauses(item.items)
+
+
 def index_plan(rules: tuple[CompiledRule, ...]) -> IndexPlan:
     """Every code set some clause of these rules looks up, with the type it is looked up in."""
     return IndexPlan((clause.resource, clause.codes) for rule in rules
-                     for clause in (*rule.all, *rule.any, *rule.none) if clause.codes is not None)
+                     for clause in rule.clauses() if clause.codes is not None)
 
 
 @dataclass(frozen=True)
@@ -74,9 +92,9 @@ class CompiledRule:
     age_min: int | None
     age_max: int | None
     patient: Compiled | None
-    all: tuple[CompiledClause, ...]
-    any: tuple[CompiledClause, ...]
-    none: tuple[CompiledClause, ...]
+    all: tuple[CompiledItem, ...]
+    any: tuple[CompiledItem, ...]
+    none: tuple[CompiledItem, ...]
     card: CardTemplate
     suppress: timedelta | None
     source_url: str | None
@@ -86,7 +104,8 @@ class CompiledRule:
     followup_after: timedelta | None = None  # check the rule again this long after that event
 
     def clauses(self) -> tuple[CompiledClause, ...]:
-        return self.all + self.any + self.none
+        """Every clause, nested ones included, in evaluation order."""
+        return tuple(flat_clauses(self.all + self.any + self.none))
 
 
 @dataclass(frozen=True)
@@ -250,8 +269,35 @@ class _RuleChecker:
             self.problem(loc, str(exc), value=True, offset=exc.column + quoted)
             return None
 
-    def clause(self, group: str, index: int, clause: Clause, bound: set[str]) -> CompiledClause | None:
-        loc = ("when", group, index)
+    def items(self, loc: tuple[Any, ...], items: list[Clause | Group], names: _Names, *, certain: bool,
+              negated: bool = False) -> tuple[CompiledItem, ...]:
+        """Compile a list of clauses and groups in evaluation order. A name bound where the rule can fire
+        without it (under any) may anchor a later `since` but not card text; under none nothing binds."""
+        compiled: list[CompiledItem] = []
+        for i, item in enumerate(items):
+            at = (*loc, i)
+            if isinstance(item, Group):
+                inner = self.items((*at, item.mode), item.items, names, certain=certain and item.mode == "all",
+                                   negated=negated or item.mode == "none")
+                if len(inner) == len(item.items):
+                    compiled.append(CompiledGroup(item.mode, inner))
+                continue
+            if item.bind:
+                if negated:
+                    self.problem((*at, "as"), "a clause under `none` matches nothing when the rule fires, so "
+                                              "it cannot bind a name", value=True)
+                elif item.bind in names.seen:
+                    self.problem((*at, "as"), f"'{item.bind}' is already bound by another clause", value=True)
+            clause = self.clause(at, item, names.seen)
+            if item.bind and not negated:
+                names.seen.add(item.bind)
+                if certain:
+                    names.certain.add(item.bind)
+            if clause is not None:
+                compiled.append(clause)
+        return tuple(compiled)
+
+    def clause(self, loc: tuple[Any, ...], clause: Clause, bound: set[str]) -> CompiledClause | None:
         from fhir.resources.R4B import get_fhir_model_class
 
         try:
@@ -273,8 +319,8 @@ class _RuleChecker:
                 self.problem((*loc, "codes"), f"{clause.resource} has no indexed code element: "
                                               "match it with `where` instead", value=True)
         if clause.since is not None and clause.since not in bound:
-            self.problem((*loc, "since"), f"'{clause.since}' is not bound by an earlier `all` clause",
-                         value=True)
+            self.problem((*loc, "since"), f"'{clause.since}' is not bound by a clause evaluated before this "
+                                          "one (all, then any, then none; in file order)", value=True)
         text = None
         if clause.text is not None:
             if RACE_READ.search(clause.text) and not self.rule.race_correction_removal:
@@ -371,19 +417,16 @@ class _RuleChecker:
                 if passage not in self.seeds.get(record, set()):
                     self.problem(("citations", i, "seed"), f"no passage '{citation.seed}' in seeds/",
                                  value=True)
-        bound: set[str] = set()
-        all_clauses = []
-        for i, c in enumerate(rule.when.all):
-            all_clauses.append(self.clause("all", i, c, bound))
-            if c.bind:
-                bound.add(c.bind)
-        any_clauses = [self.clause("any", i, c, bound) for i, c in enumerate(rule.when.any)]
-        none_clauses = [self.clause("none", i, c, bound) for i, c in enumerate(rule.when.none)]
+        names = _Names()
+        all_items = self.items(("when", "all"), rule.when.all, names, certain=True)
+        any_items = self.items(("when", "any"), rule.when.any, names, certain=False)
+        none_items = self.items(("when", "none"), rule.when.none, names, certain=False, negated=True)
         patient = self.expression(("when", "patient"), rule.when.patient, "Patient")
-        if rule.followup is not None and rule.followup.start not in bound:
-            self.problem(("followup", "start"), f"'{rule.followup.start}' is not bound by an `all` clause",
-                         value=True)
-        card = self.card(rule.card, bound)
+        top = {c.bind for c in rule.when.all if isinstance(c, Clause) and c.bind}
+        if rule.followup is not None and rule.followup.start not in top:
+            self.problem(("followup", "start"), f"'{rule.followup.start}' is not bound by a clause directly "
+                                                "under `all`", value=True)
+        card = self.card(rule.card, names.certain)
         if len(self.problems) > before or card is None:
             return None
         age = rule.when.age
@@ -392,11 +435,16 @@ class _RuleChecker:
         return CompiledRule(
             rule.id, rule.title, rule.status, rule.version, frozenset(rule.hooks), rule.topic,
             age.min if age else None, age.max if age else None, patient,
-            tuple(c for c in all_clauses if c), tuple(c for c in any_clauses if c),
-            tuple(c for c in none_clauses if c), card,
+            all_items, any_items, none_items, card,
             parse_duration(rule.suppress) if rule.suppress else None, source_url, self.display, rule,
             followup_start=rule.followup.start if rule.followup else None,
             followup_after=parse_duration(rule.followup.after) if rule.followup else None)
+
+
+@dataclass
+class _Names:
+    seen: set[str] = field(default_factory=set)  # bound by some clause evaluated earlier
+    certain: set[str] = field(default_factory=set)  # bound whenever the rule fires
 
 
 def _known_placeholder(name: str, bound: set[str]) -> bool:

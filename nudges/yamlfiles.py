@@ -12,6 +12,8 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError
 
+from .rules import UNION_TAGS
+
 
 @dataclass(frozen=True, order=True)
 class Problem:
@@ -65,7 +67,7 @@ def validate(model: type[BaseModel], data: Any, display: str) -> tuple[Any, list
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
-            loc = tuple(error["loc"])
+            loc = tuple(p for p in error["loc"] if p not in UNION_TAGS)
             line, col = position(data, loc)
             where = ".".join(str(p) for p in loc)
             kind = error["type"]

@@ -1,0 +1,159 @@
+"""Nested groups in `when` ("A and (B or C)", "not (X and Y)") and `since` on names bound under any."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import troponin
+
+from nudges.catalog import Catalog
+from nudges.cli import main
+from nudges.clock import parse_instant
+from nudges.engine import evaluate
+from nudges.record import PatientRecord
+from nudges.ruleset import CompiledGroup, load_ruleset
+
+RULE = Path("cardiology/troponin-without-cath-plan.yaml")
+NOW = parse_instant("2026-03-02T12:00:00Z")
+FLAT_NONE = """  none:
+    - resource: ServiceRequest
+      codes: cardiac-catheterization-or-cardiology
+      since: troponin
+    - resource: Procedure
+      codes: cardiac-catheterization-or-cardiology
+      since: troponin
+"""
+NESTED = """    - any:
+        - resource: Condition
+          text: chest pain
+        - as: visit
+          resource: Encounter
+          text: chest pain
+  none:
+    - all:
+        - resource: ServiceRequest
+          codes: cardiac-catheterization-or-cardiology
+          since: troponin
+        - resource: Procedure
+          codes: cardiac-catheterization-or-cardiology
+          since: troponin
+"""
+CATH = {"coding": [{"system": "http://snomed.info/sct", "code": "41976001"}]}
+
+
+def lint(rules_dir: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, list[str]]:
+    code = main(["lint", str(rules_dir)])
+    return code, capsys.readouterr().out.splitlines()
+
+
+def nest(rules_dir: Path, replacement: str = NESTED) -> Path:
+    path = rules_dir / RULE
+    text = path.read_text()
+    assert FLAT_NONE in text
+    path.write_text(text.replace(FLAT_NONE, replacement))
+    return path
+
+
+def fired(rules_dir: Path, *resources: dict[str, Any]) -> bool:
+    ruleset = load_ruleset(rules_dir).ruleset
+    assert ruleset is not None
+    service = Catalog.build(ruleset, frozenset({"active"})).services["nudges-patient-view"]
+    record = PatientRecord(service.index)
+    record.add_all(resources)
+    outcome = evaluate(service.rules, record, NOW)
+    assert outcome.failed == []
+    return "troponin-without-cath-plan" in [m.rule.id for m in outcome.matches]
+
+
+def test_a_cath_code_is_in_the_test_value_set(rules_dir: Path) -> None:
+    text = (rules_dir / "valuesets/cardiac-catheterization-or-cardiology.yaml").read_text()
+    assert "41976001" in text
+
+
+def test_and_of_or_and_not_of_and(rules_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    nest(rules_dir)
+    code, out = lint(rules_dir, capsys)
+    assert code == 0, out
+    pain = {"resourceType": "Condition", "id": "c1", "code": {"text": "Chest pain, unspecified"}}
+    order = {"resourceType": "ServiceRequest", "id": "s1", "status": "active", "authoredOn": "2026-03-02T08:00:00Z",
+             "code": CATH}
+    done = {"resourceType": "Procedure", "id": "p1", "status": "completed",
+            "performedDateTime": "2026-03-02T09:00:00Z", "code": CATH}
+    assert fired(rules_dir, troponin(), pain)
+    assert not fired(rules_dir, troponin())  # the any-group holds for neither
+    assert fired(rules_dir, troponin(), pain, order)  # not (order and procedure): one is not both
+    assert not fired(rules_dir, troponin(), pain, order, done)
+    visit = {"resourceType": "Encounter", "id": "e1", "status": "in-progress",
+             "period": {"start": "2026-03-02T07:00:00Z"}, "reasonCode": [{"text": "chest pain"}]}
+    assert fired(rules_dir, troponin(), visit)
+
+
+def test_nested_clauses_reach_prefetch_and_the_index(rules_dir: Path) -> None:
+    nest(rules_dir)
+    ruleset = load_ruleset(rules_dir).ruleset
+    assert ruleset is not None
+    rule = next(r for r in ruleset.rules if r.id == "troponin-without-cath-plan")
+    assert isinstance(rule.none[0], CompiledGroup) and rule.none[0].mode == "all"
+    assert [c.resource for c in rule.clauses()] == ["Observation", "Condition", "Encounter", "ServiceRequest",
+                                                     "Procedure"]
+    service = Catalog.build(ruleset, frozenset({"active"})).services["nudges-patient-view"]
+    templates = " ".join(service.plan.templates.values())
+    assert "Condition?patient=" in templates and "Encounter?patient=" in templates
+
+
+def test_since_may_follow_a_name_bound_under_any(rules_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    nest(rules_dir, """    - any:
+        - as: visit
+          resource: Encounter
+          text: chest pain
+        - resource: Condition
+          text: chest pain
+  none:
+    - resource: ServiceRequest
+      codes: cardiac-catheterization-or-cardiology
+      since: visit
+""")
+    code, out = lint(rules_dir, capsys)
+    assert code == 0, out
+    visit = {"resourceType": "Encounter", "id": "e1", "status": "in-progress",
+             "period": {"start": "2026-03-02T07:00:00Z"}, "reasonCode": [{"text": "chest pain"}]}
+    before = {"resourceType": "ServiceRequest", "id": "s0", "status": "active",
+              "authoredOn": "2026-03-02T06:00:00Z", "code": CATH}
+    after = {"resourceType": "ServiceRequest", "id": "s1", "status": "active",
+             "authoredOn": "2026-03-02T08:00:00Z", "code": CATH}
+    assert fired(rules_dir, troponin(), visit, before)  # ordered before the visit: not a plan for it
+    assert not fired(rules_dir, troponin(), visit, after)
+
+
+@pytest.mark.parametrize(("replacement", "needle", "message"), [
+    (NESTED.replace("    - any:\n", "    - any:\n        - resource: Flag\n      all:\n"
+                    "        - resource: Flag\n", 1),
+     "    - any:", "exactly one of all, any or none"),
+    (NESTED.replace("          text: chest pain\n        - as: visit", "          colour: red\n        - as: visit"),
+     "colour: red", "unknown field 'colour'"),
+    (NESTED.replace("    - all:\n        - resource: ServiceRequest", "    - all:\n        - as: order\n"
+                    "          resource: ServiceRequest"), "as: order", "cannot bind a name"),
+    (NESTED.replace("          since: troponin\n        - resource: Procedure",
+                    "          since: later\n        - resource: Procedure"), "since: later",
+     "'later' is not bound by a clause evaluated before"),
+    (NESTED.replace("        - as: visit", "        - as: troponin"), "        - as: troponin", "already bound"),
+])
+def test_group_lint_positions(rules_dir: Path, capsys: pytest.CaptureFixture[str], replacement: str, needle: str,
+                              message: str) -> None:
+    path = nest(rules_dir, replacement)
+    code, out = lint(rules_dir, capsys)
+    assert code == 1
+    hits = [line for line in out if message in line]
+    assert hits, out
+    line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if needle in text)
+    assert int(hits[0].split(":")[1]) == line, (hits[0], line)
+
+
+def test_card_text_cannot_use_a_name_bound_only_sometimes(rules_dir: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    path = nest(rules_dir)
+    path.write_text(path.read_text().replace("ago with no catheterization", "ago ({{visit.date}}) with no cath"))
+    code, out = lint(rules_dir, capsys)
+    assert code == 1 and any("visit.date" in line for line in out), out
