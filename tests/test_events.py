@@ -473,7 +473,7 @@ def test_followup_start_must_be_bound_by_an_all_clause(rules_dir: Path) -> None:
     result = load_ruleset(rules_dir)
     assert result.ruleset is None
     messages = [str(p) for p in result.problems]
-    assert any(m.endswith(f"{RULE}.yaml:{line}:10: 'trop' is not bound by an `all` clause") for m in messages), messages
+    assert any(m.endswith(f"{RULE}.yaml:{line}:10: 'trop' is not bound by a clause directly under `all`") for m in messages), messages
 
 
 def test_followup_compiles(rules_dir: Path) -> None:
