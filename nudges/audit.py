@@ -3,8 +3,9 @@
 Per rule, and per group of each demographic dimension recorded at issue time: cards shown, accepted,
 overridden (by each card's latest feedback), the acceptance rate and its ratio to the rule's overall
 rate. Aggregation happens in SQL; only counts leave the database, never patient hashes. Any row
-covering fewer than 11 distinct patients is suppressed ("<11"), the usual small-cell rule, so the
-report can be shared without re-identifying anyone.
+covering fewer than 11 distinct patients is suppressed ("<11"), the usual small-cell rule, and enough
+other groups of the same dimension are withheld ("hidden") that the small one cannot be recovered by
+subtracting the others from the overall row, so the report can be shared without re-identifying anyone.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ DIMENSIONS = ("race", "ethnicity", "language", "payer_class")
 OVERALL = ("overall", "all")
 MIN_PATIENTS = 11
 SUPPRESSED = "<11"
+HIDDEN = "hidden"  # a complement of a suppressed cell
 FIELDS = ("rule", "dimension", "group", "shown", "accepted", "overridden", "acceptance_rate", "rate_ratio")
 
 
@@ -68,15 +70,42 @@ def query_cells(conn: Connection, since: datetime | None) -> list[Cell]:
     return sorted(found, key=lambda c: (c.rule, order[c.dimension], c.group))
 
 
+def complements(cells: list[Cell]) -> set[Cell]:
+    """Cells hidden so that a small one cannot be recovered by subtraction.
+
+    A dimension's groups add up to the rule's overall row, so one suppressed group would be the overall
+    minus the others. Within each rule and dimension that has a suppressed group, the smallest shown
+    groups are hidden as well until the hidden ones together cover at least MIN_PATIENTS patients (the
+    usual complementary suppression)."""
+    by_table: dict[tuple[str, str], list[Cell]] = {}
+    for c in cells:
+        if c.dimension != OVERALL[0]:
+            by_table.setdefault((c.rule, c.dimension), []).append(c)
+    hidden: set[Cell] = set()
+    for table in by_table.values():
+        small = [c for c in table if c.patients < MIN_PATIENTS]
+        if not small:
+            continue
+        covered = sum(c.patients for c in small)
+        for c in sorted((c for c in table if c.patients >= MIN_PATIENTS), key=lambda c: (c.patients, c.group)):
+            if covered >= MIN_PATIENTS:
+                break
+            hidden.add(c)
+            covered += c.patients
+    return hidden
+
+
 def rows(cells: list[Cell]) -> list[dict[str, Any]]:
-    """Report rows; a cell with fewer than MIN_PATIENTS patients shows "<11" and no rates."""
+    """Report rows; a cell with fewer than MIN_PATIENTS patients shows "<11" and no rates, and its
+    complements (see `complements`) show "hidden"."""
     overall = {c.rule: c.accepted / c.shown for c in cells if c.dimension == OVERALL[0] and c.shown}
+    hidden = complements(cells)
     result: list[dict[str, Any]] = []
     for c in cells:
-        if c.patients < MIN_PATIENTS:
-            result.append({"rule": c.rule, "dimension": c.dimension, "group": c.group, "shown": SUPPRESSED,
-                           "accepted": SUPPRESSED, "overridden": SUPPRESSED, "acceptance_rate": None,
-                           "rate_ratio": None})
+        if c.patients < MIN_PATIENTS or c in hidden:
+            mark = SUPPRESSED if c.patients < MIN_PATIENTS else HIDDEN
+            result.append({"rule": c.rule, "dimension": c.dimension, "group": c.group, "shown": mark,
+                           "accepted": mark, "overridden": mark, "acceptance_rate": None, "rate_ratio": None})
             continue
         rate = c.accepted / c.shown if c.shown else None
         base = overall.get(c.rule)
@@ -105,7 +134,7 @@ def load(url: str, since: datetime | None) -> list[dict[str, Any]]:
 def _text(row: dict[str, Any], key: str, style: str = "{}") -> str:
     value = row[key]
     if value is None:
-        return SUPPRESSED if row["shown"] == SUPPRESSED else ""
+        return row["shown"] if row["shown"] in (SUPPRESSED, HIDDEN) else ""
     return style.format(value) if isinstance(value, float) else str(value)
 
 
@@ -125,7 +154,8 @@ def write(report: list[dict[str, Any]], fmt: str, out: TextIO) -> None:
         for line in table:
             cells = [v.ljust(w) if i < 3 else v.rjust(w) for i, (v, w) in enumerate(zip(line, widths, strict=True))]
             out.write("  ".join(cells).rstrip() + "\n")
-        out.write(f"{len(report)} row(s); rows covering fewer than {MIN_PATIENTS} patients show {SUPPRESSED}\n")
+        out.write(f"{len(report)} row(s); rows covering fewer than {MIN_PATIENTS} patients show {SUPPRESSED}, "
+                  f"and '{HIDDEN}' rows are withheld so those cannot be worked out from the overall row\n")
 
 
 def main(url: str | None, since: str | None, fmt: str, out: TextIO, err: TextIO) -> int:

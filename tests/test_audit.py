@@ -100,11 +100,12 @@ def test_counts_rates_and_suppression(capsys: pytest.CaptureFixture[str], store:
     black = table[("race", "black")]
     assert (black["shown"], black["accepted"], black["overridden"]) == (20, 11, 4)
     assert black["acceptance_rate"] == 0.55 and black["rate_ratio"] == round(0.55 / (50 / 65), 3)
-    white = table[("race", "white")]
-    assert (white["shown"], white["accepted"], white["overridden"]) == (30, 24, 2)
-    assert white["acceptance_rate"] == 0.8
     assert table[("race", "asian")] == {"rule": history.rule, "dimension": "race", "group": "asian",
                                         "shown": "<11", "accepted": "<11", "overridden": "<11",
+                                        "acceptance_rate": None, "rate_ratio": None}
+    # asian = overall - black - white: the smallest other group (white, 15 patients) is withheld too
+    assert table[("race", "white")] == {"rule": history.rule, "dimension": "race", "group": "white",
+                                        "shown": "hidden", "accepted": "hidden", "overridden": "hidden",
                                         "acceptance_rate": None, "rate_ratio": None}
     assert ("race", "other") not in table  # issued before --since
     assert (table[("language", "en")]["shown"], table[("language", "en")]["accepted"]) == (45, 39)
@@ -117,8 +118,11 @@ def test_counts_rates_and_suppression(capsys: pytest.CaptureFixture[str], store:
 
     everything = mine(orjson.loads(audit(capsys, database_url, "--format", "json")), history.rule)
     assert everything[("overall", "all")]["shown"] == 77
-    assert everything[("race", "other")]["shown"] == 12 and everything[("race", "other")]["rate_ratio"] == 0.0
+    # now the smallest group beside asian is "other" (12 patients): it is withheld, white is shown
+    assert everything[("race", "other")]["shown"] == "hidden" and everything[("race", "white")]["shown"] == 30
+    assert everything[("race", "white")]["acceptance_rate"] == 0.8
     assert everything[("ethnicity", "hispanic-latino")]["accepted"] == 0
+    assert everything[("ethnicity", "hispanic-latino")]["rate_ratio"] == 0.0
 
 
 def test_a_rule_with_few_patients_is_suppressed_everywhere(capsys: pytest.CaptureFixture[str], store: Store,
@@ -132,6 +136,12 @@ def test_a_rule_with_few_patients_is_suppressed_everywhere(capsys: pytest.Captur
     history.card("p10", WHITE)  # the eleventh patient lifts the overall row, groups stay suppressed
     rows = mine(orjson.loads(audit(capsys, database_url, "--format", "json")), history.rule)
     assert rows[("overall", "all")]["shown"] == 21 and rows[("race", "black")]["shown"] == "<11"
+    assert rows[("race", "white")]["shown"] == "<11"  # 10 + 1 patients: nothing more to withhold
+    for i in range(11, 23):
+        history.card(f"p{i}", ASIAN)
+    rows = mine(orjson.loads(audit(capsys, database_url, "--format", "json")), history.rule)
+    assert rows[("race", "asian")]["shown"] == 12  # black and white together cover 11 patients
+    assert rows[("race", "black")]["shown"] == rows[("race", "white")]["shown"] == "<11"
 
 
 def test_csv_and_table_and_no_patient_hashes(capsys: pytest.CaptureFixture[str], store: Store,
