@@ -74,6 +74,10 @@ class PreconditionFailed(NudgesError):
 class FhirServerError(PreconditionFailed):
     """The FHIR server could not supply data (unreachable, slow, refused, forbidden by policy)."""
 
+    def __init__(self, diagnostics: str, *, upstream_status: int | None = None) -> None:
+        super().__init__(diagnostics)
+        self.upstream_status = upstream_status  # what the FHIR server answered, when it answered
+
 
 class RuleError(NudgesError):
     """A rule file or rule set is invalid; carries lint problems with positions."""

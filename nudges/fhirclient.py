@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urljoin, urlsplit
 
 import httpx
@@ -14,6 +14,9 @@ import orjson
 
 from .errors import BadRequest, FhirServerError
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from .fhirauth import BackendTokens
 
 log = logging.getLogger("nudges.fhirclient")
 LOOPBACK_NAMES = {"localhost", "localhost.localdomain"}
@@ -53,8 +56,9 @@ def check_server(base: str, settings: Settings, allowed: list[str] | None = None
 
 
 class FhirClient:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, tokens: BackendTokens | None = None) -> None:
         self.settings = settings
+        self.tokens = tokens
         timeout = httpx.Timeout(settings.fhir_timeout_seconds, connect=min(1.0, settings.fhir_timeout_seconds))
         self.http = httpx.AsyncClient(timeout=timeout, follow_redirects=False,
                                       limits=httpx.Limits(max_connections=50, max_keepalive_connections=20),
@@ -69,7 +73,8 @@ class FhirClient:
         if response.status_code == 404:
             return None  # a read of something that does not exist: no data
         if response.status_code != 200:
-            raise FhirServerError(f"FHIR server answered {response.status_code}")
+            raise FhirServerError(f"FHIR server answered {response.status_code}",
+                                  upstream_status=response.status_code)
         return orjson.loads(response.content)
 
     async def _fetch(self, base: str, query: str, token: str | None) -> Any:
@@ -114,3 +119,19 @@ class FhirClient:
         except TimeoutError:
             return {k: FhirServerError("FHIR server did not answer in time") for k in keys}
         return dict(zip(keys, results, strict=True))
+
+    async def fetch_as_service(self, base: str, queries: dict[str, str]) -> dict[str, Any]:
+        """Reads no hook call authorizes (id-only notifications, follow-up checks): with the service's own
+        token when it has credentials for `base` (fhir_backend_clients), else without one."""
+        token = None
+        if self.tokens is not None:
+            try:
+                token = await self.tokens.token(base, self.http)
+            except FhirServerError as exc:
+                log.warning("no access token for FHIR reads", extra={"error": exc.diagnostics})
+                return {key: exc for key in queries}
+        results = await self.fetch_all(base, token, queries)
+        if token is not None and any(isinstance(v, FhirServerError) and v.upstream_status == 401
+                                     for v in results.values()):
+            self.tokens.forget(base)  # type: ignore[union-attr]  # refused: the next attempt gets a new one
+        return results

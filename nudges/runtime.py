@@ -12,6 +12,7 @@ from .auth import Authenticator, Caller, check_startup_policy
 from .catalog import Catalog, CatalogHolder
 from .clock import Clock, clock_for
 from .errors import ConfigError
+from .fhirauth import BackendTokens
 from .fhirclient import FhirClient
 from .heap import QuietCollector, settle_heap
 from .metrics import Metrics
@@ -36,7 +37,7 @@ class Runtime:
     scheduler: FollowupScheduler = field(init=False)
 
     def __post_init__(self) -> None:
-        self.scheduler = FollowupScheduler(self.settings, self.clock, self.store, self.holder)
+        self.scheduler = FollowupScheduler(self.settings, self.clock, self.store, self.holder, self.fhir.tokens)
 
     @classmethod
     def create(cls, settings: Settings, clock: Clock | None = None) -> Runtime:
@@ -46,7 +47,7 @@ class Runtime:
         key = settings.patient_hash_key.get_secret_value().encode() if settings.patient_hash_key else None
         store = Store(settings.database_url, clock, hash_key=key)
         holder = CatalogHolder(settings.rules, frozenset(settings.rule_statuses))
-        fhir = FhirClient(settings)
+        fhir = FhirClient(settings, BackendTokens(settings.fhir_backend_clients))
         auth = Authenticator(settings.auth, store, clock, fhir.http)
         return cls(settings, clock, store, holder, fhir, auth)
 

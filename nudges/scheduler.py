@@ -28,6 +28,7 @@ from .catalog import Catalog, CatalogHolder
 from .clock import Clock
 from .demographics import bucket
 from .errors import NudgesError, PreconditionFailed
+from .fhirauth import BackendTokens
 from .fhirclient import FhirClient, check_server
 from .followups import Followup
 from .prefetch import plan_for, render
@@ -56,8 +57,10 @@ class DueOutcome:
 
 
 class FollowupScheduler:
-    def __init__(self, settings: Settings, clock: Clock, store: Store, holder: CatalogHolder) -> None:
+    def __init__(self, settings: Settings, clock: Clock, store: Store, holder: CatalogHolder,
+                 tokens: BackendTokens | None = None) -> None:
         self.settings, self.clock, self.store, self.holder = settings, clock, store, holder
+        self.tokens = tokens
         self.worker = f"{socket.gethostname()[:40]}:{os.getpid()}:{secrets.token_hex(4)}"
         self._scheduler: BackgroundScheduler | None = None
 
@@ -114,7 +117,7 @@ class FollowupScheduler:
 
     async def _fetch_all(self, claimed: list[Followup],
                          served: dict[str, CompiledRule]) -> list[dict[str, Any] | BaseException | None]:
-        client = FhirClient(self.settings)
+        client = FhirClient(self.settings, self.tokens)
         limit = asyncio.Semaphore(CONCURRENT_FETCHES)
         try:
             async def one(item: Followup) -> dict[str, Any] | None:
@@ -126,7 +129,7 @@ class FollowupScheduler:
                 plan = plan_for((rule,))  # only what this rule reads, with the service's templates
                 queries = {k: render(t, {"patientId": item.patient_ref}) for k, t in plan.templates.items()}
                 async with limit:
-                    results = await client.fetch_all(base, None, queries)
+                    results = await client.fetch_as_service(base, queries)
                 failed = sorted(k for k, v in results.items() if isinstance(v, Exception) and k in plan.required)
                 if failed:
                     raise PreconditionFailed(f"required data unavailable ({', '.join(failed)})")

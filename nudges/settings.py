@@ -4,7 +4,7 @@ given by --config, then defaults that work on a fresh clone (SQLite file, bundle
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic.fields import FieldInfo
@@ -37,6 +37,21 @@ class AuthSettings(BaseModel):
     max_token_lifetime_seconds: int = 3600
 
 
+class FhirBackendClient(BaseModel):
+    """The service's own registration at an EHR's FHIR server (SMART Backend Services), for reads no
+    hook call authorizes: id-only notifications and follow-up checks."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base: str = Field(description="FHIR base URL these credentials are for (matched as a prefix)")
+    token_url: str = Field(description="the server's OAuth 2.0 token endpoint")
+    client_id: str
+    private_key_file: Path = Field(description="PEM private key, or a JWK / JWK Set JSON file with the private key")
+    key_id: str | None = Field(None, description="`kid` of the registered public key (taken from a JWK if unset)")
+    algorithm: Literal["RS384", "ES384"] = "RS384"
+    scope: str = "system/*.read"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="NUDGES_", env_nested_delimiter="__", extra="forbid")
 
@@ -53,6 +68,8 @@ class Settings(BaseSettings):
     fhir_max_pages: int = 5
     fhir_allow_http: bool = Field(default=False, description="allow http:// FHIR servers off loopback")
     fhir_server_allowlist: list[str] = Field(default_factory=list)
+    fhir_backend_clients: list[FhirBackendClient] = Field(
+        default_factory=list, description="credentials for the service's own reads (SMART Backend Services)")
     subscription_servers: dict[str, str] = Field(
         default_factory=dict, description="subscription reference -> FHIR server base for id-only notifications")
     followup_poll_seconds: float = Field(default=15.0, description="how often due follow-ups run (0 disables)")

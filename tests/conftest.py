@@ -140,17 +140,38 @@ class FhirServer:
         self.requests: list[tuple[str, str | None]] = []
         self.delay = 0.0
         self.page_size = 1000
+        # SMART Backend Services: with `token` set, reads need `Bearer <token>`, which POST /token hands
+        # out for a client assertion signed by `client_key` (public) for `client_id`.
+        self.token: str | None = None
+        self.client_id = "nudges-backend"
+        self.client_key: Any = None
+        self.token_requests: list[dict[str, str]] = []
+        self.token_refusals = 0
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args: Any) -> None:
                 pass
 
+            def do_POST(self) -> None:
+                from urllib.parse import parse_qsl
+
+                form = dict(parse_qsl(self.rfile.read(int(self.headers.get("Content-Length", 0))).decode()))
+                server.token_requests.append(form)
+                status, body = server.grant(self.path, form)
+                self.reply(status, body)
+
             def do_GET(self) -> None:
                 server.requests.append((self.path, self.headers.get("Authorization")))
                 if server.delay:
                     threading.Event().wait(server.delay)
+                if server.token and self.headers.get("Authorization") != f"Bearer {server.token}":
+                    self.reply(401, {"resourceType": "OperationOutcome", "issue": []})
+                    return
                 status, body = server.answer(self.path)
+                self.reply(status, body)
+
+            def reply(self, status: int, body: dict[str, Any]) -> None:
                 payload = orjson.dumps(body)
                 try:
                     self.send_response(status)
@@ -165,6 +186,28 @@ class FhirServer:
         self.httpd.daemon_threads = True
         self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}/fhir"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    @property
+    def token_url(self) -> str:
+        return self.base.removesuffix("/fhir") + "/token"
+
+    def grant(self, path: str, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
+        import jwt
+
+        if path != "/token" or self.token_refusals > 0:
+            self.token_refusals = max(0, self.token_refusals - 1)
+            return 401, {"error": "invalid_client"}
+        try:
+            claims = jwt.decode(form.get("client_assertion", ""), self.client_key, algorithms=["RS384", "ES384"],
+                                audience=self.token_url, options={"require": ["exp", "iat", "jti", "iss", "sub"]})
+        except jwt.PyJWTError:
+            return 401, {"error": "invalid_client"}
+        if (form.get("grant_type") != "client_credentials" or claims["iss"] != self.client_id
+                or claims["sub"] != self.client_id or form.get("client_assertion_type")
+                != "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"):
+            return 400, {"error": "invalid_request"}
+        return 200, {"access_token": self.token, "token_type": "bearer", "expires_in": 300,
+                     "scope": form.get("scope", "")}
 
     def answer(self, path: str) -> tuple[int, dict[str, Any]]:
         from urllib.parse import parse_qs, urlsplit

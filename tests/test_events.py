@@ -473,7 +473,8 @@ def test_followup_start_must_be_bound_by_an_all_clause(rules_dir: Path) -> None:
     result = load_ruleset(rules_dir)
     assert result.ruleset is None
     messages = [str(p) for p in result.problems]
-    assert any(m.endswith(f"{RULE}.yaml:{line}:10: 'trop' is not bound by a clause directly under `all`") for m in messages), messages
+    expected = f"{RULE}.yaml:{line}:10: 'trop' is not bound by a clause directly under `all`"
+    assert any(m.endswith(expected) for m in messages), messages
 
 
 def test_followup_compiles(rules_dir: Path) -> None:
@@ -484,3 +485,97 @@ def test_followup_compiles(rules_dir: Path) -> None:
     assert all(r.followup_start is None for r in result.ruleset.rules if r.id != RULE)
     shipped = YAML(typ="safe").load((ROOT / "rules" / "cardiology" / f"{RULE}.yaml").read_text())
     assert shipped["followup"] == {"start": "troponin", "after": "12h"}
+
+
+# -- the service's own access token (SMART Backend Services) ------------------------------------------------
+def backend(tmp_path: Path, fhir_server: FhirServer, *, jwk: bool = False) -> dict[str, Any]:
+    """An RSA key registered at the loopback server; the private half in a file for the service."""
+    import json
+
+    import jwt
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    fhir_server.client_key = key.public_key()
+    fhir_server.token = f"tok-{uuid.uuid4().hex}"
+    path = tmp_path / ("backend.jwk.json" if jwk else "backend.pem")
+    if jwk:
+        data = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key))
+        path.write_text(json.dumps({"keys": [{**data, "kid": "k1", "alg": "RS384"}]}))
+    else:
+        path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return {"base": fhir_server.base, "token_url": fhir_server.token_url, "client_id": fhir_server.client_id,
+            "private_key_file": path, "key_id": None if jwk else "k1"}
+
+
+@pytest.mark.parametrize("jwk", [False, True], ids=["pem", "jwk-set"])
+def test_id_only_reads_and_followup_checks_carry_the_services_token(
+        make_client: Callable[..., LiveServer], fhir_server: FhirServer, clock: FixedClock, tmp_path: Path,
+        jwk: bool, caplog: pytest.LogCaptureFixture) -> None:
+    client = make_client(followup_poll_seconds=0, fhir_backend_clients=[backend(tmp_path, fhir_server, jwk=jwk)])
+    pid = new_patient()
+    fhir_server.resources = [patient(pid), result_for(pid)]
+    body = notification("event-notification", f"{fhir_server.base}/Observation/trop-1")
+    assert client.post(NOTIFY, json=body).json()["scheduled"] == 1
+    assert client.post(NOTIFY, json=body).status_code == 200  # again: the cached token is reused
+    assert len(fhir_server.token_requests) == 1
+    request = fhir_server.token_requests[0]
+    assert (request["grant_type"], request["scope"]) == ("client_credentials", "system/*.read")
+    clock.advance(hours=12)
+    [outcome] = [o for o in client.runtime.scheduler.run_due()]
+    assert outcome.outcome == "fired"
+    reads = [auth for path, auth in fhir_server.requests]
+    assert reads and all(auth == f"Bearer {fhir_server.token}" for auth in reads)
+    assert any(path.startswith(f"/fhir/Observation?patient={pid}") for path, _ in fhir_server.requests)
+    assert fhir_server.token not in caplog.text and request["client_assertion"] not in caplog.text
+
+
+def test_a_refused_token_means_412_and_a_refused_read_a_new_token(
+        make_client: Callable[..., LiveServer], fhir_server: FhirServer, tmp_path: Path) -> None:
+    client = make_client(followup_poll_seconds=0, fhir_backend_clients=[backend(tmp_path, fhir_server)])
+    pid = new_patient()
+    fhir_server.resources = [result_for(pid)]
+    body = notification("event-notification", f"{fhir_server.base}/Observation/trop-1")
+    fhir_server.token_refusals = 1
+    response = client.post(NOTIFY, json=body)
+    assert response.status_code == 412 and "token endpoint answered 401" in response.text
+    assert client.post(NOTIFY, json=body).status_code == 200  # the server retried; the token came
+    issued = fhir_server.token
+    fhir_server.token = f"tok-{uuid.uuid4().hex}"  # revoked: reads with the old one get 401
+    assert client.post(NOTIFY, json=body).status_code == 412
+    assert client.post(NOTIFY, json=body).status_code == 200
+    assert len(fhir_server.token_requests) == 3 and issued != fhir_server.token
+
+
+def test_servers_without_credentials_get_no_token(make_client: Callable[..., LiveServer], fhir_server: FhirServer,
+                                                  tmp_path: Path) -> None:
+    other = {**backend(tmp_path, fhir_server), "base": "https://ehr.example.org/fhir"}
+    fhir_server.token = None
+    client = make_client(followup_poll_seconds=0, fhir_backend_clients=[other])
+    pid = new_patient()
+    fhir_server.resources = [result_for(pid)]
+    response = client.post(NOTIFY, json=notification("event-notification", f"{fhir_server.base}/Observation/trop-1"))
+    assert response.status_code == 200
+    assert fhir_server.token_requests == [] and [a for _, a in fhir_server.requests] == [None]
+
+
+def test_unusable_backend_credentials_stop_the_service_at_start(tmp_path: Path, fhir_server: FhirServer) -> None:
+    from nudges.errors import ConfigError
+    from nudges.runtime import Runtime
+    from nudges.settings import Settings
+
+    good = backend(tmp_path, fhir_server)
+    public = tmp_path / "public.pem"
+    from cryptography.hazmat.primitives import serialization
+
+    public.write_bytes(fhir_server.client_key.public_bytes(serialization.Encoding.PEM,
+                                                           serialization.PublicFormat.SubjectPublicKeyInfo))
+    for change, message in (({"private_key_file": tmp_path / "missing.pem"}, "cannot read"),
+                            ({"private_key_file": public}, "not a usable RS384 private key"),
+                            ({"key_id": None}, "set key_id"),
+                            ({"token_url": "http://ehr.example.org/token"}, "must use https")):
+        settings = Settings(database_url=f"sqlite:///{tmp_path}/x.db", fhir_backend_clients=[{**good, **change}])
+        with pytest.raises(ConfigError, match=message):
+            Runtime.create(settings)

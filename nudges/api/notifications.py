@@ -150,7 +150,7 @@ def router(runtime: Runtime, authenticate: Callable[[Request], Awaitable[Caller]
             elif ref.type in types:
                 reads.setdefault(base, {})[text] = ref.relative
         for base, queries in reads.items():
-            results = await runtime.fhir.fetch_all(base, None, queries)
+            results = await runtime.fhir.fetch_as_service(base, queries)
             for value in results.values():
                 if isinstance(value, Exception):
                     raise value  # FhirServerError: 412, so the server delivers the notification again
