@@ -16,10 +16,11 @@ from datetime import datetime
 from typing import Any, TextIO
 
 import orjson
-from sqlalchemy import case, distinct, func, inspect, select
+from sqlalchemy import case, distinct, func, inspect, or_, select
 from sqlalchemy.engine import Connection, make_url
 
 from .clock import parse_instant
+from .followups import pending_cards
 from .store import cards, feedback, make_engine, sqlite_path
 
 DIMENSIONS = ("race", "ethnicity", "language", "payer_class")
@@ -51,7 +52,10 @@ def query_cells(conn: Connection, since: datetime | None) -> list[Cell]:
         partition_by=feedback.c.card_uuid,
         order_by=(feedback.c.outcome_timestamp.desc(), feedback.c.id.desc())).label("position")).subquery()
     latest = select(ranked.c.card_uuid, ranked.c.outcome).where(ranked.c.position == 1).subquery()
-    source = cards.outerjoin(latest, latest.c.card_uuid == cards.c.uuid)
+    # A follow-up card still waiting for the patient's next visit has not been shown: not counted yet.
+    source = cards.outerjoin(latest, latest.c.card_uuid == cards.c.uuid).outerjoin(
+        pending_cards, pending_cards.c.uuid == cards.c.uuid)
+    visible = or_(pending_cards.c.uuid.is_(None), pending_cards.c.delivered_at.is_not(None))
     measures = (func.count(),
                 func.sum(case((latest.c.outcome == "accepted", 1), else_=0)),
                 func.sum(case((latest.c.outcome == "overridden", 1), else_=0)),
@@ -59,7 +63,7 @@ def query_cells(conn: Connection, since: datetime | None) -> list[Cell]:
     found: list[Cell] = []
     for dimension in (OVERALL[0], *DIMENSIONS):
         keys = [cards.c.rule_id] if dimension == OVERALL[0] else [cards.c.rule_id, cards.c[dimension]]
-        statement = select(*keys, *measures).select_from(source).group_by(*keys)
+        statement = select(*keys, *measures).select_from(source).where(visible).group_by(*keys)
         if since is not None:
             statement = statement.where(cards.c.issued_at >= since)
         for row in conn.execute(statement):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
@@ -27,6 +27,7 @@ from sqlalchemy import (
     Table,
     UniqueConstraint,
     and_,
+    delete,
     insert,
     or_,
     select,
@@ -216,23 +217,40 @@ def store_pending(store: Store, record: CardRecord, card: dict[str, Any], *, fol
     return "stored"
 
 
+def expire_pending(store: Store, max_age: timedelta, now: datetime | None = None) -> int:
+    """Drop waiting cards older than `max_age`, and their `cards` rows: a card that was never shown
+    is not counted as shown, and a stale nudge is worse than none. Returns how many were dropped."""
+    cutoff = (now or store.clock.now()) - max_age
+    with store.engine.begin() as conn:
+        stale = [row.uuid for row in conn.execute(select(pending_cards.c.uuid).where(
+            pending_cards.c.delivered_at.is_(None), pending_cards.c.created_at < cutoff))]
+        for start in range(0, len(stale), 500):
+            chunk = stale[start:start + 500]
+            conn.execute(delete(cards).where(cards.c.uuid.in_(chunk)))
+            conn.execute(delete(pending_cards).where(pending_cards.c.uuid.in_(chunk),
+                                                     pending_cards.c.delivered_at.is_(None)))
+    return len(stale)
+
+
 def take_pending(store: Store, patient_hash: str, *, service_id: str, hook_instance: str,
-                 live_rules: frozenset[str] | set[str] = frozenset(), now: datetime | None = None) -> list[PendingCard]:
+                 live_rules: frozenset[str] | set[str] = frozenset(), now: datetime | None = None,
+                 max_age: timedelta | None = None) -> list[PendingCard]:
     """The patient's waiting cards, marked delivered by the same statement that reads them, so each
     surfaces exactly once however many calls race; the stored JSON is emptied. A waiting card whose
     rule fired live in this call (`live_rules`: the live card is fresher), or a second one for a rule,
     is dropped. The `cards` rows of those returned are attributed to the delivering service, where
     the EHR will send feedback."""
-    with store.engine.connect() as conn:  # the common case, nothing waiting, stays a read
-        if conn.execute(select(pending_cards.c.uuid).where(
-                pending_cards.c.patient_hash == patient_hash, pending_cards.c.delivered_at.is_(None))
-                .limit(1)).first() is None:
-            return []
     now = now or store.clock.now()
+    oldest = now - max_age if max_age is not None else datetime.min.replace(tzinfo=UTC)
+    waiting = (pending_cards.c.patient_hash == patient_hash, pending_cards.c.delivered_at.is_(None),
+               pending_cards.c.created_at >= oldest)  # older ones are left for expire_pending
+    with store.engine.connect() as conn:  # the common case, nothing waiting, stays a read
+        if conn.execute(select(pending_cards.c.uuid).where(*waiting).limit(1)).first() is None:
+            return []
     with store.engine.begin() as conn:
         rows = conn.execute(
             update(pending_cards)
-            .where(pending_cards.c.patient_hash == patient_hash, pending_cards.c.delivered_at.is_(None))
+            .where(*waiting)
             .values(delivered_at=now)
             .returning(pending_cards.c.uuid, pending_cards.c.rule_id, pending_cards.c.card,
                        pending_cards.c.created_at)).all()

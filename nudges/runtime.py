@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from . import followups, hooks
@@ -99,7 +100,8 @@ class Runtime:
         self.store.record_cards(result.records)
         live = [r.rule_id for r in result.records]
         pending = followups.take_pending(self.store, patient_hash, service_id=call.service.id,
-                                         hook_instance=call.request.hookInstance, live_rules=set(live), now=now)
+                                         hook_instance=call.request.hookInstance, live_rules=set(live), now=now,
+                                         max_age=timedelta(hours=self.settings.pending_card_max_age_hours))
         result.cards = followups.merge_pending(result.cards, live, pending, call.context)
         for rule_id in result.failed:
             self.metrics.rule_errors.labels(rule_id).inc()

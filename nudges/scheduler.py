@@ -92,6 +92,9 @@ class FollowupScheduler:
         catalog = self.holder.current
         if catalog is None:
             return []
+        dropped = followups.expire_pending(self.store, timedelta(hours=self.settings.pending_card_max_age_hours), now)
+        if dropped:
+            log.info("waiting cards expired unshown", extra={"count": dropped})
         outcomes: list[DueOutcome] = []
         for _ in range(MAX_BATCHES):
             claimed = followups.claim_due(self.store, self.worker, BATCH, now)

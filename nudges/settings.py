@@ -73,6 +73,8 @@ class Settings(BaseSettings):
     subscription_servers: dict[str, str] = Field(
         default_factory=dict, description="subscription reference -> FHIR server base for id-only notifications")
     followup_poll_seconds: float = Field(default=15.0, description="how often due follow-ups run (0 disables)")
+    pending_card_max_age_hours: float = Field(
+        default=720.0, gt=0, description="a follow-up card not shown within this long is dropped, never shown")
     patient_hash_key: SecretStr | None = None
     cors_origins: list[str] = Field(default_factory=list)
     public_base_url: str | None = None

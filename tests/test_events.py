@@ -579,3 +579,65 @@ def test_unusable_backend_credentials_stop_the_service_at_start(tmp_path: Path, 
         settings = Settings(database_url=f"sqlite:///{tmp_path}/x.db", fhir_backend_clients=[{**good, **change}])
         with pytest.raises(ConfigError, match=message):
             Runtime.create(settings)
+
+
+# -- waiting cards: counted once shown, dropped when stale --------------------------------------------------
+def audited(client: LiveServer) -> int:
+    from nudges.audit import query_cells
+
+    with client.runtime.store.engine.connect() as conn:
+        return sum(c.shown for c in query_cells(conn, None) if c.rule == RULE and c.dimension == "overall")
+
+
+def test_a_waiting_card_counts_as_shown_only_once_delivered(make_client: Callable[..., LiveServer],
+                                                             fhir_server: FhirServer, clock: FixedClock) -> None:
+    client = make_client(followup_poll_seconds=0)
+    pid = new_patient()
+    fhir_server.resources = [patient(pid), result_for(pid)]
+    assert client.post(NOTIFY, json=full_resource(fhir_server.base, result_for(pid))).json()["scheduled"] == 1
+    clock.advance(hours=12)
+    assert [o.outcome for o in client.runtime.scheduler.run_due()] == ["fired"]
+    assert audited(client) == 0  # waiting for the patient's next visit: nobody has seen it
+    assert len(troponin_cards(client.post("/cds-services/nudges-patient-view", json=quiet_view(client, pid)))) == 1
+    assert audited(client) == 1
+
+
+def test_a_card_waiting_too_long_is_dropped_unshown(make_client: Callable[..., LiveServer], fhir_server: FhirServer,
+                                                    clock: FixedClock) -> None:
+    client = make_client(followup_poll_seconds=0, pending_card_max_age_hours=48)
+    pid = new_patient()
+    fhir_server.resources = [patient(pid), result_for(pid)]
+    assert client.post(NOTIFY, json=full_resource(fhir_server.base, result_for(pid))).json()["scheduled"] == 1
+    clock.advance(hours=12)
+    assert [o.outcome for o in client.runtime.scheduler.run_due()] == ["fired"]
+    clock.advance(hours=48, minutes=1)  # the patient comes back after the card went stale
+    assert troponin_cards(client.post("/cds-services/nudges-patient-view", json=quiet_view(client, pid))) == []
+    client.runtime.scheduler.run_due()  # the periodic job drops it, with its `cards` row
+    with client.runtime.store.engine.connect() as conn:
+        assert conn.execute(select(pending_cards)).all() == []
+        assert conn.execute(select(cards).where(cards.c.rule_id == RULE)).all() == []
+    assert audited(client) == 0
+
+
+def test_expiry_drops_only_stale_waiting_cards(make_store: Callable[..., Store], clock: FixedClock) -> None:
+    store = make_store()
+    patient_hash = store.patient_hash(new_patient())
+
+    def waiting(age: timedelta) -> str:
+        record = CardRecord(uuid=str(uuid.uuid4()), service_id="followup", rule_id=f"r-{uuid.uuid4().hex[:8]}",
+                            rule_version="1.0.0", hook="followup", hook_instance="followup",
+                            patient_hash=patient_hash, bucket=Bucket("unknown", "unknown", "unknown", "unknown"),
+                            indicator="warning", issued_at=clock.now() - age)
+        assert followups.store_pending(store, record, {"summary": "x"}) == "stored"
+        return record.uuid
+
+    stale, fresh = waiting(timedelta(days=31)), waiting(timedelta(days=1))
+    assert followups.expire_pending(store, timedelta(days=30)) >= 1
+    with store.engine.connect() as conn:
+        kept = {r.uuid for r in conn.execute(select(cards.c.uuid).where(cards.c.uuid.in_([stale, fresh])))}
+        waiting_now = {r.uuid for r in conn.execute(select(pending_cards.c.uuid)
+                                                    .where(pending_cards.c.uuid.in_([stale, fresh])))}
+    assert kept == waiting_now == {fresh}
+    shown = followups.take_pending(store, patient_hash, service_id="nudges-patient-view", hook_instance="h",
+                                   max_age=timedelta(days=30))
+    assert [p.uuid for p in shown] == [fresh]
