@@ -10,7 +10,7 @@ import orjson
 
 from .engine import Match, age_in_years
 from .record import codings, parse_fhir_date
-from .ruleset import PLACEHOLDER, RuleSet
+from .ruleset import PLACEHOLDER, SECTION, RuleSet
 
 SEVERITY = {"critical": 0, "warning": 1, "info": 2}
 MAX_SUMMARY = 139
@@ -96,8 +96,29 @@ class Renderer:
             return f"{resource.get('resourceType')}/{resource.get('id')}"
         return ""
 
+    def sections(self, template: str) -> str:
+        """Keep {{#name}} sections when `name` was bound in this match, {{^name}} ones when not."""
+        out: list[str] = []
+        stack: list[bool] = []
+        showing, position = True, 0
+        for token in SECTION.finditer(template):
+            if showing:
+                out.append(template[position:token.start()])
+            position = token.end()
+            kind, name = token.groups()
+            if kind == "/":
+                showing = stack.pop() if stack else showing
+            else:
+                stack.append(showing)
+                showing = showing and ((name in self.match.bindings) == (kind == "#"))
+        if showing:
+            out.append(template[position:])
+        return "".join(out)
+
     def text(self, template: str) -> str:
-        return PLACEHOLDER.sub(lambda m: self.value(m.group(1)), template) if "{{" in template else template
+        if "{{" not in template:
+            return template
+        return PLACEHOLDER.sub(lambda m: self.value(m.group(1)), self.sections(template))
 
     def json(self, template: bytes) -> Any:
         if b"{{" not in template:

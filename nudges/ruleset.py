@@ -24,6 +24,10 @@ from .valuesets import NON_ADHERENCE, CompiledValueSet, override_coding
 from .yamlfiles import Problem
 
 PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][\w.]*)\s*\}\}")
+# Sections in card text: {{#name}}...{{/name}} only when `name` was bound in this match, {{^name}}...{{/name}}
+# only when it was not (Mustache's syntax, for names bound under `any`).
+SECTION = re.compile(r"\{\{\s*([#^/])\s*([a-z][a-z0-9_]*)\s*\}\}")
+TEMPLATE_TOKEN = re.compile(f"{SECTION.pattern}|{PLACEHOLDER.pattern}")
 BINDING_FIELDS = {"elapsed", "date", "display", "value", "id", "reference"}
 FIXED_PLACEHOLDERS = {"context.patientId", "context.userId", "context.encounterId", "now", "today",
                       "patient.age", "patient.reference"}
@@ -246,6 +250,7 @@ class _RuleChecker:
         self.display, self.data, self.rule = display, data, rule
         self.valuesets, self.manifest, self.seeds = valuesets, manifest, seeds
         self.problems: list[Problem] = []
+        self.names_seen: set[str] = set()
 
     def problem(self, loc: tuple[Any, ...], message: str, *, value: bool = False, offset: int = 0) -> None:
         line, col = yamlfiles.position(self.data, loc, value=value)
@@ -365,10 +370,9 @@ class _RuleChecker:
                 payload.append(item)
             suggestions_json = orjson.dumps(payload)
         for loc, text in texts:
-            for name in PLACEHOLDER.findall(text):
-                if not _known_placeholder(name, bound):
-                    self.problem(loc, f"unknown placeholder '{{{{{name}}}}}'", value=True)
-                    ok = False
+            for message in template_problems(text, bound, self.names_seen):
+                self.problem(loc, message, value=True)
+                ok = False
         reasons = []
         for i, reason in enumerate(card.override_reasons):
             if isinstance(reason, str) and reason not in NON_ADHERENCE:
@@ -426,6 +430,7 @@ class _RuleChecker:
         if rule.followup is not None and rule.followup.start not in top:
             self.problem(("followup", "start"), f"'{rule.followup.start}' is not bound by a clause directly "
                                                 "under `all`", value=True)
+        self.names_seen = names.seen
         card = self.card(rule.card, names.certain)
         if len(self.problems) > before or card is None:
             return None
@@ -445,6 +450,27 @@ class _RuleChecker:
 class _Names:
     seen: set[str] = field(default_factory=set)  # bound by some clause evaluated earlier
     certain: set[str] = field(default_factory=set)  # bound whenever the rule fires
+
+
+def template_problems(text: str, certain: set[str], seen: set[str]) -> list[str]:
+    """Placeholders must name something bound whenever they render: a name bound only sometimes (under
+    `any`) inside its own {{#name}} section; sections must be about bound names and properly closed."""
+    problems, stack = [], []
+    for match in TEMPLATE_TOKEN.finditer(text):
+        kind, section, name = match.group(1), match.group(2), match.group(3)
+        if kind in ("#", "^"):
+            if section not in seen:
+                problems.append(f"section '{{{{{kind}{section}}}}}' is about '{section}', which no clause binds")
+            stack.append((kind, section))
+        elif kind == "/":
+            if not stack or stack[-1][1] != section:
+                problems.append(f"'{{{{/{section}}}}}' closes no open section")
+            else:
+                stack.pop()
+        elif not _known_placeholder(name, certain | {s for k, s in stack if k == "#"}):
+            problems.append(f"unknown placeholder '{{{{{name}}}}}'")
+    problems += [f"section '{{{{{k}{s}}}}}' is never closed with '{{{{/{s}}}}}'" for k, s in stack]
+    return problems
 
 
 def _known_placeholder(name: str, bound: set[str]) -> bool:

@@ -157,3 +157,50 @@ def test_card_text_cannot_use_a_name_bound_only_sometimes(rules_dir: Path,
     path.write_text(path.read_text().replace("ago with no catheterization", "ago ({{visit.date}}) with no cath"))
     code, out = lint(rules_dir, capsys)
     assert code == 1 and any("visit.date" in line for line in out), out
+
+
+SECTIONED = ("ago, no cath plan{{#visit}} (visit {{visit.elapsed}} ago){{/visit}}"
+             "{{^visit}} (problem list){{/visit}}")
+
+
+def test_card_sections_show_what_was_bound(rules_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from nudges.cards import build_card
+
+    path = nest(rules_dir)
+    text = path.read_text()
+    old = "ago with no catheterization or cardiology plan"
+    assert old in text
+    path.write_text(text.replace(old, SECTIONED, 1).replace('summary: "Troponin above its reference range',
+                                                            'summary: "Troponin high', 1))
+    code, out = lint(rules_dir, capsys)
+    assert code == 0, out
+    ruleset = load_ruleset(rules_dir).ruleset
+    assert ruleset is not None
+    service = Catalog.build(ruleset, frozenset({"active"})).services["nudges-patient-view"]
+
+    def summary(*resources: dict[str, Any]) -> str:
+        record = PatientRecord(service.index)
+        record.add_all(resources)
+        [match] = [m for m in evaluate(service.rules, record, NOW).matches if m.rule.id == RULE.stem]
+        return str(build_card(match, ruleset, {"patientId": "pt-1"}, None, NOW)["summary"])
+
+    visit = {"resourceType": "Encounter", "id": "e1", "status": "in-progress",
+             "period": {"start": "2026-03-02T07:00:00Z"}, "reasonCode": [{"text": "chest pain"}]}
+    pain = {"resourceType": "Condition", "id": "c1", "code": {"text": "Chest pain"}}
+    assert summary(troponin(), visit).endswith("plan (visit 5 h ago)")
+    assert summary(troponin(), pain).endswith("plan (problem list)")
+
+
+@pytest.mark.parametrize(("section", "message"), [
+    ("{{#visit}} {{visit.date}}", "never closed"),
+    ("{{/visit}}", "closes no open section"),
+    ("{{#nobody}}x{{/nobody}}", "which no clause binds"),
+    ("{{^visit}} {{visit.date}}{{/visit}}", "unknown placeholder '{{visit.date}}'"),
+])
+def test_card_section_lint(rules_dir: Path, capsys: pytest.CaptureFixture[str], section: str, message: str) -> None:
+    path = nest(rules_dir)
+    text = path.read_text()
+    path.write_text(text.replace("ago with no catheterization or cardiology plan", "ago " + section, 1))
+    code, out = lint(rules_dir, capsys)
+    line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if text.startswith("  summary:"))
+    assert code == 1 and any(message in entry and f":{line}:" in entry for entry in out), out
