@@ -168,9 +168,11 @@ class Link(Strict):
 
 
 class Card(Strict):
-    summary: str = Field(min_length=1, max_length=139, description="< 140 characters, placeholders allowed")
+    summary: str = Field(min_length=1, max_length=139,
+                         description="< 140 characters; placeholders and {{#name}}/{{^name}} sections allowed")
     indicator: Indicator
-    detail: str | None = Field(None, description="GitHub-flavoured markdown; placeholders allowed")
+    detail: str | None = Field(
+        None, description="GitHub-flavoured markdown; placeholders and {{#name}}/{{^name}} sections allowed")
     selection: Literal["at-most-one", "any"] = "at-most-one"
     suggestions: list[Suggestion] = Field(default_factory=list)
     links: list[Link] = Field(default_factory=list)
