@@ -27,6 +27,7 @@ from sqlalchemy import (
     Table,
     UniqueConstraint,
     and_,
+    bindparam,
     delete,
     insert,
     or_,
@@ -217,6 +218,13 @@ def store_pending(store: Store, record: CardRecord, card: dict[str, Any], *, fol
     return "stored"
 
 
+# Asked on every hook call (built once; see store.LAST_SHOWN).
+ANY_WAITING = (select(pending_cards.c.uuid)
+               .where(pending_cards.c.patient_hash == bindparam("patient_hash"),
+                      pending_cards.c.delivered_at.is_(None), pending_cards.c.created_at >= bindparam("oldest"))
+               .limit(1))
+
+
 def expire_pending(store: Store, max_age: timedelta, now: datetime | None = None) -> int:
     """Drop waiting cards older than `max_age`, and their `cards` rows: a card that was never shown
     is not counted as shown, and a stale nudge is worse than none. Returns how many were dropped."""
@@ -245,7 +253,7 @@ def take_pending(store: Store, patient_hash: str, *, service_id: str, hook_insta
     waiting = (pending_cards.c.patient_hash == patient_hash, pending_cards.c.delivered_at.is_(None),
                pending_cards.c.created_at >= oldest)  # older ones are left for expire_pending
     with store.engine.connect() as conn:  # the common case, nothing waiting, stays a read
-        if conn.execute(select(pending_cards.c.uuid).where(*waiting).limit(1)).first() is None:
+        if conn.execute(ANY_WAITING, {"patient_hash": patient_hash, "oldest": oldest}).first() is None:
             return []
     with store.engine.begin() as conn:
         rows = conn.execute(

@@ -295,23 +295,33 @@ class PatientRecord:
     def _index_planned(self, kind: str, group: list[Resource], source: str) -> None:
         assert self._plan is not None
         wanted, by_code = self._plan.codes[kind], self._by_code
+
+        def hit(resource: Resource, coding: dict[str, Any], targets: tuple[tuple[str, int], ...]) -> None:
+            system = coding.get("system")
+            for want, bucket in targets:
+                if system == want:
+                    _note(by_code, (source, kind, bucket), resource)
+
         for path in _CODE_PATHS.get(kind, ()):
-            name = path[0]
+            name, nested, dotted = path[0], len(path) > 1, ".".join(path)
             for resource in group:
                 value: Any = resource.get(name)
                 if value is None:
                     continue
                 try:  # malformed codings raise here and are simply not indexed
-                    if len(path) > 1:
-                        value = list(walk(resource, ".".join(path)))
-                    for concept in value if value.__class__ is list else (value,):
-                        for coding in concept.get("coding") or ():
+                    if nested:
+                        value = list(walk(resource, dotted))
+                    if value.__class__ is dict:  # one CodeableConcept, the common case: no tuple per resource
+                        for coding in value.get("coding") or ():
                             targets = wanted.get(coding.get("code"))
                             if targets is not None:
-                                system = coding.get("system")
-                                for want, bucket in targets:
-                                    if system == want:
-                                        _note(by_code, (source, kind, bucket), resource)
+                                hit(resource, coding, targets)
+                    else:
+                        for concept in value:
+                            for coding in concept.get("coding") or ():
+                                targets = wanted.get(coding.get("code"))
+                                if targets is not None:
+                                    hit(resource, coding, targets)
                 except (AttributeError, TypeError):
                     continue
         if kind.startswith("Medication"):

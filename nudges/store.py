@@ -25,6 +25,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    bindparam,
     create_engine,
     event,
     func,
@@ -153,6 +154,15 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
 
 
+# Statements on the path of every hook call, built once: constructing a SQLAlchemy statement costs more
+# than running it on SQLite (0.14 ms against 0.04 ms for the suppression look-up).
+LAST_SHOWN = (select(cards.c.rule_id, func.max(cards.c.issued_at))
+              .where(cards.c.patient_hash == bindparam("patient_hash"), cards.c.issued_at >= bindparam("oldest"),
+                     cards.c.issued_at <= bindparam("now"))
+              .group_by(cards.c.rule_id))
+INSERT_CARDS = insert(cards)
+
+
 class Store:
     """Repository over one SQLAlchemy engine; every method is a short transaction."""
 
@@ -208,7 +218,7 @@ class Store:
     def record_cards(self, records: Sequence[CardRecord]) -> None:
         if records:
             with self.engine.begin() as conn:
-                conn.execute(insert(cards), [r.row() for r in records])
+                conn.execute(INSERT_CARDS, [r.row() for r in records])
 
     def recently_shown(self, patient_hash: str, windows: dict[str, timedelta]) -> set[str]:
         """Rule ids whose card was issued to this patient within that rule's suppression window."""
@@ -216,12 +226,8 @@ class Store:
             return set()
         now = self.clock.now()
         oldest = now - max(windows.values())
-        with self.engine.connect() as conn:  # one statement shape whatever the rules: compiled once, cached
-            rows = conn.execute(
-                select(cards.c.rule_id, func.max(cards.c.issued_at))
-                .where(cards.c.patient_hash == patient_hash, cards.c.issued_at >= oldest, cards.c.issued_at <= now)
-                .group_by(cards.c.rule_id)
-            ).all()
+        with self.engine.connect() as conn:  # one statement whatever the rules
+            rows = conn.execute(LAST_SHOWN, {"patient_hash": patient_hash, "oldest": oldest, "now": now}).all()
         return {rule_id for rule_id, last in rows
                 if rule_id in windows and _aware(last) >= now - windows[rule_id]}
 
