@@ -98,16 +98,16 @@ class _Evaluation:
                 found.append((when, resource))
         if not found:
             return None
+
         def latest(item: tuple[datetime | None, dict[str, Any]]) -> tuple[bool, datetime, str]:
             return item[0] is not None, item[0] or now, str(item[1].get("id", ""))
-        if clause.where is None:
+
+        where = clause.where
+        if where is None:
             return max(found, key=latest)
         if clause.bind is not None and len(found) > 1:
             found.sort(key=latest, reverse=True)
-        for when, resource in found:
-            if clause.where is None or truthy(clause.where(resource, self.env)):
-                return when, resource
-        return None
+        return next(((when, resource) for when, resource in found if truthy(where(resource, self.env))), None)
 
     def save(self) -> tuple[dict[str, dict[str, Any]], dict[str, datetime | None], dict[str, Any]]:
         return dict(self.bindings), dict(self.dates), dict(self.env)
