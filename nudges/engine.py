@@ -31,8 +31,6 @@ class Outcome:
     failed: list[str] = field(default_factory=list)
 
 
-
-
 def age_in_years(birth: date, today: date) -> int:
     return today.year - birth.year - ((today.month, today.day) < (birth.month, birth.day))
 

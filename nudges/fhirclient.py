@@ -123,15 +123,16 @@ class FhirClient:
     async def fetch_as_service(self, base: str, queries: dict[str, str]) -> dict[str, Any]:
         """Reads no hook call authorizes (id-only notifications, follow-up checks): with the service's own
         token when it has credentials for `base` (fhir_backend_clients), else without one."""
-        token = None
-        if self.tokens is not None:
-            try:
-                token = await self.tokens.token(base, self.http)
-            except FhirServerError as exc:
-                log.warning("no access token for FHIR reads", extra={"error": exc.diagnostics})
-                return {key: exc for key in queries}
+        tokens = self.tokens
+        if tokens is None:
+            return await self.fetch_all(base, None, queries)
+        try:
+            token = await tokens.token(base, self.http)
+        except FhirServerError as exc:
+            log.warning("no access token for FHIR reads", extra={"error": exc.diagnostics})
+            return {key: exc for key in queries}
         results = await self.fetch_all(base, token, queries)
         if token is not None and any(isinstance(v, FhirServerError) and v.upstream_status == 401
                                      for v in results.values()):
-            self.tokens.forget(base)  # type: ignore[union-attr]  # refused: the next attempt gets a new one
+            tokens.forget(base)  # refused: the next attempt gets a new one
         return results

@@ -218,11 +218,11 @@ def store_pending(store: Store, record: CardRecord, card: dict[str, Any], *, fol
     return "stored"
 
 
-# Asked on every hook call (built once; see store.LAST_SHOWN).
-ANY_WAITING = (select(pending_cards.c.uuid)
-               .where(pending_cards.c.patient_hash == bindparam("patient_hash"),
-                      pending_cards.c.delivered_at.is_(None), pending_cards.c.created_at >= bindparam("oldest"))
-               .limit(1))
+# A patient's waiting cards young enough to show (older ones are left for expire_pending); asked on
+# every hook call, so built once (see store.LAST_SHOWN).
+WAITING = (pending_cards.c.patient_hash == bindparam("who"), pending_cards.c.delivered_at.is_(None),
+           pending_cards.c.created_at >= bindparam("oldest"))
+ANY_WAITING = select(pending_cards.c.uuid).where(*WAITING).limit(1)
 
 
 def expire_pending(store: Store, max_age: timedelta, now: datetime | None = None) -> int:
@@ -250,18 +250,17 @@ def take_pending(store: Store, patient_hash: str, *, service_id: str, hook_insta
     the EHR will send feedback."""
     now = now or store.clock.now()
     oldest = now - max_age if max_age is not None else datetime.min.replace(tzinfo=UTC)
-    waiting = (pending_cards.c.patient_hash == patient_hash, pending_cards.c.delivered_at.is_(None),
-               pending_cards.c.created_at >= oldest)  # older ones are left for expire_pending
+    params = {"who": patient_hash, "oldest": oldest}  # "who": a column's own name is reserved in UPDATE
     with store.engine.connect() as conn:  # the common case, nothing waiting, stays a read
-        if conn.execute(ANY_WAITING, {"patient_hash": patient_hash, "oldest": oldest}).first() is None:
+        if conn.execute(ANY_WAITING, params).first() is None:
             return []
     with store.engine.begin() as conn:
         rows = conn.execute(
             update(pending_cards)
-            .where(*waiting)
+            .where(*WAITING)
             .values(delivered_at=now)
             .returning(pending_cards.c.uuid, pending_cards.c.rule_id, pending_cards.c.card,
-                       pending_cards.c.created_at)).all()
+                       pending_cards.c.created_at), params).all()
         shown: list[PendingCard] = []
         seen = set(live_rules)
         for row in sorted(rows, key=lambda r: (_aware(r.created_at), r.uuid)):

@@ -170,8 +170,7 @@ def _usable(resources: Iterable[Resource]) -> list[Resource]:
     kept: list[Resource] = []
     seen: set[str | int] = set()
     for resource in resources:
-        if resource.get("status") == "entered-in-error" or (
-                resource.get("verificationStatus") is not None and _voided(resource)):
+        if _voided(resource):
             continue
         rid = resource.get("id")
         marker = rid if isinstance(rid, str) else id(resource)  # no id: the same object only
@@ -382,9 +381,6 @@ class PatientRecord:
         if key not in self._dates:
             self._dates[key] = resource_date(resource)
         return self._dates[key]
-
-    def count(self) -> int:
-        return sum(len(self.of_type(source, kind)) for source, kind in self._raw)
 
     @classmethod
     def from_prefetch(cls, prefetch: dict[str, Any], plan: IndexPlan | None = None) -> PatientRecord:

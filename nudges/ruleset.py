@@ -250,7 +250,7 @@ class _RuleChecker:
         self.display, self.data, self.rule = display, data, rule
         self.valuesets, self.manifest, self.seeds = valuesets, manifest, seeds
         self.problems: list[Problem] = []
-        self.names_seen: set[str] = set()
+        self.value_set_keys = {name: vs.keys for name, vs in valuesets.items()}  # what memberOf tests
 
     def problem(self, loc: tuple[Any, ...], message: str, *, value: bool = False, offset: int = 0) -> None:
         line, col = yamlfiles.position(self.data, loc, value=value)
@@ -268,7 +268,7 @@ class _RuleChecker:
                 self.problem(loc, f"memberOf('{name[0]}'): value set holds race/ethnicity codes: triggers "
                                   "must be universal", value=True)
         try:
-            return compile_expression(text, resource, {n: vs.keys for n, vs in self.valuesets.items()})
+            return compile_expression(text, resource, self.value_set_keys)
         except FhirPathSyntaxError as exc:
             quoted = 1 if isinstance(_at(self.data, loc), str) and _is_quoted(self.data, loc) else 0
             self.problem(loc, str(exc), value=True, offset=exc.column + quoted)
@@ -344,8 +344,8 @@ class _RuleChecker:
             parse_duration(clause.older_than) if clause.older_than else None,
             clause.since, date, sources)
 
-    def card(self, card: Card, bound: set[str]) -> CardTemplate | None:
-        ok = True
+    def card(self, card: Card, names: _Names) -> CardTemplate | None:
+        ok, bound = True, names.certain
         texts = [(("card", "summary"), card.summary), (("card", "detail"), card.detail or "")]
         suggestions_json = None
         if card.suggestions:
@@ -370,7 +370,7 @@ class _RuleChecker:
                 payload.append(item)
             suggestions_json = orjson.dumps(payload)
         for loc, text in texts:
-            for message in template_problems(text, bound, self.names_seen):
+            for message in template_problems(text, bound, names.seen):
                 self.problem(loc, message, value=True)
                 ok = False
         reasons = []
@@ -430,8 +430,7 @@ class _RuleChecker:
         if rule.followup is not None and rule.followup.start not in top:
             self.problem(("followup", "start"), f"'{rule.followup.start}' is not bound by a clause directly "
                                                 "under `all`", value=True)
-        self.names_seen = names.seen
-        card = self.card(rule.card, names.certain)
+        card = self.card(rule.card, names)
         if len(self.problems) > before or card is None:
             return None
         age = rule.when.age

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any
 
 from . import followups, hooks
@@ -101,7 +100,7 @@ class Runtime:
         live = [r.rule_id for r in result.records]
         pending = followups.take_pending(self.store, patient_hash, service_id=call.service.id,
                                          hook_instance=call.request.hookInstance, live_rules=set(live), now=now,
-                                         max_age=timedelta(hours=self.settings.pending_card_max_age_hours))
+                                         max_age=self.settings.pending_card_max_age)
         result.cards = followups.merge_pending(result.cards, live, pending, call.context)
         for rule_id in result.failed:
             self.metrics.rule_errors.labels(rule_id).inc()

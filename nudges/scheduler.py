@@ -92,7 +92,7 @@ class FollowupScheduler:
         catalog = self.holder.current
         if catalog is None:
             return []
-        dropped = followups.expire_pending(self.store, timedelta(hours=self.settings.pending_card_max_age_hours), now)
+        dropped = followups.expire_pending(self.store, self.settings.pending_card_max_age, now)
         if dropped:
             log.info("waiting cards expired unshown", extra={"count": dropped})
         outcomes: list[DueOutcome] = []

@@ -3,6 +3,7 @@ given by --config, then defaults that work on a fresh clone (SQLite file, bundle
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -82,6 +83,10 @@ class Settings(BaseSettings):
     tls_keyfile: Path | None = None
     log_level: str = "INFO"
     auth: AuthSettings = Field(default_factory=AuthSettings)
+
+    @property
+    def pending_card_max_age(self) -> timedelta:
+        return timedelta(hours=self.pending_card_max_age_hours)
 
     @classmethod
     def settings_customise_sources(
