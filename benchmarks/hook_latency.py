@@ -698,8 +698,9 @@ def measure_in_process(rules: Path, body: Body, runs: int, workdir: Path, *, lig
     Pass B runs loads + parse_call + Runtime.evaluate with the collector as the service has it (heap
     settled after the rule load, collection paused per request) and counts the GC pauses that still fall
     inside. `light` stops after the index and the rules (pass A only)."""
-    from nudges import engine, hooks
     from nudges.auth import Caller
+
+    from nudges import engine, hooks
     from nudges.heap import settle_heap
     from nudges.runtime import Runtime
     from nudges.settings import Settings

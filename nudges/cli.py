@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING
 import orjson
 
 if TYPE_CHECKING:
-    from .ruleset import RuleSet
+    from .rules.compiled import RuleSet
 
 
 def _lint(directory: Path) -> int:
-    from .ruleset import load_ruleset
+    from .rules.compiler import load_ruleset
 
     result = load_ruleset(directory)
     if result.ruleset is None:
@@ -34,16 +34,13 @@ def _lint(directory: Path) -> int:
 
 def _load(directory: Path) -> RuleSet | None:
     """The rule set, or None after printing every problem as path:line:column."""
-    from .ruleset import load_ruleset
+    from .tools.loading import load_or_report
 
-    result = load_ruleset(directory)
-    for problem in result.problems:
-        print(problem)
-    return result.ruleset
+    return load_or_report(directory, sys.stdout)
 
 
 def _test(directory: Path) -> int:
-    from .ruletests import run_all
+    from .tools.cases import run_all
 
     ruleset = _load(directory)
     if ruleset is None:
@@ -61,7 +58,7 @@ def _test(directory: Path) -> int:
 
 
 def _catalog(directory: Path, write: Path | None) -> int:
-    from .ruledocs import catalog_markdown, replace_catalog
+    from .tools.catalogdoc import catalog_markdown, replace_catalog
 
     ruleset = _load(directory)
     if ruleset is None:
@@ -75,7 +72,7 @@ def _catalog(directory: Path, write: Path | None) -> int:
 
 
 def _schema(kind: str) -> int:
-    from .rules import SCHEMAS, json_schema
+    from .rules.schema import SCHEMAS, json_schema
 
     schema = json_schema() if kind == "rule" else SCHEMAS[kind].model_json_schema(by_alias=True)
     sys.stdout.write(orjson.dumps(schema, option=orjson.OPT_INDENT_2).decode() + "\n")
@@ -88,7 +85,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .api.app import create_app
     from .errors import ConfigError
     from .logs import configure
-    from .ruleset import load_ruleset
+    from .rules.compiler import load_ruleset
     from .settings import load_settings
 
     try:
@@ -145,12 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "catalog":
         return _catalog(args.directory, args.write)
     if args.command == "replay":
-        from . import replay as replaying
+        from .tools import replay as replaying
 
         return replaying.main(args.paths, rules=args.rules, now=args.now, update=args.update, hook=args.hook,
                               out=sys.stdout, err=sys.stderr)
     if args.command == "audit":
-        from . import audit as auditing
+        from .tools import audit as auditing
 
         return auditing.main(args.database_url, args.since, args.format, sys.stdout, sys.stderr)
     if args.command == "serve":

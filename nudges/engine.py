@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any
 
-from .expressions import truthy
-from .record import PatientRecord, parse_fhir_date
-from .ruleset import CompiledClause, CompiledItem, CompiledRule
+from .fhir import parse_fhir_date
+from .record import PatientRecord
+from .rules.compiled import CompiledClause, CompiledItem, CompiledRule
+from .rules.fhirpath import environment, truthy
 
 log = logging.getLogger("nudges.engine")
 
@@ -185,12 +186,8 @@ def evaluate_rule(rule: CompiledRule, record: PatientRecord, now: datetime,
 
 def evaluate(rules: tuple[CompiledRule, ...], record: PatientRecord, now: datetime,
              context: dict[str, Any] | None = None, hook: str | None = None) -> Outcome:
-    """FHIRPath sees %now, %today, %hook and the hook context's ids (%patientId, %encounterId, %userId)."""
-    env: dict[str, Any] = {"now": now.isoformat().replace("+00:00", "Z"), "today": now.date().isoformat()}
-    for name in ("patientId", "encounterId", "userId"):
-        value = (context or {}).get(name)
-        env[name] = value if isinstance(value, str) else []  # absent: empty, so comparisons are empty
-    env["hook"] = hook or []
+    """FHIRPath sees the one environment (rules.fhirpath.environment) plus each rule's bound names."""
+    env = environment(now, context, hook)
     outcome = Outcome()
     for rule in rules:
         try:

@@ -99,6 +99,13 @@ class LiveServer(httpx.Client):
     def runtime(self) -> Any:
         return self.app.state.runtime
 
+    def run_due(self, now: Any = None) -> list[Any]:
+        """Run due follow-ups now, on the service's own event loop (where its FHIR client lives)."""
+        import asyncio
+
+        future = asyncio.run_coroutine_threadsafe(self.runtime.due.run_due(now), self.runtime.loop)
+        return list(future.result(timeout=30))
+
     def stop(self) -> None:
         self.close()
         self.server.should_exit = True

@@ -20,7 +20,7 @@ from helpers import (
     troponin,
 )
 
-from nudges.rules import HOOKS
+from nudges.hooks import HOOK_NAMES as HOOKS
 
 URL = "/cds-services/nudges-patient-view"
 

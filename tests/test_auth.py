@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-from nudges.auth import Authenticator, Caller, check_startup_policy
+from nudges.api.auth import Authenticator, Caller, check_startup_policy
 from nudges.clock import FixedClock
 from nudges.errors import ConfigError, Unauthorized
 from nudges.settings import AuthSettings, ClientSettings, Settings

@@ -10,14 +10,16 @@ from typing import Any
 import orjson
 import pytest
 
-from nudges.catalog import Catalog
 from nudges.clock import parse_instant
 from nudges.demographics import US_CORE_ETHNICITY, US_CORE_RACE
-from nudges.replay import run_body, summarize
-from nudges.ruledocs import BEGIN, END, catalog_markdown
-from nudges.ruleset import RuleSet, load_ruleset
-from nudges.ruletests import run_all
+from nudges.pipeline import run_body
+from nudges.rules.compiled import RuleSet
+from nudges.rules.compiler import load_ruleset
+from nudges.services import Services
 from nudges.settings import Settings
+from nudges.tools.cases import run_all
+from nudges.tools.catalogdoc import BEGIN, END, catalog_markdown
+from nudges.tools.replay import summarize
 
 ROOT = Path(__file__).resolve().parent.parent
 CALLS = sorted(p for p in (ROOT / "fhir_fixtures/calls").glob("*.json")
@@ -59,7 +61,7 @@ def with_race(body: dict[str, Any], race: tuple[str, str] | None) -> dict[str, A
 
 @pytest.mark.parametrize("call", CALLS, ids=[p.stem for p in CALLS])
 def test_same_cards_whatever_the_race(shipped: RuleSet, call: Path) -> None:
-    catalog = Catalog.build(shipped, frozenset({"active"}))
+    catalog = Services.build(shipped, frozenset({"active"}))
     body = orjson.loads(call.read_bytes())
     now = parse_instant(orjson.loads(call.with_suffix(".golden.json").read_bytes())["now"])
     outcomes = [summarize(run_body(catalog, Settings(), with_race(body, race), now)) for race in RACES]

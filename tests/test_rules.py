@@ -11,7 +11,7 @@ from conftest import LiveServer
 from helpers import patient_view, troponin
 
 from nudges.cli import main
-from nudges.ruleset import load_ruleset
+from nudges.rules.compiler import load_ruleset
 
 RULE = Path("cardiology/troponin-without-cath-plan.yaml")
 URL = "/cds-services/nudges-patient-view"
@@ -112,9 +112,9 @@ def test_hot_reload_refuses_broken_rules_and_keeps_last_good(make_client, rules_
     path = rules_dir / RULE
     edit(path, "codes: troponin\n", "codes: no-such-set\n")
     deadline = time.monotonic() + 10
-    while client.runtime.holder.refused == 0 and time.monotonic() < deadline:
+    while client.runtime.reloader.refused == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert client.runtime.holder.refused >= 1
+    assert client.runtime.reloader.refused >= 1
     assert client.get("/readyz").json()["rules"] == before
     assert len(client.post(URL, json=patient_view("pt-hr", troponin())).json()["cards"]) == 1  # still served
     edit(path, "codes: no-such-set\n", "codes: troponin\n")
@@ -159,17 +159,17 @@ def test_load_is_all_or_nothing(rules_dir: Path) -> None:
 
 
 def test_text_narrows_candidates_before_fhirpath(rules_dir: Path) -> None:
-    from nudges.catalog import Catalog
     from nudges.clock import parse_instant
     from nudges.engine import evaluate
     from nudges.record import PatientRecord
+    from nudges.services import Services
 
     path = rules_dir / "equations/race-free-egfr.yaml"
     clause = "    - as: result\n      resource: Observation\n      codes: race-based-egfr\n"
     edit(path, clause, clause + "      text: \"african american\"\n")
     ruleset = load_ruleset(rules_dir).ruleset
     assert ruleset is not None
-    rules = Catalog.build(ruleset, frozenset({"active"})).services["nudges-patient-view"].rules
+    rules = Services.build(ruleset, frozenset({"active"})).by_id["nudges-patient-view"].rules
     now = parse_instant("2026-03-02T12:00:00Z")
 
     def fires(*resources: dict) -> bool:  # type: ignore[type-arg]
@@ -187,10 +187,10 @@ def test_text_narrows_candidates_before_fhirpath(rules_dir: Path) -> None:
 
 
 def test_fhirpath_sees_hook_and_context_ids(rules_dir: Path) -> None:
-    from nudges.catalog import Catalog
     from nudges.clock import parse_instant
     from nudges.engine import evaluate
     from nudges.record import PatientRecord
+    from nudges.services import Services
 
     path = rules_dir / "equations/race-free-egfr.yaml"
     clause = "    - as: result\n      resource: Observation\n      codes: race-based-egfr\n"
@@ -198,7 +198,7 @@ def test_fhirpath_sees_hook_and_context_ids(rules_dir: Path) -> None:
     edit(path, clause, clause + f"      where: \"{where}\"\n")
     ruleset = load_ruleset(rules_dir).ruleset
     assert ruleset is not None
-    rules = Catalog.build(ruleset, frozenset({"active"})).services["nudges-patient-view"].rules
+    rules = Services.build(ruleset, frozenset({"active"})).by_id["nudges-patient-view"].rules
     record = PatientRecord.from_prefetch({"observation": {"resourceType": "Bundle", "entry": [{"resource": {
         "resourceType": "Observation", "id": "a", "effectiveDateTime": "2026-02-01",
         "code": {"coding": [{"system": "http://loinc.org", "code": "48643-1"}]}}}]}, "procedure": None})
@@ -216,10 +216,10 @@ def test_fhirpath_sees_hook_and_context_ids(rules_dir: Path) -> None:
 
 
 def test_member_of_tests_codings_against_a_named_value_set(rules_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from nudges.catalog import Catalog
     from nudges.clock import parse_instant
     from nudges.engine import evaluate
     from nudges.record import PatientRecord
+    from nudges.services import Services
 
     path = rules_dir / "equations/race-free-egfr.yaml"
     clause = "    - as: result\n      resource: Observation\n      codes: race-based-egfr\n"
@@ -229,7 +229,7 @@ def test_member_of_tests_codings_against_a_named_value_set(rules_dir: Path, caps
     assert code == 0, out
     ruleset = load_ruleset(rules_dir).ruleset
     assert ruleset is not None
-    rules = Catalog.build(ruleset, frozenset({"active"})).services["nudges-patient-view"].rules
+    rules = Services.build(ruleset, frozenset({"active"})).by_id["nudges-patient-view"].rules
     now = parse_instant("2026-03-02T12:00:00Z")
 
     def fires(*codings: dict[str, str]) -> bool:

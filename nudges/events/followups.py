@@ -36,12 +36,12 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
-from .cards import order_key
-from .expressions import truthy
-from .prefetch import render
-from .record import PatientRecord
-from .ruleset import CompiledClause, CompiledRule
-from .store import CardRecord, Store, _aware, cards, metadata
+from ..fhir import patient_of
+from ..prefetch import render
+from ..record import PatientRecord
+from ..rules.compiled import CompiledClause, CompiledRule
+from ..rules.fhirpath import environment, truthy
+from ..store import CardRecord, Store, aware, cards, metadata
 
 log = logging.getLogger("nudges.followups")
 
@@ -105,7 +105,7 @@ class PendingCard:
 
 def _followup(row: Any) -> Followup:
     return Followup(row.id, row.rule_id, row.patient_hash, row.patient_ref, row.start_ref, row.fhir_server,
-                    _aware(row.due_at), row.status, row.attempts, row.claimed_by)
+                    aware(row.due_at), row.status, row.attempts, row.claimed_by)
 
 
 # -- which events start a follow-up ------------------------------------------------------------
@@ -129,7 +129,7 @@ def starts(rule: CompiledRule, resource: dict[str, Any], now: datetime) -> bool:
         candidates = record.with_codes("record", clause.resource, clause.codes)
     else:
         candidates = record.of_type("record", clause.resource)
-    env = {"now": now.isoformat().replace("+00:00", "Z"), "today": now.date().isoformat()}
+    env = environment(now, {"patientId": patient_of(resource)})
     return any(clause.where is None or truthy(clause.where(r, env)) for r in candidates)
 
 
@@ -263,7 +263,7 @@ def take_pending(store: Store, patient_hash: str, *, service_id: str, hook_insta
                        pending_cards.c.created_at), params).all()
         shown: list[PendingCard] = []
         seen = set(live_rules)
-        for row in sorted(rows, key=lambda r: (_aware(r.created_at), r.uuid)):
+        for row in sorted(rows, key=lambda r: (aware(r.created_at), r.uuid)):
             if row.rule_id not in seen and row.card:
                 seen.add(row.rule_id)
                 shown.append(PendingCard(row.uuid, row.rule_id, row.card))
@@ -285,15 +285,3 @@ def fill_context(value: Any, context: dict[str, Any]) -> Any:
     if isinstance(value, dict):
         return {k: fill_context(v, context) for k, v in value.items()}
     return value
-
-
-def merge_pending(cards_out: list[dict[str, Any]], rule_ids: list[str], pending: list[PendingCard],
-                  context: dict[str, Any]) -> list[dict[str, Any]]:
-    """This call's cards (with their rule ids) and the waiting ones, with the call's context filled in,
-    ordered together the way every response is (severity, then rule)."""
-    keyed = [(order_key(rule_id, card), card) for rule_id, card in zip(rule_ids, cards_out, strict=True)]
-    for p in pending:
-        card = fill_context(p.card, context)
-        keyed.append((order_key(p.rule_id, card), card))
-    keyed.sort(key=lambda item: item[0])  # stable: ties keep their order
-    return [card for _, card in keyed]

@@ -9,10 +9,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
-HOOKS = ("patient-view", "encounter-start", "encounter-discharge", "order-select", "order-sign",
-         "appointment-book")
-Hook = Literal["patient-view", "encounter-start", "encounter-discharge", "order-select", "order-sign",
-               "appointment-book"]
+from ..hooks import HookName
+
+Hook = HookName
 Status = Literal["experimental", "test", "active", "deprecated"]
 Indicator = Literal["info", "warning", "critical"]
 

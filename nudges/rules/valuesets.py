@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .rules import Coding, ValueSet
+from .schema import Coding, ValueSet
 
 NON_ADHERENCE_SYSTEM = "http://terminology.hl7.org/CodeSystem/non-adherence-reason-codes"
 # HL7 CDS Hooks 3.0 non-adherence reason codes (CodeSystem non-adherence-reason-codes) with displays.

@@ -23,11 +23,11 @@ from urllib.parse import urlsplit
 import httpx
 import jwt
 
-from .clock import Clock
-from .errors import ConfigError, Unauthorized
-from .fhirclient import is_loopback
-from .settings import AuthSettings, ClientSettings, Settings
-from .store import Store
+from ..clock import Clock
+from ..errors import ConfigError, Unauthorized
+from ..fhirserver.guard import is_loopback
+from ..settings import AuthSettings, ClientSettings, Settings
+from ..store import Store
 
 log = logging.getLogger("nudges.auth")
 

@@ -7,125 +7,21 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import orjson
 from pydantic import ValidationError
 
+from ..fhir import CODE_ELEMENTS
 from . import yamlfiles
-from .expressions import MEMBER_OF, RACE_READ, Compiled, FhirPathSyntaxError, compile_expression
-from .record import CODE_ELEMENTS, IndexPlan
-from .rules import Card, Cases, Clause, Group, Rule, RuleSetManifest, ValueSet, parse_duration
+from .compiled import CardTemplate, CompiledClause, CompiledGroup, CompiledItem, CompiledRule, RuleSet
+from .fhirpath import MEMBER_OF, RACE_READ, Compiled, FhirPathSyntaxError, compile_expression
+from .schema import Card, Cases, Clause, Group, Rule, RuleSetManifest, ValueSet, parse_duration
+from .templates import PLACEHOLDER, SAMPLE, known_placeholder, template_problems
 from .valuesets import NON_ADHERENCE, CompiledValueSet, override_coding
 from .yamlfiles import Problem
-
-PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][\w.]*)\s*\}\}")
-# Sections in card text: {{#name}}...{{/name}} only when `name` was bound in this match, {{^name}}...{{/name}}
-# only when it was not (Mustache's syntax, for names bound under `any`).
-SECTION = re.compile(r"\{\{\s*([#^/])\s*([a-z][a-z0-9_]*)\s*\}\}")
-TEMPLATE_TOKEN = re.compile(f"{SECTION.pattern}|{PLACEHOLDER.pattern}")
-BINDING_FIELDS = {"elapsed", "date", "display", "value", "id", "reference"}
-FIXED_PLACEHOLDERS = {"context.patientId", "context.userId", "context.encounterId", "now", "today",
-                      "patient.age", "patient.reference"}
-SAMPLE = {"context.patientId": "example", "context.userId": "Practitioner/example",
-          "context.encounterId": "example", "now": "2000-01-01T00:00:00Z", "today": "2000-01-01",
-          "patient.age": "50", "patient.reference": "Patient/example"}
-
-
-@dataclass(frozen=True, slots=True)
-class CompiledClause:
-    bind: str | None
-    resource: str
-    codes: frozenset[tuple[str, str]] | None
-    displays: dict[tuple[str, str], str]
-    where: Compiled | None
-    text: re.Pattern[str] | None
-    within: timedelta | None
-    older_than: timedelta | None
-    since: str | None
-    date: Compiled | None
-    sources: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class CompiledGroup:
-    mode: str  # all | any | none
-    items: tuple[CompiledClause | CompiledGroup, ...]
-
-
-CompiledItem = CompiledClause | CompiledGroup
-
-
-def flat_clauses(items: tuple[CompiledItem, ...]) -> Iterator[CompiledClause]:
-    for item in items:
-        if isinstance(item, CompiledClause):
-            yield item
-        else:
-            yield from flat_clauses(item.items)
-
-
-def index_plan(rules: tuple[CompiledRule, ...]) -> IndexPlan:
-    """Every code set some clause of these rules looks up, with the type it is looked up in."""
-    return IndexPlan((clause.resource, clause.codes) for rule in rules
-                     for clause in rule.clauses() if clause.codes is not None)
-
-
-@dataclass(frozen=True)
-class CardTemplate:
-    summary: str
-    indicator: str
-    detail: str | None
-    selection: str
-    suggestions_json: bytes | None
-    links: tuple[dict[str, Any], ...]
-    override_reasons: tuple[dict[str, str], ...]
-
-
-@dataclass(frozen=True)
-class CompiledRule:
-    id: str
-    title: str
-    status: str
-    version: str
-    hooks: frozenset[str]
-    topic: str
-    age_min: int | None
-    age_max: int | None
-    patient: Compiled | None
-    all: tuple[CompiledItem, ...]
-    any: tuple[CompiledItem, ...]
-    none: tuple[CompiledItem, ...]
-    card: CardTemplate
-    suppress: timedelta | None
-    source_url: str | None
-    path: str
-    model: Rule = field(repr=False, compare=False)
-    followup_start: str | None = None  # bound name of the `all` clause an event must match
-    followup_after: timedelta | None = None  # check the rule again this long after that event
-
-    def clauses(self) -> tuple[CompiledClause, ...]:
-        """Every clause, nested ones included, in evaluation order."""
-        return tuple(flat_clauses(self.all + self.any + self.none))
-
-
-@dataclass(frozen=True)
-class RuleSet:
-    manifest: RuleSetManifest
-    digest: str
-    rules: tuple[CompiledRule, ...]
-    cases: dict[str, tuple[Path, Cases]]
-    directory: Path
-
-    @property
-    def version(self) -> str:
-        return f"{self.manifest.version}+{self.digest[:8]}"
-
-    def select(self, hook: str, statuses: frozenset[str]) -> tuple[CompiledRule, ...]:
-        return tuple(r for r in self.rules if hook in r.hooks and r.status in statuses)
 
 
 @dataclass
@@ -393,7 +289,7 @@ class _RuleChecker:
 
         text = orjson.dumps(yamlfiles.plain(resource)).decode()
         for name in PLACEHOLDER.findall(text):
-            if not _known_placeholder(name, bound):
+            if not known_placeholder(name, bound):
                 self.problem(loc, f"unknown placeholder '{{{{{name}}}}}'")
                 return False
         sample = PLACEHOLDER.sub(lambda m: SAMPLE.get(m.group(1), "example"), text)
@@ -449,34 +345,6 @@ class _RuleChecker:
 class _Names:
     seen: set[str] = field(default_factory=set)  # bound by some clause evaluated earlier
     certain: set[str] = field(default_factory=set)  # bound whenever the rule fires
-
-
-def template_problems(text: str, certain: set[str], seen: set[str]) -> list[str]:
-    """Placeholders must name something bound whenever they render: a name bound only sometimes (under
-    `any`) inside its own {{#name}} section; sections must be about bound names and properly closed."""
-    problems, stack = [], []
-    for match in TEMPLATE_TOKEN.finditer(text):
-        kind, section, name = match.group(1), match.group(2), match.group(3)
-        if kind in ("#", "^"):
-            if section not in seen:
-                problems.append(f"section '{{{{{kind}{section}}}}}' is about '{section}', which no clause binds")
-            stack.append((kind, section))
-        elif kind == "/":
-            if not stack or stack[-1][1] != section:
-                problems.append(f"'{{{{/{section}}}}}' closes no open section")
-            else:
-                stack.pop()
-        elif not _known_placeholder(name, certain | {s for k, s in stack if k == "#"}):
-            problems.append(f"unknown placeholder '{{{{{name}}}}}'")
-    problems += [f"section '{{{{{k}{s}}}}}' is never closed with '{{{{/{s}}}}}'" for k, s in stack]
-    return problems
-
-
-def _known_placeholder(name: str, bound: set[str]) -> bool:
-    if name in FIXED_PLACEHOLDERS:
-        return True
-    head, _, tail = name.partition(".")
-    return head in bound and tail in BINDING_FIELDS
 
 
 def _at(data: Any, loc: tuple[Any, ...]) -> Any:

@@ -1,55 +1,36 @@
-"""POST /fhir/notifications: FHIR R4 Subscriptions Backport IG notifications (events between visits).
+"""FHIR R4 Subscriptions Backport IG notifications: what they say, and the follow-ups they schedule.
 
 A notification is a `history` Bundle whose first entry is the SubscriptionStatus as a `Parameters`
-resource (`subscription`, `type`, `notification-event` parts with `focus` references). Handshakes
-and heartbeats are acknowledged and nothing else happens. For an event notification each focus
-resource is taken from the Bundle (full-resource payload) or read from the notifying server (id-only
-payload), and every served rule with a `followup` whose `start` clause it matches gets a follow-up
-scheduled `after` from now, once per (rule, patient, resource) however often the event is sent.
+resource (`subscription`, `type`, `notification-event` parts with `focus` references). Handshakes and
+heartbeats schedule nothing. For an event notification each focus resource is taken from the Bundle
+(full-resource payload) or read from the notifying server (id-only payload), and every served rule with a
+`followup` whose `start` clause it matches gets a follow-up scheduled `after` from now, once per
+(rule, patient, resource) however often the event is sent.
 
-The notifying server is the one configured for the subscription (`subscription_servers`), else the
-base of the absolute focus reference, of the entry's fullUrl or of the subscription reference; it
-passes the same SSRF guard as a hook call's fhirServer.
+The notifying server is the one configured for the subscription (`subscription_servers`), else the base
+of the absolute focus reference, of the entry's fullUrl or of the subscription reference; it passes the
+same SSRF guard as a hook call's fhirServer.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Awaitable, Callable
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
-import anyio
-from fastapi import APIRouter, Request, Response
-
-from .. import followups
-from ..auth import Caller
+from ..clock import Clock
 from ..errors import BadRequest, MissingField
-from ..fhirclient import check_server
-from ..hooks import FHIR_ID
-from ..ruleset import CompiledRule
-from ..runtime import Runtime
+from ..fhir import Reference, parse_reference, patient_of
+from ..fhirserver.client import FhirClient, Found
+from ..fhirserver.guard import check_server
+from ..rules.compiled import CompiledRule
+from ..services import Services
+from ..settings import Settings
+from ..store import Store
+from . import followups
 
-REFERENCE = re.compile(r"^(?:(?P<base>https?://[^\s?#]+?)/)?(?P<type>[A-Z][A-Za-z]{1,63})/"
-                       r"(?P<id>[A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?$")
 QUIET_TYPES = ("handshake", "heartbeat")
 EVENT_TYPE = "event-notification"
-
-
-@dataclass(frozen=True)
-class Reference:
-    base: str | None
-    type: str
-    id: str
-
-    @property
-    def relative(self) -> str:
-        return f"{self.type}/{self.id}"
-
-
-def parse_reference(text: Any) -> Reference | None:
-    match = REFERENCE.match(text) if isinstance(text, str) else None
-    return Reference(match["base"], match["type"], match["id"]) if match else None
 
 
 @dataclass
@@ -103,23 +84,27 @@ def parse_notification(body: dict[str, Any]) -> Notification:
     return Notification(subscription, kind, focus, entries[1:])
 
 
-def router(runtime: Runtime, authenticate: Callable[[Request], Awaitable[Caller]]) -> APIRouter:
-    """The notifications route, authenticated by the app's own `authenticate`."""
-    from .app import json_response, parse_object, read_body  # app.py includes this router
+def absolute_base(reference: Reference | None) -> str | None:
+    base = reference.base if reference else None
+    return base if base and base.startswith(("http://", "https://")) else None
 
-    settings = runtime.settings
-    api = APIRouter()
 
-    def server_for(note: Notification, ref: Reference | None, full_url: Any, caller: Caller) -> str | None:
-        candidate = settings.subscription_servers.get(note.subscription) or (ref.base if ref else None) \
-            or getattr(parse_reference(full_url), "base", None) \
-            or getattr(parse_reference(note.subscription), "base", None)
+class Intake:
+    """Turns event notifications into scheduled follow-ups."""
+
+    def __init__(self, settings: Settings, clock: Clock, store: Store, fhir: FhirClient) -> None:
+        self.settings, self.clock, self.store, self.fhir = settings, clock, store, fhir
+
+    def server_for(self, note: Notification, ref: Reference | None, full_url: Any,
+                   allowed: list[str]) -> str | None:
+        settings = self.settings
+        candidate = settings.subscription_servers.get(note.subscription) or absolute_base(ref) \
+            or absolute_base(parse_reference(full_url)) or absolute_base(parse_reference(note.subscription))
         if candidate is None:
             return None
-        allowed = [*(caller.client.fhir_servers if caller.client else ()), *settings.subscription_servers.values()]
-        return check_server(candidate, settings, allowed)
+        return check_server(candidate, settings, [*allowed, *settings.subscription_servers.values()])
 
-    async def resolve(note: Notification, caller: Caller,
+    async def resolve(self, note: Notification, allowed: list[str],
                       types: set[str]) -> list[tuple[dict[str, Any], str | None]]:
         """Each focus resource with the server it came from: from the Bundle, else read from the
         server when its type is one a follow-up can start from (`types`)."""
@@ -137,7 +122,7 @@ def router(runtime: Runtime, authenticate: Callable[[Request], Awaitable[Caller]
             ref = parse_reference(text)
             entry = by_url.get(text) or (by_ref.get(ref.relative) if ref else None) or {}
             resource = entry.get("resource")
-            base = server_for(note, ref, entry.get("fullUrl"), caller)
+            base = self.server_for(note, ref, entry.get("fullUrl"), allowed)
             if isinstance(resource, dict):
                 found.append((resource, base))
             elif ref is None:
@@ -150,16 +135,17 @@ def router(runtime: Runtime, authenticate: Callable[[Request], Awaitable[Caller]
             elif ref.type in types:
                 reads.setdefault(base, {})[text] = ref.relative
         for base, queries in reads.items():
-            results = await runtime.fhir.fetch_as_service(base, queries)
-            for value in results.values():
-                if isinstance(value, Exception):
-                    raise value  # FhirServerError: 412, so the server delivers the notification again
+            results = await self.fhir.fetch_as_service(base, queries)
+            for outcome in results.values():
+                if not isinstance(outcome, Found):
+                    raise outcome.error  # 412, so the server delivers the notification again
+                value = outcome.value
                 if isinstance(value, dict) and value.get("resourceType") not in (None, "OperationOutcome"):
                     found.append((value, base))
         return found
 
-    def schedule(rules: list[CompiledRule], resources: list[tuple[dict[str, Any], str | None]]) -> int:
-        now = runtime.clock.now()
+    def schedule(self, rules: list[CompiledRule], resources: list[tuple[dict[str, Any], str | None]]) -> int:
+        now = self.clock.now()
         wanted: dict[tuple[str, str, str], tuple[str | None, Any]] = {}
         for resource, base in resources:
             patient_id, rid = patient_of(resource), resource.get("id")
@@ -172,36 +158,13 @@ def router(runtime: Runtime, authenticate: Callable[[Request], Awaitable[Caller]
                         raise BadRequest(f"cannot tell which FHIR server holds '{start_ref}' for the follow-up: "
                                          "send absolute fullUrls or configure subscription_servers")
                     wanted[(rule.id, patient_id, start_ref)] = (base, now + rule.followup_after)
-        return sum(followups.schedule(runtime.store, rule_id=rule_id, patient_id=patient_id, start_ref=start_ref,
+        return sum(followups.schedule(self.store, rule_id=rule_id, patient_id=patient_id, start_ref=start_ref,
                                       fhir_server=base, due_at=due)
                    for (rule_id, patient_id, start_ref), (base, due) in wanted.items())
 
-    @api.post("/fhir/notifications", summary="FHIR Subscriptions (R4 Backport IG) notifications")
-    async def notifications(request: Request) -> Response:
-        caller = await authenticate(request)
-        note = parse_notification(parse_object(await read_body(request, settings.max_body_bytes)))
-        if note.type != EVENT_TYPE:
-            return json_response({"type": note.type, "events": 0, "scheduled": 0})
-        rules = list({r.id: r for s in runtime.catalog().services.values()
-                      for r in followups.followup_rules(s.rules)}.values())
+    async def accept(self, note: Notification, services: Services, allowed: list[str]) -> int:
+        """Schedule what an event notification starts; how many follow-ups were new."""
+        rules = followups.followup_rules(services.rules())
         types = {c.resource for c in map(followups.start_clause, rules) if c is not None}
-        resources = await resolve(note, caller, types)
-        scheduled = await anyio.to_thread.run_sync(schedule, rules, resources)
-        return json_response({"type": note.type, "events": len(note.focus), "scheduled": scheduled})
-
-    return api
-
-
-def patient_of(resource: dict[str, Any]) -> str | None:
-    """The FHIR id of the patient a resource is about (the Patient itself, subject or patient)."""
-    if resource.get("resourceType") == "Patient":
-        pid = resource.get("id")
-    else:
-        pid = None
-        for element in ("subject", "patient", "beneficiary"):
-            value = resource.get(element)
-            ref = parse_reference(value.get("reference")) if isinstance(value, dict) else None
-            if ref is not None and ref.type == "Patient":
-                pid = ref.id
-                break
-    return pid if isinstance(pid, str) and FHIR_ID.match(pid) else None
+        resources = await self.resolve(note, allowed, types)
+        return await asyncio.to_thread(self.schedule, rules, resources)

@@ -12,7 +12,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError
 
-from .rules import UNION_TAGS
+from .schema import UNION_TAGS
 
 
 @dataclass(frozen=True, order=True)

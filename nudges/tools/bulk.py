@@ -20,12 +20,11 @@ from typing import Any, TextIO
 
 import orjson
 
-from .catalog import Catalog, Service, service_id
-from .errors import NudgesError
-from .record import parse_fhir_date
-from .replay import instant_text, patient_of, run_body
-from .ruletests import bundle
-from .settings import Settings
+from ..errors import NudgesError
+from ..fhir import bundle, instant, parse_fhir_date, patient_of
+from ..pipeline import run_body
+from ..services import Service, Services
+from ..settings import Settings
 
 BULK_HOOKS = ("patient-view", "encounter-start", "encounter-discharge")
 BATCH = 5000
@@ -36,7 +35,7 @@ class Tally:
     files: int = 0
     resources: int = 0
     unlinked: int = 0
-    invalid: int = 0
+    invalid: list[str] = field(default_factory=list)  # file:line: why, for each line that is not a resource
     patients: int = 0
     screened: int = 0
     skipped: Counter[str] = field(default_factory=Counter)
@@ -51,19 +50,21 @@ def index(files: list[Path], db: sqlite3.Connection, tally: Tally, err: TextIO) 
         batch: list[tuple[str, bytes]] = []
         count = 0
         with path.open("rb") as stream:
-            for raw in stream:
+            for number, raw in enumerate(stream, 1):
                 line = raw.strip()
                 if not line:
                     continue
                 try:
                     resource = orjson.loads(line)
-                except orjson.JSONDecodeError:
-                    tally.invalid += 1
+                except orjson.JSONDecodeError as exc:
+                    tally.invalid.append(f"{path}:{number}: not JSON ({exc})")
                     continue
-                pid = patient_of(resource) if isinstance(resource, dict) else None
+                if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
+                    tally.invalid.append(f"{path}:{number}: not a FHIR resource (no resourceType)")
+                    continue
+                pid = patient_of(resource)
                 if pid is None:
-                    tally.unlinked += isinstance(resource, dict)
-                    tally.invalid += not isinstance(resource, dict)
+                    tally.unlinked += 1
                     continue
                 batch.append((pid, line))
                 count += 1
@@ -106,7 +107,7 @@ def request_for(service: Service, pid: str, resources: list[dict[str, Any]]) -> 
         else:
             prefetch[key] = bundle(by_type.get(kind, []), "searchset")
     context: dict[str, Any] = {"userId": "Practitioner/bulk-replay", "patientId": pid}
-    if service.hook != "patient-view":
+    if service.hook.name != "patient-view":
         def start(encounter: dict[str, Any]) -> datetime:
             found = parse_fhir_date((encounter.get("period") or {}).get("start"))
             return found or datetime.min.replace(tzinfo=UTC)
@@ -115,7 +116,7 @@ def request_for(service: Service, pid: str, resources: list[dict[str, Any]]) -> 
         if not encounters:
             return None
         context["encounterId"] = max(encounters, key=lambda e: (start(e), e["id"]))["id"]
-    return {"hook": service.hook, "hookInstance": "bulk-replay", "context": context, "prefetch": prefetch}
+    return {"hook": service.hook.name, "hookInstance": "bulk-replay", "context": context, "prefetch": prefetch}
 
 
 class Progress:
@@ -145,10 +146,10 @@ class Progress:
             self.err.write("\n")
 
 
-def replay_bulk(files: list[Path], catalog: Catalog, settings: Settings, hook: str, now: datetime,
+def replay_bulk(files: list[Path], services: Services, settings: Settings, hook: str, now: datetime,
                 out: TextIO, err: TextIO) -> Tally:
     """Evaluate every patient in the export and print per-rule card counts."""
-    service = catalog.services[service_id(hook)]
+    service = services.for_hook(hook)
     tally = Tally()
     with tempfile.TemporaryDirectory(prefix="nudges-replay-") as folder, \
             closing(sqlite3.connect(Path(folder) / "index.sqlite")) as db:
@@ -162,7 +163,7 @@ def replay_bulk(files: list[Path], catalog: Catalog, settings: Settings, hook: s
                 tally.skipped["no Encounter"] += 1
             else:
                 try:
-                    result = run_body(catalog, settings, body, now)
+                    result = run_body(services, settings, body, now)
                 except NudgesError as exc:
                     tally.skipped[exc.diagnostics] += 1
                 else:
@@ -177,8 +178,12 @@ def replay_bulk(files: list[Path], catalog: Catalog, settings: Settings, hook: s
 
 def report(tally: Tally, service: Service, now: datetime, out: TextIO) -> None:
     out.write(f"NDJSON: {tally.files} file(s), {tally.resources} resource(s) for {tally.patients} patient(s), "
-              f"{tally.unlinked} without a patient, {tally.invalid} invalid line(s)\n")
-    out.write(f"hook {service.hook} at {instant_text(now)}: {tally.screened} patient(s) screened, "
+              f"{tally.unlinked} without a patient, {len(tally.invalid)} invalid line(s)\n")
+    for line in tally.invalid[:20]:
+        out.write(f"  invalid {line}\n")
+    if len(tally.invalid) > 20:
+        out.write(f"  ... and {len(tally.invalid) - 20} more invalid line(s)\n")
+    out.write(f"hook {service.hook.name} at {instant(now)}: {tally.screened} patient(s) screened, "
               f"{sum(tally.skipped.values())} skipped\n")
     for reason, count in sorted(tally.skipped.items()):
         out.write(f"  skipped {count}: {reason}\n")

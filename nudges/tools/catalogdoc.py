@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ruamel.yaml import YAML
 
-from .ruleset import RuleSet
+from ..rules.compiled import RuleSet
 
 BEGIN = "<!-- catalog:begin -->"
 END = "<!-- catalog:end -->"

@@ -7,7 +7,7 @@ the clinical clock (a pinned instant would make every assertion expired)."""
 
 from __future__ import annotations
 
-import threading
+import asyncio
 import time
 import uuid
 from dataclasses import dataclass
@@ -18,9 +18,9 @@ import httpx
 import jwt
 import orjson
 
-from .errors import ConfigError, FhirServerError
-from .fhirclient import is_loopback
-from .settings import FhirBackendClient
+from ..errors import ConfigError, FhirServerError
+from ..settings import FhirBackendClient
+from .guard import is_loopback
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 ASSERTION_LIFETIME = 300  # seconds; SMART asks for no more than five minutes
@@ -68,13 +68,17 @@ def load_credentials(client: FhirBackendClient) -> _Credentials:
 
 
 class BackendTokens:
-    """One cached access token per configured FHIR server, shared by every FHIR client of the process."""
+    """One cached access token per configured FHIR server, shared by every FHIR client of the process.
+
+    Everything that asks for a token runs on the app's event loop (hook calls, notifications, due
+    follow-ups), so the cache needs no thread lock; an asyncio lock per server makes concurrent callers
+    wait for one token request instead of each making its own."""
 
     def __init__(self, clients: list[FhirBackendClient]) -> None:
         credentials = [load_credentials(c) for c in clients]
         self._credentials = sorted(credentials, key=lambda c: len(c.client.base), reverse=True)
         self._cache: dict[str, _Token] = {}
-        self._lock = threading.Lock()
+        self._pending: dict[str, asyncio.Lock] = {}
 
     def _for(self, base: str) -> _Credentials | None:
         normalized = base.rstrip("/") + "/"
@@ -85,22 +89,28 @@ class BackendTokens:
         """Drop a token the server refused (revoked, or its lifetime shorter than announced)."""
         found = self._for(base)
         if found is not None:
-            with self._lock:
-                self._cache.pop(found.client.base, None)
+            self._cache.pop(found.client.base, None)
+
+    def _cached(self, key: str) -> str | None:
+        cached = self._cache.get(key)
+        return cached.value if cached is not None and cached.expires - REFRESH_MARGIN > time.time() else None
 
     async def token(self, base: str, http: httpx.AsyncClient) -> str | None:
         """A bearer token for reads at `base`, or None when no credentials are configured for it."""
         found = self._for(base)
         if found is None:
             return None
-        with self._lock:
-            cached = self._cache.get(found.client.base)
-        if cached is not None and cached.expires - REFRESH_MARGIN > time.time():
-            return cached.value
-        fresh = await self._request(found, http)
-        with self._lock:
-            self._cache[found.client.base] = fresh
-        return fresh.value
+        key = found.client.base
+        value = self._cached(key)
+        if value is not None:
+            return value
+        async with self._pending.setdefault(key, asyncio.Lock()):
+            value = self._cached(key)  # another caller may have fetched it meanwhile
+            if value is None:
+                fresh = await self._request(found, http)
+                self._cache[key] = fresh
+                value = fresh.value
+        return value
 
     async def _request(self, found: _Credentials, http: httpx.AsyncClient) -> _Token:
         client, now = found.client, int(time.time())

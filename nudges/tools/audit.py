@@ -19,9 +19,9 @@ import orjson
 from sqlalchemy import case, distinct, func, inspect, or_, select
 from sqlalchemy.engine import Connection, make_url
 
-from .clock import parse_instant
-from .followups import pending_cards
-from .store import cards, feedback, make_engine, sqlite_path
+from ..clock import parse_instant
+from ..events.followups import pending_cards
+from ..store import cards, feedback, make_engine, sqlite_path
 
 DIMENSIONS = ("race", "ethnicity", "language", "payer_class")
 OVERALL = ("overall", "all")
@@ -164,7 +164,7 @@ def write(report: list[dict[str, Any]], fmt: str, out: TextIO) -> None:
 
 def main(url: str | None, since: str | None, fmt: str, out: TextIO, err: TextIO) -> int:
     if url is None:
-        from .settings import Settings
+        from ..settings import Settings
 
         url = Settings().database_url
     try:

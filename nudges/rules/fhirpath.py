@@ -1,10 +1,12 @@
-"""FHIRPath for rule authors: strict parsing (fhirpathpy silently recovers from syntax errors),
-compile once at load, evaluate with the injected clock as %now / %today."""
+"""FHIRPath for rule authors: strict parsing (fhirpathpy silently recovers from syntax errors), compile
+once at load, and the one environment every evaluation sees (%now / %today from the injected clock, the
+hook and its context ids)."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from antlr4 import CommonTokenStream, InputStream
@@ -13,6 +15,8 @@ from fhirpathpy import compile as fp_compile
 from fhirpathpy.models import models
 from fhirpathpy.parser.generated.FHIRPathLexer import FHIRPathLexer
 from fhirpathpy.parser.generated.FHIRPathParser import FHIRPathParser
+
+from ..fhir import instant
 
 R4 = models["r4"]
 _CLOCK_FUNCTIONS = re.compile(r"\b(now|today|timeOfDay)\s*\(")
@@ -26,6 +30,26 @@ RACE_READ = re.compile(
 Compiled = Callable[[Any, dict[str, Any]], list[Any]]
 ValueSets = Mapping[str, frozenset[tuple[str, str]]]
 MEMBER_OF = re.compile(r"\bmemberOf\s*\(\s*(?:'((?:[^'\\]|\\.)*)'\s*\)|([^)]*)\))")
+
+
+CONTEXT_VARIABLES = ("patientId", "encounterId", "userId")
+
+
+def environment(now: datetime, context: Mapping[str, Any] | None = None, hook: str | None = None) -> dict[str, Any]:
+    """The variables every expression sees: %now, %today, %hook and the context's %patientId,
+    %encounterId and %userId. A value the hook does not have is empty, so comparisons with it are empty
+    (never an error): one builder for hook calls, follow-up starts and due follow-ups alike."""
+    env: dict[str, Any] = {"now": instant(now), "today": now.date().isoformat()}
+    for name in CONTEXT_VARIABLES:
+        value = (context or {}).get(name)
+        env[name] = value if isinstance(value, str) else []
+    env["hook"] = hook or []
+    return env
+
+
+# What a compiled expression is tried on at load, so unknown functions surface before any patient's data.
+SAMPLE_ENVIRONMENT = environment(datetime(2000, 1, 1, tzinfo=UTC), {
+    "patientId": "example", "encounterId": "example", "userId": "Practitioner/example"}, "patient-view")
 
 
 class FhirPathSyntaxError(ValueError):
@@ -96,8 +120,7 @@ def compile_expression(expression: str, resource_type: str | None = None,
     compiled = fp_compile(expression, R4, options={"userInvocationTable": functions})
     probe = {"resourceType": resource_type} if resource_type else {}
     try:
-        compiled(probe, {"now": "2000-01-01T00:00:00Z", "today": "2000-01-01", "hook": "patient-view",
-                         "patientId": "example", "encounterId": "example", "userId": "Practitioner/example"})
+        compiled(probe, dict(SAMPLE_ENVIRONMENT))
     except Exception as exc:  # fhirpathpy raises bare Exception for semantic errors
         message = str(exc)
         if "Not implemented" in message or "arity" in message or "not supported" in message.lower():

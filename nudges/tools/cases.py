@@ -13,13 +13,14 @@ from typing import Any
 
 import orjson
 
-from . import hooks
-from .catalog import Catalog, Service
-from .clock import parse_instant
-from .errors import NudgesError
-from .prefetch import plan_for
-from .rules import Case, CaseExpectation
-from .ruleset import CompiledRule, RuleSet, index_plan
+from .. import pipeline
+from ..clock import parse_instant
+from ..errors import NudgesError
+from ..fhir import bundle
+from ..hooks import HOOKS
+from ..rules.compiled import CompiledRule, RuleSet
+from ..rules.schema import Case, CaseExpectation
+from ..services import Service, Services
 
 
 @dataclass
@@ -43,10 +44,6 @@ def find_file(start: Path, relative: str) -> Path:
         if candidate.is_file():
             return candidate
     raise FileNotFoundError(relative)
-
-
-def bundle(resources: list[dict[str, Any]], kind: str = "collection") -> dict[str, Any]:
-    return {"resourceType": "Bundle", "type": kind, "entry": [{"resource": r} for r in resources]}
 
 
 def case_request(case: Case, folder: Path) -> dict[str, Any]:
@@ -76,11 +73,10 @@ def case_request(case: Case, folder: Path) -> dict[str, Any]:
 
 
 def run_case(rule: CompiledRule, ruleset: RuleSet, case: Case, folder: Path, now: str) -> list[dict[str, Any]]:
-    service = Service("rule-test", case.hook, rule.title, rule.title, (rule,), plan_for((rule,)),
-                      index_plan((rule,)))
-    catalog = Catalog(ruleset, {"rule-test": service})
-    call = hooks.parse_call(catalog, "rule-test", case_request(case, folder))
-    result = hooks.evaluate(call, catalog, parse_instant(case.now or now), patient_hash="test")
+    service = Service.of(HOOKS[case.hook], (rule,), service_id="rule-case", title=rule.title)
+    services = Services(ruleset, {service.id: service})
+    call = pipeline.parse_call(services, service.id, case_request(case, folder))
+    result = pipeline.evaluate(call, services, parse_instant(case.now or now), patient_hash="case")
     if result.failed:
         raise RuntimeError(f"rule {rule.id} raised while evaluating")
     return result.cards
@@ -115,7 +111,7 @@ def expectation_lines(expected: CaseExpectation) -> list[str]:
     return lines or ["(any card)"]
 
 
-def test_rule(rule: CompiledRule, ruleset: RuleSet) -> RuleReport:
+def check_rule(rule: CompiledRule, ruleset: RuleSet) -> RuleReport:
     report = RuleReport(rule.id)
     entry = ruleset.cases.get(rule.id)
     if entry is None:
@@ -151,4 +147,4 @@ def test_rule(rule: CompiledRule, ruleset: RuleSet) -> RuleReport:
 
 
 def run_all(ruleset: RuleSet) -> list[RuleReport]:
-    return [test_rule(rule, ruleset) for rule in ruleset.rules]
+    return [check_rule(rule, ruleset) for rule in ruleset.rules]

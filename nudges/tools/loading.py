@@ -1,0 +1,26 @@
+"""Loading a rule set for a command-line tool: problems printed as path:line:column, nothing served."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TextIO
+
+from ..rules.compiled import RuleSet
+from ..rules.compiler import load_ruleset
+from ..services import Services
+
+
+def load_or_report(directory: Path, err: TextIO) -> RuleSet | None:
+    """The rule set, or None after printing every problem."""
+    result = load_ruleset(directory)
+    for problem in result.problems:
+        err.write(f"{problem}\n")
+    if result.ruleset is None:
+        err.write(f"{len(result.problems)} problem(s) in the rule set in {directory}\n")
+    return result.ruleset
+
+
+def load_services(directory: Path, statuses: Iterable[str], err: TextIO) -> Services | None:
+    ruleset = load_or_report(directory, err)
+    return None if ruleset is None else Services.build(ruleset, frozenset(statuses))
