@@ -28,6 +28,17 @@ PG_BASE = os.environ.get("NUDGES_TEST_POSTGRES", "postgresql://postgres@127.0.0.
 NOW = "2026-03-02T12:00:00Z"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """One rule-load cache for the whole session, never the user's own (rules/cache.py)."""
+    import tempfile
+
+    os.environ["NUDGES_CACHE_DIR"] = tempfile.mkdtemp(prefix="nudges-test-cache-")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(os.environ.get("NUDGES_CACHE_DIR", ""), ignore_errors=True)
+
+
 def postgres_reachable() -> str | None:
     try:
         with psycopg.connect(PG_BASE, connect_timeout=3) as conn:
@@ -192,7 +203,7 @@ class FhirServer:
         self.httpd = _Server(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}/fhir"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
 
     @property
     def token_url(self) -> str:

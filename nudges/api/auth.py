@@ -173,19 +173,25 @@ class Authenticator:
         return exp
 
     def _sources(self, client: ClientSettings, jku: Any) -> list[Source]:
-        """Where this client's keys may come from: an allow-listed jku, else its configured JWKS."""
-        if jku is not None:
-            # jku equal to the configured jwks_url is the same key source, so it needs no listing.
-            if not isinstance(jku, str) or (jku not in client.jku_allowlist and jku != client.jwks_url):
-                raise Unauthorized(f"jku {_safe(jku)} is not allow-listed")
-            return [("url", jku)]
+        """Where this client's keys may come from, in order: its configured key set (jwks_url, jwks_file),
+        then an allow-listed `jku`. A `jku` that is not allow-listed is never fetched (it would let anyone
+        who can send a token make the service fetch a URL of their choosing); the token is still verified
+        against the configured keys, because EHRs and the HL7 sandbox send `jku` even when their keys are
+        registered out of band."""
         sources: list[Source] = []
         if client.jwks_url:
             sources.append(("url", client.jwks_url))
         if client.jwks_file:
             sources.append(("file", str(client.jwks_file)))
+        if jku is not None:
+            if isinstance(jku, str) and jku in client.jku_allowlist and jku != client.jwks_url:
+                sources.append(("url", jku))
+            elif not (isinstance(jku, str) and jku == client.jwks_url):
+                log.info("ignored a jku that is not allow-listed; verifying against the configured keys "
+                         "(iss=%s jku=%s)", _safe(client.iss), _safe(jku))
         if not sources:
-            raise Unauthorized("client has no jwks_url/jwks_file and the token has no jku")
+            raise Unauthorized(f"jku {_safe(jku)} is not allow-listed and the client has no configured keys"
+                               if jku is not None else "client has no jwks_url/jwks_file and the token has no jku")
         return sources
 
     async def _find_key(self, sources: list[Source], kid: str) -> dict[str, Any]:

@@ -21,11 +21,11 @@ from .. import engine
 from ..cards import build_card
 from ..clock import Clock
 from ..demographics import bucket
-from ..errors import BadRequest, NudgesError, PreconditionFailed
+from ..errors import BadRequest, NudgesError
 from ..fhir import flatten
 from ..fhirserver.client import FhirClient, Found
 from ..fhirserver.guard import check_server
-from ..prefetch import plan_for, render
+from ..prefetch import plan_for, render, unobtainable
 from ..record import PatientRecord
 from ..rules.compiled import CompiledRule
 from ..services import Reloader, Services
@@ -111,9 +111,10 @@ class DueFollowups:
         plan = plan_for((rule,))  # only what this rule reads, with the service's templates
         queries = {k: render(t, {"patientId": item.patient_ref}) for k, t in plan.templates.items()}
         results = await self.fhir.fetch_as_service(base, queries)
-        failed = sorted(k for k, v in results.items() if not isinstance(v, Found) and k in plan.required)
-        if failed:
-            raise PreconditionFailed(f"required data unavailable ({', '.join(failed)})")
+        failure = unobtainable(sorted(k for k, v in results.items() if not isinstance(v, Found)), plan,
+                               "the FHIR server did not supply it")
+        if failure is not None:
+            raise failure
         return {k: v.value for k, v in results.items() if isinstance(v, Found)}
 
     def _failed(self, item: Followup, error: NudgesError, now: datetime) -> str:

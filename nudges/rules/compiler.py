@@ -60,7 +60,7 @@ def load_ruleset(directory: Path) -> LoadResult:
         problems.append(Problem(show(directory), 1, 1, "missing ruleset.yaml (name, version, topics)"))
 
     valuesets: dict[str, CompiledValueSet] = {}
-    rule_docs: list[tuple[Path, Any, Rule]] = []
+    rule_docs: list[tuple[Path, yamlfiles.Document, Rule]] = []
     case_docs: dict[str, tuple[Path, Cases]] = {}
     for path in files:
         if path == manifest_path:
@@ -131,7 +131,8 @@ def _seed_passages(seeds_dir: Path) -> dict[str, set[str]] | None:
         return None
     found: dict[str, set[str]] = {}
     for path in seeds_dir.glob("*.yaml"):
-        data, _ = yamlfiles.load(path, str(path))
+        document, _ = yamlfiles.load(path, str(path))
+        data = document.plain if document is not None else None
         if isinstance(data, dict) and "id" in data:
             passages = data.get("passages") or []
             found[str(data["id"])] = {str(p.get("id")) for p in passages if isinstance(p, dict)}
@@ -141,7 +142,7 @@ def _seed_passages(seeds_dir: Path) -> dict[str, set[str]] | None:
 class _RuleChecker:
     """Semantic checks that need more than the schema, and compilation into CompiledRule."""
 
-    def __init__(self, display: str, data: Any, rule: Rule, valuesets: dict[str, CompiledValueSet],
+    def __init__(self, display: str, data: yamlfiles.Document, rule: Rule, valuesets: dict[str, CompiledValueSet],
                  manifest: RuleSetManifest | None, seeds: dict[str, set[str]] | None) -> None:
         self.display, self.data, self.rule = display, data, rule
         self.valuesets, self.manifest, self.seeds = valuesets, manifest, seeds
@@ -166,7 +167,7 @@ class _RuleChecker:
         try:
             return compile_expression(text, resource, self.value_set_keys)
         except FhirPathSyntaxError as exc:
-            quoted = 1 if isinstance(_at(self.data, loc), str) and _is_quoted(self.data, loc) else 0
+            quoted = 1 if _is_quoted(yamlfiles.node_at(self.data, loc)) else 0
             self.problem(loc, str(exc), value=True, offset=exc.column + quoted)
             return None
 
@@ -347,16 +348,7 @@ class _Names:
     certain: set[str] = field(default_factory=set)  # bound whenever the rule fires
 
 
-def _at(data: Any, loc: tuple[Any, ...]) -> Any:
-    for part in loc:
-        try:
-            data = data[part]
-        except (KeyError, IndexError, TypeError):
-            return None
-    return data
-
-
-def _is_quoted(data: Any, loc: tuple[Any, ...]) -> bool:
+def _is_quoted(node: Any) -> bool:
     from ruamel.yaml.scalarstring import DoubleQuotedScalarString, SingleQuotedScalarString
 
-    return isinstance(_at(data, loc), DoubleQuotedScalarString | SingleQuotedScalarString)
+    return isinstance(node, DoubleQuotedScalarString | SingleQuotedScalarString)

@@ -11,12 +11,16 @@ from typing import Any
 
 from antlr4 import CommonTokenStream, InputStream
 from antlr4.error.ErrorListener import ErrorListener
-from fhirpathpy import compile as fp_compile
+from fhirpathpy import __version__ as FHIRPATHPY_VERSION
+from fhirpathpy import apply_parsed_path
+from fhirpathpy.engine.util import set_paths
 from fhirpathpy.models import models
+from fhirpathpy.parser import parse
 from fhirpathpy.parser.generated.FHIRPathLexer import FHIRPathLexer
 from fhirpathpy.parser.generated.FHIRPathParser import FHIRPathParser
 
 from ..fhir import instant
+from . import cache
 
 R4 = models["r4"]
 _CLOCK_FUNCTIONS = re.compile(r"\b(now|today|timeOfDay)\s*\(")
@@ -74,6 +78,18 @@ def check_syntax(expression: str) -> None:
     parser.entireExpression()  # requires EOF: trailing input is an error
 
 
+def syntax_tree(expression: str) -> Any:
+    """fhirpathpy's syntax tree of a strictly checked expression; both parses (ANTLR in pure Python) are
+    most of a rule load's time, so the tree is cached by the expression's text."""
+    entry = cache.key("fhirpath", FHIRPATHPY_VERSION.encode(), expression.encode())
+    tree = cache.lookup(entry)
+    if tree is None:
+        check_syntax(expression)
+        tree = parse(expression)
+        cache.store(entry, tree)
+    return tree
+
+
 def member_of(valuesets: ValueSets) -> Callable[[list[Any], str], list[bool]]:
     """FHIRPath's memberOf(valueset) over the rule set's own value sets, named as in `codes:`.
 
@@ -114,10 +130,10 @@ def compile_expression(expression: str, resource_type: str | None = None,
     surface at load time rather than on a patient's record."""
     if _CLOCK_FUNCTIONS.search(expression):
         raise FhirPathSyntaxError("use %now or %today instead of now()/today(): the clock is injected", 0)
-    check_syntax(expression)
     value_set_names(expression, valuesets or {})
     functions = {"memberOf": {"fn": member_of(valuesets or {}), "arity": {1: ["String"]}}}
-    compiled = fp_compile(expression, R4, options={"userInvocationTable": functions})
+    compiled = set_paths(apply_parsed_path, parsedPath=syntax_tree(expression), model=R4,
+                         options={"userInvocationTable": functions})
     probe = {"resourceType": resource_type} if resource_type else {}
     try:
         compiled(probe, dict(SAMPLE_ENVIRONMENT))

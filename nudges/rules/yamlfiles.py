@@ -1,9 +1,14 @@
-"""YAML with positions: every problem an informaticist sees says path:line:column."""
+"""YAML with positions: every problem an informaticist sees says path:line:column.
+
+Parsing YAML with positions (ruamel's round-trip loader, pure Python) is most of the time a rule load
+takes. A file's plain values are therefore cached by the hash of its bytes (rules/cache.py), and its
+positions are parsed only when a problem needs one: an unchanged, clean file costs a JSON read.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +17,10 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError
 
+from . import cache
 from .schema import UNION_TAGS
+
+CACHE_FORMAT = b"nudges-yaml-1"
 
 
 @dataclass(frozen=True, order=True)
@@ -26,27 +34,57 @@ class Problem:
         return f"{self.path}:{self.line}:{self.column}: {self.message}"
 
 
-def load(path: Path, display: str) -> tuple[Any, list[Problem]]:
-    """Round-trip load (keeps line/column marks); syntax errors become problems."""
+@dataclass
+class Document:
+    """One YAML file: its plain values (what models validate) and, parsed on demand, its positions."""
+
+    text: str
+    plain: Any
+    _tree: Any = field(default=None, repr=False)
+
+    @property
+    def tree(self) -> Any:
+        """The round-trip tree with line/column marks (parsed on first use when the plain values came
+        from the cache)."""
+        if self._tree is None:
+            self._tree = _parse(self.text)
+        return self._tree
+
+
+def _parse(text: str) -> Any:
+    yaml = YAML(typ="rt")
+    yaml.preserve_quotes = True
+    return yaml.load(text)
+
+
+def load(path: Path, display: str) -> tuple[Document | None, list[Problem]]:
+    """Read and parse a file; syntax errors become problems."""
     try:
-        yaml = YAML(typ="rt")
-        yaml.preserve_quotes = True
-        data = yaml.load(path.read_text(encoding="utf-8"))
+        raw = path.read_bytes()
+        text = raw.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        return None, [Problem(display, 1, 1, f"cannot read file: {exc}")]
+    entry = cache.key("yaml", CACHE_FORMAT, raw)
+    plain_values = cache.lookup(entry)
+    if plain_values is not None:
+        return Document(text, plain_values), []
+    try:
+        tree = _parse(text)
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         return None, [Problem(display, line, col, f"YAML syntax: {exc.problem or exc.context}")]
-    except (OSError, UnicodeDecodeError) as exc:
-        return None, [Problem(display, 1, 1, f"cannot read file: {exc}")]
-    if not isinstance(data, CommentedMap):
+    if not isinstance(tree, CommentedMap):
         return None, [Problem(display, 1, 1, "the file must be a YAML mapping")]
-    return data, []
+    document = Document(text, plain(tree), tree)
+    cache.store(entry, document.plain)
+    return document, []
 
 
-def position(data: Any, loc: Sequence[Any], *, value: bool = False) -> tuple[int, int]:
+def position(document: Document | Any, loc: Sequence[Any], *, value: bool = False) -> tuple[int, int]:
     """1-based line/column of the deepest node of `loc` that exists (the key, or its value)."""
+    node = document.tree if isinstance(document, Document) else document
     line, col = 1, 1
-    node = data
     for part in loc:
         if isinstance(node, CommentedMap) and part in node:
             pos = node.lc.value(part) if value and part == loc[-1] else node.lc.key(part)
@@ -61,14 +99,25 @@ def position(data: Any, loc: Sequence[Any], *, value: bool = False) -> tuple[int
     return line, col
 
 
-def validate(model: type[BaseModel], data: Any, display: str) -> tuple[Any, list[Problem]]:
-    try:  # validate plain values (ruamel scalar subclasses confuse FHIRPath); `data` keeps positions
-        return model.model_validate(plain(data)), []
+def node_at(document: Document, loc: Sequence[Any]) -> Any:
+    """The round-trip node at `loc` (scalar subclasses keep their quoting style), or None."""
+    node = document.tree
+    for part in loc:
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return node
+
+
+def validate(model: type[BaseModel], document: Document, display: str) -> tuple[Any, list[Problem]]:
+    try:
+        return model.model_validate(document.plain), []
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
             loc = tuple(p for p in error["loc"] if p not in UNION_TAGS)
-            line, col = position(data, loc)
+            line, col = position(document, loc)
             where = ".".join(str(p) for p in loc)
             kind = error["type"]
             if kind == "extra_forbidden":
