@@ -48,8 +48,7 @@ def _test(directory: Path) -> int:
     reports = run_all(ruleset)
     failed = 0
     for report in reports:
-        mark = "PASS" if report.ok else "FAIL"
-        print(f"{mark} {report.rule}: tp={report.tp} tn={report.tn} fp={report.fp} fn={report.fn}")
+        print(report.summary())
         for failure in report.failures:
             print(failure)
         failed += not report.ok

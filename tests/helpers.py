@@ -59,7 +59,7 @@ def full_prefetch(hook: str, *resources: dict[str, Any]) -> dict[str, Any]:
             continue
         key = kind[0].lower() + kind[1:]
         if key not in prefetch:
-            key = next(iter(k for k in prefetch if k != "patient"))
+            raise KeyError(f"no prefetch key for {kind} on {hook}: the rules do not read it ({sorted(prefetch)})")
         if prefetch[key] is None:
             prefetch[key] = bundle()
         prefetch[key]["entry"].append({"resource": resource})

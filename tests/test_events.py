@@ -142,6 +142,22 @@ def test_full_resource_notification_schedules_once(service: LiveServer, fhir_ser
     assert fhir_server.requests == []  # full-resource: nothing read back
 
 
+def test_a_start_clause_may_use_the_documented_context_variables(
+        make_client: Callable[..., LiveServer], rules_dir: Path, fhir_server: FhirServer) -> None:
+    """%patientId in a follow-up's start clause passes lint, so it must evaluate at intake (it was a 500)."""
+    path = rules_dir / "cardiology" / f"{RULE}.yaml"
+    text = path.read_text()
+    old = "      where: \"(value as Quantity).value > referenceRange.high.value or"
+    assert old in text
+    path.write_text(text.replace(old, "      where: \"subject.reference = 'Patient/' + %patientId and "
+                                      "(value as Quantity).value > referenceRange.high.value or", 1))
+    service = make_client(followup_poll_seconds=0)
+    pid = new_patient()
+    response = service.post(NOTIFY, json=full_resource(fhir_server.base, result_for(pid)))
+    assert response.status_code == 200, response.text
+    assert response.json()["scheduled"] == 1
+
+
 def test_resources_that_start_nothing_schedule_nothing(service: LiveServer, fhir_server: FhirServer) -> None:
     pid = new_patient()
     normal = {**result_for(pid, "trop-normal"), "valueQuantity": {"value": 5, "unit": "ng/L"}}
@@ -483,8 +499,17 @@ def test_followup_compiles(rules_dir: Path) -> None:
     rule = next(r for r in result.ruleset.rules if r.id == RULE)
     assert (rule.followup_start, rule.followup_after) == ("troponin", timedelta(hours=12))
     assert all(r.followup_start is None for r in result.ruleset.rules if r.id != RULE)
-    shipped = YAML(typ="safe").load((ROOT / "rules" / "cardiology" / f"{RULE}.yaml").read_text())
-    assert shipped["followup"] == {"start": "troponin", "after": "12h"}
+
+
+def test_every_shipped_followup_starts_from_a_record_clause() -> None:
+    """A follow-up can only start from data a FHIR server notifies about (record, not drafts)."""
+    shipped = load_ruleset(ROOT / "rules").ruleset
+    assert shipped is not None
+    starting = followups.followup_rules(shipped.rules)
+    assert starting, "the catalog has time-driven rules"
+    for rule in starting:
+        clause = followups.start_clause(rule)
+        assert clause is not None and "record" in clause.sources, rule.id
 
 
 # -- the service's own access token (SMART Backend Services) ------------------------------------------------

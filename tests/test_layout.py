@@ -84,5 +84,5 @@ def test_readme_architecture_names_every_subpackage() -> None:
     packages = sorted(p.parent.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("__init__.py")
                       if p.parent != PACKAGE and "migrations" not in p.parts)
     assert packages, "no subpackages found"
-    missing = [p for p in packages if f"{p}/" not in sketch]
+    missing = [p for p in packages if f"{p.rsplit('/', 1)[-1]}/" not in sketch]
     assert not missing, f"README architecture sketch does not show {missing}"

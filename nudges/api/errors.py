@@ -17,8 +17,12 @@ FHIR_JSON = "application/fhir+json"
 
 
 def error_response(exc: NudgesError) -> Response:
+    """The answer, and a log line an operator can act on: diagnostics never carry PHI or tokens, and a
+    refusal (401) logs its reason where it is decided (api/auth.py)."""
     if exc.status >= 500:
         log.error("internal error", extra={"error": type(exc).__name__})
+    elif exc.status in (412, 413):
+        log.info(f"answered {exc.status}: {exc.diagnostics}", extra={"status": exc.status})
     return Response(orjson.dumps(exc.outcome()), status_code=exc.status, media_type=FHIR_JSON)
 
 

@@ -256,7 +256,8 @@ class Case(Strict):
     appointments: list[dict[str, Any]] = Field(default_factory=list)
     context: dict[str, Any] = Field(default_factory=dict, description="extra hook context fields")
     expect: list[CaseExpectation] = Field(
-        description="the cards this rule must return; [] means it must not fire")
+        max_length=1, description="the card this rule must return ([] means it must not fire); a rule raises "
+                                  "at most one card per call, so the list holds at most one")
 
 
 class Cases(Strict):

@@ -23,27 +23,52 @@ from ..rules.schema import Case, CaseExpectation
 from ..services import Service, Services
 
 
-@dataclass
-class RuleReport:
-    rule: str
-    tp: int = 0
-    tn: int = 0
-    fp: int = 0
-    fn: int = 0
-    failures: list[str] = field(default_factory=list)
+@dataclass(frozen=True)
+class CaseResult:
+    """One case's outcome: tp/tn (as expected), fp/fn (fired when it should not, or did not when it
+    should), differs (fired with other content), error (could not run: a failure too, with its reason)."""
+
+    name: str
+    outcome: str
+    message: str = ""
 
     @property
     def ok(self) -> bool:
-        return not self.failures
+        return self.outcome in ("tp", "tn")
 
 
-def find_file(start: Path, relative: str) -> Path:
-    """A fixture path is looked up relative to the cases file's folder, then each parent folder."""
-    for folder in (start, *start.parents):
+@dataclass
+class RuleReport:
+    rule: str
+    cases: list[CaseResult] = field(default_factory=list)
+
+    def count(self, outcome: str) -> int:
+        return sum(c.outcome == outcome for c in self.cases)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.cases)
+
+    @property
+    def failures(self) -> list[str]:
+        return [f"  case '{c.name}': {c.message}" for c in self.cases if not c.ok]
+
+    def summary(self) -> str:
+        counts = " ".join(f"{o}={self.count(o)}" for o in ("tp", "tn", "fp", "fn", "differs", "error"))
+        return f"{'PASS' if self.ok else 'FAIL'} {self.rule}: {len(self.cases)} case(s), {counts}"
+
+
+def find_file(start: Path, relative: str, also: tuple[Path, ...] = ()) -> Path:
+    """A fixture path is looked up relative to the cases file's folder, then each parent folder, then the
+    rule set's fixture folders; the error lists every place looked."""
+    tried = []
+    for folder in (start, *start.parents, *also):
         candidate = folder / relative
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError(relative)
+        tried.append(str(candidate))
+    raise FileNotFoundError(f"bundle '{relative}' not found; looked for " + ", ".join(tried[:6])
+                            + (f" and {len(tried) - 6} more" if len(tried) > 6 else ""))
 
 
 def case_request(case: Case, folder: Path) -> dict[str, Any]:
@@ -111,6 +136,28 @@ def expectation_lines(expected: CaseExpectation) -> list[str]:
     return lines or ["(any card)"]
 
 
+def judge(case: Case, cards: list[dict[str, Any]]) -> CaseResult:
+    """Every expectation against the card in its position; the numbers of cards must agree too."""
+    if not case.expect:
+        if not cards:
+            return CaseResult(case.name, "tn")
+        return CaseResult(case.name, "fp", "false positive, expected no card, got:\n"
+                          + "\n".join("    + " + line for line in describe(cards[0])))
+    if not cards:
+        return CaseResult(case.name, "fn", "false negative, expected a card, got none:\n"
+                          + "\n".join("    - " + line for line in expectation_lines(case.expect[0])))
+    if len(cards) != len(case.expect):
+        return CaseResult(case.name, "differs", f"expected {len(case.expect)} card(s), got {len(cards)}")
+    for i, (expected, card) in enumerate(zip(case.expect, cards, strict=True)):
+        wrong = mismatches(expected, card)
+        if wrong:
+            at = f" {i + 1}" if len(cards) > 1 else ""
+            return CaseResult(case.name, "differs", f"card{at} differs ({', '.join(wrong)}):\n" + "\n".join(
+                "    " + line for line in difflib.unified_diff(
+                    expectation_lines(expected), describe(card), "expected", "actual", lineterm="")))
+    return CaseResult(case.name, "tp")
+
+
 def check_rule(rule: CompiledRule, ruleset: RuleSet) -> RuleReport:
     report = RuleReport(rule.id)
     entry = ruleset.cases.get(rule.id)
@@ -120,31 +167,13 @@ def check_rule(rule: CompiledRule, ruleset: RuleSet) -> RuleReport:
     for case in cases.cases:
         try:
             cards = run_case(rule, ruleset, case, path.parent, cases.now)
-        except (NudgesError, FileNotFoundError, RuntimeError, ValueError) as exc:
-            report.failures.append(f"  case '{case.name}': could not run: {exc}")
+        except (NudgesError, FileNotFoundError, RuntimeError, ValueError, orjson.JSONDecodeError) as exc:
+            message = exc.diagnostics if isinstance(exc, NudgesError) else str(exc)
+            report.cases.append(CaseResult(case.name, "error", f"could not run: {message}"))
             continue
-        if not case.expect:
-            if cards:
-                report.fp += 1
-                report.failures.append(f"  case '{case.name}': false positive, expected no card, got:\n"
-                                       + "\n".join("    + " + line for line in describe(cards[0])))
-            else:
-                report.tn += 1
-            continue
-        if not cards:
-            report.fn += 1
-            report.failures.append(f"  case '{case.name}': false negative, expected a card, got none:\n"
-                                   + "\n".join("    - " + line for line in expectation_lines(case.expect[0])))
-            continue
-        wrong = mismatches(case.expect[0], cards[0])
-        if wrong:
-            report.failures.append(f"  case '{case.name}': card differs ({', '.join(wrong)}):\n" + "\n".join(
-                "    " + line for line in difflib.unified_diff(
-                    expectation_lines(case.expect[0]), describe(cards[0]), "expected", "actual", lineterm="")))
-        else:
-            report.tp += 1
+        report.cases.append(judge(case, cards))
     return report
 
 
-def run_all(ruleset: RuleSet) -> list[RuleReport]:
-    return [check_rule(rule, ruleset) for rule in ruleset.rules]
+def run_all(ruleset: RuleSet, only: set[str] | None = None) -> list[RuleReport]:
+    return [check_rule(rule, ruleset) for rule in ruleset.rules if only is None or rule.id in only]
