@@ -12,10 +12,10 @@ import pytest
 
 from nudges.clock import parse_instant
 from nudges.demographics import US_CORE_ETHNICITY, US_CORE_RACE
+from nudges.hooks import HOOK_NAMES
 from nudges.pipeline import run_body
 from nudges.rules.compiled import RuleSet
 from nudges.rules.compiler import load_ruleset
-from nudges.hooks import HOOK_NAMES
 from nudges.services import Services
 from nudges.settings import Settings
 from nudges.tools.cases import run_all

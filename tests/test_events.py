@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 from conftest import ROOT, FhirServer, LiveServer
 from helpers import assert_valid_card, bundle, patient, patient_view, troponin
-from ruamel.yaml import YAML
 from sqlalchemy import select
 
 from nudges.clock import FixedClock
