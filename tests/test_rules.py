@@ -80,7 +80,35 @@ def test_lint_summary_too_long_and_yaml_syntax(rules_dir: Path, capsys: pytest.C
                              for line in out)
     path.write_text("id: [unclosed\n")
     code, out = lint(rules_dir, capsys)
-    assert code == 1 and any("YAML syntax" in line for line in out)
+    assert code == 1 and any("YAML: an unclosed [ list" in line for line in out)
+
+
+@pytest.mark.parametrize(("text", "advice"), [
+    ("id: a\nid: b\n", "this key appears twice"),
+    ("title: Troponin: elevated\n", "put the value in quotes"),
+    ("id: x\n\ttitle: y\n", "YAML indents with spaces only"),
+    ("summary: \"never closed\n", "a quote or bracket opened and never closed"),
+])
+def test_yaml_errors_read_as_plain_advice(rules_dir: Path, capsys: pytest.CaptureFixture[str], text: str,
+                                          advice: str) -> None:
+    (rules_dir / RULE).write_text(text)
+    code, out = lint(rules_dir, capsys)
+    assert code == 1 and any(advice in line for line in out), out
+
+
+def test_root_causes_come_without_their_knock_on_errors(rules_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A value set whose file is broken is reported once, not again at every clause that names it."""
+    edit(rules_dir / "valuesets" / "troponin.yaml", "title:", "titel:")
+    code, out = lint(rules_dir, capsys)
+    assert code == 1
+    assert any("troponin.yaml" in line and "unknown field 'titel'" in line for line in out), out
+    assert not any("unknown value set 'troponin'" in line for line in out), out
+
+
+def test_did_you_mean(rules_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    edit(rules_dir / RULE, "codes: troponin\n", "codes: troponine\n")
+    code, out = lint(rules_dir, capsys)
+    assert code == 1 and any("unknown value set 'troponine' (did you mean 'troponin'?)" in line for line in out)
 
 
 def test_active_rule_needs_firing_and_quiet_cases(rules_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:

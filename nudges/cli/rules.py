@@ -18,7 +18,7 @@ def register(sub: Any) -> None:
     test.add_argument("directory", type=Path)
     test.set_defaults(run=test_command)
     schema = sub.add_parser("schema", help="print the JSON Schema of rule files")
-    schema.add_argument("--kind", choices=["rule", "cases", "valueset", "ruleset"], default="rule")
+    schema.add_argument("--kind", choices=["rule", "cases", "valueset", "sitecodes", "ruleset"], default="rule")
     schema.set_defaults(run=schema_command)
     catalog = sub.add_parser("catalog", help="print the rule catalog as a markdown table")
     catalog.add_argument("directory", type=Path, nargs="?", default=Path("rules"))

@@ -12,6 +12,7 @@ from typing import Any
 from ..record import IndexPlan
 from .fhirpath import Compiled
 from .schema import Cases, Rule, RuleSetManifest
+from .valuesets import CompiledValueSet
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +98,9 @@ class RuleSet:
     rules: tuple[CompiledRule, ...]
     cases: dict[str, tuple[Path, Cases]]
     directory: Path
+    valuesets: dict[str, CompiledValueSet] = field(default_factory=dict)
+    fixture_dirs: tuple[Path, ...] = ()  # where cases' `bundle:` paths are looked up after their own folder
+    seeds_dir: Path | None = None
 
     @property
     def version(self) -> str:

@@ -15,12 +15,13 @@ import orjson
 from pydantic import ValidationError
 
 from ..fhir import CODE_ELEMENTS
-from . import yamlfiles
+from . import cache, yamlfiles
 from .compiled import CardTemplate, CompiledClause, CompiledGroup, CompiledItem, CompiledRule, RuleSet
 from .fhirpath import MEMBER_OF, RACE_READ, Compiled, FhirPathSyntaxError, compile_expression
-from .schema import Card, Cases, Clause, Group, Rule, RuleSetManifest, ValueSet, parse_duration
+from .resources import did_you_mean
+from .schema import Card, Cases, Clause, Coding, Group, Rule, RuleSetManifest, SiteCodes, ValueSet, parse_duration
 from .templates import PLACEHOLDER, SAMPLE, known_placeholder, template_problems
-from .valuesets import NON_ADHERENCE, CompiledValueSet, override_coding
+from .valuesets import NON_ADHERENCE, CompiledValueSet, FhirValueSetError, from_fhir, override_coding
 from .yamlfiles import Problem
 
 
@@ -29,100 +30,210 @@ class LoadResult:
     ruleset: RuleSet | None
     problems: list[Problem]
     files: int = 0
+    warnings: list[Problem] = field(default_factory=list)  # worth fixing, but the set still loads
 
 
-def load_ruleset(directory: Path) -> LoadResult:
+def _show(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def rule_files(directory: Path, site: Path | None = None) -> list[Path]:
+    """Every file a rule set is made of (what its digest covers and hot reload watches)."""
+    files = [p for p in directory.rglob("*.yaml") if p.is_file()]
+    files += [p for p in directory.rglob("*.json") if p.is_file() and p.parent.name == "valuesets"]
+    if site is not None and site.is_dir():
+        files += [p for p in site.iterdir() if p.is_file() and p.suffix in (".yaml", ".json")]
+    return sorted(files)
+
+
+def load_ruleset(directory: Path, site: Path | None = None) -> LoadResult:
+    """Load, check and compile a rules directory (and a site's own value-set codes, `site_valuesets`)."""
     directory = directory.resolve()
+    site = site.resolve() if site is not None else None
     problems: list[Problem] = []
-    files = sorted(p for p in directory.rglob("*.yaml") if p.is_file())
-    if not files:
+    files = rule_files(directory, site)
+    if not any(p.suffix == ".yaml" and p.is_relative_to(directory) for p in files):
         return LoadResult(None, [Problem(str(directory), 1, 1, "no rule files found")])
-
-    def show(p: Path) -> str:
-        try:
-            return str(p.relative_to(Path.cwd()))
-        except ValueError:
-            return str(p)
+    if site is not None and not site.is_dir():
+        problems.append(Problem(str(site), 1, 1, "site_valuesets is not a folder"))
 
     digest = hashlib.sha256()
     for path in files:
-        digest.update(str(path.relative_to(directory)).encode() + b"\0" + path.read_bytes() + b"\0")
+        label = path.relative_to(directory) if path.is_relative_to(directory) else Path("site") / path.name
+        digest.update(str(label).encode() + b"\0" + path.read_bytes() + b"\0")
 
     manifest_path = directory / "ruleset.yaml"
     manifest: RuleSetManifest | None = None
     if manifest_path.exists():
-        data, found = yamlfiles.load(manifest_path, show(manifest_path))
+        document, found = yamlfiles.load(manifest_path, _show(manifest_path))
         problems += found
-        if data is not None:
-            manifest, found = yamlfiles.validate(RuleSetManifest, data, show(manifest_path))
+        if document is not None:
+            manifest, found = yamlfiles.validate(RuleSetManifest, document, _show(manifest_path))
             problems += found
     else:
-        problems.append(Problem(show(directory), 1, 1, "missing ruleset.yaml (name, version, topics)"))
+        problems.append(Problem(_show(directory), 1, 1, "missing ruleset.yaml (name, version, topics)"))
 
-    valuesets: dict[str, CompiledValueSet] = {}
+    site_files = [p for p in files if site is not None and p.parent == site]
+    valuesets, found, unsourced = load_valuesets([p for p in files if p.parent.name == "valuesets"], site_files)
+    problems += found
+    broken = {p.stem for p in files if p.parent.name == "valuesets"} - set(valuesets)  # their own problems come first
     rule_docs: list[tuple[Path, yamlfiles.Document, Rule]] = []
-    case_docs: dict[str, tuple[Path, Cases]] = {}
+    case_docs: dict[str, tuple[Path, yamlfiles.Document, Cases]] = {}
     for path in files:
-        if path == manifest_path:
+        if path == manifest_path or path.parent.name == "valuesets" or path in site_files:
             continue
-        data, found = yamlfiles.load(path, show(path))
+        document, found = yamlfiles.load(path, _show(path))
         problems += found
-        if data is None:
+        if document is None:
             continue
-        if path.parent.name == "valuesets":
-            vs, found = yamlfiles.validate(ValueSet, data, show(path))
-            problems += found
-            if vs is not None:
-                if vs.name != path.stem:
-                    problems.append(Problem(show(path), *yamlfiles.position(data, ("name",)),
-                                            f"value set name '{vs.name}' must equal the file name"))
-                valuesets[vs.name] = CompiledValueSet.of(vs)
-        elif path.name.endswith(".cases.yaml"):
-            cases, found = yamlfiles.validate(Cases, data, show(path))
+        if path.name.endswith(".cases.yaml"):
+            cases, found = yamlfiles.validate(Cases, document, _show(path))
             problems += found
             if cases is not None:
-                case_docs[cases.rule] = (path, cases)
+                case_docs[cases.rule] = (path, document, cases)
         else:
-            rule, found = yamlfiles.validate(Rule, data, show(path))
+            rule, found = yamlfiles.validate(Rule, document, _show(path))
             problems += found
             if rule is not None:
-                rule_docs.append((path, data, rule))
+                rule_docs.append((path, document, rule))
 
-    seeds = _seed_passages(directory.parent / "seeds")
+    seeds_dir = (manifest_path.parent / (manifest.seeds if manifest else "../seeds")).resolve()
+    fixture_dirs = tuple((manifest_path.parent / f).resolve() for f in (manifest.fixtures if manifest else ()))
+    seeds = _seed_passages(seeds_dir)
     compiled: list[CompiledRule] = []
     seen_ids: dict[str, str] = {}
-    for path, data, rule in rule_docs:
-        checker = _RuleChecker(show(path), data, rule, valuesets, manifest, seeds)
+    for path, document, rule in rule_docs:
+        checker = _RuleChecker(_show(path), document, rule, valuesets, manifest, seeds, seeds_dir, broken)
         result = checker.compile()
         problems += checker.problems
         if rule.id in seen_ids:
-            problems.append(Problem(show(path), *yamlfiles.position(data, ("id",)),
+            problems.append(Problem(_show(path), *yamlfiles.position(document, ("id",)),
                                     f"duplicate rule id (also in {seen_ids[rule.id]})"))
-        seen_ids[rule.id] = show(path)
+        seen_ids[rule.id] = _show(path)
         if path.stem != rule.id:
-            problems.append(Problem(show(path), *yamlfiles.position(data, ("id",)),
+            problems.append(Problem(_show(path), *yamlfiles.position(document, ("id",)),
                                     f"rule id '{rule.id}' must equal the file name '{path.stem}'"))
         cases_entry = case_docs.get(rule.id)
         if cases_entry is not None and cases_entry[0].parent != path.parent:
-            problems.append(Problem(show(cases_entry[0]), 1, 1, "cases must sit beside their rule file"))
+            problems.append(Problem(_show(cases_entry[0]), 1, 1, "cases must sit beside their rule file"))
         if rule.status == "active":
-            firing = cases_entry is not None and any(c.expect for c in cases_entry[1].cases)
-            quiet = cases_entry is not None and any(not c.expect for c in cases_entry[1].cases)
+            firing = cases_entry is not None and any(c.expect for c in cases_entry[2].cases)
+            quiet = cases_entry is not None and any(not c.expect for c in cases_entry[2].cases)
             if not (firing and quiet):
-                problems.append(Problem(show(path), *yamlfiles.position(data, ("status",)),
+                problems.append(Problem(_show(path), *yamlfiles.position(document, ("status",)),
                                         "an active rule needs at least one firing and one non-firing case "
                                         f"in {rule.id}.cases.yaml"))
         if result is not None:
             compiled.append(result)
-    for rule_id, (path, _) in case_docs.items():
-        if rule_id not in seen_ids:
-            problems.append(Problem(show(path), 1, 1, f"cases for unknown rule '{rule_id}'"))
+    warnings = list(unsourced)
+    for rule_id, (path, document, cases) in case_docs.items():
+        if rule_id not in seen_ids:  # a retired rule's cases: harmless, but worth deleting
+            warnings.append(Problem(_show(path), *yamlfiles.position(document, ("rule",)),
+                                    f"cases for '{rule_id}', which no rule file defines (retired? delete this "
+                                    "file, or restore the rule)"))
+            continue
+        problems += check_cases(path, document, cases, fixture_dirs)
 
     if problems or manifest is None:
-        return LoadResult(None, sorted(set(problems)), len(files))
+        return LoadResult(None, sorted(set(problems)), len(files), sorted(warnings))
     ruleset = RuleSet(manifest, digest.hexdigest(), tuple(sorted(compiled, key=lambda r: r.id)),
-                      case_docs, directory)
-    return LoadResult(ruleset, [], len(files))
+                      {rule_id: (path, cases) for rule_id, (path, _, cases) in case_docs.items()
+                       if rule_id in seen_ids},
+                      directory, valuesets, fixture_dirs, seeds_dir if seeds is not None else None)
+    return LoadResult(ruleset, [], len(files), sorted(warnings))
+
+
+def load_valuesets(files: list[Path], site_files: list[Path],
+                   show: Any = _show) -> tuple[dict[str, CompiledValueSet], list[Problem], list[Problem]]:
+    """The rule set's value sets (YAML or FHIR ValueSet JSON, named by their file), then a site's codes
+    added to the shipped sets of the same name; last, warnings for sets that do not say where their codes
+    came from (source, version, date)."""
+    problems: list[Problem] = []
+    unsourced: list[Problem] = []
+    valuesets: dict[str, CompiledValueSet] = {}
+    for path in files:
+        if path.suffix == ".json":
+            try:
+                valuesets[path.stem] = from_fhir(path.stem, orjson.loads(path.read_bytes()))
+            except (OSError, orjson.JSONDecodeError, FhirValueSetError) as exc:
+                problems.append(Problem(show(path), 1, 1, f"FHIR ValueSet: {exc}"))
+            continue
+        document, found = yamlfiles.load(path, show(path))
+        problems += found
+        if document is None:
+            continue
+        vs, found = yamlfiles.validate(ValueSet, document, show(path))
+        problems += found
+        if vs is not None:
+            if vs.name != path.stem:
+                problems.append(Problem(show(path), *yamlfiles.position(document, ("name",)),
+                                        f"value set name '{vs.name}' must equal the file name"))
+            valuesets[vs.name] = CompiledValueSet.of(vs)
+            missing = [k for k in ("source", "version", "date") if getattr(vs, k) is None]
+            if missing:
+                unsourced.append(Problem(show(path), 1, 1, f"value set gives no {', '.join(missing)}: say where "
+                                                           "its codes came from, so they can be checked again"))
+    for path in site_files:
+        if path.stem not in valuesets:
+            problems.append(Problem(show(path), 1, 1, f"site codes for '{path.stem}', which is not a value set of "
+                                    f"the rule set{did_you_mean(path.stem, set(valuesets))}"))
+            continue
+        if path.suffix == ".json":
+            try:
+                extra = from_fhir(path.stem, orjson.loads(path.read_bytes()))
+            except (OSError, orjson.JSONDecodeError, FhirValueSetError) as exc:
+                problems.append(Problem(show(path), 1, 1, f"FHIR ValueSet: {exc}"))
+                continue
+            codes = SiteCodes(name=path.stem, source=extra.source, codes=[
+                Coding(system=s, code=c, display=extra.displays[s, c]) for s, c in sorted(extra.keys)])
+        else:
+            document, found = yamlfiles.load(path, show(path))
+            problems += found
+            if document is None:
+                continue
+            codes, found = yamlfiles.validate(SiteCodes, document, show(path))
+            problems += found
+            if codes is None:
+                continue
+            if codes.name != path.stem:
+                problems.append(Problem(show(path), *yamlfiles.position(document, ("name",)),
+                                        f"name '{codes.name}' must equal the file name"))
+                continue
+        valuesets[path.stem] = valuesets[path.stem].with_site(codes)
+    return valuesets, problems, unsourced
+
+
+def check_cases(path: Path, document: yamlfiles.Document, cases: Cases,
+                fixture_dirs: tuple[Path, ...]) -> list[Problem]:
+    """Cases must run: every `bundle:` found (saying where it was looked for), every inline resource valid
+    FHIR R4 with codes from required bindings. A clean verdict is cached with the file's content."""
+    from .resources import check
+
+    problems = []
+    for i, case in enumerate(cases.cases):
+        if case.bundle:
+            try:
+                find_file(path.parent, case.bundle, fixture_dirs)
+            except FileNotFoundError as exc:
+                problems.append(Problem(_show(path), *yamlfiles.position(document, ("cases", i, "bundle"), value=True),
+                                        str(exc)))
+    entry = cache.key("cases-clean", path.read_bytes())
+    if cache.lookup(entry) is True:
+        return problems
+    found = []
+    for i, case in enumerate(cases.cases):
+        for part in ("resources", "draft_orders", "appointments"):
+            for j, resource in enumerate(getattr(case, part)):
+                for problem in check(resource):
+                    loc = ("cases", i, part, j, *problem.location)
+                    found.append(Problem(_show(path), *yamlfiles.position(document, loc),
+                                         f"case '{case.name}': {part}[{j}] is not valid FHIR R4: {problem.message}"))
+    if not found:
+        cache.store(entry, True)
+    return problems + found
 
 
 def _seed_passages(seeds_dir: Path) -> dict[str, set[str]] | None:
@@ -139,13 +250,27 @@ def _seed_passages(seeds_dir: Path) -> dict[str, set[str]] | None:
     return found
 
 
+def find_file(start: Path, relative: str, also: tuple[Path, ...] = ()) -> Path:
+    """A fixture path is looked up relative to the cases file's folder, then each parent folder, then the
+    rule set's fixture folders (`fixtures:` in ruleset.yaml); the error says where it looked."""
+    for folder in (start, *start.parents, *also):
+        candidate = folder / relative
+        if candidate.is_file():
+            return candidate
+    places = [f"{start} and its parents", *(str(p) for p in also)]
+    raise FileNotFoundError(f"bundle '{relative}' not found in {', '.join(places)}: add the folder that holds it "
+                            "to `fixtures:` in ruleset.yaml, or give a path relative to this file")
+
+
 class _RuleChecker:
     """Semantic checks that need more than the schema, and compilation into CompiledRule."""
 
     def __init__(self, display: str, data: yamlfiles.Document, rule: Rule, valuesets: dict[str, CompiledValueSet],
-                 manifest: RuleSetManifest | None, seeds: dict[str, set[str]] | None) -> None:
-        self.display, self.data, self.rule = display, data, rule
-        self.valuesets, self.manifest, self.seeds = valuesets, manifest, seeds
+                 manifest: RuleSetManifest | None, seeds: dict[str, set[str]] | None, seeds_dir: Path,
+                 broken: set[str] | None = None) -> None:
+        self.display, self.data, self.rule, self.broken = display, data, rule, broken or set()
+        self.failed_quietly = False  # a knock-on of a problem reported elsewhere: compile nothing, say nothing
+        self.valuesets, self.manifest, self.seeds, self.seeds_dir = valuesets, manifest, seeds, seeds_dir
         self.problems: list[Problem] = []
         self.value_set_keys = {name: vs.keys for name, vs in valuesets.items()}  # what memberOf tests
 
@@ -211,7 +336,11 @@ class _RuleChecker:
         if clause.codes is not None:
             vs = self.valuesets.get(clause.codes)
             if vs is None:
-                self.problem((*loc, "codes"), f"unknown value set '{clause.codes}'", value=True)
+                if clause.codes in self.broken:  # the value set's own file has problems, reported there
+                    self.failed_quietly = True
+                else:
+                    self.problem((*loc, "codes"), f"unknown value set '{clause.codes}'"
+                                                  f"{did_you_mean(clause.codes, set(self.valuesets))}", value=True)
             else:
                 if vs.reads_race() and not self.rule.race_correction_removal:
                     self.problem((*loc, "codes"), "value set holds race/ethnicity codes: triggers must be "
@@ -313,11 +442,20 @@ class _RuleChecker:
         if self.manifest is not None and rule.topic not in self.manifest.topics:
             self.problem(("topic",), f"topic '{rule.topic}' is not listed in ruleset.yaml topics", value=True)
         for i, citation in enumerate(rule.citations):
-            if citation.seed and self.seeds is not None:
-                record, passage = citation.seed.split("#")
-                if passage not in self.seeds.get(record, set()):
-                    self.problem(("citations", i, "seed"), f"no passage '{citation.seed}' in seeds/",
-                                 value=True)
+            if not citation.seed:
+                continue
+            if self.seeds is None:  # never silently unchecked: a copied rules folder must say where its seeds are
+                self.problem(("citations", i, "seed"), f"cannot check '{citation.seed}': no seeds folder at "
+                                                       f"{self.seeds_dir} (set `seeds:` in ruleset.yaml)", value=True)
+                continue
+            record, passage = citation.seed.split("#")
+            if record not in self.seeds:
+                self.problem(("citations", i, "seed"), f"no seed record '{record}' in {self.seeds_dir}"
+                                                       f"{did_you_mean(record, set(self.seeds))}", value=True)
+            elif passage not in self.seeds[record]:
+                self.problem(("citations", i, "seed"), f"no passage '{passage}' in seed '{record}' (it has "
+                                                       f"{', '.join(sorted(self.seeds[record])) or 'none'})",
+                             value=True)
         names = _Names()
         all_items = self.items(("when", "all"), rule.when.all, names, certain=True)
         any_items = self.items(("when", "any"), rule.when.any, names, certain=False)
@@ -328,7 +466,7 @@ class _RuleChecker:
             self.problem(("followup", "start"), f"'{rule.followup.start}' is not bound by a clause directly "
                                                 "under `all`", value=True)
         card = self.card(rule.card, names)
-        if len(self.problems) > before or card is None:
+        if len(self.problems) > before or card is None or self.failed_quietly:
             return None
         age = rule.when.age
         source_url = next((c.url or (f"https://doi.org/{c.doi}" if c.doi else None)

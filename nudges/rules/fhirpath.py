@@ -121,7 +121,10 @@ def value_set_names(expression: str, valuesets: ValueSets) -> None:
             raise FhirPathSyntaxError("memberOf takes a value set name in quotes, e.g. memberOf('hba1c')",
                                       match.start())
         if name not in valuesets:
-            raise FhirPathSyntaxError(f"memberOf: unknown value set '{name}'", match.start(1))
+            from .resources import did_you_mean
+
+            raise FhirPathSyntaxError(f"memberOf: unknown value set '{name}'{did_you_mean(name, set(valuesets))}",
+                                      match.start(1))
 
 
 def compile_expression(expression: str, resource_type: str | None = None,

@@ -229,9 +229,28 @@ class Rule(Strict):
 
 
 class ValueSet(Strict):
-    name: str = Field(pattern=ID_PATTERN)
+    """A named code list (valuesets/<name>.yaml). FHIR R4 ValueSet JSON (valuesets/<name>.json, e.g. a
+    VSAC/eCQM expansion exported unchanged) is read next to these; see rules/valuesets.py."""
+
+    name: str = Field(pattern=ID_PATTERN, description="equals the file name; what rules name in `codes:`")
     title: str = Field(min_length=1)
     description: str | None = None
+    source: str | None = Field(None, min_length=1, description="where the codes came from (a VSAC OID and expansion, "
+                                                               "an RxNav query, a code system browser), so they can "
+                                                               "be checked again")
+    version: str | None = Field(None, min_length=1, description="this list's version (the source's, or your own)")
+    date: str | None = Field(None, pattern=r"^\d{4}-\d{2}-\d{2}$",
+                             description="when the codes were last checked (YYYY-MM-DD)")
+    codes: list[Coding] = Field(min_length=1)
+
+
+class SiteCodes(Strict):
+    """A site's own codes for a shipped value set (site_valuesets/<name>.yaml): local orderables such as a
+    "Security - room search" order code, added to the set of the same name without editing the rules."""
+
+    name: str = Field(pattern=ID_PATTERN, description="the shipped value set these codes join")
+    description: str | None = None
+    source: str = Field(min_length=1, description="e.g. the site's order catalog and its export date")
     codes: list[Coding] = Field(min_length=1)
 
 
@@ -274,6 +293,11 @@ class RuleSetManifest(Strict):
     source_label: str = Field(description="card source.label")
     topic_system: str = Field(pattern=r"^[a-z][a-z0-9+.-]*:", description="Coding system of source.topic")
     topics: dict[str, str] = Field(description="topic code -> display")
+    seeds: str = Field("../seeds", description="folder of source passages that `seed:` citations are checked "
+                                               "against, relative to this file")
+    fixtures: list[str] = Field(default_factory=lambda: ["../fhir_fixtures"],
+                                description="folders where cases' `bundle:` paths are also looked up, relative to "
+                                            "this file (after the cases file's own folder and its parents)")
 
 
 def json_schema() -> dict[str, Any]:
@@ -284,5 +308,5 @@ def json_schema() -> dict[str, Any]:
     return schema
 
 
-SCHEMAS: dict[str, type[BaseModel]] = {"rule": Rule, "cases": Cases, "valueset": ValueSet,
+SCHEMAS: dict[str, type[BaseModel]] = {"rule": Rule, "cases": Cases, "valueset": ValueSet, "sitecodes": SiteCodes,
                                        "ruleset": RuleSetManifest}

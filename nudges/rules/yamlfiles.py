@@ -73,12 +73,37 @@ def load(path: Path, display: str) -> tuple[Document | None, list[Problem]]:
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        return None, [Problem(display, line, col, f"YAML syntax: {exc.problem or exc.context}")]
+        return None, [Problem(display, line, col, advice(str(exc.problem or exc.context or "")))]
     if not isinstance(tree, CommentedMap):
         return None, [Problem(display, 1, 1, "the file must be a YAML mapping")]
     document = Document(text, plain(tree), tree)
     cache.store(entry, document.plain)
     return document, []
+
+
+# The parser's words, and what to do about them.
+ADVICE = (
+    ("found duplicate key", "this key appears twice in the same mapping: keep one"),
+    ("mapping values are not allowed here", "a ': ' inside a value: put the value in quotes"),
+    ("found character '\\t'", "a tab character: YAML indents with spaces only"),
+    ("could not find expected ':'", "a line that is not `key: value`: check the indentation or a missing colon"),
+    ("expected ',' or ']'", "an unclosed [ list, or a ':' inside one: close it with ] or quote the item"),
+    ("expected ',' or '}'", "an unclosed { mapping, or a stray character in one: close it with } or quote the value"),
+    ("did not find expected key", "the indentation changes in the middle of a mapping: line the keys up"),
+    ("did not find expected '-' indicator", "a list item not lined up with the others: indent it like the rest"),
+    ("found unexpected end of stream", "a quote or bracket opened and never closed"),
+    ("found undefined alias", "a *name with no &name anchor: quote the value if it starts with *"),
+    ("found unknown escape character", "a backslash escape YAML does not know: use single quotes, or \\\\"),
+    ("while scanning a quoted scalar", "a quoted value that is never closed"),
+    ("found character '@'", "a value may not start with @ or `: put it in quotes"),
+)
+
+
+def advice(problem: str) -> str:
+    for words, meaning in ADVICE:
+        if words in problem:
+            return f"YAML: {meaning} (the parser says: {problem.strip()})"
+    return f"YAML syntax: {problem.strip()}"
 
 
 def position(document: Document | Any, loc: Sequence[Any], *, value: bool = False) -> tuple[int, int]:

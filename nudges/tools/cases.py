@@ -19,6 +19,7 @@ from ..errors import NudgesError
 from ..fhir import bundle
 from ..hooks import HOOKS
 from ..rules.compiled import CompiledRule, RuleSet
+from ..rules.compiler import find_file
 from ..rules.schema import Case, CaseExpectation
 from ..services import Service, Services
 
@@ -58,24 +59,11 @@ class RuleReport:
         return f"{'PASS' if self.ok else 'FAIL'} {self.rule}: {len(self.cases)} case(s), {counts}"
 
 
-def find_file(start: Path, relative: str, also: tuple[Path, ...] = ()) -> Path:
-    """A fixture path is looked up relative to the cases file's folder, then each parent folder, then the
-    rule set's fixture folders; the error lists every place looked."""
-    tried = []
-    for folder in (start, *start.parents, *also):
-        candidate = folder / relative
-        if candidate.is_file():
-            return candidate
-        tried.append(str(candidate))
-    raise FileNotFoundError(f"bundle '{relative}' not found; looked for " + ", ".join(tried[:6])
-                            + (f" and {len(tried) - 6} more" if len(tried) > 6 else ""))
-
-
-def case_request(case: Case, folder: Path) -> dict[str, Any]:
+def case_request(case: Case, folder: Path, fixture_dirs: tuple[Path, ...] = ()) -> dict[str, Any]:
     """The hook request an EHR would send for this case (everything prefetched)."""
     resources: list[dict[str, Any]] = []
     if case.bundle:
-        data = orjson.loads(find_file(folder, case.bundle).read_bytes())
+        data = orjson.loads(find_file(folder, case.bundle, fixture_dirs).read_bytes())
         resources += [e["resource"] for e in data.get("entry", []) if isinstance(e.get("resource"), dict)]
     resources += case.resources
     patient = next((r for r in resources if r.get("resourceType") == "Patient"), None)
@@ -100,7 +88,7 @@ def case_request(case: Case, folder: Path) -> dict[str, Any]:
 def run_case(rule: CompiledRule, ruleset: RuleSet, case: Case, folder: Path, now: str) -> list[dict[str, Any]]:
     service = Service.of(HOOKS[case.hook], (rule,), service_id="rule-case", title=rule.title)
     services = Services(ruleset, {service.id: service})
-    call = pipeline.parse_call(services, service.id, case_request(case, folder))
+    call = pipeline.parse_call(services, service.id, case_request(case, folder, ruleset.fixture_dirs))
     result = pipeline.evaluate(call, services, parse_instant(case.now or now), patient_hash="case")
     if result.failed:
         raise RuntimeError(f"rule {rule.id} raised while evaluating")
