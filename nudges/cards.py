@@ -131,6 +131,17 @@ class Renderer:
         return orjson.loads(text)
 
 
+def indicator(match: Match, now: datetime) -> str:
+    """The card's indicator, raised by `escalate` steps whose time has come since their bound resource."""
+    template = match.rule.card
+    shown = template.indicator
+    for after, name, level in template.escalate:
+        when = match.dates.get(name)
+        if when is not None and now - when >= after:
+            shown = level
+    return shown
+
+
 def build_card(match: Match, ruleset: RuleSet, context: dict[str, Any], patient: dict[str, Any] | None,
                now: datetime) -> dict[str, Any]:
     rule, template = match.rule, match.rule.card
@@ -145,7 +156,7 @@ def build_card(match: Match, ruleset: RuleSet, context: dict[str, Any], patient:
     if rule.source_url:
         source["url"] = rule.source_url
     card: dict[str, Any] = {"uuid": str(uuid.uuid4()), "summary": summary,
-                            "indicator": template.indicator, "source": source}
+                            "indicator": indicator(match, now), "source": source}
     if template.detail:
         card["detail"] = render.text(template.detail)
     if template.suggestions_json is not None:

@@ -58,7 +58,7 @@ class Runtime:
         clock = clock or clock_for(settings.now)
         key = settings.patient_hash_key.get_secret_value().encode() if settings.patient_hash_key else None
         store = Store(settings.database_url, clock, hash_key=key)
-        reloader = Reloader(settings.rules, frozenset(settings.rule_statuses))
+        reloader = Reloader(settings.rules, frozenset(settings.rule_statuses), settings.site_valuesets)
         fhir = FhirClient(settings, BackendTokens(settings.fhir_backend_clients))
         auth = Authenticator(settings.auth, store, clock, fhir.http)
         return cls(settings, clock, store, reloader, fhir, auth)

@@ -11,7 +11,7 @@ from .hooks import HOOKS, Hook
 from .prefetch import PrefetchPlan, plan_for
 from .record import IndexPlan
 from .rules.compiled import CompiledRule, RuleSet, index_plan
-from .rules.compiler import load_ruleset
+from .rules.compiler import load_ruleset, rule_files
 from .rules.yamlfiles import Problem
 
 log = logging.getLogger("nudges.services")
@@ -59,10 +59,10 @@ class Services:
         return tuple(sorted({r.id: r for s in self.by_id.values() for r in s.rules}.values(), key=lambda r: r.id))
 
 
-def fingerprint(directory: Path) -> str:
-    """Cheap change detector for polling: names, sizes and mtimes of the YAML files."""
+def fingerprint(directory: Path, site: Path | None = None) -> str:
+    """Cheap change detector for polling: names, sizes and mtimes of the rule set's files."""
     digest = hashlib.sha256()
-    for path in sorted(directory.rglob("*.yaml")):
+    for path in rule_files(directory, site):
         stat = path.stat()
         digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
@@ -71,8 +71,9 @@ def fingerprint(directory: Path) -> str:
 class Reloader:
     """Serves the current services; `reload` swaps them only when the new rule set loads without problems."""
 
-    def __init__(self, directory: Path, statuses: frozenset[str]) -> None:
+    def __init__(self, directory: Path, statuses: frozenset[str], site: Path | None = None) -> None:
         self.directory = directory
+        self.site = site
         self.statuses = statuses
         self.current: Services | None = None
         self.last_problems: list[Problem] = []
@@ -80,8 +81,8 @@ class Reloader:
         self._seen = ""
 
     def reload(self) -> bool:
-        self._seen = fingerprint(self.directory)
-        result = load_ruleset(self.directory)
+        self._seen = fingerprint(self.directory, self.site)
+        result = load_ruleset(self.directory, self.site)
         if result.ruleset is None:
             self.refused += 1
             self.last_problems = result.problems
@@ -95,4 +96,4 @@ class Reloader:
         return True
 
     def changed(self) -> bool:
-        return fingerprint(self.directory) != self._seen
+        return fingerprint(self.directory, self.site) != self._seen

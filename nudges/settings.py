@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8080
     rules: Path = BUNDLED_RULES
+    site_valuesets: Path | None = Field(
+        default=None, description="folder of a site's own codes for shipped value sets (<name>.yaml or FHIR "
+                                  "ValueSet <name>.json), e.g. local order codes; reloaded with the rules")
     database_url: str = "sqlite:///nudges.db"
     now: str | None = Field(default=None, description="pin the clock (ISO 8601 instant)")
     rule_statuses: list[str] = Field(default_factory=lambda: ["active"])

@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
         settings = load_settings(args.config, host=args.host, port=args.port, rules=args.rules,
                                  database_url=args.database_url)
         configure(settings.log_level)
-        result = load_ruleset(settings.rules)
+        result = load_ruleset(settings.rules, settings.site_valuesets)
         if result.ruleset is None:
             for problem in result.problems:
                 print(problem, file=sys.stderr)

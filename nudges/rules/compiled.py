@@ -28,6 +28,7 @@ class CompiledClause:
     since: str | None
     date: Compiled | None
     sources: tuple[str, ...]
+    earliest: bool = False  # a binding takes the earliest match instead of the latest
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +63,7 @@ class CardTemplate:
     suggestions_json: bytes | None
     links: tuple[dict[str, Any], ...]
     override_reasons: tuple[dict[str, str], ...]
+    escalate: tuple[tuple[timedelta, str, str], ...] = ()  # (after, bound name, indicator), soonest first
 
 
 @dataclass(frozen=True)

@@ -332,6 +332,9 @@ class _RuleChecker:
         except (ValueError, KeyError):
             self.problem((*loc, "resource"), f"'{clause.resource}' is not a FHIR R4 resource type",
                          value=True)
+        if clause.pick != "latest" and not clause.bind:
+            self.problem((*loc, "pick"), "`pick` chooses which match a name binds: give the clause `as:` too",
+                         value=True)
         codes = displays = None
         if clause.codes is not None:
             vs = self.valuesets.get(clause.codes)
@@ -368,7 +371,7 @@ class _RuleChecker:
             clause.bind, clause.resource, codes, displays or {}, where, text,
             parse_duration(clause.within) if clause.within else None,
             parse_duration(clause.older_than) if clause.older_than else None,
-            clause.since, date, sources)
+            clause.since, date, sources, clause.pick == "earliest")
 
     def card(self, card: Card, names: _Names) -> CardTemplate | None:
         ok, bound = True, names.certain
@@ -409,10 +412,20 @@ class _RuleChecker:
                 reasons.append(override_coding(reason))
         links = tuple({k: v for k, v in (("label", link.label), ("url", link.url), ("type", link.type),
                                          ("appContext", link.app_context)) if v} for link in card.links)
+        escalate = []
+        for i, step in enumerate(card.escalate):
+            if step.since not in bound:
+                self.problem(("card", "escalate", i, "since"), f"'{step.since}' is not a name bound whenever the rule "
+                             f"fires (bound under `all`: {', '.join(sorted(bound)) or 'none'})", value=True)
+                ok = False
+            escalate.append((parse_duration(step.after), step.since, step.indicator))
+        if [e[0] for e in escalate] != sorted(e[0] for e in escalate):
+            self.problem(("card", "escalate"), "list escalation steps from the soonest to the latest")
+            ok = False
         if not ok:
             return None
         return CardTemplate(card.summary, card.indicator, card.detail.strip() if card.detail else None,
-                            card.selection, suggestions_json, links, tuple(reasons))
+                            card.selection, suggestions_json, links, tuple(reasons), tuple(escalate))
 
     def _valid_resource(self, loc: tuple[Any, ...], resource: dict[str, Any], bound: set[str]) -> bool:
         from fhir.resources.R4B import get_fhir_model_class

@@ -58,6 +58,9 @@ class Clause(Strict):
     older_than: Duration | None = Field(None, description="the resource's date is at least this old")
     since: str | None = Field(None, description="only resources dated at or after this bound resource")
     date: FhirPath | None = Field(None, description="FHIRPath to the date, when not the type's usual one")
+    pick: Literal["latest", "earliest"] = Field(
+        "latest", description="which match a name binds when several resources match: the latest (default) or "
+                              "the earliest, e.g. the first elevated result of an episode to anchor a clock on")
     source: Literal["record", "draft", "selected", "any"] = Field(
         "record", description="record: prefetch/FHIR server; draft: draftOrders or appointments in the "
                               "hook context; selected: order-select selections; any: both")
@@ -166,6 +169,15 @@ class Link(Strict):
         return self
 
 
+class Escalation(Strict):
+    """A card that grows more urgent as time passes: from `after` since the bound resource's date, the
+    card shows `indicator` (the last entry whose time has come wins)."""
+
+    after: Duration
+    since: str = Field(pattern=r"^[a-z][a-z0-9_]*$", description="a name bound whenever the rule fires")
+    indicator: Indicator
+
+
 class Card(Strict):
     summary: str = Field(min_length=1, max_length=139,
                          description="< 140 characters; placeholders and {{#name}}/{{^name}} sections allowed")
@@ -175,6 +187,9 @@ class Card(Strict):
     selection: Literal["at-most-one", "any"] = "at-most-one"
     suggestions: list[Suggestion] = Field(default_factory=list)
     links: list[Link] = Field(default_factory=list)
+    escalate: list[Escalation] = Field(
+        default_factory=list, description="raise the indicator as time passes since a bound resource, e.g. "
+                                          "warning, then critical from 12h after the first elevated troponin")
     override_reasons: list[str | Coding] = Field(
         default_factory=list,
         description="codes of the HL7 non-adherence-reason-codes CodeSystem, or full Codings")

@@ -11,16 +11,18 @@ from ..rules.compiler import load_ruleset
 from ..services import Services
 
 
-def load_or_report(directory: Path, err: TextIO) -> RuleSet | None:
-    """The rule set, or None after printing every problem."""
-    result = load_ruleset(directory)
+def load_or_report(directory: Path, err: TextIO, site: Path | None = None) -> RuleSet | None:
+    """The rule set, or None after printing every problem (and, either way, every warning)."""
+    result = load_ruleset(directory, site)
     for problem in result.problems:
         err.write(f"{problem}\n")
+    for warning in result.warnings:
+        err.write(f"warning: {warning}\n")
     if result.ruleset is None:
         err.write(f"{len(result.problems)} problem(s) in the rule set in {directory}\n")
     return result.ruleset
 
 
-def load_services(directory: Path, statuses: Iterable[str], err: TextIO) -> Services | None:
-    ruleset = load_or_report(directory, err)
+def load_services(directory: Path, statuses: Iterable[str], err: TextIO, site: Path | None = None) -> Services | None:
+    ruleset = load_or_report(directory, err, site)
     return None if ruleset is None else Services.build(ruleset, frozenset(statuses))

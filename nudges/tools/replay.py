@@ -247,7 +247,7 @@ def main(paths: list[Path], *, rules: Path | None, now: str | None, update: bool
     settings = load_settings(rules=rules)
     # A loopback server never needs the production budget; a generous one keeps replays from flaking.
     settings = settings.model_copy(update={"fhir_timeout_seconds": max(settings.fhir_timeout_seconds, 30.0)})
-    services = load_services(settings.rules, settings.rule_statuses, err)
+    services = load_services(settings.rules, settings.rule_statuses, err, settings.site_valuesets)
     if services is None:
         return 1
     failed = 0
