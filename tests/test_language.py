@@ -64,9 +64,11 @@ def test_escalate_raises_the_indicator_once_its_time_has_come(rules_dir: Path) -
 @pytest.mark.parametrize(("old", "new", "message"), [
     ("      within: 72h\n", "      within: 72h\n      pick: first\n", "pick"),
     ("    - resource: Procedure\n", "    - resource: Procedure\n      pick: earliest\n", "give the clause `as:` too"),
-    ("  indicator: warning\n", "  indicator: warning\n  escalate:\n    - {after: 1h, since: trop, indicator: critical}\n",
+    ("  indicator: warning\n",
+     "  indicator: warning\n  escalate:\n    - {after: 1h, since: trop, indicator: critical}\n",
      "'trop' is not a name bound whenever the rule fires"),
-    ("  indicator: warning\n", "  indicator: warning\n  escalate:\n    - {after: 9h, since: troponin, indicator: critical}"
+    ("  indicator: warning\n",
+     "  indicator: warning\n  escalate:\n    - {after: 9h, since: troponin, indicator: critical}"
      "\n    - {after: 2h, since: troponin, indicator: warning}\n", "from the soonest to the latest"),
 ])
 def test_lint_refuses_misused_pick_and_escalate(rules_dir: Path, capsys: pytest.CaptureFixture[str], old: str,
