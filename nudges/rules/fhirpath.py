@@ -13,6 +13,7 @@ from antlr4 import CommonTokenStream, InputStream
 from antlr4.error.ErrorListener import ErrorListener
 from fhirpathpy import __version__ as FHIRPATHPY_VERSION
 from fhirpathpy import apply_parsed_path
+from fhirpathpy.engine.nodes import TypeInfo
 from fhirpathpy.engine.util import set_paths
 from fhirpathpy.models import models
 from fhirpathpy.parser import parse
@@ -21,8 +22,10 @@ from fhirpathpy.parser.generated.FHIRPathParser import FHIRPathParser
 
 from ..fhir import instant
 from . import cache
+from .fastpath import compile_fast
 
 R4 = models["r4"]
+TypeInfo.model = R4  # type: ignore[assignment]  # fhirpathpy keeps the model of is/as/ofType in a global: set once, not by the first `as`
 _CLOCK_FUNCTIONS = re.compile(r"\b(now|today|timeOfDay)\s*\(")
 # Anything that reads race or ethnicity: US Core extensions, the CDC race/ethnicity code system,
 # or fields literally named so. Used to keep triggers universal.
@@ -134,9 +137,10 @@ def compile_expression(expression: str, resource_type: str | None = None,
     if _CLOCK_FUNCTIONS.search(expression):
         raise FhirPathSyntaxError("use %now or %today instead of now()/today(): the clock is injected", 0)
     value_set_names(expression, valuesets or {})
-    functions = {"memberOf": {"fn": member_of(valuesets or {}), "arity": {1: ["String"]}}}
-    compiled = set_paths(apply_parsed_path, parsedPath=syntax_tree(expression), model=R4,
-                         options={"userInvocationTable": functions})
+    member = member_of(valuesets or {})
+    tree = syntax_tree(expression)
+    functions = {"memberOf": {"fn": member, "arity": {1: ["String"]}}}
+    compiled = set_paths(apply_parsed_path, parsedPath=tree, model=R4, options={"userInvocationTable": functions})
     probe = {"resourceType": resource_type} if resource_type else {}
     try:
         compiled(probe, dict(SAMPLE_ENVIRONMENT))
@@ -144,7 +148,9 @@ def compile_expression(expression: str, resource_type: str | None = None,
         message = str(exc)
         if "Not implemented" in message or "arity" in message or "not supported" in message.lower():
             raise FhirPathSyntaxError(f"FHIRPath error: {message}", 0) from exc
-    return compiled
+    # The same expression as closures where it lies in the compiled subset (about ten times faster on the
+    # catalog; identical results, tests/test_fastpath.py), else fhirpathpy's interpreter.
+    return compile_fast(tree, valuesets or {}, member) or compiled
 
 
 def truthy(result: list[Any]) -> bool:

@@ -16,8 +16,10 @@ def load_or_report(directory: Path, err: TextIO, site: Path | None = None) -> Ru
     result = load_ruleset(directory, site)
     for problem in result.problems:
         err.write(f"{problem}\n")
-    for warning in result.warnings:
+    for warning in result.warnings[:3]:
         err.write(f"warning: {warning}\n")
+    if len(result.warnings) > 3:
+        err.write(f"warning: ... and {len(result.warnings) - 3} more (nudges lint {directory} lists them)\n")
     if result.ruleset is None:
         err.write(f"{len(result.problems)} problem(s) in the rule set in {directory}\n")
     return result.ruleset
