@@ -12,6 +12,7 @@ from .prefetch import PrefetchPlan, plan_for
 from .record import IndexPlan
 from .rules.compiled import CompiledRule, RuleSet, index_plan
 from .rules.compiler import load_ruleset, rule_files
+from .rules.delivery import Targets
 from .rules.yamlfiles import Problem
 
 log = logging.getLogger("nudges.services")
@@ -71,9 +72,11 @@ def fingerprint(directory: Path, site: Path | None = None) -> str:
 class Reloader:
     """Serves the current services; `reload` swaps them only when the new rule set loads without problems."""
 
-    def __init__(self, directory: Path, statuses: frozenset[str], site: Path | None = None) -> None:
+    def __init__(self, directory: Path, statuses: frozenset[str], site: Path | None = None,
+                 targets: Targets | None = None) -> None:
         self.directory = directory
         self.site = site
+        self.targets = targets  # the site's delivery pools and webhook endpoints rules may name
         self.statuses = statuses
         self.current: Services | None = None
         self.last_problems: list[Problem] = []
@@ -82,7 +85,7 @@ class Reloader:
 
     def reload(self) -> bool:
         self._seen = fingerprint(self.directory, self.site)
-        result = load_ruleset(self.directory, self.site)
+        result = load_ruleset(self.directory, self.site, self.targets)
         if result.ruleset is None:
             self.refused += 1
             self.last_problems = result.problems

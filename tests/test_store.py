@@ -72,7 +72,9 @@ def test_models_and_migrations_agree(make_store) -> None:  # type: ignore[no-unt
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
 
-    import nudges.events.followups  # noqa: F401  (its tables join the shared metadata)
+    import nudges.events.followups  # noqa: F401  (their tables join the shared metadata)
+    import nudges.events.outbox  # noqa: F401
+    import nudges.events.subscriptions  # noqa: F401
     from nudges.store import metadata
 
     store = make_store()

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from ..fhir import CODE_ELEMENTS
 from . import cache, yamlfiles
 from .compiled import CardTemplate, CompiledClause, CompiledGroup, CompiledItem, CompiledRule, RuleSet
+from .delivery import Targets, compile_deliveries
 from .fhirpath import MEMBER_OF, RACE_READ, Compiled, FhirPathSyntaxError, compile_expression
 from .resources import did_you_mean
 from .schema import Card, Cases, Clause, Coding, Group, Rule, RuleSetManifest, SiteCodes, ValueSet, parse_duration
@@ -49,8 +50,10 @@ def rule_files(directory: Path, site: Path | None = None) -> list[Path]:
     return sorted(files)
 
 
-def load_ruleset(directory: Path, site: Path | None = None) -> LoadResult:
-    """Load, check and compile a rules directory (and a site's own value-set codes, `site_valuesets`)."""
+def load_ruleset(directory: Path, site: Path | None = None, targets: Targets | None = None) -> LoadResult:
+    """Load, check and compile a rules directory (and a site's own value-set codes, `site_valuesets`).
+    With `targets` (the pools and webhook endpoints a site configures) follow-up deliveries are checked
+    against them too."""
     directory = directory.resolve()
     site = site.resolve() if site is not None else None
     problems: list[Problem] = []
@@ -106,7 +109,8 @@ def load_ruleset(directory: Path, site: Path | None = None) -> LoadResult:
     compiled: list[CompiledRule] = []
     seen_ids: dict[str, str] = {}
     for path, document, rule in rule_docs:
-        checker = _RuleChecker(_show(path), document, rule, valuesets, manifest, seeds, seeds_dir, broken)
+        checker = _RuleChecker(_show(path), document, rule, valuesets, manifest, seeds, seeds_dir, broken,
+                               targets)
         result = checker.compile()
         problems += checker.problems
         if rule.id in seen_ids:
@@ -267,8 +271,9 @@ class _RuleChecker:
 
     def __init__(self, display: str, data: yamlfiles.Document, rule: Rule, valuesets: dict[str, CompiledValueSet],
                  manifest: RuleSetManifest | None, seeds: dict[str, set[str]] | None, seeds_dir: Path,
-                 broken: set[str] | None = None) -> None:
+                 broken: set[str] | None = None, targets: Targets | None = None) -> None:
         self.display, self.data, self.rule, self.broken = display, data, rule, broken or set()
+        self.targets = targets
         self.failed_quietly = False  # a knock-on of a problem reported elsewhere: compile nothing, say nothing
         self.valuesets, self.manifest, self.seeds, self.seeds_dir = valuesets, manifest, seeds, seeds_dir
         self.problems: list[Problem] = []
@@ -478,6 +483,9 @@ class _RuleChecker:
         if rule.followup is not None and rule.followup.start not in top:
             self.problem(("followup", "start"), f"'{rule.followup.start}' is not bound by a clause directly "
                                                 "under `all`", value=True)
+        delivery_problems, deliver = compile_deliveries(rule, self.targets)
+        for loc, message in delivery_problems:
+            self.problem(loc, message, value=True)
         card = self.card(rule.card, names)
         if len(self.problems) > before or card is None or self.failed_quietly:
             return None
@@ -490,7 +498,7 @@ class _RuleChecker:
             all_items, any_items, none_items, card,
             parse_duration(rule.suppress) if rule.suppress else None, source_url, self.display, rule,
             followup_start=rule.followup.start if rule.followup else None,
-            followup_after=parse_duration(rule.followup.after) if rule.followup else None)
+            followup_after=parse_duration(rule.followup.after) if rule.followup else None, deliver=deliver)
 
 
 @dataclass
