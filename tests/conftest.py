@@ -91,9 +91,9 @@ def rules_dir(tmp_path: Path) -> Path:
 class LiveServer(httpx.Client):
     """The real app under uvicorn on a loopback port, with an HTTP client pointed at it."""
 
-    def __init__(self, settings: Settings, clock: FixedClock) -> None:
+    def __init__(self, settings: Settings, clock: FixedClock, port: int = 0) -> None:
         self.app = create_app(settings, clock)
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_config=None, access_log=False,
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=port, log_config=None, access_log=False,
                                 lifespan="on")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -110,12 +110,19 @@ class LiveServer(httpx.Client):
     def runtime(self) -> Any:
         return self.app.state.runtime
 
-    def run_due(self, now: Any = None) -> list[Any]:
-        """Run due follow-ups now, on the service's own event loop (where its FHIR client lives)."""
+    def on_loop(self, coroutine: Any) -> Any:
+        """Run a coroutine on the service's own event loop (where its FHIR client lives)."""
         import asyncio
 
-        future = asyncio.run_coroutine_threadsafe(self.runtime.due.run_due(now), self.runtime.loop)
-        return list(future.result(timeout=30))
+        return asyncio.run_coroutine_threadsafe(coroutine, self.runtime.loop).result(timeout=60)
+
+    def run_due(self, now: Any = None) -> list[Any]:
+        """Run due follow-ups now."""
+        return list(self.on_loop(self.runtime.due.run_due(now)))
+
+    def send_outbox(self, now: Any = None) -> list[Any]:
+        """Send the deliveries due now."""
+        return list(self.on_loop(self.runtime.deliveries.run_due(now)))
 
     def stop(self) -> None:
         self.close()
@@ -127,11 +134,11 @@ class LiveServer(httpx.Client):
 def make_client(tmp_path: Path, clock: FixedClock, rules_dir: Path) -> Iterator[Callable[..., LiveServer]]:
     servers: list[LiveServer] = []
 
-    def make(**overrides: Any) -> LiveServer:
+    def make(listen_port: int = 0, **overrides: Any) -> LiveServer:
         values: dict[str, Any] = {"rules": rules_dir, "database_url": f"sqlite:///{tmp_path}/nudges.db",
                                   "reload_interval_seconds": 0}
         values.update(overrides)
-        server = LiveServer(Settings(**values), clock)
+        server = LiveServer(Settings(**values), clock, listen_port)
         servers.append(server)
         return server
 

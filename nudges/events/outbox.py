@@ -153,7 +153,7 @@ def counts(store: Store) -> dict[str, int]:
     """Deliveries per status (every status present, 0 when none)."""
     with store.engine.connect() as conn:
         statement = select(deliveries.c.status, func.count()).group_by(deliveries.c.status)
-        found: dict[str, int] = dict(conn.execute(statement).tuples().all())
+        found = {str(row[0]): int(row[1]) for row in conn.execute(statement)}
     return {status: int(found.get(status, 0)) for status in STATUSES}
 
 
