@@ -172,6 +172,10 @@ class FhirServer:
         self.client_key: Any = None
         self.token_requests: list[dict[str, str]] = []
         self.token_refusals = 0
+        # Writes (POST /fhir/Type): each one recorded; `write_statuses` scripts the answers (then 201), and
+        # If-None-Exist on `identifier=` is honoured as a FHIR server does (200 when it finds one).
+        self.writes: list[tuple[str, dict[str, str], dict[str, Any]]] = []
+        self.write_statuses: list[int] = []
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -181,7 +185,16 @@ class FhirServer:
             def do_POST(self) -> None:
                 from urllib.parse import parse_qsl
 
-                form = dict(parse_qsl(self.rfile.read(int(self.headers.get("Content-Length", 0))).decode()))
+                raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.path.startswith("/fhir/"):
+                    status, location = server.write(self.path, dict(self.headers.items()), orjson.loads(raw))
+                    self.send_response(status)
+                    if location:
+                        self.send_header("Location", location)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                form = dict(parse_qsl(raw.decode()))
                 server.token_requests.append(form)
                 status, body = server.grant(self.path, form)
                 self.reply(status, body)
@@ -233,6 +246,20 @@ class FhirServer:
             return 400, {"error": "invalid_request"}
         return 200, {"access_token": self.token, "token_type": "bearer", "expires_in": 300,
                      "scope": form.get("scope", "")}
+
+    def write(self, path: str, headers: dict[str, str], resource: dict[str, Any]) -> tuple[int, str | None]:
+        self.writes.append((path, headers, resource))
+        if self.write_statuses:
+            return self.write_statuses.pop(0), None
+        criteria = {k.lower(): v for k, v in headers.items()}.get("if-none-exist", "")
+        wanted = criteria.removeprefix("identifier=")
+        for existing in self.resources:
+            if existing["resourceType"] == resource["resourceType"] and wanted and any(
+                    f"{i.get('system')}|{i.get('value')}" == wanted for i in existing.get("identifier") or ()):
+                return 200, f"{self.base}/{existing['resourceType']}/{existing['id']}/_history/1"
+        created = {**resource, "id": f"w{len(self.writes)}"}
+        self.resources.append(created)
+        return 201, f"{self.base}/{created['resourceType']}/{created['id']}/_history/1"
 
     def answer(self, path: str) -> tuple[int, dict[str, Any]]:
         from urllib.parse import parse_qs, urlsplit

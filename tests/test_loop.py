@@ -9,8 +9,8 @@ import json
 import os
 import subprocess
 import sys
-from datetime import timedelta
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -226,7 +226,8 @@ def test_a_lost_answer_resent_finds_the_communication_already_there(
     pid, _, encounter = chart(server)
     card = fired_card(service, server, clock, pid, encounter)
     with service.runtime.store.engine.connect() as conn:
-        payload = conn.execute(select(outbox.deliveries.c.payload).where(outbox.deliveries.c.card_uuid == card)).scalar()
+        payload = conn.execute(select(outbox.deliveries.c.payload)
+                               .where(outbox.deliveries.c.card_uuid == card)).scalar()
     assert [o.outcome for o in service.send_outbox()] == ["sent"]
     with service.runtime.store.engine.begin() as conn:  # as if the acknowledgement had been lost
         conn.execute(update(outbox.deliveries).where(outbox.deliveries.c.card_uuid == card)
@@ -261,7 +262,8 @@ def test_refusals_are_dead_and_seen_in_metrics_and_readyz(
     pid, _, encounter = chart(server)
     card = fired_card(writer, server, clock, pid, encounter)
     for _ in range(2):
-        server.create({"resourceType": "Communication", "status": "completed", "subject": {"reference": f"Patient/{pid}"},
+        server.create({"resourceType": "Communication", "status": "completed",
+                       "subject": {"reference": f"Patient/{pid}"},
                        "identifier": [{"system": IDENTIFIER_SYSTEM, "value": f"urn:uuid:{card}"}]})
     assert [o.outcome for o in writer.send_outbox()] == ["dead"]
     [row] = rows(writer, outbox.deliveries, card_uuid=card)
