@@ -341,6 +341,22 @@ def test_communication_to_the_attending_of_the_encounter(make_client: Callable[.
     assert not waiting(service, pid, card)
 
 
+def test_no_attending_on_the_encounter_means_the_on_call_pool(make_client: Callable[..., LiveServer],
+                                                              rules_dir: Path, fhir_server: FhirServer,
+                                                              clock: FixedClock) -> None:
+    add_followup(rules_dir, "- {channel: communication, to: encounter-participants, roles: [ATND], "
+                            "pool: cardiology-on-call}")
+    service = make_client(**settings())
+    pid = new_patient()
+    ended = {**encounter("enc-2", pid, ("ATND", "Practitioner/night-doc"), ("CON", "Practitioner/dr-c"))}
+    ended["participant"][0]["period"] = {"end": "2026-03-02T07:00:00Z"}  # went off shift this morning
+    fhir_server.resources.append(ended)
+    fire(service, fhir_server, clock, pid, with_encounter="enc-2")
+    assert [o.outcome for o in service.send_outbox()] == ["sent"]
+    [(_, _, message)] = [w for w in fhir_server.writes if w[0] == "/fhir/Communication"]
+    assert message["recipient"] == [POOL]
+
+
 def test_nobody_to_address_is_dead_with_the_reason(make_client: Callable[..., LiveServer], rules_dir: Path,
                                                    fhir_server: FhirServer, clock: FixedClock) -> None:
     add_followup(rules_dir, "- {channel: communication, to: encounter-participants}")
@@ -437,3 +453,96 @@ def test_a_card_that_fires_twice_queues_its_deliveries_once(make_client: Callabl
     clock.advance(hours=12)
     assert [o.outcome for o in service.run_due()] == ["waiting"]
     assert outbox.counts(service.runtime.store)["pending"] == 1
+
+
+ANALGESIA_RULE = """id: ed-analgesia-clock
+title: Emergency visit with no analgesic after 60 minutes
+status: active
+version: 1.0.0
+hooks: [encounter-start, patient-view]
+topic: pain-care
+owner: tests
+when:
+  all:
+    - as: visit
+      resource: Encounter
+      where: "class.code = 'EMER' and status = 'in-progress'"
+      within: 24h
+      older_than: 60m
+  none:
+    - resource: MedicationAdministration
+      since: visit
+card:
+  summary: "No analgesic {{visit.elapsed}} after arrival"
+  indicator: warning
+rationale: The clock starts at arrival; the emergency team hears about it at 60 minutes.
+citations: [{title: NHLBI expert panel 2014, doi: 10.1001/jama.2014.10517}]
+falsepositives: [An analgesic charted late.]
+followup:
+  start: visit
+  after: 60m
+  deliver:
+    - {channel: communication, to: encounter-participants, roles: [ATND, PPRF], pool: emergency-team}
+"""
+ANALGESIA_CASES = """rule: ed-analgesia-clock
+now: "2026-03-02T12:00:00Z"
+cases:
+  - name: 61 min after arrival, nothing given
+    hook: patient-view
+    resources:
+      - {resourceType: Encounter, id: v1, status: in-progress, class: {code: EMER},
+         period: {start: "2026-03-02T10:59:00Z"}, subject: {reference: Patient/p}}
+    expect: [{indicator: warning}]
+  - name: given at 30 min
+    hook: patient-view
+    resources:
+      - {resourceType: Encounter, id: v1, status: in-progress, class: {code: EMER},
+         period: {start: "2026-03-02T10:59:00Z"}, subject: {reference: Patient/p}}
+      - {resourceType: MedicationAdministration, id: m1, status: completed, subject: {reference: Patient/p},
+         medicationCodeableConcept: {text: morphine}, effectiveDateTime: "2026-03-02T11:29:00Z"}
+    expect: []
+"""
+
+
+@pytest.mark.parametrize("given", [False, True], ids=["nothing-given", "analgesic-given"])
+def test_a_clock_from_arrival_reaches_the_emergency_team(make_client: Callable[..., LiveServer], rules_dir: Path,
+                                                         fhir_server: FhirServer, clock: FixedClock,
+                                                         given: bool) -> None:
+    """A follow-up that starts from the visit itself (an Encounter): 60 minutes after the arrival was
+    notified, the participants of that encounter are told, unless an analgesic was given meanwhile."""
+    (rules_dir / "pain").mkdir()
+    (rules_dir / "pain" / "ed-analgesia-clock.yaml").write_text(ANALGESIA_RULE)
+    (rules_dir / "pain" / "ed-analgesia-clock.cases.yaml").write_text(ANALGESIA_CASES)
+    service = make_client(**{**settings(), "delivery": {"poll_seconds": 0, "pools": {
+        "emergency-team": {"reference": "Group/ed-team"}}}})
+    pid = new_patient()
+    visit = {**encounter("v1", pid, ("ATND", "Practitioner/ed-doc"), ("PPRF", "Practitioner/ed-nurse"),
+                         ("ADM", "Practitioner/admitter")),
+             "period": {"start": (clock.now() - timedelta(minutes=1)).isoformat()}}
+    fhir_server.resources += [patient(pid), visit]
+    url = f"{fhir_server.base}/Encounter/v1"
+    answer = service.post("/fhir/notifications", json={"resourceType": "Bundle", "type": "history", "entry": [
+        {"resource": {"resourceType": "Parameters", "parameter": [
+            {"name": "subscription", "valueReference": {"reference": f"{fhir_server.base}/Subscription/ed"}},
+            {"name": "type", "valueCode": "event-notification"},
+            {"name": "notification-event", "part": [{"name": "focus", "valueReference": {"reference": url}}]}]}},
+        {"fullUrl": url, "resource": visit}]})
+    assert answer.json()["scheduled"] == 1, answer.text
+    if given:
+        fhir_server.resources.append({"resourceType": "MedicationAdministration", "id": "m1", "status": "completed",
+                                      "subject": {"reference": f"Patient/{pid}"},
+                                      "medicationCodeableConcept": {"text": "morphine"},
+                                      "effectiveDateTime": (clock.now() + timedelta(minutes=30)).isoformat()})
+    clock.advance(minutes=59)
+    assert [o.outcome for o in service.run_due()] == []
+    clock.advance(minutes=1)
+    assert [o.outcome for o in service.run_due()] == (["quiet"] if given else ["fired"])
+    assert [o.outcome for o in service.send_outbox()] == ([] if given else ["sent"])
+    sent = [w[2] for w in fhir_server.writes if w[0] == "/fhir/Communication"]
+    if given:
+        assert sent == []
+        return
+    [message] = sent
+    assert message["recipient"] == [{"reference": "Practitioner/ed-doc"}, {"reference": "Practitioner/ed-nurse"}]
+    assert message["encounter"] == {"reference": "Encounter/v1"} and message["about"] == [{"reference": "Encounter/v1"}]
+    assert message["payload"][0] == {"contentString": "No analgesic 61 min after arrival"}

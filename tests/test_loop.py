@@ -59,7 +59,7 @@ def rules_dir(rules_dir: Path) -> Path:
 def settings_for(server: Sekmet, keys: tuple[Path, dict[str, Any]], client_id: str = "nudges",
                  scope: str = "system/*.cruds") -> dict[str, Any]:
     return {
-        "followup_poll_seconds": 0,
+        "followup_poll_seconds": 0, "fhir_timeout_seconds": 15,  # generous: the machine may be loaded
         "delivery": {"poll_seconds": 0, "pools": {"cardiology-on-call": {"reference": POOL,
                                                                          "display": "On-call cardiology"}}},
         "subscriptions": {"check_seconds": 0, "servers": [{"base": server.base, "topics": {"Observation": TOPIC_URL}}]},

@@ -106,13 +106,18 @@ class Deliveries:
             if error.retry_after:
                 wait = max(wait, min(timedelta(seconds=error.retry_after), MAX_BACKOFF))
             done = outbox.retry(self.store, item, self.worker, now + wait, message)
-            log.info("delivery failed; will retry", extra={"rule": item.rule_id, "target": item.target,
-                                                           "delivery": item.id, "error": message})
+            log.info("delivery failed; will retry", extra=self._said(item, error))
             return "retry" if done else "lost"
         done = outbox.kill(self.store, item, self.worker, message)
-        log.error("delivery dead", extra={"rule": item.rule_id, "target": item.target, "delivery": item.id,
-                                          "error": message})
+        log.error("delivery dead", extra=self._said(item, error))
         return "dead" if done else "lost"
+
+    @staticmethod
+    def _said(item: Delivery, error: DeliveryError) -> dict[str, Any]:
+        """What a log line may say: the server's own words (which could quote the resource) stay in the
+        outbox row (`last_error`, `nudges deliveries list`), not in the log."""
+        return {"rule": item.rule_id, "target": item.target, "delivery": item.id, "attempt": item.attempts,
+                "status": error.upstream_status, "retry": error.retry}
 
     # -- channels ---------------------------------------------------------------------------------------
     async def _send(self, item: Delivery, now: datetime) -> str | None:
