@@ -67,7 +67,8 @@ class Runtime:
         clock = clock or clock_for(settings.now)
         key = settings.patient_hash_key.get_secret_value().encode() if settings.patient_hash_key else None
         store = Store(settings.database_url, clock, hash_key=key)
-        targets = Targets(frozenset(settings.delivery.pools), frozenset(settings.delivery.webhooks))
+        names = settings.delivery  # an unconfigured name is a warning here, not a refusal: see rules/delivery.py
+        targets = Targets(frozenset(names.pools), frozenset(names.webhooks), strict=False)
         reloader = Reloader(settings.rules, frozenset(settings.rule_statuses), settings.site_valuesets, targets)
         fhir = FhirClient(settings, BackendTokens(settings.fhir_backend_clients))
         auth = Authenticator(settings.auth, store, clock, fhir.http)

@@ -95,6 +95,9 @@ class Reloader:
             return False
         self.current = Services.build(result.ruleset, self.statuses)
         self.last_problems = []
+        if result.unconfigured:
+            log.warning("rules deliver to names this site has not configured; those pushes will go dead",
+                        extra={"warnings": [str(p) for p in result.unconfigured[:50]]})
         log.info("rule set loaded", extra={"version": result.ruleset.version, "rules": len(result.ruleset.rules)})
         return True
 

@@ -176,6 +176,22 @@ def test_lint_with_the_service_settings_checks_the_names(rules_dir: Path, tmp_pa
     assert "pool 'cardiology-on-call' is not configured" in capsys.readouterr().out
 
 
+def test_a_site_without_the_pool_still_serves_and_the_push_goes_dead(
+        make_client: Callable[..., LiveServer], rules_dir: Path, fhir_server: FhirServer, clock: FixedClock,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A shared catalog names pools every site sets up in its own time: the service loads the rules,
+    warns at start, and a push needing the missing pool is dead (counted) while its card keeps waiting."""
+    add_followup(rules_dir, "- {channel: communication, to: pool, pool: cardiology-on-call}")
+    service = make_client(followup_poll_seconds=0, delivery={"poll_seconds": 0})
+    assert "those pushes will go dead" in caplog.text and "pool 'cardiology-on-call' is not configured" in str(
+        [r.__dict__.get("warnings") for r in caplog.records])
+    pid = new_patient()
+    card = fire(service, fhir_server, clock, pid)
+    assert [o.outcome for o in service.send_outbox()] == ["dead"]
+    assert "pool 'cardiology-on-call' is not configured" in delivery(service, card).last_error
+    assert waiting(service, pid, card)
+
+
 def test_deliver_compiles(rules_dir: Path) -> None:
     add_followup(rules_dir, """- {channel: communication, to: encounter-participants, roles: [ATND],
    pool: cardiology-on-call}

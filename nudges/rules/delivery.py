@@ -2,8 +2,10 @@
 
 Pools and webhook endpoints are named in rules and configured per site (`delivery.pools`,
 `delivery.webhooks`): a rule says "the on-call cardiology pool", the site says which PractitionerRole
-that is. When the site's names are known (the service, `nudges lint --config`), a rule naming one that
-is not configured is a problem at its file and line, so it is found before a card fires, not after.
+that is. When the site's names are known, a rule naming one that is not configured is reported at its
+file and line before a card fires: an error for `nudges lint --config` (`strict`), a warning when the
+service loads (a shared catalog must not stop a site that has not set up every pool; a push that needs
+the missing name goes dead, counted, and its card still waits for the next hook call).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class Targets:
 
     pools: frozenset[str]
     webhooks: frozenset[str]
+    strict: bool = True  # unknown names are problems (lint); else warnings (the service)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,17 +58,22 @@ class CompiledDelivery:
         return spec
 
 
-def compile_deliveries(rule: Rule, targets: Targets | None) -> tuple[list[tuple[Location, str]],
-                                                                   tuple[CompiledDelivery, ...]]:
-    """Problems (location under the rule, message) and the compiled deliveries."""
+Found = list[tuple[Location, str]]
+
+
+def compile_deliveries(rule: Rule, targets: Targets | None) -> tuple[Found, Found, tuple[CompiledDelivery, ...]]:
+    """Problems and warnings (location under the rule, message), and the compiled deliveries."""
     if rule.followup is None:
-        return [], ()
-    problems: list[tuple[Location, str]] = []
+        return [], [], ()
+    problems: Found = []
+    warnings: Found = []
     compiled: list[CompiledDelivery] = []
     seen: dict[str, int] = {}
     for i, item in enumerate(rule.followup.deliver):
         at: Location = ("followup", "deliver", i)
-        problems += [((*at, *loc), message) for loc, message in _check(item, targets)]
+        for loc, message, unconfigured in _check(item, targets):
+            lenient = unconfigured and targets is not None and not targets.strict
+            (warnings if lenient else problems).append(((*at, *loc), message))
         if isinstance(item, WebhookDelivery):
             one = CompiledDelivery("webhook", endpoint=item.endpoint)
         else:
@@ -80,23 +88,25 @@ def compile_deliveries(rule: Rule, targets: Targets | None) -> tuple[list[tuple[
             problems.append(((*at, "channel"), f"{again} (first at deliver[{seen[one.target]}])"))
         seen.setdefault(one.target, i)
         compiled.append(one)
-    return problems, tuple(compiled)
+    return problems, warnings, tuple(compiled)
 
 
 def _check(item: CommunicationDelivery | TaskDelivery | WebhookDelivery,
-           targets: Targets | None) -> Iterator[tuple[Location, str]]:
+           targets: Targets | None) -> Iterator[tuple[Location, str, bool]]:
+    """(location, message, whether it is only a name the site has not configured)."""
     if isinstance(item, WebhookDelivery):
         if targets is not None and item.endpoint not in targets.webhooks:
-            yield ("endpoint",), _unknown("webhook endpoint", item.endpoint, targets.webhooks, "delivery.webhooks")
+            yield ("endpoint",), _unknown("webhook endpoint", item.endpoint, targets.webhooks,
+                                          "delivery.webhooks"), True
         return
     key = "to" if isinstance(item, CommunicationDelivery) else "owner"
     recipients = item.to if isinstance(item, CommunicationDelivery) else item.owner
     if recipients == "pool" and item.pool is None:
-        yield (key,), f"{key}: pool needs `pool:` naming a pool configured in delivery.pools"
+        yield (key,), f"{key}: pool needs `pool:` naming a pool configured in delivery.pools", False
     if recipients == "pool" and item.roles:
-        yield ("roles",), "`roles` narrows encounter-participants or care-team; a pool is addressed whole"
+        yield ("roles",), "`roles` narrows encounter-participants or care-team; a pool is addressed whole", False
     if item.pool is not None and targets is not None and item.pool not in targets.pools:
-        yield ("pool",), _unknown("pool", item.pool, targets.pools, "delivery.pools")
+        yield ("pool",), _unknown("pool", item.pool, targets.pools, "delivery.pools"), True
 
 
 def _unknown(kind: str, name: str, known: frozenset[str], setting: str) -> str:
