@@ -106,8 +106,12 @@ def fire(service: LiveServer, fhir_server: FhirServer, clock: FixedClock, pid: s
             {"name": "notification-event", "part": [{"name": "focus", "valueReference": {"reference": url}}]}]}},
         {"fullUrl": url, "resource": result}]}
     assert service.post("/fhir/notifications", json=note).json()["scheduled"] == 1
+    store = service.runtime.store
+    with store.engine.connect() as conn:  # the PostgreSQL schema is shared by the session: only ours counts
+        mine = conn.execute(select(followups.followups.c.id).where(
+            followups.followups.c.patient_hash == store.patient_hash(pid))).scalar_one()
     clock.advance(hours=12)
-    assert [o.outcome for o in service.run_due()] == ["fired"]
+    assert [o.outcome for o in service.run_due() if o.id == mine] == ["fired"]
     with service.runtime.store.engine.connect() as conn:
         return str(conn.execute(select(followups.pending_cards.c.uuid).where(
             followups.pending_cards.c.patient_hash == service.runtime.store.patient_hash(pid))).scalar_one())
@@ -241,8 +245,8 @@ def test_webhook_is_a_signed_cloudevent_sent_once(make_client: Callable[..., Liv
     service = make_client(database_url=database_url, **settings(receiver))
     pid = new_patient()
     card = fire(service, fhir_server, clock, pid)
-    assert [(o.outcome, o.target) for o in service.send_outbox()] == [("sent", "webhook:paging")]
-    assert service.send_outbox() == []
+    assert [(o.outcome, o.target) for o in service.send_outbox() if o.card_uuid == card] == [("sent", "webhook:paging")]
+    assert [o for o in service.send_outbox() if o.card_uuid == card] == []
     [(headers, body, verified)] = receiver.received
     assert verified, "the receiver could not verify the signature"
     assert headers["webhook-id"] == card

@@ -44,6 +44,7 @@ class DeliveryOutcome:
     """sent, retry, dead, or lost (another worker took the row over after the lease)."""
 
     id: int
+    card_uuid: str
     target: str
     outcome: str
 
@@ -77,7 +78,7 @@ class Deliveries:
                 await asyncio.to_thread(outbox.kill, self.store, item, self.worker, "internal error")
                 outcome = "dead"
             self.metrics.deliveries.labels(item.channel, outcome).inc()
-            return DeliveryOutcome(item.id, item.target, outcome)
+            return DeliveryOutcome(item.id, item.card_uuid, item.target, outcome)
 
         for _ in range(MAX_BATCHES):
             claimed = await asyncio.to_thread(outbox.claim_due, self.store, self.worker, BATCH, now, self.lease)

@@ -100,16 +100,20 @@ class FhirClient:
                                                           max_keepalive_connections=max(20, per_server)),
                                       headers={"Accept": "application/fhir+json"})
         self._slots: dict[str, asyncio.Semaphore] = {}
+        # The service's own writes wait for slots of their own: a slow write (seconds) must never hold the
+        # connections a hook call's 2 s budget depends on.
+        self._write_slots: dict[str, asyncio.Semaphore] = {}
 
     async def close(self) -> None:
         await self.http.aclose()
 
-    def _slot(self, url: str) -> asyncio.Semaphore:
+    def _slot(self, url: str, slots: dict[str, asyncio.Semaphore] | None = None) -> asyncio.Semaphore:
+        slots = self._slots if slots is None else slots
         parts = urlsplit(url)
         origin = f"{parts.scheme}://{parts.netloc}"
-        slot = self._slots.get(origin)
+        slot = slots.get(origin)
         if slot is None:
-            slot = self._slots[origin] = asyncio.Semaphore(self.settings.fhir_max_connections_per_server)
+            slot = slots[origin] = asyncio.Semaphore(self.settings.fhir_max_connections_per_server)
         return slot
 
     async def _get(self, url: str, token: str | None) -> Any:
@@ -193,7 +197,7 @@ class FhirClient:
             sent["Content-Type"] = "application/fhir+json"
         url = f"{base}/{path}" if path else base
         try:
-            async with self._slot(url):
+            async with self._slot(url, self._write_slots):
                 response = await self.http.request(method, url, content=content, headers=sent,
                                                    timeout=timeout or self.settings.delivery.timeout_seconds)
         except httpx.HTTPError as exc:  # no answer: whether the server acted on it is unknown
