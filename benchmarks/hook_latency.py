@@ -693,13 +693,13 @@ def measure_in_process(rules: Path, body: Body, runs: int, workdir: Path, *, lig
     """The service's own pipeline without HTTP, on a fresh body each run.
 
     Pass A pauses the garbage collector inside each run and times every stage on its own: what the event
-    loop does (orjson.loads, hooks.parse_call), the index and the rules alone, then what the worker thread
+    loop does (orjson.loads, pipeline.parse_call), the index and the rules alone, then what the worker thread
     does (Runtime.evaluate: index, rules, cards, suppression read, card write, and whatever else it runs).
     Pass B runs loads + parse_call + Runtime.evaluate with the collector as the service has it (heap
     settled after the rule load, collection paused per request) and counts the GC pauses that still fall
     inside. `light` stops after the index and the rules (pass A only)."""
-    from nudges import engine, hooks
-    from nudges.auth import Caller
+    from nudges import engine, pipeline
+    from nudges.api.auth import Caller
     from nudges.heap import settle_heap
     from nudges.runtime import Runtime
     from nudges.settings import Settings
@@ -709,9 +709,9 @@ def measure_in_process(rules: Path, body: Body, runs: int, workdir: Path, *, lig
                         reload_interval_seconds=0)
     runtime = Runtime.create(settings)
     runtime.store.migrate()
-    if not runtime.holder.reload():
-        raise SystemExit("\n".join(str(p) for p in runtime.holder.last_problems))
-    catalog, caller = runtime.catalog(), Caller(authenticated=False)
+    if not runtime.reloader.reload():
+        raise SystemExit("\n".join(str(p) for p in runtime.reloader.last_problems))
+    services, caller = runtime.services(), Caller(authenticated=False)
     now = runtime.clock.now()
     db_read, db_write = Timed(runtime.store, "recently_shown"), Timed(runtime.store, "record_cards")
     samples: dict[str, list[float]] = {name: [] for name in STAGES}
@@ -727,9 +727,9 @@ def measure_in_process(rules: Path, body: Body, runs: int, workdir: Path, *, lig
                 t0 = time.perf_counter()
                 data = orjson.loads(payload)
                 t1 = time.perf_counter()
-                call = hooks.parse_call(catalog, SERVICE, data)
+                call = pipeline.parse_call(services, SERVICE, data)
                 t2 = time.perf_counter()
-                record = hooks.build_record(call, call.service.index)
+                record = pipeline.build_record(call, call.service.index)
                 t3 = time.perf_counter()
                 engine.evaluate(call.service.rules, record, now)
                 t4 = time.perf_counter()
@@ -760,7 +760,7 @@ def measure_in_process(rules: Path, body: Body, runs: int, workdir: Path, *, lig
             with runtime.quiet:  # the service pauses collection per request and frees the body after answering
                 t0 = time.perf_counter()
                 data = orjson.loads(payload)
-                runtime.evaluate(hooks.parse_call(catalog, SERVICE, data), caller)
+                runtime.evaluate(pipeline.parse_call(services, SERVICE, data), caller)
                 t1 = time.perf_counter()
                 del data
             gc_clock.active = False
@@ -772,7 +772,7 @@ def measure_in_process(rules: Path, body: Body, runs: int, workdir: Path, *, lig
         runtime.store.dispose()
         asyncio.run(runtime.fhir.close())
     result: dict[str, Any] = {
-        "rules": len(catalog.services[SERVICE].rules), "runs": runs, "tracked_objects": len(gc.get_objects()),
+        "rules": len(services.by_id[SERVICE].rules), "runs": runs, "tracked_objects": len(gc.get_objects()),
         "stages_median_ms": {k: ms(statistics.median(v)) for k, v in samples.items() if v},
         "stages_min_ms": {k: ms(min(v)) for k, v in samples.items() if v}}
     if with_gc:
@@ -875,9 +875,9 @@ def report_text(r: dict[str, Any]) -> str:
         f"({ip['tracked_objects']:,} GC-tracked objects in this process)")
     add(f"   stage costs with the garbage collector paused {'':3}{'median':>9}  {'min':>9}")
     for name, label in (("orjson_loads", "event loop: orjson.loads"),
-                        ("parse_call", "event loop: hooks.parse_call (pydantic model)"),
+                        ("parse_call", "event loop: pipeline.parse_call (pydantic model)"),
                         ("runtime_evaluate", "worker thread: Runtime.evaluate, made of"),
-                        ("build_record", "  hooks.build_record (index)"),
+                        ("build_record", "  pipeline.build_record (index)"),
                         ("engine_evaluate", "  engine.evaluate (rules)"),
                         ("db_suppression_read", "  DB suppression read"),
                         ("db_card_write", "  DB card write"),

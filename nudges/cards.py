@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import orjson
 
 from .engine import Match, age_in_years
-from .record import codings, parse_fhir_date
-from .ruleset import PLACEHOLDER, SECTION, RuleSet
+from .fhir import codings, instant, parse_fhir_date
+from .rules.compiled import RuleSet
+from .rules.templates import PLACEHOLDER, SECTION
+from .store import CardRecord
 
 SEVERITY = {"critical": 0, "warning": 1, "info": 2}
 MAX_SUMMARY = 139
@@ -70,7 +73,7 @@ class Renderer:
         if name.startswith("context."):
             return str(self.context.get(name[8:], ""))
         if name == "now":
-            return self.now.isoformat().replace("+00:00", "Z")
+            return instant(self.now)
         if name == "today":
             return self.now.date().isoformat()
         if name == "patient.reference":
@@ -128,6 +131,17 @@ class Renderer:
         return orjson.loads(text)
 
 
+def indicator(match: Match, now: datetime) -> str:
+    """The card's indicator, raised by `escalate` steps whose time has come since their bound resource."""
+    template = match.rule.card
+    shown = template.indicator
+    for after, name, level in template.escalate:
+        when = match.dates.get(name)
+        if when is not None and now - when >= after:
+            shown = level
+    return shown
+
+
 def build_card(match: Match, ruleset: RuleSet, context: dict[str, Any], patient: dict[str, Any] | None,
                now: datetime) -> dict[str, Any]:
     rule, template = match.rule, match.rule.card
@@ -142,7 +156,7 @@ def build_card(match: Match, ruleset: RuleSet, context: dict[str, Any], patient:
     if rule.source_url:
         source["url"] = rule.source_url
     card: dict[str, Any] = {"uuid": str(uuid.uuid4()), "summary": summary,
-                            "indicator": template.indicator, "source": source}
+                            "indicator": indicator(match, now), "source": source}
     if template.detail:
         card["detail"] = render.text(template.detail)
     if template.suggestions_json is not None:
@@ -159,5 +173,16 @@ def build_card(match: Match, ruleset: RuleSet, context: dict[str, Any], patient:
     return card
 
 
-def order_key(rule_id: str, card: dict[str, Any]) -> tuple[int, str]:
-    return SEVERITY.get(card["indicator"], 3), rule_id
+@dataclass(frozen=True)
+class IssuedCard:
+    """A card in a response: the rule that raised it and, when this call issued it, the row to store
+    (a waiting follow-up card was stored when it fired, so it has none)."""
+
+    rule_id: str
+    card: dict[str, Any]
+    record: CardRecord | None = None
+
+
+def ordered(issued: list[IssuedCard]) -> list[IssuedCard]:
+    """The one order of cards in every response: most severe first, then by rule id (stable)."""
+    return sorted(issued, key=lambda i: (SEVERITY.get(i.card["indicator"], 3), i.rule_id))

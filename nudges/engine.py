@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any
 
-from .expressions import truthy
-from .record import PatientRecord, parse_fhir_date
-from .ruleset import CompiledClause, CompiledItem, CompiledRule
+from .fhir import parse_fhir_date
+from .record import PatientRecord
+from .rules.compiled import CompiledClause, CompiledItem, CompiledRule
+from .rules.fhirpath import environment, truthy
 
 log = logging.getLogger("nudges.engine")
 
@@ -69,9 +70,9 @@ class _Evaluation:
     def match(self, clause: CompiledClause) -> tuple[datetime | None, dict[str, Any]] | None:
         """The resource a clause is satisfied by, or None.
 
-        A binding clause needs the latest match (ties broken by id), anything else just one, so FHIRPath
-        runs on candidates in that order and stops at the first that passes: most calls evaluate it once
-        or not at all, however many candidates the index returns."""
+        A binding clause needs the latest match (or the earliest, with `pick: earliest`; ties broken by id),
+        anything else just one, so FHIRPath runs on candidates in that order and stops at the first that
+        passes: most calls evaluate it once or not at all, however many candidates the index returns."""
         now = self.now
         timed = clause.within is not None or clause.older_than is not None or clause.since is not None
         since = self.dates.get(clause.since) if clause.since else None
@@ -100,11 +101,17 @@ class _Evaluation:
         def latest(item: tuple[datetime | None, dict[str, Any]]) -> tuple[bool, datetime, str]:
             return item[0] is not None, item[0] or now, str(item[1].get("id", ""))
 
+        def earliest(item: tuple[datetime | None, dict[str, Any]]) -> tuple[bool, datetime, str]:
+            return item[0] is None, item[0] or now, str(item[1].get("id", ""))
+
         where = clause.where
         if where is None:
-            return max(found, key=latest)
+            return min(found, key=earliest) if clause.earliest else max(found, key=latest)
         if clause.bind is not None and len(found) > 1:
-            found.sort(key=latest, reverse=True)
+            if clause.earliest:
+                found.sort(key=earliest)
+            else:
+                found.sort(key=latest, reverse=True)
         return next(((when, resource) for when, resource in found if truthy(where(resource, self.env))), None)
 
     def save(self) -> tuple[dict[str, dict[str, Any]], dict[str, datetime | None], dict[str, Any]]:
@@ -185,12 +192,8 @@ def evaluate_rule(rule: CompiledRule, record: PatientRecord, now: datetime,
 
 def evaluate(rules: tuple[CompiledRule, ...], record: PatientRecord, now: datetime,
              context: dict[str, Any] | None = None, hook: str | None = None) -> Outcome:
-    """FHIRPath sees %now, %today, %hook and the hook context's ids (%patientId, %encounterId, %userId)."""
-    env: dict[str, Any] = {"now": now.isoformat().replace("+00:00", "Z"), "today": now.date().isoformat()}
-    for name in ("patientId", "encounterId", "userId"):
-        value = (context or {}).get(name)
-        env[name] = value if isinstance(value, str) else []  # absent: empty, so comparisons are empty
-    env["hook"] = hook or []
+    """FHIRPath sees the one environment (rules.fhirpath.environment) plus each rule's bound names."""
+    env = environment(now, context, hook)
     outcome = Outcome()
     for rule in rules:
         try:

@@ -1,12 +1,29 @@
-"""One exception hierarchy for the service; `to_response` is the only place errors become HTTP.
+"""The service's one exception hierarchy. Each class carries its HTTP status and FHIR issue code, and
+`api/errors.py` is the only place they become HTTP answers (a FHIR OperationOutcome, as CDS Hooks 3.0
+recommends). Diagnostics never include tokens, request bodies or patient identifiers.
 
-Every non-2xx answer carries a FHIR OperationOutcome (CDS Hooks 3.0 recommendation), and the
-diagnostics never include tokens, request bodies or patient identifiers.
+    NudgesError (500 exception)              anything the service raises on purpose
+    ├── BadRequest (400 invalid)             the caller sent something wrong
+    │   ├── MissingField (400 required)
+    │   └── TooDeep (400 too-costly)
+    ├── Unauthorized (401 login)             the reason is for the log only
+    ├── NotFound (404 not-found)
+    ├── PayloadTooLarge (413 too-long)
+    ├── PreconditionFailed (412 incomplete)  data in neither prefetch nor the FHIR server
+    │   └── FhirServerError                  the FHIR server could not supply it (transient: retried)
+    ├── DeliveryError (502 transient)        a push could not be delivered (retried from the outbox)
+    └── ConfigError                          unsafe or inconsistent settings: the process must not start
+
+Foreign exceptions are mapped where they arise, once: httpx and JSON errors of a FHIR fetch in
+`fhirserver/client.py`, JWT errors in `api/auth.py`, pydantic errors in `pipeline.validation_error`.
+Anything else is a programming error: answered 500 and logged, never retried as if transient.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from .fhir import operation_outcome
 
 
 class NudgesError(Exception):
@@ -79,24 +96,18 @@ class FhirServerError(PreconditionFailed):
         self.upstream_status = upstream_status  # what the FHIR server answered, when it answered
 
 
-class RuleError(NudgesError):
-    """A rule file or rule set is invalid; carries lint problems with positions."""
+class DeliveryError(NudgesError):
+    """A push (FHIR write, webhook) failed; `retry` says whether trying again can help (a 5xx or a
+    timeout can, a 4xx other than 408/429 cannot)."""
 
-    status = 500
-    code = "invalid"
+    status = 502
+    code = "transient"
 
-    def __init__(self, problems: list[Any]) -> None:
-        super().__init__(f"{len(problems)} rule problem(s)")
-        self.problems = problems
+    def __init__(self, diagnostics: str, *, retry: bool = True, upstream_status: int | None = None) -> None:
+        super().__init__(diagnostics)
+        self.retry = retry
+        self.upstream_status = upstream_status
 
 
 class ConfigError(NudgesError):
     """Startup configuration is unsafe or inconsistent; the process must not start."""
-
-
-def operation_outcome(diagnostics: str, *, code: str = "exception", severity: str = "error",
-                      expression: str | None = None) -> dict[str, Any]:
-    issue: dict[str, Any] = {"severity": severity, "code": code, "diagnostics": diagnostics}
-    if expression:
-        issue["expression"] = [expression]
-    return {"resourceType": "OperationOutcome", "issue": [issue]}

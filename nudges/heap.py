@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import time
 
 
 def settle_heap() -> None:
@@ -22,14 +23,17 @@ def settle_heap() -> None:
 class QuietCollector:
     """Automatic collection paused while requests are in flight, resumed when none is.
 
-    Pausing only stops collections; reference counting frees a call's objects as before. So that
-    cycles made elsewhere are still reclaimed when calls never stop overlapping, a young-generation
-    collection runs at the end of a request once `limit` containers have been allocated unreclaimed."""
+    Pausing only stops collections; reference counting frees a call's objects as before. So that cycles
+    made elsewhere are still reclaimed when calls never stop overlapping, two bounds hold: a young
+    collection runs at the end of a request once `limit` containers have been allocated unreclaimed, and
+    a full-enough one (generations 0 and 1) once collection has been paused for `max_pause` seconds."""
 
-    def __init__(self, limit: int = 1_000_000) -> None:
+    def __init__(self, limit: int = 1_000_000, max_pause: float = 2.0) -> None:
         self.limit = limit
+        self.max_pause = max_pause
         self.in_flight = 0
         self._was_enabled = True
+        self._paused_at = 0.0
         self._lock = threading.Lock()
 
     def __enter__(self) -> QuietCollector:
@@ -37,6 +41,7 @@ class QuietCollector:
             self.in_flight += 1
             if self.in_flight == 1:
                 self._was_enabled = gc.isenabled()
+                self._paused_at = time.monotonic()
                 gc.disable()
         return self
 
@@ -46,5 +51,8 @@ class QuietCollector:
             if self.in_flight == 0:
                 if self._was_enabled:
                     gc.enable()
+            elif self._was_enabled and time.monotonic() - self._paused_at > self.max_pause:
+                gc.collect(1)
+                self._paused_at = time.monotonic()
             elif gc.get_count()[0] > self.limit:
                 gc.collect(0)

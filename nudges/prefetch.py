@@ -1,4 +1,4 @@
-"""Prefetch templates derived from the rules' data requirements, and resolution of a call's data:
+"""Prefetch templates derived from the rules' data requirements, and how a call's data is completed:
 prefetch first, the FHIR server for what is missing, 412 when neither has it."""
 
 from __future__ import annotations
@@ -8,24 +8,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import PreconditionFailed
-from .ruleset import CompiledRule
+from .fhir import CODE_SEARCH_PARAM, MEDICATION_TYPES
+from .rules.compiled import CompiledRule
 
-# Search parameter that matches each type's indexed code element (token search by equality).
-CODE_PARAM = {"Observation": "code", "Condition": "code", "Procedure": "code", "ServiceRequest": "code",
-              "DiagnosticReport": "code", "MedicationRequest": "code", "MedicationStatement": "code",
-              "MedicationAdministration": "code", "MedicationDispense": "code",
-              "AllergyIntolerance": "code", "Immunization": "vaccine-code"}
 MAX_CODES_IN_URL = 60
 TOKEN = re.compile(r"\{\{\s*(context\.(patientId|encounterId|userId))\s*\}\}")
-# Context fields each hook requires (CDS Hooks library 1.0.x).
-REQUIRED_CONTEXT: dict[str, tuple[str, ...]] = {
-    "patient-view": ("userId", "patientId"),
-    "encounter-start": ("userId", "patientId", "encounterId"),
-    "encounter-discharge": ("userId", "patientId", "encounterId"),
-    "order-select": ("userId", "patientId", "selections", "draftOrders"),
-    "order-sign": ("userId", "patientId", "draftOrders"),
-    "appointment-book": ("userId", "patientId", "appointments"),
-}
 
 
 @dataclass(frozen=True)
@@ -37,7 +24,11 @@ class PrefetchPlan:
 
 
 def plan_for(rules: tuple[CompiledRule, ...]) -> PrefetchPlan:
-    """One template per resource type the rules read from the record (codes merged per type)."""
+    """One template per resource type the rules read from the record (codes merged per type).
+
+    A code filter is added only where it cannot drop what a rule matches: never with a `text:` clause
+    (local wording has no code), never for medication types (a server's `code` search misses orders coded
+    by `medicationReference`, which come with their Medication through `_include`)."""
     codes: dict[str, set[tuple[str, str]] | None] = {}
     needs_patient = False
     for rule in rules:
@@ -49,7 +40,7 @@ def plan_for(rules: tuple[CompiledRule, ...]) -> PrefetchPlan:
             if clause.resource == "Patient":
                 needs_patient = True
                 continue
-            if clause.codes is None or clause.text is not None or clause.resource not in CODE_PARAM:
+            if clause.codes is None or clause.text is not None or clause.resource not in CODE_SEARCH_PARAM:
                 codes[clause.resource] = None
             elif clause.resource not in codes or codes[clause.resource] is not None:
                 merged = codes.get(clause.resource) or set()
@@ -60,7 +51,9 @@ def plan_for(rules: tuple[CompiledRule, ...]) -> PrefetchPlan:
         query = f"{kind}?patient={{{{context.patientId}}}}"
         wanted = codes[kind]
         if wanted and len(wanted) <= MAX_CODES_IN_URL:
-            query += f"&{CODE_PARAM[kind]}=" + ",".join(f"{s}|{c}" for s, c in sorted(wanted))
+            query += f"&{CODE_SEARCH_PARAM[kind]}=" + ",".join(f"{s}|{c}" for s, c in sorted(wanted))
+        if kind in MEDICATION_TYPES:
+            query += f"&_include={kind}:medication"
         key = kind[0].lower() + kind[1:]
         templates[key] = query
         required.add(key)
@@ -83,6 +76,9 @@ def missing_keys(plan: PrefetchPlan, prefetch: dict[str, Any]) -> list[str]:
     return [key for key in plan.templates if key not in prefetch or not usable(prefetch[key])]
 
 
-def unobtainable(keys: list[str], plan: PrefetchPlan, why: str) -> PreconditionFailed:
+def unobtainable(keys: list[str], plan: PrefetchPlan, why: str) -> PreconditionFailed | None:
+    """The 412 for keys that could not be had, when any of them is required (the one place this is decided)."""
     required = [k for k in keys if k in plan.required]
+    if not required:
+        return None
     return PreconditionFailed(f"required data unavailable ({', '.join(required)}): {why}")

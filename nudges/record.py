@@ -6,155 +6,24 @@ Resources stay plain dicts from orjson: no pydantic/fhir.resources model is buil
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
-from datetime import UTC, datetime
+from collections.abc import Iterable
+from datetime import datetime
 from typing import Any
 
-# Elements whose codings identify what a resource *is*; these feed the code index.
-CODE_ELEMENTS: dict[str, tuple[str, ...]] = {
-    "Observation": ("code",),
-    "Condition": ("code",),
-    "Procedure": ("code",),
-    "ServiceRequest": ("code",),
-    "DiagnosticReport": ("code",),
-    "MedicationRequest": ("medicationCodeableConcept",),
-    "MedicationStatement": ("medicationCodeableConcept",),
-    "MedicationAdministration": ("medicationCodeableConcept",),
-    "MedicationDispense": ("medicationCodeableConcept",),
-    "Medication": ("code",),
-    "Immunization": ("vaccineCode",),
-    "AllergyIntolerance": ("code",),
-    "Encounter": ("type", "hospitalization.dischargeDisposition", "reasonCode"),
-    "Appointment": ("serviceType", "appointmentType", "reasonCode"),
-    "Coverage": ("type",),
-    "Flag": ("code",),
-    "Task": ("code",),
-    "DocumentReference": ("type",),
-    "CarePlan": ("category",),
-    "DeviceRequest": ("codeCodeableConcept",),
-    "Communication": ("reasonCode",),
-    "CommunicationRequest": ("reasonCode",),
-    "ClinicalImpression": ("code",),
-    "RiskAssessment": ("code",),
-    "EpisodeOfCare": ("type",),
-    "Consent": ("category",),
-    "QuestionnaireResponse": (),
-}
+from .fhir import (
+    CODE_ELEMENTS,
+    MEDICATION_TYPES,
+    Resource,
+    codings,
+    flatten,
+    referenced_medication,
+    resource_date,
+    voided,
+    walk,
+    words,
+)
 
-# Where each type keeps its clinically relevant date, first present wins.
-DATE_ELEMENTS: dict[str, tuple[str, ...]] = {
-    "Observation": ("effectiveDateTime", "effectivePeriod.start", "effectiveInstant", "issued"),
-    "Condition": ("onsetDateTime", "onsetPeriod.start", "recordedDate"),
-    "Procedure": ("performedDateTime", "performedPeriod.start"),
-    "ServiceRequest": ("authoredOn", "occurrenceDateTime", "occurrencePeriod.start"),
-    "DiagnosticReport": ("effectiveDateTime", "effectivePeriod.start", "issued"),
-    "MedicationRequest": ("authoredOn",),
-    "MedicationStatement": ("effectiveDateTime", "effectivePeriod.start", "dateAsserted"),
-    "MedicationAdministration": ("effectiveDateTime", "effectivePeriod.start"),
-    "MedicationDispense": ("whenHandedOver", "whenPrepared"),
-    "Immunization": ("occurrenceDateTime", "recorded"),
-    "AllergyIntolerance": ("recordedDate", "onsetDateTime"),
-    "Encounter": ("period.start",),
-    "Appointment": ("start", "created"),
-    "Coverage": ("period.start",),
-    "Flag": ("period.start",),
-    "Task": ("authoredOn", "executionPeriod.start"),
-    "DocumentReference": ("date",),
-    "CarePlan": ("period.start", "created"),
-    "DeviceRequest": ("authoredOn", "occurrenceDateTime"),
-    "Communication": ("sent", "received"),
-    "CommunicationRequest": ("authoredOn",),
-    "QuestionnaireResponse": ("authored",),
-    "ClinicalImpression": ("effectiveDateTime", "date"),
-    "RiskAssessment": ("occurrenceDateTime",),
-    "EpisodeOfCare": ("period.start",),
-    "Consent": ("dateTime",),
-    "NutritionOrder": ("dateTime",),
-}
-
-SOURCES = ("record", "draft", "selected")
 _CODE_PATHS = {kind: tuple(tuple(p.split(".")) for p in paths) for kind, paths in CODE_ELEMENTS.items()}
-_DATE_PATHS = {kind: tuple(tuple(p.split(".")) for p in paths) for kind, paths in DATE_ELEMENTS.items()}
-
-
-def walk(resource: dict[str, Any], path: str) -> Iterator[Any]:
-    """Values at a dotted path, flattening lists on the way."""
-    values: list[Any] = [resource]
-    for part in path.split("."):
-        nxt: list[Any] = []
-        for value in values:
-            if isinstance(value, dict) and part in value:
-                child = value[part]
-                nxt.extend(child if isinstance(child, list) else [child])
-        values = nxt
-    yield from values
-
-
-def codings(concept: Any) -> Iterator[tuple[str, str]]:
-    if isinstance(concept, dict):
-        for coding in concept.get("coding") or ():
-            if isinstance(coding, dict):
-                system, code = coding.get("system"), coding.get("code")
-                if isinstance(system, str) and isinstance(code, str):
-                    yield system, code
-
-
-def words(resource: dict[str, Any]) -> Iterator[str]:
-    """The human-readable text of a resource: its code elements' text and displays, notes, strings."""
-    for path in CODE_ELEMENTS.get(resource.get("resourceType", ""), ()):
-        for concept in walk(resource, path):
-            if isinstance(concept, dict):
-                if isinstance(concept.get("text"), str):
-                    yield concept["text"]
-                for coding in concept.get("coding") or ():
-                    if isinstance(coding, dict) and isinstance(coding.get("display"), str):
-                        yield coding["display"]
-    for note in resource.get("note") or ():
-        if isinstance(note, dict) and isinstance(note.get("text"), str):
-            yield note["text"]
-    if isinstance(resource.get("valueString"), str):
-        yield resource["valueString"]
-
-
-def parse_fhir_date(value: Any) -> datetime | None:
-    """FHIR date/dateTime/instant at any precision ("2026", "2026-03", "2026-03-01T10:00:00Z")."""
-    if not isinstance(value, str) or len(value) < 4:
-        return None
-    try:
-        if len(value) == 4:
-            return datetime(int(value), 1, 1, tzinfo=UTC)
-        if len(value) == 7:
-            return datetime(int(value[:4]), int(value[5:7]), 1, tzinfo=UTC)
-        parsed = datetime.fromisoformat(value)  # 3.11+: any ISO 8601 form, "Z" included
-    except ValueError:
-        return None
-    zone = parsed.tzinfo
-    if zone is UTC:
-        return parsed
-    return parsed.replace(tzinfo=UTC) if zone is None else parsed.astimezone(UTC)
-
-
-def resource_date(resource: dict[str, Any]) -> datetime | None:
-    for path in _DATE_PATHS.get(resource.get("resourceType", ""), ()):
-        if len(path) == 1:
-            parsed = parse_fhir_date(resource.get(path[0]))
-            if parsed is not None:
-                return parsed
-            continue
-        for value in walk(resource, ".".join(path)):
-            parsed = parse_fhir_date(value)
-            if parsed is not None:
-                return parsed
-    return None
-
-
-def _voided(resource: dict[str, Any]) -> bool:
-    if resource.get("status") == "entered-in-error":
-        return True
-    verification = resource.get("verificationStatus")
-    found = verification.get("coding") if isinstance(verification, dict) else None
-    return isinstance(found, list) and any(  # the code decides, whether or not a system is given
-        isinstance(c, dict) and c.get("code") in ("entered-in-error", "refuted") for c in found)
 
 
 def _note(index: dict[Any, list[Resource]], key: Any, resource: Resource) -> None:
@@ -170,7 +39,7 @@ def _usable(resources: Iterable[Resource]) -> list[Resource]:
     kept: list[Resource] = []
     seen: set[str | int] = set()
     for resource in resources:
-        if _voided(resource):
+        if voided(resource):
             continue
         rid = resource.get("id")
         marker = rid if isinstance(rid, str) else id(resource)  # no id: the same object only
@@ -179,31 +48,6 @@ def _usable(resources: Iterable[Resource]) -> list[Resource]:
         seen.add(marker)
         kept.append(resource)
     return kept
-
-
-def _contained_medication_codes(resource: Resource) -> Iterator[tuple[str, str]]:
-    """A medication given by reference to a contained Medication is indexed by that Medication's codes."""
-    reference = resource.get("medicationReference")
-    ref = reference.get("reference") if isinstance(reference, dict) else None
-    if not isinstance(ref, str) or not ref.startswith("#"):
-        return
-    for contained in resource.get("contained") or ():
-        if isinstance(contained, dict) and contained.get("id") == ref[1:]:
-            yield from codings(contained.get("code"))
-
-
-def flatten(value: Any) -> Iterator[dict[str, Any]]:
-    """Resources in a prefetch value: a resource, or a Bundle's entries (OperationOutcomes dropped)."""
-    if not isinstance(value, dict):
-        return
-    kind = value.get("resourceType")
-    if kind == "Bundle":
-        for entry in value.get("entry") or ():
-            resource = entry.get("resource") if isinstance(entry, dict) else None
-            if isinstance(resource, dict) and resource.get("resourceType") not in (None, "OperationOutcome"):
-                yield resource
-    elif isinstance(kind, str) and kind != "OperationOutcome":
-        yield value
 
 
 class IndexPlan:
@@ -230,8 +74,6 @@ class IndexPlan:
             kind: {code: tuple(found) for code, found in by_code.items()} for kind, by_code in codes.items()}
 
 
-Resource = dict[str, Any]
-
 
 class PatientRecord:
     """The resources of one call, by (source, type) and by code.
@@ -243,7 +85,7 @@ class PatientRecord:
     the same for a code bucket's few members, dates, texts. Without a plan every (system, code) is
     indexed, for callers that do not know in advance which rules will ask."""
 
-    __slots__ = ("_by_code", "_clean", "_dates", "_plan", "_raw", "_text")
+    __slots__ = ("_by_code", "_by_reference", "_clean", "_dates", "_medications", "_plan", "_raw", "_text")
 
     def __init__(self, plan: IndexPlan | None = None) -> None:
         self._raw: dict[tuple[str, str], list[Resource]] = {}
@@ -251,6 +93,8 @@ class PatientRecord:
         self._by_code: dict[tuple[str, str, Any], list[Resource]] = {}
         self._dates: dict[int, datetime | None] = {}
         self._text: dict[int, tuple[str, ...]] = {}
+        self._by_reference: list[tuple[str, str, Resource]] = []  # medication[x] by reference, unresolved
+        self._medications: dict[str, Resource] | None = None  # the record's Medication resources by id
         self._plan = plan
 
     def add_all(self, resources: Iterable[Resource], source: str = "record") -> None:
@@ -284,6 +128,7 @@ class PatientRecord:
 
     def _add_groups(self, groups: dict[str, list[Resource]], source: str) -> None:
         self._clean.clear()
+        self._medications = None
         for kind, group in groups.items():
             self._raw.setdefault((source, kind), []).extend(group)
             if self._plan is None:
@@ -323,22 +168,50 @@ class PatientRecord:
                                     hit(resource, coding, targets)
                 except (AttributeError, TypeError):
                     continue
-        if kind.startswith("Medication"):
-            for resource in group:
-                for system, code in _contained_medication_codes(resource):
-                    for want, bucket in wanted.get(code, ()):
-                        if system == want:
-                            _note(by_code, (source, kind, bucket), resource)
+        if kind in MEDICATION_TYPES:
+            self._note_references(kind, group, source)
 
     def _index_all(self, kind: str, group: list[Resource], source: str) -> None:
-        by_code = self._by_code
         for resource in group:
             for path in CODE_ELEMENTS.get(kind, ()):
                 for concept in walk(resource, path):
-                    for system, code in codings(concept):
-                        _note(by_code, (source, kind, (system, code)), resource)
-            for system, code in _contained_medication_codes(resource):
-                _note(by_code, (source, kind, (system, code)), resource)
+                    self._index_concept(kind, source, resource, concept)
+        if kind in MEDICATION_TYPES:
+            self._note_references(kind, group, source)
+
+    def _index_concept(self, kind: str, source: str, resource: Resource, concept: Any) -> None:
+        """One CodeableConcept of a resource into the index (planned buckets, or every code)."""
+        if self._plan is None:
+            for key in codings(concept):
+                _note(self._by_code, (source, kind, key), resource)
+            return
+        wanted = self._plan.codes.get(kind, {})
+        for system, code in codings(concept):
+            for want, bucket in wanted.get(code, ()):
+                if system == want:
+                    _note(self._by_code, (source, kind, bucket), resource)
+                    self._clean.pop((source, kind, bucket), None)
+
+    def _note_references(self, kind: str, group: list[Resource], source: str) -> None:
+        """Orders, dispenses and administrations coded by `medicationReference`: a contained Medication is
+        indexed at once; one elsewhere in the record is resolved on the first code look-up of the type,
+        when every prefetch key (an `_include`d Medication among them) has been added."""
+        for resource in group:
+            if "medicationReference" not in resource:
+                continue
+            contained = referenced_medication(resource)
+            if contained is not None:
+                self._index_concept(kind, source, resource, contained.get("code"))
+            else:
+                self._by_reference.append((kind, source, resource))
+
+    def _resolve_references(self) -> None:
+        pending, self._by_reference = self._by_reference, []
+        medications = self.medications()
+        for kind, source, resource in pending:
+            medication = referenced_medication(resource, medications)
+            if medication is not None:
+                self._index_concept(kind, source, resource, medication.get("code"))
 
     def of_type(self, source: str, kind: str) -> list[Resource]:
         key = (source, kind)
@@ -349,6 +222,8 @@ class PatientRecord:
 
     def with_codes(self, source: str, kind: str, keys: frozenset[tuple[str, str]]) -> list[Resource]:
         """Resources of a type carrying any of these codes, each once, in record order."""
+        if self._by_reference and kind in MEDICATION_TYPES:
+            self._resolve_references()
         if self._plan is not None:
             bucket = self._plan.buckets.get((kind, keys))
             if bucket is None:  # a programming error: the rules evaluated are not the ones planned for
@@ -363,6 +238,13 @@ class PatientRecord:
             hits.update(id(r) for r in self._by_code.get((source, kind, system_code), ()))
         return [r for r in self.of_type(source, kind) if id(r) in hits] if hits else []
 
+    def medications(self) -> dict[str, Resource]:
+        """Medication resources of the record and the drafts, by id: what `Medication/id` references name."""
+        if self._medications is None:
+            self._medications = {m["id"]: m for source in ("record", "draft")
+                                 for m in self.of_type(source, "Medication") if isinstance(m.get("id"), str)}
+        return self._medications
+
     @property
     def patient(self) -> Resource | None:
         patients = self.of_type("record", "Patient")
@@ -373,7 +255,8 @@ class PatientRecord:
         key = id(resource)
         texts = self._text.get(key)
         if texts is None:
-            texts = self._text[key] = tuple(words(resource))
+            medications = self.medications() if "medicationReference" in resource else None
+            texts = self._text[key] = tuple(words(resource, medications))
         return any(pattern.search(text) for text in texts)
 
     def date_of(self, resource: dict[str, Any]) -> datetime | None:

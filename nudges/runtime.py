@@ -1,4 +1,9 @@
-"""Everything one running service shares: settings, clock, store, rules, FHIR client, auth, metrics."""
+"""Everything one running replica shares, built once and torn down once: settings, clock, store, the
+served rules and their reload, the FHIR client, client trust, the scheduler's jobs, metrics.
+
+The composition root: the only module that wires the others together. Routes reach it through
+`app.state.runtime`; tools (replay, screening, rule cases) use the pieces directly and never a Runtime.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +12,22 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import followups, hooks
-from .auth import Authenticator, Caller, check_startup_policy
-from .catalog import Catalog, CatalogHolder
+from . import pipeline
+from .api.auth import Authenticator, Caller, check_startup_policy
+from .cards import IssuedCard
 from .clock import Clock, clock_for
-from .errors import ConfigError
-from .fhirauth import BackendTokens
-from .fhirclient import FhirClient
+from .errors import BadRequest, ConfigError
+from .events import followups
+from .events.due import DueFollowups
+from .events.notifications import Intake
+from .events.scheduler import Scheduler
+from .fhirserver.client import FhirClient
+from .fhirserver.tokens import BackendTokens
 from .heap import QuietCollector, settle_heap
 from .metrics import Metrics
-from .scheduler import FollowupScheduler
+from .services import Reloader, Services
 from .settings import Settings
-from .store import Store
+from .store import FeedbackRecord, Store
 
 log = logging.getLogger("nudges.runtime")
 
@@ -28,16 +37,19 @@ class Runtime:
     settings: Settings
     clock: Clock
     store: Store
-    holder: CatalogHolder
+    reloader: Reloader
     fhir: FhirClient
     auth: Authenticator
     metrics: Metrics = field(default_factory=Metrics)
     quiet: QuietCollector = field(default_factory=QuietCollector)
-    _watcher: asyncio.Task[None] | None = None
-    scheduler: FollowupScheduler = field(init=False)
+    scheduler: Scheduler = field(default_factory=Scheduler)
+    due: DueFollowups = field(init=False)
+    intake: Intake = field(init=False)
+    loop: asyncio.AbstractEventLoop | None = None  # the app's event loop, once started
 
     def __post_init__(self) -> None:
-        self.scheduler = FollowupScheduler(self.settings, self.clock, self.store, self.holder, self.fhir.tokens)
+        self.due = DueFollowups(self.settings, self.clock, self.store, self.reloader, self.fhir)
+        self.intake = Intake(self.settings, self.clock, self.store, self.fhir)
 
     @classmethod
     def create(cls, settings: Settings, clock: Clock | None = None) -> Runtime:
@@ -46,72 +58,82 @@ class Runtime:
         clock = clock or clock_for(settings.now)
         key = settings.patient_hash_key.get_secret_value().encode() if settings.patient_hash_key else None
         store = Store(settings.database_url, clock, hash_key=key)
-        holder = CatalogHolder(settings.rules, frozenset(settings.rule_statuses))
+        reloader = Reloader(settings.rules, frozenset(settings.rule_statuses), settings.site_valuesets)
         fhir = FhirClient(settings, BackendTokens(settings.fhir_backend_clients))
         auth = Authenticator(settings.auth, store, clock, fhir.http)
-        return cls(settings, clock, store, holder, fhir, auth)
+        return cls(settings, clock, store, reloader, fhir, auth)
 
     async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
         await asyncio.to_thread(self.store.migrate)
-        if not await asyncio.to_thread(self.holder.reload):
-            problems = "\n".join(str(p) for p in self.holder.last_problems[:20])
+        if not await asyncio.to_thread(self.reloader.reload):
+            problems = "\n".join(str(p) for p in self.reloader.last_problems[:20])
             raise ConfigError(f"the rule set in {self.settings.rules} has problems:\n{problems}")
         self._count_reload(True)
-        if self.settings.reload_interval_seconds > 0:
-            self._watcher = asyncio.create_task(self._watch())
+        self.scheduler.every("rules-reload", self.settings.reload_interval_seconds, self.reload_if_changed)
+        self.scheduler.every("due-followups", self.settings.followup_poll_seconds, self.due.run_due)
         self.scheduler.start()
 
-    async def _watch(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.reload_interval_seconds)
-            try:
-                if self.holder.changed():
-                    self._count_reload(await asyncio.to_thread(self.holder.reload))
-            except Exception:  # a watcher that dies silently would freeze the rule set
-                log.exception("rule watcher error")
+    async def reload_if_changed(self) -> None:
+        if await asyncio.to_thread(self.reloader.changed):
+            self._count_reload(await asyncio.to_thread(self.reloader.reload))
 
     def _count_reload(self, ok: bool) -> None:
         self.metrics.reloads.labels("loaded" if ok else "refused").inc()
         if ok:
             settle_heap()
-        if self.holder.current:
-            self.metrics.rules_loaded.set(len(self.holder.current.ruleset.rules))
+        if self.reloader.current:
+            self.metrics.rules_loaded.set(len(self.reloader.current.ruleset.rules))
 
     async def stop(self) -> None:
-        if self._watcher:
-            self._watcher.cancel()
-        await asyncio.to_thread(self.scheduler.stop)
+        self.scheduler.stop()
         await self.fhir.close()
         self.store.dispose()
 
-    def catalog(self) -> Catalog:
-        assert self.holder.current is not None, "runtime not started"
-        return self.holder.current
+    def services(self) -> Services:
+        assert self.reloader.current is not None, "runtime not started"
+        return self.reloader.current
 
-    def evaluate(self, call: hooks.Call, caller: Caller) -> hooks.Result:
-        """Runs in a worker thread: engine, suppression look-up and card records in one go."""
-        catalog = self.catalog()
+    def evaluate(self, call: pipeline.Call, caller: Caller) -> pipeline.Result:
+        """Runs in a worker thread: engine, suppression look-up, card records and waiting cards in one go."""
+        services = self.services()
         now = self.clock.now()
         patient_hash = self.store.patient_hash(call.context["patientId"])
-        result = hooks.evaluate(call, catalog, now, patient_hash=patient_hash,
-                                recently_shown=lambda w: self.store.recently_shown(patient_hash, w),
-                                tenant=caller.tenant)
+        result = pipeline.evaluate(call, services, now, patient_hash=patient_hash,
+                                   suppressed=lambda w: self.store.recently_shown(patient_hash, w),
+                                   tenant=caller.tenant)
         self.store.record_cards(result.records)
-        live = [r.rule_id for r in result.records]
+        live = {i.rule_id for i in result.issued}
         pending = followups.take_pending(self.store, patient_hash, service_id=call.service.id,
-                                         hook_instance=call.request.hookInstance, live_rules=set(live), now=now,
+                                         hook_instance=call.request.hookInstance, live_rules=live, now=now,
                                          max_age=self.settings.pending_card_max_age)
-        result.cards = followups.merge_pending(result.cards, live, pending, call.context)
+        result.issued += [IssuedCard(p.rule_id, followups.fill_context(p.card, call.context)) for p in pending]
         for rule_id in result.failed:
             self.metrics.rule_errors.labels(rule_id).inc()
-        for record in result.records:
-            self.metrics.cards.labels(record.rule_id).inc()
-        for card in pending:
-            self.metrics.cards.labels(card.rule_id).inc()
+        for issued in result.issued:
+            self.metrics.cards.labels(issued.rule_id).inc()
         return result
 
+    def record_feedback(self, records: list[FeedbackRecord], service_id: str) -> int:
+        """Store feedback on cards this service issued; an unknown card or another service's is a 400."""
+        for record in records:
+            issued_by = self.store.card_service(record.card_uuid)
+            if issued_by is None:
+                raise BadRequest(f"unknown card '{record.card_uuid}'", expression="feedback.card")
+            if issued_by != service_id:
+                raise BadRequest(f"card '{record.card_uuid}' was not issued by '{service_id}'",
+                                 expression="feedback.card")
+        return self.store.record_feedback(records)
+
     def readiness(self) -> dict[str, Any]:
-        current = self.holder.current
-        return {"database": self.store.ping(), "rules": current.ruleset.version if current else None,
+        current = self.reloader.current
+        problems = []
+        database = self.store.ping()
+        if not database:
+            problems.append("database unreachable")
+        if current is None:
+            problems.append("no rule set")
+        return {"problems": problems, "database": "ok" if database else "unreachable",
+                "rules": current.ruleset.version if current else None,
                 "rule_count": len(current.ruleset.rules) if current else 0,
-                "refused_reloads": self.holder.refused}
+                "refused_reloads": self.reloader.refused}

@@ -59,14 +59,18 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8080
     rules: Path = BUNDLED_RULES
+    site_valuesets: Path | None = Field(
+        default=None, description="folder of a site's own codes for shipped value sets (<name>.yaml or FHIR "
+                                  "ValueSet <name>.json), e.g. local order codes; reloaded with the rules")
     database_url: str = "sqlite:///nudges.db"
     now: str | None = Field(default=None, description="pin the clock (ISO 8601 instant)")
     rule_statuses: list[str] = Field(default_factory=lambda: ["active"])
     reload_interval_seconds: float = 2.0
     max_body_bytes: int = 10 * 1024 * 1024
-    max_json_depth: int = 64
     fhir_timeout_seconds: float = 2.0
     fhir_max_pages: int = 5
+    fhir_max_connections_per_server: int = Field(
+        default=6, ge=1, description="concurrent requests to one FHIR server; more wait for a connection")
     fhir_allow_http: bool = Field(default=False, description="allow http:// FHIR servers off loopback")
     fhir_server_allowlist: list[str] = Field(default_factory=list)
     fhir_backend_clients: list[FhirBackendClient] = Field(
@@ -97,35 +101,36 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, _YamlSource(settings_cls))
+        # The --config file arrives as an init value of its own (see load_settings), read here so that the
+        # order stays flags, then environment, then file.
+        config_file = init_settings.init_kwargs.pop("config_file", None)  # type: ignore[attr-defined]
+        return (init_settings, env_settings, _YamlSource(settings_cls, config_file))
 
 
 class _YamlSource(PydanticBaseSettingsSource):
-    """Reads the --config file; the path travels in `_config_file` set by `load_settings`."""
+    """The --config YAML file: a mapping of the same settings."""
 
-    _config_file: Path | None = None
+    def __init__(self, settings_cls: type[BaseSettings], path: Path | None) -> None:
+        super().__init__(settings_cls)
+        self.path = path
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        path = _YamlSource._config_file
-        if path is None:
+        if self.path is None:
             return {}
         from ruamel.yaml import YAML
 
-        data = YAML(typ="safe").load(path.read_text(encoding="utf-8")) or {}
+        data = YAML(typ="safe").load(self.path.read_text(encoding="utf-8")) or {}
         if not isinstance(data, dict):
             from .errors import ConfigError
 
-            raise ConfigError(f"{path}: the configuration file must be a YAML mapping")
+            raise ConfigError(f"{self.path}: the configuration file must be a YAML mapping")
         return data
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
     """Build settings; `overrides` are command-line flags (None means "not given")."""
-    _YamlSource._config_file = config_file
-    try:
-        return Settings(**{k: v for k, v in overrides.items() if v is not None})
-    finally:
-        _YamlSource._config_file = None
+    values = {k: v for k, v in overrides.items() if v is not None}
+    return Settings(config_file=config_file, **values)  # type: ignore[call-arg]  # read by the YAML source

@@ -229,7 +229,7 @@ class Store:
         with self.engine.connect() as conn:  # one statement whatever the rules
             rows = conn.execute(LAST_SHOWN, {"patient_hash": patient_hash, "oldest": oldest, "now": now}).all()
         return {rule_id for rule_id, last in rows
-                if rule_id in windows and _aware(last) >= now - windows[rule_id]}
+                if rule_id in windows and aware(last) >= now - windows[rule_id]}
 
     def card_service(self, card_uuid: str) -> str | None:
         with self.engine.connect() as conn:
@@ -275,7 +275,7 @@ class Store:
         return True
 
 
-def _aware(value: datetime) -> datetime:
+def aware(value: datetime) -> datetime:
     """SQLite returns naive datetimes; everything stored is UTC."""
     from datetime import UTC
 

@@ -28,6 +28,17 @@ PG_BASE = os.environ.get("NUDGES_TEST_POSTGRES", "postgresql://postgres@127.0.0.
 NOW = "2026-03-02T12:00:00Z"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """One rule-load cache for the whole session, never the user's own (rules/cache.py)."""
+    import tempfile
+
+    os.environ["NUDGES_CACHE_DIR"] = tempfile.mkdtemp(prefix="nudges-test-cache-")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(os.environ.get("NUDGES_CACHE_DIR", ""), ignore_errors=True)
+
+
 def postgres_reachable() -> str | None:
     try:
         with psycopg.connect(PG_BASE, connect_timeout=3) as conn:
@@ -99,6 +110,13 @@ class LiveServer(httpx.Client):
     def runtime(self) -> Any:
         return self.app.state.runtime
 
+    def run_due(self, now: Any = None) -> list[Any]:
+        """Run due follow-ups now, on the service's own event loop (where its FHIR client lives)."""
+        import asyncio
+
+        future = asyncio.run_coroutine_threadsafe(self.runtime.due.run_due(now), self.runtime.loop)
+        return list(future.result(timeout=30))
+
     def stop(self) -> None:
         self.close()
         self.server.should_exit = True
@@ -147,9 +165,14 @@ class FhirServer:
         self.client_key: Any = None
         self.token_requests: list[dict[str, str]] = []
         self.token_refusals = 0
+        self.in_flight = self.max_in_flight = 0
+        self.connections: set[tuple[str, int]] = set()  # client (address, port): one per connection used
+        self._lock = threading.Lock()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as real FHIR servers do
+
             def log_message(self, *args: Any) -> None:
                 pass
 
@@ -163,6 +186,17 @@ class FhirServer:
 
             def do_GET(self) -> None:
                 server.requests.append((self.path, self.headers.get("Authorization")))
+                with server._lock:
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                    server.connections.add(self.client_address)
+                try:
+                    self.serve()
+                finally:
+                    with server._lock:
+                        server.in_flight -= 1
+
+            def serve(self) -> None:
                 if server.delay:
                     threading.Event().wait(server.delay)
                 if server.token and self.headers.get("Authorization") != f"Bearer {server.token}":
@@ -185,7 +219,7 @@ class FhirServer:
         self.httpd = _Server(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}/fhir"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
 
     @property
     def token_url(self) -> str:

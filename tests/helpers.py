@@ -40,12 +40,12 @@ def troponin(oid: str = "trop-1", value: float = 212, high: float = 34,
 @cache
 def plan_keys(hook: str) -> dict[str, str]:
     """Prefetch keys the frozen test rules make the service ask for on `hook` (key -> template)."""
-    from nudges.catalog import Catalog, service_id
-    from nudges.ruleset import load_ruleset
+    from nudges.rules.compiler import load_ruleset
+    from nudges.services import Services
 
     ruleset = load_ruleset(ROOT / "tests" / "rules").ruleset
     assert ruleset is not None
-    return dict(Catalog.build(ruleset, frozenset({"active"})).services[service_id(hook)].plan.templates)
+    return dict(Services.build(ruleset, frozenset({"active"})).for_hook(hook).plan.templates)
 
 
 def full_prefetch(hook: str, *resources: dict[str, Any]) -> dict[str, Any]:
@@ -59,7 +59,7 @@ def full_prefetch(hook: str, *resources: dict[str, Any]) -> dict[str, Any]:
             continue
         key = kind[0].lower() + kind[1:]
         if key not in prefetch:
-            key = next(iter(k for k in prefetch if k != "patient"))
+            raise KeyError(f"no prefetch key for {kind} on {hook}: the rules do not read it ({sorted(prefetch)})")
         if prefetch[key] is None:
             prefetch[key] = bundle()
         prefetch[key]["entry"].append({"resource": resource})

@@ -145,7 +145,9 @@ def test_logs_carry_no_tokens_or_patient_ids(client: LiveServer, capfd: pytest.C
     body["fhirAuthorization"] = {"access_token": "tok-SECRET-123", "token_type": "Bearer", "expires_in": 60,
                                  "scope": "patient/*.read", "subject": "x"}
     del body["prefetch"]["observation"]
-    client.post("/cds-services/nudges-patient-view", json=body)
+    response = client.post("/cds-services/nudges-patient-view", json=body)
+    assert response.status_code == 412
     time.sleep(0.1)
     text = caplog.text + "".join(capfd.readouterr())
+    assert "answered 412" in text and "unreachable" in text  # the call was logged, so absence below means something
     assert "tok-SECRET-123" not in text and "pt-secret-id-42" not in text

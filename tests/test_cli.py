@@ -22,7 +22,7 @@ def free_port() -> int:
 
 
 def nudges(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "nudges.cli", *args], cwd=cwd,
+    return subprocess.Popen([sys.executable, "-m", "nudges", *args], cwd=cwd,
                             env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 

@@ -15,13 +15,12 @@ from typing import Any
 import pytest
 from conftest import ROOT, FhirServer, LiveServer
 from helpers import assert_valid_card, bundle, patient, patient_view, troponin
-from ruamel.yaml import YAML
 from sqlalchemy import select
 
-from nudges import followups
 from nudges.clock import FixedClock
-from nudges.followups import claim_due, complete, pending_cards, schedule
-from nudges.ruleset import load_ruleset
+from nudges.events import followups
+from nudges.events.followups import claim_due, complete, pending_cards, schedule
+from nudges.rules.compiler import load_ruleset
 from nudges.store import Bucket, CardRecord, Store, cards, feedback
 
 NOTIFY = "/fhir/notifications"
@@ -125,7 +124,7 @@ def test_handshake_and_heartbeat_are_acknowledged_and_nothing_else(service: Live
         response = service.post(NOTIFY, json=notification(kind))
         assert response.status_code == 200, response.text
         assert response.json() == {"type": kind, "events": 0, "scheduled": 0}
-    assert service.runtime.scheduler.run_due() == []
+    assert service.run_due() == []
 
 
 def test_full_resource_notification_schedules_once(service: LiveServer, fhir_server: FhirServer) -> None:
@@ -138,8 +137,24 @@ def test_full_resource_notification_schedules_once(service: LiveServer, fhir_ser
     [row] = followup_rows(service.runtime, pid)
     assert (row.rule_id, row.status, row.patient_ref, row.start_ref) == (RULE, "pending", pid, "Observation/trop-1")
     assert row.fhir_server == fhir_server.base
-    assert followups._aware(row.due_at) == service.runtime.clock.now() + timedelta(hours=12)
+    assert followups.aware(row.due_at) == service.runtime.clock.now() + timedelta(hours=12)
     assert fhir_server.requests == []  # full-resource: nothing read back
+
+
+def test_a_start_clause_may_use_the_documented_context_variables(
+        make_client: Callable[..., LiveServer], rules_dir: Path, fhir_server: FhirServer) -> None:
+    """%patientId in a follow-up's start clause passes lint, so it must evaluate at intake (it was a 500)."""
+    path = rules_dir / "cardiology" / f"{RULE}.yaml"
+    text = path.read_text()
+    old = "      where: \"(value as Quantity).value > referenceRange.high.value or"
+    assert old in text
+    path.write_text(text.replace(old, "      where: \"subject.reference = 'Patient/' + %patientId and "
+                                      "(value as Quantity).value > referenceRange.high.value or", 1))
+    service = make_client(followup_poll_seconds=0)
+    pid = new_patient()
+    response = service.post(NOTIFY, json=full_resource(fhir_server.base, result_for(pid)))
+    assert response.status_code == 200, response.text
+    assert response.json()["scheduled"] == 1
 
 
 def test_resources_that_start_nothing_schedule_nothing(service: LiveServer, fhir_server: FhirServer) -> None:
@@ -228,7 +243,7 @@ def test_followup_fires_after_its_delay_and_surfaces_once(service: LiveServer, f
     pid = new_patient()
     fhir_server.resources = [patient(pid), result_for(pid)]
     assert service.post(NOTIFY, json=full_resource(fhir_server.base, result_for(pid))).json()["scheduled"] == 1
-    scheduler = service.runtime.scheduler
+    scheduler = service
     [row] = followup_rows(service.runtime, pid)
 
     clock.advance(hours=11, minutes=59)
@@ -278,7 +293,7 @@ def test_followup_does_not_fire_when_the_order_appeared(service: LiveServer, fhi
     fhir_server.resources.append(cath_order(pid))  # placed six hours later
     clock.advance(hours=12)
     [row] = followup_rows(service.runtime, pid)
-    assert [o.outcome for o in service.runtime.scheduler.run_due() if o.id == row.id] == ["quiet"]
+    assert [o.outcome for o in service.run_due() if o.id == row.id] == ["quiet"]
     [row] = followup_rows(service.runtime, pid)
     assert (row.status, row.patient_ref) == ("done", None)
     assert troponin_cards(service.post("/cds-services/nudges-patient-view", json=quiet_view(service, pid))) == []
@@ -290,7 +305,7 @@ def test_pending_card_is_ordered_with_the_others_on_any_hook(service: LiveServer
     fhir_server.resources = [result_for(pid)]
     service.post(NOTIFY, json=full_resource(fhir_server.base, result_for(pid)))
     clock.advance(hours=12)
-    service.runtime.scheduler.run_due()
+    service.run_due()
     speaks_vietnamese = patient(pid, communication=[{"language": {"coding": [{"system": "urn:ietf:bcp:47",
                                                                               "code": "vi"}]}, "preferred": True}])
     prefetch = empty_prefetch(service, "nudges-encounter-start")
@@ -320,7 +335,7 @@ def test_followups_and_pending_cards_survive_a_restart(make_client: Callable[...
     clock.advance(hours=12)
     second = make_client(database_url=database_url, followup_poll_seconds=0)
     [row] = followup_rows(second.runtime, pid)
-    assert [o.outcome for o in second.runtime.scheduler.run_due() if o.id == row.id] == ["fired"]
+    assert [o.outcome for o in second.run_due() if o.id == row.id] == ["fired"]
     second.stop()
 
     third = make_client(database_url=database_url, followup_poll_seconds=0)
@@ -335,10 +350,10 @@ def test_failed_fetch_is_retried_later(service: LiveServer, fhir_server: FhirSer
     fhir_server.close()  # the EHR is down when the follow-up is due
     clock.advance(hours=12)
     [row] = followup_rows(service.runtime, pid)
-    assert [o.outcome for o in service.runtime.scheduler.run_due() if o.id == row.id] == ["retry"]
+    assert [o.outcome for o in service.run_due() if o.id == row.id] == ["retry"]
     [row] = followup_rows(service.runtime, pid)
     assert (row.status, row.attempts, row.patient_ref) == ("pending", 1, pid)
-    assert followups._aware(row.due_at) == clock.now() + timedelta(minutes=5)
+    assert followups.aware(row.due_at) == clock.now() + timedelta(minutes=5)
 
 
 def test_background_job_runs_due_followups(make_client: Callable[..., LiveServer], fhir_server: FhirServer,
@@ -483,8 +498,17 @@ def test_followup_compiles(rules_dir: Path) -> None:
     rule = next(r for r in result.ruleset.rules if r.id == RULE)
     assert (rule.followup_start, rule.followup_after) == ("troponin", timedelta(hours=12))
     assert all(r.followup_start is None for r in result.ruleset.rules if r.id != RULE)
-    shipped = YAML(typ="safe").load((ROOT / "rules" / "cardiology" / f"{RULE}.yaml").read_text())
-    assert shipped["followup"] == {"start": "troponin", "after": "12h"}
+
+
+def test_every_shipped_followup_starts_from_a_record_clause() -> None:
+    """A follow-up can only start from data a FHIR server notifies about (record, not drafts)."""
+    shipped = load_ruleset(ROOT / "rules").ruleset
+    assert shipped is not None
+    starting = followups.followup_rules(shipped.rules)
+    assert starting, "the catalog has time-driven rules"
+    for rule in starting:
+        clause = followups.start_clause(rule)
+        assert clause is not None and "record" in clause.sources, rule.id
 
 
 # -- the service's own access token (SMART Backend Services) ------------------------------------------------
@@ -524,7 +548,7 @@ def test_id_only_reads_and_followup_checks_carry_the_services_token(
     request = fhir_server.token_requests[0]
     assert (request["grant_type"], request["scope"]) == ("client_credentials", "system/*.read")
     clock.advance(hours=12)
-    [outcome] = [o for o in client.runtime.scheduler.run_due()]
+    [outcome] = [o for o in client.run_due()]
     assert outcome.outcome == "fired"
     reads = [auth for path, auth in fhir_server.requests]
     assert reads and all(auth == f"Bearer {fhir_server.token}" for auth in reads)
@@ -583,7 +607,7 @@ def test_unusable_backend_credentials_stop_the_service_at_start(tmp_path: Path, 
 
 # -- waiting cards: counted once shown, dropped when stale --------------------------------------------------
 def audited(client: LiveServer) -> int:
-    from nudges.audit import query_cells
+    from nudges.tools.audit import query_cells
 
     with client.runtime.store.engine.connect() as conn:
         return sum(c.shown for c in query_cells(conn, None) if c.rule == RULE and c.dimension == "overall")
@@ -596,7 +620,7 @@ def test_a_waiting_card_counts_as_shown_only_once_delivered(make_client: Callabl
     fhir_server.resources = [patient(pid), result_for(pid)]
     assert client.post(NOTIFY, json=full_resource(fhir_server.base, result_for(pid))).json()["scheduled"] == 1
     clock.advance(hours=12)
-    assert [o.outcome for o in client.runtime.scheduler.run_due()] == ["fired"]
+    assert [o.outcome for o in client.run_due()] == ["fired"]
     assert audited(client) == 0  # waiting for the patient's next visit: nobody has seen it
     assert len(troponin_cards(client.post("/cds-services/nudges-patient-view", json=quiet_view(client, pid)))) == 1
     assert audited(client) == 1
@@ -609,10 +633,10 @@ def test_a_card_waiting_too_long_is_dropped_unshown(make_client: Callable[..., L
     fhir_server.resources = [patient(pid), result_for(pid)]
     assert client.post(NOTIFY, json=full_resource(fhir_server.base, result_for(pid))).json()["scheduled"] == 1
     clock.advance(hours=12)
-    assert [o.outcome for o in client.runtime.scheduler.run_due()] == ["fired"]
+    assert [o.outcome for o in client.run_due()] == ["fired"]
     clock.advance(hours=48, minutes=1)  # the patient comes back after the card went stale
     assert troponin_cards(client.post("/cds-services/nudges-patient-view", json=quiet_view(client, pid))) == []
-    client.runtime.scheduler.run_due()  # the periodic job drops it, with its `cards` row
+    client.run_due()  # the periodic job drops it, with its `cards` row
     with client.runtime.store.engine.connect() as conn:
         assert conn.execute(select(pending_cards)).all() == []
         assert conn.execute(select(cards).where(cards.c.rule_id == RULE)).all() == []

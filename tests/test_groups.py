@@ -8,12 +8,13 @@ from typing import Any
 import pytest
 from helpers import troponin
 
-from nudges.catalog import Catalog
 from nudges.cli import main
 from nudges.clock import parse_instant
 from nudges.engine import evaluate
 from nudges.record import PatientRecord
-from nudges.ruleset import CompiledGroup, load_ruleset
+from nudges.rules.compiled import CompiledGroup
+from nudges.rules.compiler import load_ruleset
+from nudges.services import Services
 
 RULE = Path("cardiology/troponin-without-cath-plan.yaml")
 NOW = parse_instant("2026-03-02T12:00:00Z")
@@ -59,7 +60,7 @@ def nest(rules_dir: Path, replacement: str = NESTED) -> Path:
 def fired(rules_dir: Path, *resources: dict[str, Any]) -> bool:
     ruleset = load_ruleset(rules_dir).ruleset
     assert ruleset is not None
-    service = Catalog.build(ruleset, frozenset({"active"})).services["nudges-patient-view"]
+    service = Services.build(ruleset, frozenset({"active"})).by_id["nudges-patient-view"]
     record = PatientRecord(service.index)
     record.add_all(resources)
     outcome = evaluate(service.rules, record, NOW)
@@ -98,7 +99,7 @@ def test_nested_clauses_reach_prefetch_and_the_index(rules_dir: Path) -> None:
     assert isinstance(rule.none[0], CompiledGroup) and rule.none[0].mode == "all"
     assert [c.resource for c in rule.clauses()] == ["Observation", "Condition", "Encounter", "ServiceRequest",
                                                      "Procedure"]
-    service = Catalog.build(ruleset, frozenset({"active"})).services["nudges-patient-view"]
+    service = Services.build(ruleset, frozenset({"active"})).by_id["nudges-patient-view"]
     templates = " ".join(service.plan.templates.values())
     assert "Condition?patient=" in templates and "Encounter?patient=" in templates
 
@@ -176,7 +177,7 @@ def test_card_sections_show_what_was_bound(rules_dir: Path, capsys: pytest.Captu
     assert code == 0, out
     ruleset = load_ruleset(rules_dir).ruleset
     assert ruleset is not None
-    service = Catalog.build(ruleset, frozenset({"active"})).services["nudges-patient-view"]
+    service = Services.build(ruleset, frozenset({"active"})).by_id["nudges-patient-view"]
 
     def summary(*resources: dict[str, Any]) -> str:
         record = PatientRecord(service.index)

@@ -47,6 +47,19 @@ def test_young_generation_still_collected_when_requests_never_stop_overlapping(c
     assert gc.isenabled()
 
 
+def test_a_pause_under_endless_overlap_is_bounded_in_time(collector_on: None) -> None:
+    """Calls that always overlap would otherwise keep the older generations from ever being collected."""
+    quiet = QuietCollector(max_pause=0.05)
+    with quiet:
+        before = gc.get_stats()[1]["collections"]
+        for _ in range(3):
+            with quiet:
+                time.sleep(0.03)
+        assert gc.get_stats()[1]["collections"] > before
+        assert not gc.isenabled()
+    assert gc.isenabled()
+
+
 def test_a_collector_left_off_by_the_host_stays_off() -> None:
     was = gc.isenabled()
     gc.disable()

@@ -9,11 +9,12 @@ from typing import Any
 import orjson
 import pytest
 
-from nudges import engine, hooks
-from nudges.catalog import Catalog
+from nudges import engine, pipeline
 from nudges.clock import parse_instant
 from nudges.record import IndexPlan, PatientRecord
-from nudges.ruleset import index_plan, load_ruleset
+from nudges.rules.compiled import index_plan
+from nudges.rules.compiler import load_ruleset
+from nudges.services import Services
 
 ROOT = Path(__file__).resolve().parent.parent
 LOINC, SNOMED, RXNORM = "http://loinc.org", "http://snomed.info/sct", "http://www.nlm.nih.gov/research/umls/rxnorm"
@@ -102,15 +103,15 @@ def calls() -> list[Path]:
 def test_planned_index_matches_full_index_on_every_fixture_call() -> None:
     ruleset = load_ruleset(ROOT / "rules").ruleset
     assert ruleset is not None
-    catalog = Catalog.build(ruleset, frozenset({"active"}))
+    catalog = Services.build(ruleset, frozenset({"active"}))
     now = parse_instant("2026-03-02T12:00:00Z")
     fired = 0
     for path in calls():
         body = orjson.loads(path.read_bytes())
-        call = hooks.parse_call(catalog, f"nudges-{body['hook']}", body)
+        call = pipeline.parse_call(catalog, f"nudges-{body['hook']}", body)
         assert call.service.index.buckets.keys() == index_plan(call.service.rules).buckets.keys()
         results = []
-        for record in (hooks.build_record(call, call.service.index), hooks.build_record(call)):
+        for record in (pipeline.build_record(call, call.service.index), pipeline.build_record(call)):
             outcome = engine.evaluate(call.service.rules, record, now, call.context, call.service.hook)
             assert outcome.failed == []
             results.append([(m.rule.id, {k: r.get("id") for k, r in m.bindings.items()}) for m in outcome.matches])
@@ -124,7 +125,7 @@ def test_a_binding_is_the_latest_candidate_that_passes_its_condition() -> None:
     scan would pick (latest date, then highest id)."""
     ruleset = load_ruleset(ROOT / "rules").ruleset
     assert ruleset is not None
-    service = Catalog.build(ruleset, frozenset({"active"})).services["nudges-patient-view"]
+    service = Services.build(ruleset, frozenset({"active"})).by_id["nudges-patient-view"]
     rule = next(r for r in service.rules if r.id == "troponin-without-cath-plan")
     now = parse_instant("2026-03-02T12:00:00Z")
 
@@ -157,7 +158,7 @@ def test_a_binding_is_the_latest_candidate_that_passes_its_condition() -> None:
     {"resourceType": "Bundle"},
 ], ids=lambda v: str(v)[:40])
 def test_a_prefetch_value_is_read_like_its_flattened_resources(value: Any) -> None:
-    from nudges.record import flatten
+    from nudges.fhir import flatten
 
     whole, flat = PatientRecord(IndexPlan(KEYSETS)), PatientRecord(IndexPlan(KEYSETS))
     whole.add_value(value)

@@ -9,13 +9,14 @@ import orjson
 import pytest
 from helpers import bundle, cath_order, coverage, for_patient, ndjson, patient, troponin
 
-from nudges.bulk import request_for
-from nudges.catalog import Catalog
 from nudges.cli import main
 from nudges.clock import parse_instant
-from nudges.replay import render, run_body
-from nudges.ruleset import load_ruleset
+from nudges.pipeline import run_body
+from nudges.rules.compiler import load_ruleset
+from nudges.services import Services
 from nudges.settings import Settings
+from nudges.tools.bulk import request_for
+from nudges.tools.replay import render
 
 ROOT = Path(__file__).resolve().parent.parent
 CALLS = ROOT / "fhir_fixtures" / "calls"
@@ -29,11 +30,11 @@ def replay(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, st
     return code, captured.out, captured.err
 
 
-def catalog_for(rules_dir: Path) -> tuple[Catalog, Settings]:
+def catalog_for(rules_dir: Path) -> tuple[Services, Settings]:
     settings = Settings(rules=rules_dir)
     ruleset = load_ruleset(rules_dir).ruleset
     assert ruleset is not None
-    return Catalog.build(ruleset, frozenset(settings.rule_statuses)), settings
+    return Services.build(ruleset, frozenset(settings.rule_statuses)), settings
 
 
 @pytest.fixture
@@ -42,7 +43,7 @@ def calls(tmp_path: Path, rules_dir: Path, capsys: pytest.CaptureFixture[str]) -
     target = tmp_path / "calls"
     target.mkdir()
     resources = [patient("pt-trop"), for_patient(troponin(), "pt-trop")]
-    body = request_for(catalog_for(rules_dir)[0].services["nudges-patient-view"], "pt-trop", resources)
+    body = request_for(catalog_for(rules_dir)[0].by_id["nudges-patient-view"], "pt-trop", resources)
     (target / "patient-view-troponin.json").write_bytes(orjson.dumps(body))
     (target / "patient-view-troponin.server.json").write_bytes(orjson.dumps(bundle(*resources)))
     assert main(["replay", str(target), "--rules", str(rules_dir), "--now", NOW, "--update"]) == 0
@@ -71,10 +72,31 @@ def test_changed_golden_file_prints_a_diff_and_fails(capsys: pytest.CaptureFixtu
     golden.write_bytes(orjson.dumps(data))
     code, out, _ = replay(capsys, str(calls), "--rules", str(rules_dir))
     assert code == 1
-    assert f"--- {golden}" in out and "+++ " in out and "@@ " in out
-    assert '-      "summary": "an outdated summary"' in out
-    assert '+      "summary": "Troponin above its reference range 14 h ago' in out
+    # one diff (both data modes agree), the card found by its rule, only the field that changed
+    assert out.count("DIFF ") == 1 and f"(prefetch, fhir-server) against {golden}" in out
+    assert f"  card {TROPONIN}:\n    summary:\n" in out
+    assert "      -an outdated summary\n      +Troponin above its reference range 14 h ago" in out
+    assert "detail:" not in out and "suggestions:" not in out
     assert "0 of 1 call(s) match" in out
+
+
+def test_text_clinicians_read_is_pinned(capsys: pytest.CaptureFixture[str], calls: Path, rules_dir: Path) -> None:
+    """Rewording a card's detail or changing an override reason no longer "matches": each shows as its own
+    small diff."""
+    golden = calls / "patient-view-troponin.golden.json"
+    data = orjson.loads(golden.read_bytes())
+    card = next(c for c in data["cards"] if c["rule"] == TROPONIN)
+    card["detail"] = card["detail"].replace("above the assay's reference range", "above the range")
+    card["overrideReasons"][0]["display"] = "an old display"
+    golden.write_bytes(orjson.dumps(data))
+    code, out, _ = replay(capsys, str(calls), "--rules", str(rules_dir))
+    assert code == 1
+    lines = out.splitlines()
+    assert f"  card {TROPONIN}:" in lines and "    detail:" in lines and "    overrideReasons:" in lines
+    assert any(line.startswith("      -") and "above the range" in line for line in lines)
+    assert any(line.startswith("      +") and "above the assay's reference range" in line for line in lines)
+    assert any(line.startswith("      -") and "an old display" in line for line in lines)
+    assert "    summary:" not in lines
 
 
 def test_update_rewrites_the_golden_file(capsys: pytest.CaptureFixture[str], calls: Path, rules_dir: Path) -> None:
@@ -107,7 +129,7 @@ def test_a_clock_is_mandatory(capsys: pytest.CaptureFixture[str], calls: Path, r
     assert orjson.loads(golden.read_bytes())["now"] == NOW
     code, out, _ = replay(capsys, str(calls), "--rules", str(rules_dir), "--now", "2026-03-05T12:00:00Z")
     assert code == 1  # three days later the troponin is out of the 72 h window
-    assert '-  "now": "2026-03-02T12:00:00Z"' in out and f'-      "rule": "{TROPONIN}",' in out
+    assert f"  card {TROPONIN}: expected, not returned" in out
 
 
 def test_server_mode_fetches_everything_from_the_loopback_server(
@@ -127,13 +149,14 @@ def test_server_mode_fetches_everything_from_the_loopback_server(
     cards = orjson.loads((folder / "served.golden.json").read_bytes())["cards"]
     assert [c["rule"] for c in cards].count(TROPONIN) == 1
     trop = next(c for c in cards if c["rule"] == TROPONIN)
-    assert trop["suggestions"][0]["resources"][0]["reasonReference"] == [{"reference": "Observation/trop-srv"}]
+    resource = trop["suggestions"][0]["actions"][0]["resource"]
+    assert resource["reasonReference"] == [{"reference": "Observation/trop-srv"}]
 
     # The served data decides: a normal troponin on the server and the card is gone.
     server.write_bytes(orjson.dumps(bundle(patient("pt-srv"), for_patient(troponin("trop-srv", value=5), "pt-srv"))))
     code, out, _ = replay(capsys, str(folder), "--rules", str(rules_dir))
     assert code == 1
-    assert "DIFF " in out and "(fhir-server)" in out and f'-      "rule": "{TROPONIN}"' in out
+    assert "DIFF " in out and "(fhir-server)" in out and f"  card {TROPONIN}: expected, not returned" in out
 
 
 def test_server_data_that_disagrees_with_prefetch_is_reported(
@@ -215,7 +238,7 @@ def test_ndjson_export_counts_cards_per_rule(capsys: pytest.CaptureFixture[str],
 
     # Every rule's count equals evaluating each patient's data as one call: the grouping lost nothing.
     catalog, settings = catalog_for(rules_dir)
-    service = catalog.services["nudges-patient-view"]
+    service = catalog.by_id["nudges-patient-view"]
     expected = dict.fromkeys(table, 0)
     for pid, resources in data.items():
         body = request_for(service, pid, resources)

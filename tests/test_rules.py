@@ -7,11 +7,11 @@ from pathlib import Path
 
 import orjson
 import pytest
-from conftest import LiveServer
+from conftest import ROOT, LiveServer
 from helpers import patient_view, troponin
 
 from nudges.cli import main
-from nudges.ruleset import load_ruleset
+from nudges.rules.compiler import load_ruleset
 
 RULE = Path("cardiology/troponin-without-cath-plan.yaml")
 URL = "/cds-services/nudges-patient-view"
@@ -32,9 +32,15 @@ def line_of(path: Path, needle: str) -> int:
     return next(i for i, line in enumerate(path.read_text().splitlines(), 1) if needle in line)
 
 
-def test_bundled_rules_lint_clean(rules_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_frozen_test_rules_lint_clean(rules_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The rule set every other test edits starts clean, so a problem a test reports is the test's own."""
     code, out = lint(rules_dir, capsys)
-    assert code == 0 and out[-1].startswith("ok: ")
+    assert code == 0 and out[-1].startswith("ok: 3 rules")
+
+
+def test_shipped_rules_lint_clean(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = lint(ROOT / "rules", capsys)
+    assert code == 0 and out[-1].startswith("ok: "), out
 
 
 @pytest.mark.parametrize(("old", "new", "needle", "message"), [
@@ -74,7 +80,35 @@ def test_lint_summary_too_long_and_yaml_syntax(rules_dir: Path, capsys: pytest.C
                              for line in out)
     path.write_text("id: [unclosed\n")
     code, out = lint(rules_dir, capsys)
-    assert code == 1 and any("YAML syntax" in line for line in out)
+    assert code == 1 and any("YAML: an unclosed [ list" in line for line in out)
+
+
+@pytest.mark.parametrize(("text", "advice"), [
+    ("id: a\nid: b\n", "this key appears twice"),
+    ("title: Troponin: elevated\n", "put the value in quotes"),
+    ("id: x\n\ttitle: y\n", "YAML indents with spaces only"),
+    ("summary: \"never closed\n", "a quote or bracket opened and never closed"),
+])
+def test_yaml_errors_read_as_plain_advice(rules_dir: Path, capsys: pytest.CaptureFixture[str], text: str,
+                                          advice: str) -> None:
+    (rules_dir / RULE).write_text(text)
+    code, out = lint(rules_dir, capsys)
+    assert code == 1 and any(advice in line for line in out), out
+
+
+def test_root_causes_come_without_their_knock_on_errors(rules_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A value set whose file is broken is reported once, not again at every clause that names it."""
+    edit(rules_dir / "valuesets" / "troponin.yaml", "title:", "titel:")
+    code, out = lint(rules_dir, capsys)
+    assert code == 1
+    assert any("troponin.yaml" in line and "unknown field 'titel'" in line for line in out), out
+    assert not any("unknown value set 'troponin'" in line for line in out), out
+
+
+def test_did_you_mean(rules_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    edit(rules_dir / RULE, "codes: troponin\n", "codes: troponine\n")
+    code, out = lint(rules_dir, capsys)
+    assert code == 1 and any("unknown value set 'troponine' (did you mean 'troponin'?)" in line for line in out)
 
 
 def test_active_rule_needs_firing_and_quiet_cases(rules_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -112,9 +146,9 @@ def test_hot_reload_refuses_broken_rules_and_keeps_last_good(make_client, rules_
     path = rules_dir / RULE
     edit(path, "codes: troponin\n", "codes: no-such-set\n")
     deadline = time.monotonic() + 10
-    while client.runtime.holder.refused == 0 and time.monotonic() < deadline:
+    while client.runtime.reloader.refused == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert client.runtime.holder.refused >= 1
+    assert client.runtime.reloader.refused >= 1
     assert client.get("/readyz").json()["rules"] == before
     assert len(client.post(URL, json=patient_view("pt-hr", troponin())).json()["cards"]) == 1  # still served
     edit(path, "codes: no-such-set\n", "codes: troponin\n")
@@ -159,17 +193,17 @@ def test_load_is_all_or_nothing(rules_dir: Path) -> None:
 
 
 def test_text_narrows_candidates_before_fhirpath(rules_dir: Path) -> None:
-    from nudges.catalog import Catalog
     from nudges.clock import parse_instant
     from nudges.engine import evaluate
     from nudges.record import PatientRecord
+    from nudges.services import Services
 
     path = rules_dir / "equations/race-free-egfr.yaml"
     clause = "    - as: result\n      resource: Observation\n      codes: race-based-egfr\n"
     edit(path, clause, clause + "      text: \"african american\"\n")
     ruleset = load_ruleset(rules_dir).ruleset
     assert ruleset is not None
-    rules = Catalog.build(ruleset, frozenset({"active"})).services["nudges-patient-view"].rules
+    rules = Services.build(ruleset, frozenset({"active"})).by_id["nudges-patient-view"].rules
     now = parse_instant("2026-03-02T12:00:00Z")
 
     def fires(*resources: dict) -> bool:  # type: ignore[type-arg]
@@ -187,10 +221,10 @@ def test_text_narrows_candidates_before_fhirpath(rules_dir: Path) -> None:
 
 
 def test_fhirpath_sees_hook_and_context_ids(rules_dir: Path) -> None:
-    from nudges.catalog import Catalog
     from nudges.clock import parse_instant
     from nudges.engine import evaluate
     from nudges.record import PatientRecord
+    from nudges.services import Services
 
     path = rules_dir / "equations/race-free-egfr.yaml"
     clause = "    - as: result\n      resource: Observation\n      codes: race-based-egfr\n"
@@ -198,7 +232,7 @@ def test_fhirpath_sees_hook_and_context_ids(rules_dir: Path) -> None:
     edit(path, clause, clause + f"      where: \"{where}\"\n")
     ruleset = load_ruleset(rules_dir).ruleset
     assert ruleset is not None
-    rules = Catalog.build(ruleset, frozenset({"active"})).services["nudges-patient-view"].rules
+    rules = Services.build(ruleset, frozenset({"active"})).by_id["nudges-patient-view"].rules
     record = PatientRecord.from_prefetch({"observation": {"resourceType": "Bundle", "entry": [{"resource": {
         "resourceType": "Observation", "id": "a", "effectiveDateTime": "2026-02-01",
         "code": {"coding": [{"system": "http://loinc.org", "code": "48643-1"}]}}}]}, "procedure": None})
@@ -216,10 +250,10 @@ def test_fhirpath_sees_hook_and_context_ids(rules_dir: Path) -> None:
 
 
 def test_member_of_tests_codings_against_a_named_value_set(rules_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from nudges.catalog import Catalog
     from nudges.clock import parse_instant
     from nudges.engine import evaluate
     from nudges.record import PatientRecord
+    from nudges.services import Services
 
     path = rules_dir / "equations/race-free-egfr.yaml"
     clause = "    - as: result\n      resource: Observation\n      codes: race-based-egfr\n"
@@ -229,7 +263,7 @@ def test_member_of_tests_codings_against_a_named_value_set(rules_dir: Path, caps
     assert code == 0, out
     ruleset = load_ruleset(rules_dir).ruleset
     assert ruleset is not None
-    rules = Catalog.build(ruleset, frozenset({"active"})).services["nudges-patient-view"].rules
+    rules = Services.build(ruleset, frozenset({"active"})).by_id["nudges-patient-view"].rules
     now = parse_instant("2026-03-02T12:00:00Z")
 
     def fires(*codings: dict[str, str]) -> bool:

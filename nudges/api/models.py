@@ -11,8 +11,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-FHIR_ID = r"^[A-Za-z0-9\-.]{1,64}$"
-
 
 class FhirAuthorization(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -96,3 +94,50 @@ class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     feedback: list[Feedback] = Field(min_length=1, max_length=500)
+
+
+class NotificationParameter(BaseModel):
+    name: str
+    valueReference: dict[str, Any] | None = None
+    valueCode: str | None = None
+    valueString: str | None = None
+    part: list[dict[str, Any]] | None = None
+
+
+class NotificationBundle(BaseModel):
+    """R4 Subscriptions Backport IG notification: a `history` Bundle whose first entry is the
+    SubscriptionStatus (a Parameters resource); documentation only, the route reads the JSON itself."""
+
+    resourceType: Literal["Bundle"]
+    type: Literal["history"]
+    entry: list[dict[str, Any]] = Field(min_length=1, description="first: the SubscriptionStatus Parameters; "
+                                                                  "then the focus resources (full-resource)")
+
+
+def _inline(schema: dict[str, Any]) -> dict[str, Any]:
+    """A JSON Schema with its $defs inlined, to stand inside an OpenAPI operation on its own."""
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return resolve(defs[ref.removeprefix("#/$defs/")])
+            return {k: resolve(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return node
+
+    resolved: dict[str, Any] = resolve(schema)
+    return resolved
+
+
+def request_body(model: type[BaseModel], *media: str) -> dict[str, Any]:
+    """An OpenAPI requestBody for routes that parse their body themselves (once, with orjson)."""
+    schema = _inline(model.model_json_schema())
+    return {"required": True, "content": {m: {"schema": schema} for m in media or ("application/json",)}}
+
+
+CALL_SCHEMA = request_body(CdsServiceRequest)
+FEEDBACK_SCHEMA = request_body(FeedbackRequest)
+NOTIFICATION_SCHEMA = request_body(NotificationBundle, "application/fhir+json", "application/json")

@@ -1,0 +1,80 @@
+"""What every route needs, taken from `app.state`: the runtime, the authenticated caller, the body.
+
+Routes are module-level routers; nothing here closes over a particular app, so the same routes serve
+every app a test or a process creates.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import orjson
+from fastapi import Depends, Request, Response
+
+from ..errors import BadRequest, PayloadTooLarge, TooDeep
+from ..runtime import Runtime
+from .auth import Caller
+
+
+def get_runtime(request: Request) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+def audience(request: Request, runtime: Runtime) -> str:
+    """The URL the caller's JWT must be addressed to (CDS Hooks: the endpoint being called)."""
+    public = runtime.settings.public_base_url
+    base = public.rstrip("/") if public else str(request.base_url).rstrip("/")
+    return base + request.url.path
+
+
+async def authenticate(request: Request, runtime: RuntimeDep) -> Caller:
+    return await runtime.auth.authenticate(request.headers.get("authorization"), audience(request, runtime))
+
+
+CallerDep = Annotated[Caller, Depends(authenticate)]
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise BadRequest("invalid Content-Length")
+        if int(declared) > limit:
+            raise PayloadTooLarge(f"request body exceeds {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_object(body: bytes) -> dict[str, Any]:
+    """The body parsed once (orjson); nesting beyond orjson's fixed limit (1024) is refused as too deep."""
+    if not body:
+        raise BadRequest("request body is empty; a JSON object is required")
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        if "depth" in str(exc) or "recursion" in str(exc):
+            raise TooDeep("JSON nesting is too deep") from None
+        raise BadRequest(f"malformed JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise BadRequest("the request body must be a JSON object")
+    return value
+
+
+async def json_body(request: Request, runtime: RuntimeDep) -> dict[str, Any]:
+    return parse_object(await read_body(request, runtime.settings.max_body_bytes))
+
+
+BodyDep = Annotated[dict[str, Any], Depends(json_body)]
+
+
+def json_response(content: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(content), status_code=status, media_type="application/json")

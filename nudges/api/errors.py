@@ -1,0 +1,55 @@
+"""The one place errors become HTTP answers: every non-2xx is a FHIR OperationOutcome."""
+
+from __future__ import annotations
+
+import logging
+
+import orjson
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+
+from ..errors import BadRequest, NotFound, NudgesError
+from ..fhir import operation_outcome
+
+log = logging.getLogger("nudges.api")
+FHIR_JSON = "application/fhir+json"
+
+
+def error_response(exc: NudgesError) -> Response:
+    """The answer, and a log line an operator can act on: diagnostics never carry PHI or tokens, and a
+    refusal (401) logs its reason where it is decided (api/auth.py)."""
+    if exc.status >= 500:
+        log.error("internal error", extra={"error": type(exc).__name__})
+    elif exc.status in (412, 413):
+        log.info(f"answered {exc.status}: {exc.diagnostics}", extra={"status": exc.status})
+    return Response(orjson.dumps(exc.outcome()), status_code=exc.status, media_type=FHIR_JSON)
+
+
+def install(app: FastAPI) -> None:
+    """Map the service's errors, Starlette's and FastAPI's, and anything unexpected."""
+
+    @app.exception_handler(NudgesError)
+    async def _nudges_error(_: Request, exc: NudgesError) -> Response:
+        return error_response(exc)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_: Request, exc: HTTPException) -> Response:
+        if exc.status_code == 404:
+            return error_response(NotFound("no such endpoint"))
+        err = NudgesError(str(exc.detail))
+        err.status, err.code = exc.status_code, "not-supported" if exc.status_code == 405 else "processing"
+        return error_response(err)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> Response:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return error_response(BadRequest(f"{where}: {first.get('msg', 'invalid request')}" if where
+                                         else "invalid request", expression=where or None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> Response:
+        log.error("unhandled error", extra={"error": type(exc).__name__})
+        return Response(orjson.dumps(operation_outcome("internal error", code="exception")), status_code=500,
+                        media_type=FHIR_JSON)

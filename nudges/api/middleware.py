@@ -1,0 +1,66 @@
+"""Pure ASGI middleware: request metrics, and the collector kept quiet while request bodies are in flight."""
+
+from __future__ import annotations
+
+import time
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..hooks import service_hook
+
+# Path heads reported by name in metrics; anything else is "other" (no unbounded label values).
+KNOWN_PATHS = ("cds-services", "healthz", "readyz", "fhir", "metrics", "console", "docs")
+
+
+def path_label(path: str) -> str:
+    parts = path.strip("/").split("/")
+    if len(parts) >= 2 and parts[0] == "cds-services":
+        return parts[1] if service_hook(parts[1]) is not None else "other"
+    head = parts[0] or "root"
+    return head if head in KNOWN_PATHS or head == "root" else "other"
+
+
+class Instrumentation:
+    """Request counts and latency by service and status; latency ends when the last body byte is sent
+    (what the caller waited for), not when background work after the answer finishes."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = [500]
+        answered: list[float] = []
+
+        async def capture(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                answered.append(time.perf_counter())
+
+        try:
+            await self.app(scope, receive, capture)
+        finally:
+            metrics = scope["app"].state.runtime.metrics
+            label = path_label(scope["path"])
+            metrics.requests.labels(label, str(status[0])).inc()
+            metrics.latency.labels(label).observe((answered[0] if answered else time.perf_counter()) - start)
+
+
+class QuietCollectorMiddleware:
+    """POST bodies (hook calls) are parsed into large acyclic trees that reference counting frees; an
+    automatic collection during a call only walks them. See heap.QuietCollector."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        with scope["app"].state.runtime.quiet:
+            await self.app(scope, receive, send)

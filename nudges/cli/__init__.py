@@ -1,0 +1,31 @@
+"""The `nudges` command. Each command group is a module here that registers its subcommands; a command
+imports what it needs only when it runs, so `nudges --help` stays instant."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from . import audit, replay, rules, serve, valuesets
+
+Command = Callable[[argparse.Namespace], int]
+GROUPS = (serve, rules, valuesets, replay, audit)
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="nudges", description="health-equity decision support over CDS Hooks")
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for group in GROUPS:
+        group.register(sub)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    run: Command = args.run
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,21 @@
+"""`nudges audit`: the equity audit of cards shown and acted on, per group."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+
+def register(sub: Any) -> None:
+    audit = sub.add_parser("audit", help="equity audit of cards shown and acted on, per group")
+    audit.add_argument("--database-url", dest="database_url")
+    audit.add_argument("--since", help="only cards issued at or after this date or instant")
+    audit.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    audit.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..tools import audit
+
+    return audit.main(args.database_url, args.since, args.format, sys.stdout, sys.stderr)

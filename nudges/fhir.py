@@ -1,0 +1,279 @@
+"""FHIR R4 helpers over plain JSON dicts: ids, references, dates, codings, bundles, whose patient.
+
+The one home for what the service knows about FHIR data itself. Resources stay the dicts orjson made;
+no model is built here, because every function runs on the hot path of a hook call.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+Resource = dict[str, Any]
+
+# FHIR `id` datatype; a relative reference Type/id; an absolute or relative reference, optionally versioned.
+FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+RELATIVE_REFERENCE = re.compile(r"^[A-Z][A-Za-z]{1,63}/[A-Za-z0-9\-.]{1,64}$")
+_REFERENCE = re.compile(r"^(?:(?P<base>[^\s?#]+?)/)?(?P<type>[A-Z][A-Za-z]{1,63})/"
+                        r"(?P<id>[A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?$")
+
+# Elements whose codings say what a resource *is*: the code index, `text:` clauses and prefetch filters.
+CODE_ELEMENTS: dict[str, tuple[str, ...]] = {
+    "Observation": ("code",),
+    "Condition": ("code",),
+    "Procedure": ("code",),
+    "ServiceRequest": ("code",),
+    "DiagnosticReport": ("code",),
+    "MedicationRequest": ("medicationCodeableConcept",),
+    "MedicationStatement": ("medicationCodeableConcept",),
+    "MedicationAdministration": ("medicationCodeableConcept",),
+    "MedicationDispense": ("medicationCodeableConcept",),
+    "Medication": ("code",),
+    "Immunization": ("vaccineCode",),
+    "AllergyIntolerance": ("code",),
+    "Encounter": ("type", "hospitalization.dischargeDisposition", "reasonCode"),
+    "Appointment": ("serviceType", "appointmentType", "reasonCode"),
+    "Coverage": ("type",),
+    "Flag": ("code",),
+    "Task": ("code",),
+    "DocumentReference": ("type",),
+    "CarePlan": ("category",),
+    "DeviceRequest": ("codeCodeableConcept",),
+    "Communication": ("reasonCode",),
+    "CommunicationRequest": ("reasonCode",),
+    "ClinicalImpression": ("code",),
+    "RiskAssessment": ("code",),
+    "EpisodeOfCare": ("type",),
+    "Consent": ("category",),
+    "QuestionnaireResponse": (),
+}
+
+# Resource types that name their medication by code or by reference to a Medication (medication[x]).
+MEDICATION_TYPES = frozenset({"MedicationRequest", "MedicationStatement", "MedicationAdministration",
+                              "MedicationDispense"})
+
+# Where each type keeps its clinically relevant date, first present wins.
+DATE_ELEMENTS: dict[str, tuple[str, ...]] = {
+    "Observation": ("effectiveDateTime", "effectivePeriod.start", "effectiveInstant", "issued"),
+    "Condition": ("onsetDateTime", "onsetPeriod.start", "recordedDate"),
+    "Procedure": ("performedDateTime", "performedPeriod.start"),
+    "ServiceRequest": ("authoredOn", "occurrenceDateTime", "occurrencePeriod.start"),
+    "DiagnosticReport": ("effectiveDateTime", "effectivePeriod.start", "issued"),
+    "MedicationRequest": ("authoredOn",),
+    "MedicationStatement": ("effectiveDateTime", "effectivePeriod.start", "dateAsserted"),
+    "MedicationAdministration": ("effectiveDateTime", "effectivePeriod.start"),
+    "MedicationDispense": ("whenHandedOver", "whenPrepared"),
+    "Immunization": ("occurrenceDateTime", "recorded"),
+    "AllergyIntolerance": ("recordedDate", "onsetDateTime"),
+    "Encounter": ("period.start",),
+    "Appointment": ("start", "created"),
+    "Coverage": ("period.start",),
+    "Flag": ("period.start",),
+    "Task": ("authoredOn", "executionPeriod.start"),
+    "DocumentReference": ("date",),
+    "CarePlan": ("period.start", "created"),
+    "DeviceRequest": ("authoredOn", "occurrenceDateTime"),
+    "Communication": ("sent", "received"),
+    "CommunicationRequest": ("authoredOn",),
+    "QuestionnaireResponse": ("authored",),
+    "ClinicalImpression": ("effectiveDateTime", "date"),
+    "RiskAssessment": ("occurrenceDateTime",),
+    "EpisodeOfCare": ("period.start",),
+    "Consent": ("dateTime",),
+    "NutritionOrder": ("dateTime",),
+}
+_DATE_PATHS = {kind: tuple(tuple(p.split(".")) for p in paths) for kind, paths in DATE_ELEMENTS.items()}
+
+# The search parameter that matches each type's code element (token search), for prefetch filters.
+CODE_SEARCH_PARAM = {"Observation": "code", "Condition": "code", "Procedure": "code", "ServiceRequest": "code",
+                     "DiagnosticReport": "code", "AllergyIntolerance": "code", "Immunization": "vaccine-code"}
+
+# Elements that point at the patient a resource is about, in the order they are tried.
+PATIENT_ELEMENTS = ("subject", "patient", "beneficiary")
+
+
+# -- references -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Reference:
+    base: str | None  # the server part of an absolute reference
+    type: str
+    id: str
+
+    @property
+    def relative(self) -> str:
+        return f"{self.type}/{self.id}"
+
+
+def parse_reference(text: Any) -> Reference | None:
+    """A literal reference (relative, absolute, or versioned with /_history/), else None."""
+    match = _REFERENCE.match(text) if isinstance(text, str) else None
+    return Reference(match["base"], match["type"], match["id"]) if match else None
+
+
+def reference_of(resource: Resource) -> str:
+    return f"{resource.get('resourceType')}/{resource.get('id')}"
+
+
+def patient_of(resource: Resource) -> str | None:
+    """The FHIR id of the patient a resource is about: a Patient's own id, else the first of subject,
+    patient or beneficiary that references a Patient. Ids that are not FHIR ids are refused, because the
+    answer ends up in queries and database rows."""
+    if resource.get("resourceType") == "Patient":
+        pid = resource.get("id")
+        return pid if isinstance(pid, str) and FHIR_ID.match(pid) else None
+    for element in PATIENT_ELEMENTS:
+        value = resource.get(element)
+        ref = parse_reference(value.get("reference")) if isinstance(value, dict) else None
+        if ref is not None and ref.type == "Patient":
+            return ref.id
+    return None
+
+
+# -- elements, codings, words -----------------------------------------------------------------------
+def walk(resource: Resource, path: str) -> Iterator[Any]:
+    """Values at a dotted path, flattening lists on the way."""
+    values: list[Any] = [resource]
+    for part in path.split("."):
+        nxt: list[Any] = []
+        for value in values:
+            if isinstance(value, dict) and part in value:
+                child = value[part]
+                nxt.extend(child if isinstance(child, list) else [child])
+        values = nxt
+    yield from values
+
+
+def codings(concept: Any) -> Iterator[tuple[str, str]]:
+    """(system, code) of a CodeableConcept's well-formed codings."""
+    if isinstance(concept, dict):
+        for coding in concept.get("coding") or ():
+            if isinstance(coding, dict):
+                system, code = coding.get("system"), coding.get("code")
+                if isinstance(system, str) and isinstance(code, str):
+                    yield system, code
+
+
+def referenced_medication(resource: Resource, medications: dict[str, Resource] | None = None) -> Resource | None:
+    """The Medication a medication[x] resource names by reference: contained (`#id`), or `Medication/id`
+    among `medications` (the record's own Medication resources, by id)."""
+    reference = resource.get("medicationReference")
+    ref = reference.get("reference") if isinstance(reference, dict) else None
+    if not isinstance(ref, str):
+        return None
+    if ref.startswith("#"):
+        for contained in resource.get("contained") or ():
+            if isinstance(contained, dict) and contained.get("id") == ref[1:] and \
+                    contained.get("resourceType") == "Medication":
+                return contained
+        return None
+    parsed = parse_reference(ref)
+    if parsed is None or parsed.type != "Medication" or not medications:
+        return None
+    return medications.get(parsed.id)
+
+
+def concepts(resource: Resource, medications: dict[str, Resource] | None = None) -> Iterator[Any]:
+    """The CodeableConcepts that say what a resource is (CODE_ELEMENTS), a referenced Medication's code
+    included: an order coded by reference is the same order as one coded inline."""
+    for path in CODE_ELEMENTS.get(resource.get("resourceType", ""), ()):
+        yield from walk(resource, path)
+    if resource.get("resourceType") in MEDICATION_TYPES:
+        medication = referenced_medication(resource, medications)
+        if medication is not None:
+            yield medication.get("code")
+
+
+def words(resource: Resource, medications: dict[str, Resource] | None = None) -> Iterator[str]:
+    """The human-readable text of a resource: its code elements' text and displays, notes, strings."""
+    for concept in concepts(resource, medications):
+        if isinstance(concept, dict):
+            if isinstance(concept.get("text"), str):
+                yield concept["text"]
+            for coding in concept.get("coding") or ():
+                if isinstance(coding, dict) and isinstance(coding.get("display"), str):
+                    yield coding["display"]
+    for note in resource.get("note") or ():
+        if isinstance(note, dict) and isinstance(note.get("text"), str):
+            yield note["text"]
+    if isinstance(resource.get("valueString"), str):
+        yield resource["valueString"]
+
+
+# -- dates ----------------------------------------------------------------------------------------------
+def parse_fhir_date(value: Any) -> datetime | None:
+    """FHIR date/dateTime/instant at any precision ("2026", "2026-03", "2026-03-01T10:00:00Z"), in UTC."""
+    if not isinstance(value, str) or len(value) < 4:
+        return None
+    try:
+        if len(value) == 4:
+            return datetime(int(value), 1, 1, tzinfo=UTC)
+        if len(value) == 7:
+            return datetime(int(value[:4]), int(value[5:7]), 1, tzinfo=UTC)
+        parsed = datetime.fromisoformat(value)  # 3.11+: any ISO 8601 form, "Z" included
+    except ValueError:
+        return None
+    zone = parsed.tzinfo
+    if zone is UTC:
+        return parsed
+    return parsed.replace(tzinfo=UTC) if zone is None else parsed.astimezone(UTC)
+
+
+def resource_date(resource: Resource) -> datetime | None:
+    """The type's usual clinical date (DATE_ELEMENTS), first present wins."""
+    for path in _DATE_PATHS.get(resource.get("resourceType", ""), ()):
+        if len(path) == 1:
+            parsed = parse_fhir_date(resource.get(path[0]))
+            if parsed is not None:
+                return parsed
+            continue
+        for value in walk(resource, ".".join(path)):
+            parsed = parse_fhir_date(value)
+            if parsed is not None:
+                return parsed
+    return None
+
+
+def instant(value: datetime) -> str:
+    """A datetime as a FHIR instant in UTC with "Z"."""
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+# -- status -----------------------------------------------------------------------------------------------
+def voided(resource: Resource) -> bool:
+    """Entered in error, or a refuted condition/allergy: as if it had never been recorded."""
+    if resource.get("status") == "entered-in-error":
+        return True
+    verification = resource.get("verificationStatus")
+    found = verification.get("coding") if isinstance(verification, dict) else None
+    return isinstance(found, list) and any(  # the code decides, whether or not a system is given
+        isinstance(c, dict) and c.get("code") in ("entered-in-error", "refuted") for c in found)
+
+
+# -- bundles -----------------------------------------------------------------------------------------------
+def bundle(resources: Iterable[Resource], kind: str = "collection") -> Resource:
+    return {"resourceType": "Bundle", "type": kind, "entry": [{"resource": r} for r in resources]}
+
+
+def flatten(value: Any) -> Iterator[Resource]:
+    """Resources in a prefetch value: a resource, or a Bundle's entries (OperationOutcomes dropped)."""
+    if not isinstance(value, dict):
+        return
+    kind = value.get("resourceType")
+    if kind == "Bundle":
+        for entry in value.get("entry") or ():
+            resource = entry.get("resource") if isinstance(entry, dict) else None
+            if isinstance(resource, dict) and resource.get("resourceType") not in (None, "OperationOutcome"):
+                yield resource
+    elif isinstance(kind, str) and kind != "OperationOutcome":
+        yield value
+
+
+def operation_outcome(diagnostics: str, *, code: str = "exception", severity: str = "error",
+                      expression: str | None = None) -> Resource:
+    issue: dict[str, Any] = {"severity": severity, "code": code, "diagnostics": diagnostics}
+    if expression:
+        issue["expression"] = [expression]
+    return {"resourceType": "OperationOutcome", "issue": [issue]}

@@ -1,0 +1,505 @@
+"""Load a rules directory, check it, and compile it once into plain dataclasses for the engine.
+
+A set with any problem is refused as a whole: the service keeps the last good set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+
+from ..fhir import CODE_ELEMENTS
+from . import cache, yamlfiles
+from .compiled import CardTemplate, CompiledClause, CompiledGroup, CompiledItem, CompiledRule, RuleSet
+from .fhirpath import MEMBER_OF, RACE_READ, Compiled, FhirPathSyntaxError, compile_expression
+from .resources import did_you_mean
+from .schema import Card, Cases, Clause, Coding, Group, Rule, RuleSetManifest, SiteCodes, ValueSet, parse_duration
+from .templates import PLACEHOLDER, SAMPLE, known_placeholder, template_problems
+from .valuesets import NON_ADHERENCE, CompiledValueSet, FhirValueSetError, from_fhir, override_coding
+from .yamlfiles import Problem
+
+
+@dataclass
+class LoadResult:
+    ruleset: RuleSet | None
+    problems: list[Problem]
+    files: int = 0
+    warnings: list[Problem] = field(default_factory=list)  # worth fixing, but the set still loads
+
+
+def _show(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def rule_files(directory: Path, site: Path | None = None) -> list[Path]:
+    """Every file a rule set is made of (what its digest covers and hot reload watches)."""
+    files = [p for p in directory.rglob("*.yaml") if p.is_file()]
+    files += [p for p in directory.rglob("*.json") if p.is_file() and p.parent.name == "valuesets"]
+    if site is not None and site.is_dir():
+        files += [p for p in site.iterdir() if p.is_file() and p.suffix in (".yaml", ".json")]
+    return sorted(files)
+
+
+def load_ruleset(directory: Path, site: Path | None = None) -> LoadResult:
+    """Load, check and compile a rules directory (and a site's own value-set codes, `site_valuesets`)."""
+    directory = directory.resolve()
+    site = site.resolve() if site is not None else None
+    problems: list[Problem] = []
+    files = rule_files(directory, site)
+    if not any(p.suffix == ".yaml" and p.is_relative_to(directory) for p in files):
+        return LoadResult(None, [Problem(str(directory), 1, 1, "no rule files found")])
+    if site is not None and not site.is_dir():
+        problems.append(Problem(str(site), 1, 1, "site_valuesets is not a folder"))
+
+    digest = hashlib.sha256()
+    for path in files:
+        label = path.relative_to(directory) if path.is_relative_to(directory) else Path("site") / path.name
+        digest.update(str(label).encode() + b"\0" + path.read_bytes() + b"\0")
+
+    manifest_path = directory / "ruleset.yaml"
+    manifest: RuleSetManifest | None = None
+    if manifest_path.exists():
+        document, found = yamlfiles.load(manifest_path, _show(manifest_path))
+        problems += found
+        if document is not None:
+            manifest, found = yamlfiles.validate(RuleSetManifest, document, _show(manifest_path))
+            problems += found
+    else:
+        problems.append(Problem(_show(directory), 1, 1, "missing ruleset.yaml (name, version, topics)"))
+
+    site_files = [p for p in files if site is not None and p.parent == site]
+    valuesets, found, unsourced = load_valuesets([p for p in files if p.parent.name == "valuesets"], site_files)
+    problems += found
+    broken = {p.stem for p in files if p.parent.name == "valuesets"} - set(valuesets)  # their own problems come first
+    rule_docs: list[tuple[Path, yamlfiles.Document, Rule]] = []
+    case_docs: dict[str, tuple[Path, yamlfiles.Document, Cases]] = {}
+    for path in files:
+        if path == manifest_path or path.parent.name == "valuesets" or path in site_files:
+            continue
+        document, found = yamlfiles.load(path, _show(path))
+        problems += found
+        if document is None:
+            continue
+        if path.name.endswith(".cases.yaml"):
+            cases, found = yamlfiles.validate(Cases, document, _show(path))
+            problems += found
+            if cases is not None:
+                case_docs[cases.rule] = (path, document, cases)
+        else:
+            rule, found = yamlfiles.validate(Rule, document, _show(path))
+            problems += found
+            if rule is not None:
+                rule_docs.append((path, document, rule))
+
+    seeds_dir = (manifest_path.parent / (manifest.seeds if manifest else "../seeds")).resolve()
+    fixture_dirs = tuple((manifest_path.parent / f).resolve() for f in (manifest.fixtures if manifest else ()))
+    seeds = _seed_passages(seeds_dir)
+    compiled: list[CompiledRule] = []
+    seen_ids: dict[str, str] = {}
+    for path, document, rule in rule_docs:
+        checker = _RuleChecker(_show(path), document, rule, valuesets, manifest, seeds, seeds_dir, broken)
+        result = checker.compile()
+        problems += checker.problems
+        if rule.id in seen_ids:
+            problems.append(Problem(_show(path), *yamlfiles.position(document, ("id",)),
+                                    f"duplicate rule id (also in {seen_ids[rule.id]})"))
+        seen_ids[rule.id] = _show(path)
+        if path.stem != rule.id:
+            problems.append(Problem(_show(path), *yamlfiles.position(document, ("id",)),
+                                    f"rule id '{rule.id}' must equal the file name '{path.stem}'"))
+        cases_entry = case_docs.get(rule.id)
+        if cases_entry is not None and cases_entry[0].parent != path.parent:
+            problems.append(Problem(_show(cases_entry[0]), 1, 1, "cases must sit beside their rule file"))
+        if rule.status == "active":
+            firing = cases_entry is not None and any(c.expect for c in cases_entry[2].cases)
+            quiet = cases_entry is not None and any(not c.expect for c in cases_entry[2].cases)
+            if not (firing and quiet):
+                problems.append(Problem(_show(path), *yamlfiles.position(document, ("status",)),
+                                        "an active rule needs at least one firing and one non-firing case "
+                                        f"in {rule.id}.cases.yaml"))
+        if result is not None:
+            compiled.append(result)
+    warnings = list(unsourced)
+    for rule_id, (path, document, cases) in case_docs.items():
+        if rule_id not in seen_ids:  # a retired rule's cases: harmless, but worth deleting
+            warnings.append(Problem(_show(path), *yamlfiles.position(document, ("rule",)),
+                                    f"cases for '{rule_id}', which no rule file defines (retired? delete this "
+                                    "file, or restore the rule)"))
+            continue
+        problems += check_cases(path, document, cases, fixture_dirs)
+
+    if problems or manifest is None:
+        return LoadResult(None, sorted(set(problems)), len(files), sorted(warnings))
+    ruleset = RuleSet(manifest, digest.hexdigest(), tuple(sorted(compiled, key=lambda r: r.id)),
+                      {rule_id: (path, cases) for rule_id, (path, _, cases) in case_docs.items()
+                       if rule_id in seen_ids},
+                      directory, valuesets, fixture_dirs, seeds_dir if seeds is not None else None)
+    return LoadResult(ruleset, [], len(files), sorted(warnings))
+
+
+def load_valuesets(files: list[Path], site_files: list[Path],
+                   show: Any = _show) -> tuple[dict[str, CompiledValueSet], list[Problem], list[Problem]]:
+    """The rule set's value sets (YAML or FHIR ValueSet JSON, named by their file), then a site's codes
+    added to the shipped sets of the same name; last, warnings for sets that do not say where their codes
+    came from (source, version, date)."""
+    problems: list[Problem] = []
+    unsourced: list[Problem] = []
+    valuesets: dict[str, CompiledValueSet] = {}
+    for path in files:
+        if path.suffix == ".json":
+            try:
+                valuesets[path.stem] = from_fhir(path.stem, orjson.loads(path.read_bytes()))
+            except (OSError, orjson.JSONDecodeError, FhirValueSetError) as exc:
+                problems.append(Problem(show(path), 1, 1, f"FHIR ValueSet: {exc}"))
+            continue
+        document, found = yamlfiles.load(path, show(path))
+        problems += found
+        if document is None:
+            continue
+        vs, found = yamlfiles.validate(ValueSet, document, show(path))
+        problems += found
+        if vs is not None:
+            if vs.name != path.stem:
+                problems.append(Problem(show(path), *yamlfiles.position(document, ("name",)),
+                                        f"value set name '{vs.name}' must equal the file name"))
+            valuesets[vs.name] = CompiledValueSet.of(vs)
+            missing = [k for k in ("source", "version", "date") if getattr(vs, k) is None]
+            if missing:
+                unsourced.append(Problem(show(path), 1, 1, f"value set gives no {', '.join(missing)}: say where "
+                                                           "its codes came from, so they can be checked again"))
+    for path in site_files:
+        if path.stem not in valuesets:
+            problems.append(Problem(show(path), 1, 1, f"site codes for '{path.stem}', which is not a value set of "
+                                    f"the rule set{did_you_mean(path.stem, set(valuesets))}"))
+            continue
+        if path.suffix == ".json":
+            try:
+                extra = from_fhir(path.stem, orjson.loads(path.read_bytes()))
+            except (OSError, orjson.JSONDecodeError, FhirValueSetError) as exc:
+                problems.append(Problem(show(path), 1, 1, f"FHIR ValueSet: {exc}"))
+                continue
+            codes = SiteCodes(name=path.stem, source=extra.source, codes=[
+                Coding(system=s, code=c, display=extra.displays[s, c]) for s, c in sorted(extra.keys)])
+        else:
+            document, found = yamlfiles.load(path, show(path))
+            problems += found
+            if document is None:
+                continue
+            codes, found = yamlfiles.validate(SiteCodes, document, show(path))
+            problems += found
+            if codes is None:
+                continue
+            if codes.name != path.stem:
+                problems.append(Problem(show(path), *yamlfiles.position(document, ("name",)),
+                                        f"name '{codes.name}' must equal the file name"))
+                continue
+        valuesets[path.stem] = valuesets[path.stem].with_site(codes)
+    return valuesets, problems, unsourced
+
+
+def check_cases(path: Path, document: yamlfiles.Document, cases: Cases,
+                fixture_dirs: tuple[Path, ...]) -> list[Problem]:
+    """Cases must run: every `bundle:` found (saying where it was looked for), every inline resource valid
+    FHIR R4 with codes from required bindings. A clean verdict is cached with the file's content."""
+    from .resources import check
+
+    problems = []
+    for i, case in enumerate(cases.cases):
+        if case.bundle:
+            try:
+                find_file(path.parent, case.bundle, fixture_dirs)
+            except FileNotFoundError as exc:
+                problems.append(Problem(_show(path), *yamlfiles.position(document, ("cases", i, "bundle"), value=True),
+                                        str(exc)))
+    entry = cache.key("cases-clean", path.read_bytes())
+    if cache.lookup(entry) is True:
+        return problems
+    found = []
+    for i, case in enumerate(cases.cases):
+        for part in ("resources", "draft_orders", "appointments"):
+            for j, resource in enumerate(getattr(case, part)):
+                for problem in check(resource):
+                    loc = ("cases", i, part, j, *problem.location)
+                    found.append(Problem(_show(path), *yamlfiles.position(document, loc),
+                                         f"case '{case.name}': {part}[{j}] is not valid FHIR R4: {problem.message}"))
+    if not found:
+        cache.store(entry, True)
+    return problems + found
+
+
+def _seed_passages(seeds_dir: Path) -> dict[str, set[str]] | None:
+    """Record id -> passage ids from seeds/*.yaml, or None when there is no seeds folder to check."""
+    if not seeds_dir.is_dir():
+        return None
+    found: dict[str, set[str]] = {}
+    for path in seeds_dir.glob("*.yaml"):
+        document, _ = yamlfiles.load(path, str(path))
+        data = document.plain if document is not None else None
+        if isinstance(data, dict) and "id" in data:
+            passages = data.get("passages") or []
+            found[str(data["id"])] = {str(p.get("id")) for p in passages if isinstance(p, dict)}
+    return found
+
+
+def find_file(start: Path, relative: str, also: tuple[Path, ...] = ()) -> Path:
+    """A fixture path is looked up relative to the cases file's folder, then each parent folder, then the
+    rule set's fixture folders (`fixtures:` in ruleset.yaml); the error says where it looked."""
+    for folder in (start, *start.parents, *also):
+        candidate = folder / relative
+        if candidate.is_file():
+            return candidate
+    places = [f"{start} and its parents", *(str(p) for p in also)]
+    raise FileNotFoundError(f"bundle '{relative}' not found in {', '.join(places)}: add the folder that holds it "
+                            "to `fixtures:` in ruleset.yaml, or give a path relative to this file")
+
+
+class _RuleChecker:
+    """Semantic checks that need more than the schema, and compilation into CompiledRule."""
+
+    def __init__(self, display: str, data: yamlfiles.Document, rule: Rule, valuesets: dict[str, CompiledValueSet],
+                 manifest: RuleSetManifest | None, seeds: dict[str, set[str]] | None, seeds_dir: Path,
+                 broken: set[str] | None = None) -> None:
+        self.display, self.data, self.rule, self.broken = display, data, rule, broken or set()
+        self.failed_quietly = False  # a knock-on of a problem reported elsewhere: compile nothing, say nothing
+        self.valuesets, self.manifest, self.seeds, self.seeds_dir = valuesets, manifest, seeds, seeds_dir
+        self.problems: list[Problem] = []
+        self.value_set_keys = {name: vs.keys for name, vs in valuesets.items()}  # what memberOf tests
+
+    def problem(self, loc: tuple[Any, ...], message: str, *, value: bool = False, offset: int = 0) -> None:
+        line, col = yamlfiles.position(self.data, loc, value=value)
+        self.problems.append(Problem(self.display, line, col + offset, message))
+
+    def expression(self, loc: tuple[Any, ...], text: str | None, resource: str | None) -> Compiled | None:
+        if text is None:
+            return None
+        if RACE_READ.search(text) and not self.rule.race_correction_removal:
+            self.problem(loc, "the trigger reads race or ethnicity: nudges must be universal "
+                              "(only rules with race_correction_removal: true may)", value=True)
+        for name in MEMBER_OF.findall(text):
+            vs = self.valuesets.get(name[0])
+            if vs is not None and vs.reads_race() and not self.rule.race_correction_removal:
+                self.problem(loc, f"memberOf('{name[0]}'): value set holds race/ethnicity codes: triggers "
+                                  "must be universal", value=True)
+        try:
+            return compile_expression(text, resource, self.value_set_keys)
+        except FhirPathSyntaxError as exc:
+            quoted = 1 if _is_quoted(yamlfiles.node_at(self.data, loc)) else 0
+            self.problem(loc, str(exc), value=True, offset=exc.column + quoted)
+            return None
+
+    def items(self, loc: tuple[Any, ...], items: list[Clause | Group], names: _Names, *, certain: bool,
+              negated: bool = False) -> tuple[CompiledItem, ...]:
+        """Compile a list of clauses and groups in evaluation order. A name bound where the rule can fire
+        without it (under any) may anchor a later `since` but not card text; under none nothing binds."""
+        compiled: list[CompiledItem] = []
+        for i, item in enumerate(items):
+            at = (*loc, i)
+            if isinstance(item, Group):
+                inner = self.items((*at, item.mode), item.items, names, certain=certain and item.mode == "all",
+                                   negated=negated or item.mode == "none")
+                if len(inner) == len(item.items):
+                    compiled.append(CompiledGroup(item.mode, inner))
+                continue
+            if item.bind:
+                if negated:
+                    self.problem((*at, "as"), "a clause under `none` matches nothing when the rule fires, so "
+                                              "it cannot bind a name", value=True)
+                elif item.bind in names.seen:
+                    self.problem((*at, "as"), f"'{item.bind}' is already bound by another clause", value=True)
+            clause = self.clause(at, item, names.seen)
+            if item.bind and not negated:
+                names.seen.add(item.bind)
+                if certain:
+                    names.certain.add(item.bind)
+            if clause is not None:
+                compiled.append(clause)
+        return tuple(compiled)
+
+    def clause(self, loc: tuple[Any, ...], clause: Clause, bound: set[str]) -> CompiledClause | None:
+        from fhir.resources.R4B import get_fhir_model_class
+
+        try:
+            get_fhir_model_class(clause.resource)
+        except (ValueError, KeyError):
+            self.problem((*loc, "resource"), f"'{clause.resource}' is not a FHIR R4 resource type",
+                         value=True)
+        if clause.pick != "latest" and not clause.bind:
+            self.problem((*loc, "pick"), "`pick` chooses which match a name binds: give the clause `as:` too",
+                         value=True)
+        codes = displays = None
+        if clause.codes is not None:
+            vs = self.valuesets.get(clause.codes)
+            if vs is None:
+                if clause.codes in self.broken:  # the value set's own file has problems, reported there
+                    self.failed_quietly = True
+                else:
+                    self.problem((*loc, "codes"), f"unknown value set '{clause.codes}'"
+                                                  f"{did_you_mean(clause.codes, set(self.valuesets))}", value=True)
+            else:
+                if vs.reads_race() and not self.rule.race_correction_removal:
+                    self.problem((*loc, "codes"), "value set holds race/ethnicity codes: triggers must be "
+                                                  "universal", value=True)
+                codes, displays = vs.keys, vs.displays
+            if clause.resource not in CODE_ELEMENTS or not CODE_ELEMENTS[clause.resource]:
+                self.problem((*loc, "codes"), f"{clause.resource} has no indexed code element: "
+                                              "match it with `where` instead", value=True)
+        if clause.since is not None and clause.since not in bound:
+            self.problem((*loc, "since"), f"'{clause.since}' is not bound by a clause evaluated before this "
+                                          "one (all, then any, then none; in file order)", value=True)
+        text = None
+        if clause.text is not None:
+            if RACE_READ.search(clause.text) and not self.rule.race_correction_removal:
+                self.problem((*loc, "text"), "the trigger reads race or ethnicity: nudges must be universal",
+                             value=True)
+            try:
+                text = re.compile(clause.text, re.IGNORECASE)
+            except re.error as exc:
+                self.problem((*loc, "text"), f"bad regular expression: {exc}", value=True)
+        where = self.expression((*loc, "where"), clause.where, clause.resource)
+        date = self.expression((*loc, "date"), clause.date, clause.resource)
+        sources = {"any": ("record", "draft")}.get(clause.source, (clause.source,))
+        return CompiledClause(
+            clause.bind, clause.resource, codes, displays or {}, where, text,
+            parse_duration(clause.within) if clause.within else None,
+            parse_duration(clause.older_than) if clause.older_than else None,
+            clause.since, date, sources, clause.pick == "earliest")
+
+    def card(self, card: Card, names: _Names) -> CardTemplate | None:
+        ok, bound = True, names.certain
+        texts = [(("card", "summary"), card.summary), (("card", "detail"), card.detail or "")]
+        suggestions_json = None
+        if card.suggestions:
+            payload = []
+            for i, s in enumerate(card.suggestions):
+                actions = []
+                for j, action in enumerate(s.actions):
+                    if action.resource is not None:
+                        ok &= self._valid_resource(("card", "suggestions", i, "actions", j, "resource"),
+                                                   action.resource, bound)
+                    entry: dict[str, Any] = {"type": action.type, "description": action.description}
+                    if action.resource is not None:
+                        entry["resource"] = yamlfiles.plain(action.resource)
+                    if action.resource_id:
+                        entry["resourceId"] = action.resource_id
+                    actions.append(entry)
+                item: dict[str, Any] = {"label": s.label}
+                if s.recommended:
+                    item["isRecommended"] = True
+                if actions:
+                    item["actions"] = actions
+                payload.append(item)
+            suggestions_json = orjson.dumps(payload)
+        for loc, text in texts:
+            for message in template_problems(text, bound, names.seen):
+                self.problem(loc, message, value=True)
+                ok = False
+        reasons = []
+        for i, reason in enumerate(card.override_reasons):
+            if isinstance(reason, str) and reason not in NON_ADHERENCE:
+                self.problem(("card", "override_reasons", i), f"'{reason}' is not an HL7 non-adherence "
+                                                              "reason code; give a full Coding instead")
+                ok = False
+            else:
+                reasons.append(override_coding(reason))
+        links = tuple({k: v for k, v in (("label", link.label), ("url", link.url), ("type", link.type),
+                                         ("appContext", link.app_context)) if v} for link in card.links)
+        escalate = []
+        for i, step in enumerate(card.escalate):
+            if step.since not in bound:
+                self.problem(("card", "escalate", i, "since"), f"'{step.since}' is not a name bound whenever the rule "
+                             f"fires (bound under `all`: {', '.join(sorted(bound)) or 'none'})", value=True)
+                ok = False
+            escalate.append((parse_duration(step.after), step.since, step.indicator))
+        if [e[0] for e in escalate] != sorted(e[0] for e in escalate):
+            self.problem(("card", "escalate"), "list escalation steps from the soonest to the latest")
+            ok = False
+        if not ok:
+            return None
+        return CardTemplate(card.summary, card.indicator, card.detail.strip() if card.detail else None,
+                            card.selection, suggestions_json, links, tuple(reasons), tuple(escalate))
+
+    def _valid_resource(self, loc: tuple[Any, ...], resource: dict[str, Any], bound: set[str]) -> bool:
+        from fhir.resources.R4B import get_fhir_model_class
+
+        text = orjson.dumps(yamlfiles.plain(resource)).decode()
+        for name in PLACEHOLDER.findall(text):
+            if not known_placeholder(name, bound):
+                self.problem(loc, f"unknown placeholder '{{{{{name}}}}}'")
+                return False
+        sample = PLACEHOLDER.sub(lambda m: SAMPLE.get(m.group(1), "example"), text)
+        data = orjson.loads(sample)
+        try:
+            get_fhir_model_class(str(data.get("resourceType"))).model_validate(data)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            where = ".".join(str(p) for p in error["loc"])
+            self.problem((*loc, *error["loc"]), f"suggestion resource is not valid FHIR R4: {where}: {error['msg']}")
+            return False
+        except ValueError as exc:  # unknown resourceType
+            self.problem(loc, f"suggestion resource is not valid FHIR R4: {exc}")
+            return False
+        return True
+
+    def compile(self) -> CompiledRule | None:
+        rule = self.rule
+        before = len(self.problems)
+        if self.manifest is not None and rule.topic not in self.manifest.topics:
+            self.problem(("topic",), f"topic '{rule.topic}' is not listed in ruleset.yaml topics", value=True)
+        for i, citation in enumerate(rule.citations):
+            if not citation.seed:
+                continue
+            if self.seeds is None:  # never silently unchecked: a copied rules folder must say where its seeds are
+                self.problem(("citations", i, "seed"), f"cannot check '{citation.seed}': no seeds folder at "
+                                                       f"{self.seeds_dir} (set `seeds:` in ruleset.yaml)", value=True)
+                continue
+            record, passage = citation.seed.split("#")
+            if record not in self.seeds:
+                self.problem(("citations", i, "seed"), f"no seed record '{record}' in {self.seeds_dir}"
+                                                       f"{did_you_mean(record, set(self.seeds))}", value=True)
+            elif passage not in self.seeds[record]:
+                self.problem(("citations", i, "seed"), f"no passage '{passage}' in seed '{record}' (it has "
+                                                       f"{', '.join(sorted(self.seeds[record])) or 'none'})",
+                             value=True)
+        names = _Names()
+        all_items = self.items(("when", "all"), rule.when.all, names, certain=True)
+        any_items = self.items(("when", "any"), rule.when.any, names, certain=False)
+        none_items = self.items(("when", "none"), rule.when.none, names, certain=False, negated=True)
+        patient = self.expression(("when", "patient"), rule.when.patient, "Patient")
+        top = {c.bind for c in rule.when.all if isinstance(c, Clause) and c.bind}
+        if rule.followup is not None and rule.followup.start not in top:
+            self.problem(("followup", "start"), f"'{rule.followup.start}' is not bound by a clause directly "
+                                                "under `all`", value=True)
+        card = self.card(rule.card, names)
+        if len(self.problems) > before or card is None or self.failed_quietly:
+            return None
+        age = rule.when.age
+        source_url = next((c.url or (f"https://doi.org/{c.doi}" if c.doi else None)
+                           for c in rule.citations if c.url or c.doi), None)
+        return CompiledRule(
+            rule.id, rule.title, rule.status, rule.version, frozenset(rule.hooks), rule.topic,
+            age.min if age else None, age.max if age else None, patient,
+            all_items, any_items, none_items, card,
+            parse_duration(rule.suppress) if rule.suppress else None, source_url, self.display, rule,
+            followup_start=rule.followup.start if rule.followup else None,
+            followup_after=parse_duration(rule.followup.after) if rule.followup else None)
+
+
+@dataclass
+class _Names:
+    seen: set[str] = field(default_factory=set)  # bound by some clause evaluated earlier
+    certain: set[str] = field(default_factory=set)  # bound whenever the rule fires
+
+
+def _is_quoted(node: Any) -> bool:
+    from ruamel.yaml.scalarstring import DoubleQuotedScalarString, SingleQuotedScalarString
+
+    return isinstance(node, DoubleQuotedScalarString | SingleQuotedScalarString)

@@ -1,0 +1,172 @@
+"""YAML with positions: every problem an informaticist sees says path:line:column.
+
+Parsing YAML with positions (ruamel's round-trip loader, pure Python) is most of the time a rule load
+takes. A file's plain values are therefore cached by the hash of its bytes (rules/cache.py), and its
+positions are parsed only when a problem needs one: an unchanged, clean file costs a JSON read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.error import MarkedYAMLError
+
+from . import cache
+from .schema import UNION_TAGS
+
+CACHE_FORMAT = b"nudges-yaml-1"
+
+
+@dataclass(frozen=True, order=True)
+class Problem:
+    path: str
+    line: int
+    column: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}:{self.column}: {self.message}"
+
+
+@dataclass
+class Document:
+    """One YAML file: its plain values (what models validate) and, parsed on demand, its positions."""
+
+    text: str
+    plain: Any
+    _tree: Any = field(default=None, repr=False)
+
+    @property
+    def tree(self) -> Any:
+        """The round-trip tree with line/column marks (parsed on first use when the plain values came
+        from the cache)."""
+        if self._tree is None:
+            self._tree = _parse(self.text)
+        return self._tree
+
+
+def _parse(text: str) -> Any:
+    yaml = YAML(typ="rt")
+    yaml.preserve_quotes = True
+    return yaml.load(text)
+
+
+def load(path: Path, display: str) -> tuple[Document | None, list[Problem]]:
+    """Read and parse a file; syntax errors become problems."""
+    try:
+        raw = path.read_bytes()
+        text = raw.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        return None, [Problem(display, 1, 1, f"cannot read file: {exc}")]
+    entry = cache.key("yaml", CACHE_FORMAT, raw)
+    plain_values = cache.lookup(entry)
+    if plain_values is not None:
+        return Document(text, plain_values), []
+    try:
+        tree = _parse(text)
+    except MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        return None, [Problem(display, line, col, advice(str(exc.problem or exc.context or "")))]
+    if not isinstance(tree, CommentedMap):
+        return None, [Problem(display, 1, 1, "the file must be a YAML mapping")]
+    document = Document(text, plain(tree), tree)
+    cache.store(entry, document.plain)
+    return document, []
+
+
+# The parser's words, and what to do about them.
+ADVICE = (
+    ("found duplicate key", "this key appears twice in the same mapping: keep one"),
+    ("mapping values are not allowed here", "a ': ' inside a value: put the value in quotes"),
+    ("found character '\\t'", "a tab character: YAML indents with spaces only"),
+    ("could not find expected ':'", "a line that is not `key: value`: check the indentation or a missing colon"),
+    ("expected ',' or ']'", "an unclosed [ list, or a ':' inside one: close it with ] or quote the item"),
+    ("expected ',' or '}'", "an unclosed { mapping, or a stray character in one: close it with } or quote the value"),
+    ("did not find expected key", "the indentation changes in the middle of a mapping: line the keys up"),
+    ("did not find expected '-' indicator", "a list item not lined up with the others: indent it like the rest"),
+    ("found unexpected end of stream", "a quote or bracket opened and never closed"),
+    ("found undefined alias", "a *name with no &name anchor: quote the value if it starts with *"),
+    ("found unknown escape character", "a backslash escape YAML does not know: use single quotes, or \\\\"),
+    ("while scanning a quoted scalar", "a quoted value that is never closed"),
+    ("found character '@'", "a value may not start with @ or `: put it in quotes"),
+)
+
+
+def advice(problem: str) -> str:
+    for words, meaning in ADVICE:
+        if words in problem:
+            return f"YAML: {meaning} (the parser says: {problem.strip()})"
+    return f"YAML syntax: {problem.strip()}"
+
+
+def position(document: Document | Any, loc: Sequence[Any], *, value: bool = False) -> tuple[int, int]:
+    """1-based line/column of the deepest node of `loc` that exists (the key, or its value)."""
+    node = document.tree if isinstance(document, Document) else document
+    line, col = 1, 1
+    for part in loc:
+        if isinstance(node, CommentedMap) and part in node:
+            pos = node.lc.value(part) if value and part == loc[-1] else node.lc.key(part)
+            node = node[part]
+        elif isinstance(node, CommentedSeq) and isinstance(part, int) and 0 <= part < len(node):
+            pos = node.lc.item(part)
+            node = node[part]
+        else:
+            break
+        if pos and pos[0] is not None:
+            line, col = pos[0] + 1, pos[1] + 1
+    return line, col
+
+
+def node_at(document: Document, loc: Sequence[Any]) -> Any:
+    """The round-trip node at `loc` (scalar subclasses keep their quoting style), or None."""
+    node = document.tree
+    for part in loc:
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return node
+
+
+def validate(model: type[BaseModel], document: Document, display: str) -> tuple[Any, list[Problem]]:
+    try:
+        return model.model_validate(document.plain), []
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            loc = tuple(p for p in error["loc"] if p not in UNION_TAGS)
+            line, col = position(document, loc)
+            where = ".".join(str(p) for p in loc)
+            kind = error["type"]
+            if kind == "extra_forbidden":
+                message = f"unknown field '{loc[-1]}'"
+            elif kind == "missing":
+                message = f"missing required field '{where}'"
+            else:
+                message = f"{where}: {error['msg']}" if where else error["msg"]
+            problems.append(Problem(display, line, col, message))
+        return None, problems
+
+
+def plain(value: Any) -> Any:
+    """ruamel's commented containers and scalar subclasses as plain JSON-able Python values."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, str):
+        return str(value)
+    return value
