@@ -193,7 +193,7 @@ def evaluate_rule(rule: CompiledRule, record: PatientRecord, now: datetime,
 def evaluate(rules: tuple[CompiledRule, ...], record: PatientRecord, now: datetime,
              context: dict[str, Any] | None = None, hook: str | None = None) -> Outcome:
     """FHIRPath sees the one environment (rules.fhirpath.environment) plus each rule's bound names."""
-    env = environment(now, context, hook)
+    env = environment(now, context, hook, record.patient)
     outcome = Outcome()
     for rule in rules:
         try:

@@ -180,7 +180,7 @@ def evaluate(call: Call, services: Services, now: datetime, *, patient_hash: str
     for match in outcome.matches:
         if match.rule.id in quiet:
             continue
-        card = build_card(match, services.ruleset, call.context, record.patient, now)
+        card = build_card(match, services.ruleset, call.context, record.patient, now, record.medications())
         result.issued.append(IssuedCard(match.rule.id, card, CardRecord(
             uuid=card["uuid"], service_id=call.service.id, rule_id=match.rule.id, rule_version=match.rule.version,
             hook=call.service.hook.name, hook_instance=call.request.hookInstance, patient_hash=patient_hash,
