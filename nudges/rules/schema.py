@@ -107,7 +107,8 @@ class Group(Strict):
 
 
 Item = Annotated[Annotated[Clause, Tag("Clause")] | Annotated[Group, Tag("Group")], Discriminator(_item_kind)]
-UNION_TAGS = frozenset({"Clause", "Group", "ReasonList", "ReasonLockouts"})  # in error locations; not YAML keys
+# Tags of the unions above: they appear in validation error locations, and are not YAML keys.
+UNION_TAGS = frozenset({"Clause", "Group", "ReasonList", "ReasonLockouts", "ReasonCode", "ReasonCoding"})
 Group.model_rebuild()
 
 
@@ -146,8 +147,15 @@ def _reasons_kind(value: Any) -> str:
     return "ReasonLockouts" if isinstance(value, dict) else "ReasonList"
 
 
+def _reason_kind(value: Any) -> str:
+    return "ReasonCoding" if isinstance(value, dict | BaseModel) else "ReasonCode"
+
+
+# Tagged unions, so a mistake is reported against the form it was written in, not against every form.
+OverrideReason = Annotated[Annotated[str, Tag("ReasonCode")] | Annotated[OverrideCoding, Tag("ReasonCoding")],
+                           Discriminator(_reason_kind)]
 OverrideReasons = Annotated[
-    Annotated[list[str | OverrideCoding], Tag("ReasonList")]
+    Annotated[list[OverrideReason], Tag("ReasonList")]
     | Annotated[dict[str, Duration], Tag("ReasonLockouts")],
     Discriminator(_reasons_kind)]
 
