@@ -181,7 +181,6 @@ class IssuedRow:
     rule_id: str
     patient_hash: str
     focus: str | None
-    hook: str
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -344,8 +343,8 @@ class Store:
 
     def card_info(self, card_uuid: str) -> IssuedRow | None:
         with self.engine.connect() as conn:
-            row = conn.execute(select(cards.c.service_id, cards.c.rule_id, cards.c.patient_hash, cards.c.focus,
-                                      cards.c.hook).where(cards.c.uuid == card_uuid)).first()
+            row = conn.execute(select(cards.c.service_id, cards.c.rule_id, cards.c.patient_hash, cards.c.focus)
+                               .where(cards.c.uuid == card_uuid)).first()
         return IssuedRow(*row) if row is not None else None
 
     def card_service(self, card_uuid: str) -> str | None:

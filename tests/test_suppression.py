@@ -443,5 +443,10 @@ def test_order_and_appointment_identities() -> None:
     assert order_identity(worded) == order_identity({**worded, "id": "s2", "code": {"text": "security room search"}})
     assert order_identity(worded) != order_identity({**worded, "code": {"text": "restraint"}})
     assert appointment_identity({"resourceType": "Appointment", "id": "a1"}) == "Appointment/a1"
-    assert appointment_identity({"resourceType": "Appointment", "start": "2026-03-20T09:00:00Z"}) != \
-        appointment_identity({"resourceType": "Appointment", "start": "2026-03-21T09:00:00Z"})
+    proposal = {"resourceType": "Appointment", "start": "2026-03-20T09:00:00Z",
+                "appointmentType": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0276",
+                                                "code": "FOLLOWUP"}]}}
+    assert appointment_identity(proposal) != appointment_identity({**proposal, "start": "2026-03-21T09:00:00Z"})
+    assert appointment_identity(proposal) != appointment_identity({**proposal, "appointmentType": {"coding": [
+        {"system": "http://terminology.hl7.org/CodeSystem/v2-0276", "code": "ROUTINE"}]}})
+    assert appointment_identity(proposal) == appointment_identity({**proposal, "reasonCode": [{"text": "knee"}]})
