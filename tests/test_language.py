@@ -217,3 +217,17 @@ def test_prefetch_never_filters_medications_by_code() -> None:
     assert medication, "the catalog reads medications"
     for template in medication:
         assert "code=" not in template and template.endswith(":medication"), template
+
+
+@pytest.mark.parametrize(("text", "code"), [("Spanish", "es"), ("spanish (Mexico)", "es"), ("Tiếng Việt", "vi"),
+                                           ("Haitian Creole", "ht"), ("ASL", "ase"), ("Klingon", None), ("", None)])
+def test_a_language_given_by_name_gets_its_code(text: str, code: str | None) -> None:
+    from nudges.fhir import BCP47, code_text_languages
+
+    patient = {"resourceType": "Patient", "communication": [{"language": {"text": text}, "preferred": True}]}
+    code_text_languages(patient)
+    language = patient["communication"][0]["language"]
+    if code is None:
+        assert "coding" not in language
+    else:
+        assert language["coding"] == [{"system": BCP47, "code": code, "display": text}]
