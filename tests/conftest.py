@@ -176,9 +176,15 @@ class FhirServer:
         # If-None-Exist on `identifier=` is honoured as a FHIR server does (200 when it finds one).
         self.writes: list[tuple[str, dict[str, str], dict[str, Any]]] = []
         self.write_statuses: list[int] = []
+
+        self.in_flight = self.max_in_flight = 0
+        self.connections: set[tuple[str, int]] = set()  # client (address, port): one per connection used
+        self._lock = threading.Lock()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as real FHIR servers do
+
             def log_message(self, *args: Any) -> None:
                 pass
 
@@ -201,6 +207,17 @@ class FhirServer:
 
             def do_GET(self) -> None:
                 server.requests.append((self.path, self.headers.get("Authorization")))
+                with server._lock:
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                    server.connections.add(self.client_address)
+                try:
+                    self.serve()
+                finally:
+                    with server._lock:
+                        server.in_flight -= 1
+
+            def serve(self) -> None:
                 if server.delay:
                     threading.Event().wait(server.delay)
                 if server.token and self.headers.get("Authorization") != f"Bearer {server.token}":

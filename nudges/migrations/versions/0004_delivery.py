@@ -4,14 +4,14 @@
 emptied; `subscriptions` keeps only a hash of each subscription's secret.
 
 Revision ID: 0004
-Revises: 0002
+Revises: 0003 (only its own tables: independent of 0003's)
 """
 
 import sqlalchemy as sa
 from alembic import op
 
 revision = "0004"
-down_revision = "0002"
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 
