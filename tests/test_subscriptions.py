@@ -24,6 +24,7 @@ from nudges.clock import FixedClock
 from nudges.events import followups, subscriptions
 from nudges.events.subscriptions import Heard
 from nudges.fhir import instant
+from nudges.rules.compiler import load_ruleset
 from nudges.store import Store
 
 
@@ -291,3 +292,44 @@ def test_a_gap_is_degraded_after_the_grace_period_and_stays_so_while_recovery_fa
     ready = service.get("/readyz").json()
     assert ready["subscriptions"]["degraded"] == 1 and any("degraded" in w for w in ready["warnings"])
     assert "nudges_subscription_missed_events_total 2.0" in service.get("/metrics").text
+
+
+def test_with_cds_clients_configured_a_subscription_secret_is_enough(make_client: Callable[..., LiveServer],
+                                                                     tmp_path: Path) -> None:
+    """A FHIR server cannot sign a CDS client's JWT: its subscription's secret authenticates it, while
+    everything else (a relayed notification without a JWT) still needs the JWT."""
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": []}))
+    clients = [{"iss": "https://ehr.example.org", "jwks_file": str(tmp_path / "jwks.json")}]
+    service = make_client(auth={"clients": clients})
+    secret = subscriptions.new_secret()
+    subscriptions.add(service.runtime.store, server="https://ehr.example.org/fhir", topic=TOPIC_URL, filter=None,
+                      endpoint="https://nudges.example.org/fhir/notifications", heartbeat_seconds=60,
+                      resource_types=["Observation"], secret=secret)
+    handshake = note("handshake", "https://ehr.example.org/fhir/Subscription/s1", since=0)
+    assert service.post("/fhir/notifications", json=handshake,
+                        headers={"Authorization": f"Bearer {secret}"}).status_code == 200
+    unmanaged = note("handshake", "https://ehr.example.org/fhir/Subscription/someone", since=0)
+    assert service.post("/fhir/notifications", json=unmanaged).status_code == 401
+    assert service.post("/cds-services/nudges-patient-view", json={},
+                        headers={"Authorization": f"Bearer {secret}"}).status_code == 401  # only for notifications
+
+
+def test_the_plan_maps_start_clauses_to_each_servers_topics(rules_dir: Path) -> None:
+    from nudges.events.subscriber import plan
+    from nudges.settings import Settings
+
+    ruleset = load_ruleset(rules_dir).ruleset
+    assert ruleset is not None
+    servers = [{"base": "https://a.example.org/fhir", "topics": {"Observation": "https://a/topic/obs",
+                                                                  "Observation:troponin": "https://a/topic/trop"},
+                "filters": {"https://a/topic/trop": "Observation?category=laboratory"}},
+               {"base": "https://b.example.org/fhir/", "topics": {"Encounter": "https://b/topic/enc"}}]
+    found = plan(ruleset.rules, Settings(public_base_url="https://nudges.example.org",
+                                         subscriptions={"servers": servers}))
+    assert found.endpoint == "https://nudges.example.org/fhir/notifications"
+    assert [(w.server, w.topic, w.filter, w.types, w.rules) for w in found.wanted] == [
+        ("https://a.example.org/fhir", "https://a/topic/trop", "Observation?category=laboratory", ("Observation",),
+         ("troponin-without-cath-plan",))]
+    assert found.problems == ["https://b.example.org/fhir/: no SubscriptionTopic for Observation (rule "
+                              "troponin-without-cath-plan): add subscriptions.servers[1].topics.Observation"]
+    assert plan(ruleset.rules, Settings()).problems[0].startswith("set subscriptions.endpoint (or public_base_url)")
