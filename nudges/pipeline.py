@@ -169,8 +169,9 @@ class Result:
 
 
 def evaluate(call: Call, services: Services, now: datetime, *, patient_hash: str,
-             suppressed: Suppression | None = None, tenant: str | None = None) -> Result:
-    """Evaluate, drop cards suppressed for this call, build the cards and their records."""
+             suppressed: Suppression | None = None, tenant: str | None = None, why_base: str | None = None) -> Result:
+    """Evaluate, drop cards suppressed for this call, build the cards and their records (with a "Why this
+    nudge" link to the console when `why_base`, the service's public URL, is known)."""
     record = build_record(call, call.service.index)
     outcome = engine.evaluate(call.service.rules, record, now, call.context, call.service.hook.name)
     windows = {m.rule.id: m.rule.suppress for m in outcome.matches if m.rule.suppress}
@@ -180,7 +181,7 @@ def evaluate(call: Call, services: Services, now: datetime, *, patient_hash: str
     for match in outcome.matches:
         if match.rule.id in quiet:
             continue
-        card = build_card(match, services.ruleset, call.context, record.patient, now)
+        card = build_card(match, services.ruleset, call.context, record.patient, now, why_base)
         result.issued.append(IssuedCard(match.rule.id, card, CardRecord(
             uuid=card["uuid"], service_id=call.service.id, rule_id=match.rule.id, rule_version=match.rule.version,
             hook=call.service.hook.name, hook_instance=call.request.hookInstance, patient_hash=patient_hash,
@@ -198,7 +199,7 @@ def run_body(services: Services, settings: Settings, body: dict[str, Any], now: 
         asyncio.run(_complete_offline(call, settings, call.request.fhirServer))
     elif missing:
         require(call, missing, "not in prefetch and no fhirServer given")
-    return evaluate(call, services, now, patient_hash="offline")
+    return evaluate(call, services, now, patient_hash="offline", why_base=settings.public_base_url)
 
 
 async def _complete_offline(call: Call, settings: Settings, server: str) -> None:

@@ -58,7 +58,7 @@ class Runtime:
         clock = clock or clock_for(settings.now)
         key = settings.patient_hash_key.get_secret_value().encode() if settings.patient_hash_key else None
         store = Store(settings.database_url, clock, hash_key=key)
-        reloader = Reloader(settings.rules, frozenset(settings.rule_statuses), settings.site_valuesets)
+        reloader = Reloader(settings.rules, frozenset(settings.rule_statuses), settings.site_valuesets, clock)
         fhir = FhirClient(settings, BackendTokens(settings.fhir_backend_clients))
         auth = Authenticator(settings.auth, store, clock, fhir.http)
         return cls(settings, clock, store, reloader, fhir, auth)
@@ -101,7 +101,7 @@ class Runtime:
         patient_hash = self.store.patient_hash(call.context["patientId"])
         result = pipeline.evaluate(call, services, now, patient_hash=patient_hash,
                                    suppressed=lambda w: self.store.recently_shown(patient_hash, w),
-                                   tenant=caller.tenant)
+                                   tenant=caller.tenant, why_base=self.settings.public_base_url)
         self.store.record_cards(result.records)
         live = {i.rule_id for i in result.issued}
         pending = followups.take_pending(self.store, patient_hash, service_id=call.service.id,

@@ -145,7 +145,8 @@ class DueFollowups:
         if rule.suppress and store.recently_shown(item.patient_hash, {rule.id: rule.suppress}):
             followups.complete(store, item, worker)
             return "suppressed"
-        card = build_card(outcome.matches[0], services.ruleset, followups.CONTEXT_PLACEHOLDERS, record.patient, now)
+        card = build_card(outcome.matches[0], services.ruleset, followups.CONTEXT_PLACEHOLDERS, record.patient, now,
+                          self.settings.public_base_url)
         issued = CardRecord(uuid=card["uuid"], service_id=followups.FOLLOWUP_SERVICE, rule_id=rule.id,
                             rule_version=rule.version, hook=followups.FOLLOWUP_HOOK,
                             hook_instance=f"followup-{item.id}", patient_hash=item.patient_hash,
