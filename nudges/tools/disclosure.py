@@ -125,12 +125,10 @@ def withheld_trend(totals: list[Cell], withheld_totals: set[Key], months: list[C
                              for k, _ in line.members])
         if not problems:
             return hidden
-        added = False
-        for members in problems:
-            candidates = [k for k in members if k in trend and k not in hidden]
-            if not candidates:
-                continue
-            hidden.add(min(candidates, key=lambda k: (patients[k], k)))
-            added = True
-        if not added:  # no cell left to withhold that would help: the trend goes, the audit table stays
+        # One cell at a time (the smallest that helps with the first problem that can be helped): one cell
+        # often settles several problems, and each extra one withholds more than it must.
+        candidates = next(([k for k in members if k in trend and k not in hidden] for members in problems
+                           if any(k in trend and k not in hidden for k in members)), [])
+        if not candidates:  # nothing left to withhold that would help: the trend goes, the audit table stays
             return hidden | trend
+        hidden.add(min(candidates, key=lambda k: (patients[k], k)))
