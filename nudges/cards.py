@@ -13,6 +13,7 @@ from .engine import Match, age_in_years
 from .fhir import codings, instant, parse_fhir_date
 from .rules.compiled import RuleSet
 from .rules.templates import PLACEHOLDER, SECTION
+from .rules.valuesets import REMIND_LATER
 from .store import CardRecord
 
 SEVERITY = {"critical": 0, "warning": 1, "info": 2}
@@ -177,7 +178,7 @@ def build_card(match: Match, ruleset: RuleSet, context: dict[str, Any], patient:
         card["suggestions"] = suggestions
         card["selectionBehavior"] = template.selection
     if template.override_reasons:
-        card["overrideReasons"] = [dict(r) for r in template.override_reasons]
+        card["overrideReasons"] = [*(dict(r) for r in template.override_reasons), dict(REMIND_LATER)]
     links = [{k: render.text(v) if isinstance(v, str) else v for k, v in link.items()} for link in template.links]
     if why_base:
         links.append(why_link(why_base, rule.id))

@@ -238,6 +238,10 @@ class PatientRecord:
             hits.update(id(r) for r in self._by_code.get((source, kind, system_code), ()))
         return [r for r in self.of_type(source, kind) if id(r) in hits] if hits else []
 
+    def is_draft(self, resource: Resource) -> bool:
+        """Whether a resource came from the hook's drafts (draftOrders, appointments), not the record."""
+        return any(r is resource for r in self._raw.get(("draft", str(resource.get("resourceType"))), ()))
+
     def medications(self) -> dict[str, Resource]:
         """Medication resources of the record and the drafts, by id: what `Medication/id` references name."""
         if self._medications is None:

@@ -107,7 +107,8 @@ class Group(Strict):
 
 
 Item = Annotated[Annotated[Clause, Tag("Clause")] | Annotated[Group, Tag("Group")], Discriminator(_item_kind)]
-UNION_TAGS = frozenset({"Clause", "Group"})  # appear in validation error locations; not YAML keys
+# Tags of the unions above: they appear in validation error locations, and are not YAML keys.
+UNION_TAGS = frozenset({"Clause", "Group", "ReasonList", "ReasonLockouts", "ReasonCode", "ReasonCoding"})
 Group.model_rebuild()
 
 
@@ -132,6 +133,31 @@ class Coding(Strict):
     system: str = Field(pattern=r"^[a-z][a-z0-9+.-]*:", description="absolute URI of the code system")
     code: str = Field(min_length=1)
     display: str = Field(min_length=1)
+
+
+class OverrideCoding(Coding):
+    """An override reason as a full Coding, optionally with its own lockout."""
+
+    lockout: Duration | None = Field(None, description="after an override with this reason, no card about the same "
+                                                       "focus for this long (default: the rule's `suppress`, else "
+                                                       "the service's)")
+
+
+def _reasons_kind(value: Any) -> str:
+    return "ReasonLockouts" if isinstance(value, dict) else "ReasonList"
+
+
+def _reason_kind(value: Any) -> str:
+    return "ReasonCoding" if isinstance(value, dict | BaseModel) else "ReasonCode"
+
+
+# Tagged unions, so a mistake is reported against the form it was written in, not against every form.
+OverrideReason = Annotated[Annotated[str, Tag("ReasonCode")] | Annotated[OverrideCoding, Tag("ReasonCoding")],
+                           Discriminator(_reason_kind)]
+OverrideReasons = Annotated[
+    Annotated[list[OverrideReason], Tag("ReasonList")]
+    | Annotated[dict[str, Duration], Tag("ReasonLockouts")],
+    Discriminator(_reasons_kind)]
 
 
 class Action(Strict):
@@ -190,9 +216,11 @@ class Card(Strict):
     escalate: list[Escalation] = Field(
         default_factory=list, description="raise the indicator as time passes since a bound resource, e.g. "
                                           "warning, then critical from 12h after the first elevated troponin")
-    override_reasons: list[str | Coding] = Field(
+    override_reasons: OverrideReasons = Field(
         default_factory=list,
-        description="codes of the HL7 non-adherence-reason-codes CodeSystem, or full Codings")
+        description="codes of the HL7 non-adherence-reason-codes CodeSystem or full Codings (with an optional "
+                    "`lockout`), or a mapping of HL7 codes to lockouts: {patient-refuses: 30d, "
+                    "indication-order-exists: 7d}")
 
 
 class Citation(Strict):

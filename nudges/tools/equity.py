@@ -25,6 +25,8 @@ from typing import Any, TextIO
 import orjson
 from sqlalchemy.engine import Connection
 
+from ..clock import parse_instant
+from . import audit
 from .audit import DIMENSIONS, HIDDEN, MIN_PATIENTS, OVERALL, SUPPRESSED, Cell, complements, query_cells
 from .disclosure import Key, withheld_trend
 
@@ -255,3 +257,18 @@ def write(report: Report, fmt: str, out: TextIO) -> None:
 
 def _pct(value: float | None) -> str:
     return "" if value is None else f"{value:.1%}"
+
+
+def main(url: str | None, since: str | None, fmt: str, out: TextIO, err: TextIO) -> int:
+    """`nudges audit --format equity|equity-csv|equity-json`: the dashboard's table from the command line."""
+    if url is None:
+        from ..settings import Settings
+
+        url = Settings().database_url
+    try:
+        report = audit.load(url, parse_instant(since) if since else None, load)
+    except (audit.AuditError, ValueError) as exc:
+        err.write(f"nudges audit: {exc}\n")
+        return 1
+    write(report, fmt, out)  # type: ignore[arg-type]  # audit.load returns what the report function returns
+    return 0

@@ -13,7 +13,7 @@ from ...clock import parse_instant
 from ...errors import BadRequest
 from ...runtime import Runtime
 from ...tools import equity
-from ...tools.audit import DIMENSIONS, MIN_PATIENTS, OVERALL
+from ...tools.audit import ALL_REASONS, DIMENSIONS, MIN_PATIENTS, OVERALL, override_rows
 from ..deps import RuntimeDep
 from . import charts
 from .render import page
@@ -22,16 +22,32 @@ from .security import ViewerDep
 router = APIRouter(prefix="/console", tags=["console"], include_in_schema=False)
 
 
-def _report(runtime: Runtime, since: str) -> equity.Report:
+def _report(runtime: Runtime, since: str) -> tuple[equity.Report, list[dict[str, Any]]]:
+    """The statistics and the override reasons (tools/audit.override_rows), withheld as the audit decides."""
     try:
         start = parse_instant(since) if since.strip() else None
     except ValueError:
         raise BadRequest(f"since: '{since}' is not a date or instant (e.g. 2026-01-01)") from None
     with runtime.store.engine.connect() as conn:
-        return equity.load(conn, start)
+        return equity.load(conn, start), override_rows(conn, start)
 
 
-def sections(report: equity.Report, rule: str, dimension: str) -> list[dict[str, Any]]:
+def reasons_of(overrides: list[dict[str, Any]], rule: str, dimension: str) -> list[dict[str, Any]]:
+    """Per group: its override rate row and its reasons, as the audit reports them (marks kept)."""
+    groups: dict[str, dict[str, Any]] = {}
+    for row in overrides:
+        if row["rule"] != rule or row["dimension"] != dimension:
+            continue
+        entry = groups.setdefault(row["group"], {"group": row["group"], "total": None, "reasons": []})
+        if row["reason"] == ALL_REASONS:
+            entry["total"] = row
+        else:
+            entry["reasons"].append(row)
+    return list(groups.values())
+
+
+def sections(report: equity.Report, rule: str, dimension: str,
+             overrides: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Per rule: its overall row, and per dimension the rows, a bar chart, the trend and the missing share."""
     out = []
     for rule_id in report.rules():
@@ -47,18 +63,20 @@ def sections(report: equity.Report, rule: str, dimension: str) -> list[dict[str,
             points = [p for p in report.trend if p.rule == rule_id and p.dimension in (dim, OVERALL[0])]
             missing = next((m for m in report.missing if m.rule == rule_id and m.dimension == dim), None)
             dims.append({"name": dim, "stats": stats, "missing": missing,
+                         "reasons": reasons_of(overrides or [], rule_id, dim),
                          "bars": charts.rate_bars(stats, overall, f"{rule_id}: acceptance by {dim}"),
                          "trend": charts.trend_lines(points, f"{rule_id}: acceptance by month and {dim}")
                          if points else None})
-        out.append({"rule": rule_id, "overall": overall, "dimensions": dims})
+        out.append({"rule": rule_id, "overall": overall, "dimensions": dims,
+                    "reasons": reasons_of(overrides or [], rule_id, OVERALL[0])})
     return out
 
 
 @router.get("/audit")
 async def audit_page(request: Request, runtime: RuntimeDep, viewer: ViewerDep, rule: str = "",
                      dimension: str = "", since: str = "") -> Response:
-    report = await anyio.to_thread.run_sync(_report, runtime, since)
-    return page(request, runtime, viewer, "audit.html", sections=sections(report, rule, dimension),
+    report, overrides = await anyio.to_thread.run_sync(_report, runtime, since)
+    return page(request, runtime, viewer, "audit.html", sections=sections(report, rule, dimension, overrides),
                 rules=report.rules(), dimensions=DIMENSIONS, chosen={"rule": rule, "dimension": dimension,
                                                                       "since": since},
                 test=equity.TEST, min_patients=MIN_PATIENTS)
@@ -66,7 +84,7 @@ async def audit_page(request: Request, runtime: RuntimeDep, viewer: ViewerDep, r
 
 @router.get("/audit.csv")
 async def audit_csv(runtime: RuntimeDep, viewer: ViewerDep, since: str = "") -> Response:
-    report = await anyio.to_thread.run_sync(_report, runtime, since)
+    report, _ = await anyio.to_thread.run_sync(_report, runtime, since)
     out = io.StringIO()
     equity.write_csv(report, out)
     return Response(out.getvalue(), media_type="text/csv; charset=utf-8",
