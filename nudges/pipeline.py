@@ -201,7 +201,8 @@ def run_body(services: Services, settings: Settings, body: dict[str, Any], now: 
         asyncio.run(_complete_offline(call, settings, call.request.fhirServer))
     elif missing:
         require(call, missing, "not in prefetch and no fhirServer given")
-    return evaluate(call, services, now, patient_hash="offline", why_base=settings.public_base_url)
+    why = settings.public_base_url if settings is not None else None  # some callers run rules without settings
+    return evaluate(call, services, now, patient_hash="offline", why_base=why)
 
 
 async def _complete_offline(call: Call, settings: Settings, server: str) -> None:
