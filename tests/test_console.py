@@ -17,9 +17,9 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from conftest import ROOT, LiveServer
 from sqlalchemy import func, select
 
-from conftest import ROOT, LiveServer
 from nudges.clock import FixedClock
 from nudges.store import Bucket, CardRecord, FeedbackRecord, Store, cards
 

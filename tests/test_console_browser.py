@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import NOW, ROOT, LiveServer, loopback_only
+
 from nudges.clock import FixedClock, parse_instant
 from nudges.settings import Settings
 from nudges.store import Bucket, CardRecord, FeedbackRecord

@@ -92,7 +92,7 @@ def test_no_withheld_trend_count_can_be_worked_out() -> None:
               Cell(rule, "race", "b", 34, 0, 0, 34)]
     hidden = withheld_trend(totals, set(), month_cells)
     assert ("x", "race", "a", "2026-01") in hidden
-    patients, lines = structure(totals, month_cells)
+    _patients, lines = structure(totals, month_cells)
     assert not determined(hidden, lines)
     values = {("G",): 50, ("T", "race", "a"): 16, ("T", "race", "b"): 34, ("M", "2026-01"): 24, ("M", "2026-02"): 26,
               ("x", "race", "a", "2026-01"): 3, ("x", "race", "a", "2026-02"): 13, ("x", "race", "b", "2026-01"): 21,

@@ -45,7 +45,7 @@ def seed(url: str) -> None:
     store = Store(url, FixedClock(NOW))
     store.migrate()
     for rule in RULES:
-        for i in range(420):
+        for _i in range(420):
             name = rng.choices(list(GROUPS), [g[1] for g in GROUPS.values()])[0]
             bucket, _, accept = GROUPS[name]
             issued = NOW - timedelta(days=rng.randrange(150), hours=rng.randrange(24))
