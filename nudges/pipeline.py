@@ -169,10 +169,12 @@ class Result:
 
 
 def evaluate(call: Call, services: Services, now: datetime, *, patient_hash: str,
-             suppressed: Suppression | None = None, tenant: str | None = None) -> Result:
-    """Evaluate, drop cards suppressed for this call, build the cards and their records."""
+             suppressed: Suppression | None = None, tenant: str | None = None,
+             trace: engine.Tracer | None = None) -> Result:
+    """Evaluate, drop cards suppressed for this call, build the cards and their records (a tracer, for
+    `nudges explain`, hears every step of the evaluation)."""
     record = build_record(call, call.service.index)
-    outcome = engine.evaluate(call.service.rules, record, now, call.context, call.service.hook.name)
+    outcome = engine.evaluate(call.service.rules, record, now, call.context, call.service.hook.name, trace)
     windows = {m.rule.id: m.rule.suppress for m in outcome.matches if m.rule.suppress}
     quiet = suppressed(windows) if (windows and suppressed) else set()
     who: Bucket = bucket(record.patient, list(flatten(call.prefetch.get("coverage"))))
@@ -188,9 +190,11 @@ def evaluate(call: Call, services: Services, now: datetime, *, patient_hash: str
     return result
 
 
-def run_body(services: Services, settings: Settings, body: dict[str, Any], now: datetime) -> Result:
-    """A whole call outside the service (rule cases, replay, screening): parse, complete, evaluate, with
-    nothing suppressed and nothing stored. Fetches on an event loop of its own: call it from a thread."""
+def run_body(services: Services, settings: Settings, body: dict[str, Any], now: datetime,
+             trace: engine.Tracer | None = None) -> Result:
+    """A whole call outside the service (rule cases, replay, screening, explain): parse, complete,
+    evaluate, with nothing suppressed and nothing stored. Fetches on an event loop of its own: call it
+    from a thread."""
     hook = HOOKS.get(str(body.get("hook")))
     call = parse_call(services, hook.service_id if hook else str(body.get("hook")), body)
     missing = still_missing(call)
@@ -198,7 +202,7 @@ def run_body(services: Services, settings: Settings, body: dict[str, Any], now: 
         asyncio.run(_complete_offline(call, settings, call.request.fhirServer))
     elif missing:
         require(call, missing, "not in prefetch and no fhirServer given")
-    return evaluate(call, services, now, patient_hash="offline")
+    return evaluate(call, services, now, patient_hash="offline", trace=trace)
 
 
 async def _complete_offline(call: Call, settings: Settings, server: str) -> None:
