@@ -35,6 +35,12 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["NUDGES_CACHE_DIR"] = tempfile.mkdtemp(prefix="nudges-test-cache-")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Browser tests last: Playwright's sync API keeps its event loop marked as running in the main thread
+    while the session's browser is open, and an asyncio test after it could not start its own loop."""
+    items.sort(key=lambda item: "browser" in getattr(item, "fixturenames", ()))
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     shutil.rmtree(os.environ.get("NUDGES_CACHE_DIR", ""), ignore_errors=True)
 

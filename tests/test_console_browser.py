@@ -145,10 +145,12 @@ def test_explain_tab(page: Any) -> None:
     page.wait_for_selector("#try-summary")
     page.click("label[for=tab-why]")
     assert page.is_visible("#panel-why")
-    if page.locator("#explain").count():  # the trace, when this build has tools/explain.py
-        fired = page.locator(".explain-rule.fired").evaluate_all("els => els.map(e => e.dataset.rule)")
-        assert "troponin-without-cath-plan" in fired
-        assert page.locator(".explain-rule.quiet").count() >= 1
+    fired = page.locator(".explain-rule.fired").evaluate_all("els => els.map(e => e.dataset.rule)")
+    assert "troponin-without-cath-plan" in fired
+    quiet = page.locator(".explain-rule.quiet").first
+    assert quiet.locator(".reason").text_content().strip()  # why it did not fire, in one sentence
+    quiet.locator("summary").first.click()
+    assert quiet.locator("li.step").count() >= 1  # and the steps, as a tree
 
 
 def test_replay(page: Any) -> None:

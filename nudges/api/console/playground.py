@@ -1,5 +1,6 @@
 """GET|POST /console/try: one hook call through the real pipeline (pipeline.run_body: parse, complete,
-evaluate; nothing suppressed, nothing stored), the cards as the HL7 CDS Hooks sandbox draws them, the raw
+evaluate; nothing suppressed, nothing stored; traced by tools/explain), the cards as the HL7 CDS Hooks
+sandbox draws them, the raw
 JSON, and the explain trace. POST /console/try/feedback shows the feedback a Dismiss or a suggestion would
 send, checked against the same model as POST /cds-services/{id}/feedback, and stores nothing either.
 
@@ -19,7 +20,6 @@ from fastapi import APIRouter, Form, Request, Response
 from pydantic import ValidationError
 
 from ... import pipeline
-from ...cards import ordered
 from ...clock import parse_instant
 from ...errors import BadRequest, NudgesError
 from ...fhir import bundle, flatten, instant
@@ -27,6 +27,7 @@ from ...hooks import HOOK_NAMES, HOOKS
 from ...prefetch import fill
 from ...rules.compiled import RuleSet
 from ...services import Services
+from ...tools import explain
 from ..deps import RuntimeDep
 from ..models import FeedbackRequest
 from .render import page
@@ -129,17 +130,12 @@ class Outcome:
 
 
 def run(services: Services, runtime: Any, body: dict[str, Any], now: datetime) -> Outcome:
-    """In a worker thread: the pipeline (and its explanation), nothing stored, nothing suppressed."""
-    result = pipeline.run_body(services, runtime.settings, body, now)
-    cards = [(i.rule_id, i.card) for i in ordered(result.issued)]
-    trace = None
-    try:
-        from ...tools import explain  # type: ignore[attr-defined]  # the workbench's trace, when this build has it
-    except ImportError:
-        explain = None
-    if explain is not None:
-        trace = explain.explain(services, body, now, runtime.settings).to_dict()
-    return Outcome(body, cards, trace, now)
+    """In a worker thread: the pipeline with the engine's tracer (tools/explain: the same run_body, so the
+    cards are the call's own), nothing stored, nothing suppressed."""
+    explanation = explain.explain(services, body, now, runtime.settings)
+    rule_of = {t.card["uuid"]: t.rule for t in explanation.rules if t.card is not None}
+    cards = [(rule_of.get(card["uuid"], ""), card) for card in explanation.cards]
+    return Outcome(body, cards, explanation.to_dict(), now)
 
 
 def _form(request: Request, runtime: RuntimeDep, viewer: ViewerDep, outcome: Outcome | None, values: dict[str, str],
