@@ -287,7 +287,7 @@ def evaluate(rules: tuple[CompiledRule, ...], record: PatientRecord, now: dateti
              trace: Tracer | None = None) -> Outcome:
     """FHIRPath sees the one environment (rules.fhirpath.environment) plus each rule's bound names.
     With a tracer, every step of every rule is reported to it (nudges explain); without, nothing is."""
-    env = environment(now, context, hook)
+    env = environment(now, context, hook, record.patient)
     if trace is not None:
         return _traced(rules, record, now, env, trace)
     outcome = Outcome()

@@ -181,9 +181,10 @@ def evaluate(call: Call, services: Services, now: datetime, *, patient_hash: str
     who: Bucket = bucket(record.patient, list(flatten(call.prefetch.get("coverage"))))
     result = Result(failed=outcome.failed)
     draft = selected(call, drafts(call)) if hook.drafts else []
-    medications = record.medications() if hook.focus == "order" else None
+    medications = record.medications() if hook.focus == "order" else None  # an order's identity may be its Medication
     for match in outcome.matches:
-        card = build_card(match, services.ruleset, call.context, record.patient, now, why_base)
+        card = build_card(match, services.ruleset, call.context, record.patient, now, record.medications(),
+                          why_base=why_base)
         focus = keyed(focus_of(hook, call.context, match.drafts, draft, medications)) if keyed else None
         result.issued.append(IssuedCard(match.rule.id, card, CardRecord(
             uuid=card["uuid"], service_id=call.service.id, rule_id=match.rule.id, rule_version=match.rule.version,

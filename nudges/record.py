@@ -14,6 +14,7 @@ from .fhir import (
     CODE_ELEMENTS,
     MEDICATION_TYPES,
     Resource,
+    code_text_languages,
     codings,
     flatten,
     referenced_medication,
@@ -129,6 +130,8 @@ class PatientRecord:
     def _add_groups(self, groups: dict[str, list[Resource]], source: str) -> None:
         self._clean.clear()
         self._medications = None
+        for patient in groups.get("Patient", ()):
+            code_text_languages(patient)
         for kind, group in groups.items():
             self._raw.setdefault((source, kind), []).extend(group)
             if self._plan is None:

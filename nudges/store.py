@@ -99,6 +99,7 @@ suppressions = Table(
     Column("card_uuid", String(36)),  # the last card shown for this focus
     Column("shown_at", DateTime(timezone=True)),
     Column("shown_until", DateTime(timezone=True), nullable=False),
+    Column("level", Integer),  # how urgent the last card shown was: 0 info, 1 warning, 2 critical
     Column("feedback_at", DateTime(timezone=True)),  # outcomeTimestamp of the feedback in force
     Column("feedback_key", String(64)),  # its fingerprint: the tie-break between equal timestamps
     Column("feedback_until", DateTime(timezone=True)),
@@ -181,7 +182,6 @@ class IssuedRow:
     rule_id: str
     patient_hash: str
     focus: str | None
-    hook: str
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -209,21 +209,33 @@ def _upsert(dialect: str) -> Any:
 SUPPRESSION_KEY = ["patient_hash", "rule_id", "focus"]
 
 
+LEVELS = {"info": 0, "warning": 1, "critical": 2}
+
+
 def claim_statement(dialect: str) -> Any:
     """May a card about this focus be shown at `shown_at`? One statement decides and records it: the row
     is inserted, or updated only while neither its display window nor its feedback lockout holds, and
     RETURNING says whether it was. A concurrent claim for the same key waits for this one's row lock and
-    then finds the window taken."""
+    then finds the window taken.
+
+    A card more urgent than the last one shown for its focus (`escalate:`: a troponin warning that has
+    become critical) is shown through the display window and through an accept (acted on, yet still no
+    plan), never through an override: a clinician's explicit reason stands until its lockout ends."""
     statement = _upsert(dialect).values(
         patient_hash=bindparam("patient_hash"), rule_id=bindparam("rule_id"), focus=bindparam("focus"),
-        card_uuid=bindparam("card_uuid"), shown_at=bindparam("shown_at"), shown_until=bindparam("shown_until"))
-    free = and_(suppressions.c.shown_until <= statement.excluded.shown_at,
-                or_(suppressions.c.feedback_until.is_(None),
-                    suppressions.c.feedback_until <= statement.excluded.shown_at))
+        card_uuid=bindparam("card_uuid"), shown_at=bindparam("shown_at"), shown_until=bindparam("shown_until"),
+        level=bindparam("level"))
+    now = statement.excluded.shown_at
+    free = and_(suppressions.c.shown_until <= now,
+                or_(suppressions.c.feedback_until.is_(None), suppressions.c.feedback_until <= now))
+    escalated = and_(suppressions.c.level < statement.excluded.level,
+                     or_(suppressions.c.outcome.is_(None), suppressions.c.outcome == "accepted",
+                         suppressions.c.feedback_until.is_(None), suppressions.c.feedback_until <= now))
     return statement.on_conflict_do_update(
-        index_elements=SUPPRESSION_KEY, where=free,
-        set_={"card_uuid": statement.excluded.card_uuid, "shown_at": statement.excluded.shown_at,
-              "shown_until": statement.excluded.shown_until}).returning(suppressions.c.rule_id)
+        index_elements=SUPPRESSION_KEY, where=or_(free, escalated),
+        set_={"card_uuid": statement.excluded.card_uuid, "shown_at": now,
+              "shown_until": statement.excluded.shown_until, "level": statement.excluded.level},
+    ).returning(suppressions.c.rule_id)
 
 
 def feedback_statement(dialect: str) -> Any:
@@ -325,7 +337,8 @@ class Store:
             for r in sorted(records, key=lambda r: (r.rule_id, r.focus or "")):
                 got = conn.execute(claim, {"patient_hash": r.patient_hash, "rule_id": r.rule_id,
                                            "focus": r.focus or "", "card_uuid": r.uuid, "shown_at": r.issued_at,
-                                           "shown_until": r.issued_at + window}).first()
+                                           "shown_until": r.issued_at + window,
+                                           "level": LEVELS.get(r.indicator, 0)}).first()
                 if got is not None:
                     shown.append(r)
             if shown:
@@ -333,19 +346,29 @@ class Store:
         chosen = {id(r) for r in shown}
         return [r for r in records if id(r) in chosen]
 
-    def suppressed(self, patient_hash: str, rule_id: str, focus: str, now: datetime | None = None) -> bool:
-        """Whether a card about this focus would be held back now (a read: for checks that do not show)."""
+    def suppressed(self, patient_hash: str, rule_id: str, focus: str, now: datetime | None = None,
+                   indicator: str = "info") -> bool:
+        """Whether a card about this focus, of this urgency, would be held back now (a read, for checks
+        that do not show; the same decision as claim_statement)."""
         now = now or self.clock.now()
         with self.engine.connect() as conn:
-            row = conn.execute(select(suppressions.c.shown_until, suppressions.c.feedback_until).where(
+            row = conn.execute(select(suppressions.c.shown_until, suppressions.c.feedback_until, suppressions.c.level,
+                                      suppressions.c.outcome).where(
                 suppressions.c.patient_hash == patient_hash, suppressions.c.rule_id == rule_id,
                 suppressions.c.focus == focus)).first()
-        return row is not None and any(v is not None and aware(v) > now for v in row)
+        if row is None:
+            return False
+        shown_until, feedback_until, level, outcome = row
+        window = aware(shown_until) > now
+        lockout = feedback_until is not None and aware(feedback_until) > now
+        if level is not None and level < LEVELS.get(indicator, 0) and not (lockout and outcome != "accepted"):
+            return False  # escalated: shown through the window and an accept, never through an override
+        return window or lockout
 
     def card_info(self, card_uuid: str) -> IssuedRow | None:
         with self.engine.connect() as conn:
-            row = conn.execute(select(cards.c.service_id, cards.c.rule_id, cards.c.patient_hash, cards.c.focus,
-                                      cards.c.hook).where(cards.c.uuid == card_uuid)).first()
+            row = conn.execute(select(cards.c.service_id, cards.c.rule_id, cards.c.patient_hash, cards.c.focus)
+                               .where(cards.c.uuid == card_uuid)).first()
         return IssuedRow(*row) if row is not None else None
 
     def card_service(self, card_uuid: str) -> str | None:

@@ -25,7 +25,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from .errors import BadRequest
-from .fhir import concepts, reference_of
+from .fhir import concepts, reference_of, walk
 from .hooks import Hook
 from .rules.compiled import CompiledRule
 from .rules.valuesets import REASON_SYSTEM, REMIND_LATER
@@ -59,7 +59,8 @@ def appointment_identity(resource: dict[str, Any]) -> str:
     """An appointment by its id; one without an id (a proposal) by its type and start."""
     if isinstance(resource.get("id"), str):
         return reference_of(resource)
-    kinds = sorted(f"{s}|{c}" for concept in concepts(resource) for s, c in _codings(concept))
+    kinds = sorted(f"{s}|{c}" for element in ("appointmentType", "serviceType")
+                   for concept in walk(resource, element) for s, c in _codings(concept))
     return f"Appointment:{','.join(kinds)}@{resource.get('start')}"
 
 

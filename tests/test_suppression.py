@@ -443,5 +443,37 @@ def test_order_and_appointment_identities() -> None:
     assert order_identity(worded) == order_identity({**worded, "id": "s2", "code": {"text": "security room search"}})
     assert order_identity(worded) != order_identity({**worded, "code": {"text": "restraint"}})
     assert appointment_identity({"resourceType": "Appointment", "id": "a1"}) == "Appointment/a1"
-    assert appointment_identity({"resourceType": "Appointment", "start": "2026-03-20T09:00:00Z"}) != \
-        appointment_identity({"resourceType": "Appointment", "start": "2026-03-21T09:00:00Z"})
+    proposal = {"resourceType": "Appointment", "start": "2026-03-20T09:00:00Z",
+                "appointmentType": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0276",
+                                                "code": "FOLLOWUP"}]}}
+    assert appointment_identity(proposal) != appointment_identity({**proposal, "start": "2026-03-21T09:00:00Z"})
+    assert appointment_identity(proposal) != appointment_identity({**proposal, "appointmentType": {"coding": [
+        {"system": "http://terminology.hl7.org/CodeSystem/v2-0276", "code": "ROUTINE"}]}})
+    assert appointment_identity(proposal) == appointment_identity({**proposal, "reasonCode": [{"text": "knee"}]})
+
+
+def test_an_escalated_card_comes_back_through_an_accept_but_not_through_an_override(
+        make_client: Callable[..., LiveServer], rules_dir: Path, database_url: str) -> None:
+    """A troponin warning that has become critical (`escalate:`) is shown again, even though the first card
+    was accepted (acted on, and still no plan); a clinician's override with a reason stands."""
+    edit(rules_dir / "cardiology" / "troponin-without-cath-plan.yaml", "  indicator: warning\n",
+         "  indicator: warning\n  escalate:\n    - {after: 13h, since: troponin, indicator: critical}\n")
+    server = make_client(database_url=database_url, followup_poll_seconds=0)
+    when = (server.runtime.clock.now() - timedelta(hours=12, minutes=30)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    for outcome, again in (("accepted", True), ("overridden", False)):
+        pid = new_pid()
+        data = troponin(when=when)
+        first = chart(server, pid, data)
+        assert first is not None and first["indicator"] == "warning"
+        send(server, "patient-view", first, outcome,
+             why=reason("risk-benefit-ratio") if outcome == "overridden" else None)
+        later(server, minutes=10)
+        assert chart(server, pid, data) is None  # still a warning: held back
+        later(server, minutes=30)  # 13 h 10 min after the result: critical now
+        escalated = chart(server, pid, data)
+        assert (escalated is not None) is again, outcome
+        if escalated is not None:
+            assert escalated["indicator"] == "critical"
+            later(server, minutes=10)
+            assert chart(server, pid, data) is None  # shown once at its new level
+        server.runtime.clock.instant = parse_instant(NOW)

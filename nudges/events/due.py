@@ -145,11 +145,11 @@ class DueFollowups:
             followups.complete(store, item, worker)
             return "quiet"
         focus = store.keyed(PATIENT_FOCUS)  # a follow-up card is about the chart, whichever hook shows it
-        if store.suppressed(item.patient_hash, rule.id, focus, now):
+        card = build_card(outcome.matches[0], services.ruleset, followups.CONTEXT_PLACEHOLDERS, record.patient, now,
+                          record.medications(), why_base=self.settings.public_base_url)
+        if store.suppressed(item.patient_hash, rule.id, focus, now, card["indicator"]):
             followups.complete(store, item, worker)
             return "suppressed"
-        card = build_card(outcome.matches[0], services.ruleset, followups.CONTEXT_PLACEHOLDERS, record.patient, now,
-                          self.settings.public_base_url)
         issued = CardRecord(uuid=card["uuid"], service_id=followups.FOLLOWUP_SERVICE, rule_id=rule.id,
                             rule_version=rule.version, hook=followups.FOLLOWUP_HOOK,
                             hook_instance=f"followup-{item.id}", patient_hash=item.patient_hash,

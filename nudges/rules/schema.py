@@ -263,6 +263,14 @@ class SourceAttributes(Strict):
                                     description="when the rule and its evidence were last reviewed (YYYY-MM-DD)")
 
 
+class Change(Strict):
+    """One entry of a rule's history: what changed in a version and why (shown in the catalog)."""
+
+    version: str = Field(pattern=r"^\d+\.\d+\.\d+$")
+    date: str = Field(pattern=r"^\d{4}-\d{2}-\d{2}$")
+    what: str = Field(min_length=1, description="what changed for clinicians, and why")
+
+
 class Rule(Strict):
     """One nudge: when it fires, what card it shows, why, and on what evidence."""
 
@@ -281,6 +289,7 @@ class Rule(Strict):
     suppress: Duration | None = Field(None, description="do not show again to the same patient for this long")
     followup: Followup | None = Field(
         None, description="check again after an event (FHIR notification) even if no hook is called")
+    changes: list[Change] = Field(default_factory=list, description="the rule's history, newest first")
     race_correction_removal: bool = Field(
         False, description="only for rules that remove a race correction: allows reading race data")
     source_attributes: SourceAttributes | None = Field(

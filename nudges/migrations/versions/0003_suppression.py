@@ -28,6 +28,7 @@ def upgrade() -> None:
         sa.Column("card_uuid", sa.String(36)),
         sa.Column("shown_at", sa.DateTime(timezone=True)),
         sa.Column("shown_until", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("level", sa.Integer),
         sa.Column("feedback_at", sa.DateTime(timezone=True)),
         sa.Column("feedback_key", sa.String(64)),
         sa.Column("feedback_until", sa.DateTime(timezone=True)),
