@@ -33,8 +33,7 @@ async def overview(request: Request, runtime: RuntimeDep, viewer: ViewerDep) -> 
     return page(request, runtime, viewer, "overview.html", ruleset=ruleset, statuses=statuses,
                 served=sorted(runtime.settings.rule_statuses), services=list(services.by_id.values()),
                 loaded_at=reloader.loaded_at, refused=reloader.refused, refusal=refusal,
-                refusal_pending=bool(refusal and (reloader.loaded_at is None or refusal.at >= reloader.loaded_at)
-                                     and reloader.last_problems),
+                refusal_pending=bool(reloader.last_problems),  # the files on disk still have those problems
                 warnings=reloader.warnings, database=database, clock=clock, settings=runtime.settings)
 
 

@@ -21,6 +21,7 @@ import logging
 import secrets
 from dataclasses import dataclass
 from typing import Annotated
+from urllib.parse import urlsplit
 
 from fastapi import Depends, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -125,8 +126,6 @@ def check_form(request: Request, runtime: RuntimeDep, token: str) -> None:
     if origin is not None and origin != "null":
         expected = {str(request.base_url).rstrip("/")}
         if runtime.settings.public_base_url:
-            from urllib.parse import urlsplit
-
             parts = urlsplit(runtime.settings.public_base_url)
             expected.add(f"{parts.scheme}://{parts.netloc}")
         if origin.rstrip("/") not in expected:
