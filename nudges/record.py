@@ -245,6 +245,21 @@ class PatientRecord:
         """Whether a resource came from the hook's drafts (draftOrders, appointments), not the record."""
         return any(r is resource for r in self._raw.get(("draft", str(resource.get("resourceType"))), ()))
 
+    def set_aside(self, source: str, kind: str) -> list[tuple[Resource, str]]:
+        """What `of_type` leaves out of a type's list, and why: for `nudges explain`, never the hot path."""
+        kept = {id(r) for r in self.of_type(source, kind)}
+        return [(r, "entered in error or refuted" if voided(r) else "an id seen before (a duplicate)")
+                for r in self._raw.get((source, kind), ()) if id(r) not in kept]
+
+    def inventory(self) -> dict[str, dict[str, int]]:
+        """How many usable resources of each type each source holds (for `nudges explain`)."""
+        found: dict[str, dict[str, int]] = {}
+        for source, kind in sorted(self._raw):
+            count = len(self.of_type(source, kind))
+            if count:
+                found.setdefault(source, {})[kind] = count
+        return found
+
     def medications(self) -> dict[str, Resource]:
         """Medication resources of the record and the drafts, by id: what `Medication/id` references name."""
         if self._medications is None:

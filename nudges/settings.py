@@ -38,6 +38,35 @@ class AuthSettings(BaseModel):
     max_token_lifetime_seconds: int = 3600
 
 
+class ProxyAuthSettings(BaseModel):
+    """Console sign-in through a reverse proxy that authenticates people (SSO: oauth2-proxy, Apache
+    mod_auth_openidc, an ingress with OIDC) and passes who they are in a header. The header is believed
+    only on connections from `trusted_proxies`; from anywhere else the console is refused, so a client
+    that reaches the service directly cannot claim to be someone."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    user_header: str = Field("X-Forwarded-User", description="header carrying the signed-in user's name")
+    groups_header: str | None = Field("X-Forwarded-Groups", description="header with the user's groups (comma "
+                                                                         "separated), or null")
+    trusted_proxies: list[str] = Field(min_length=1, description="proxy addresses or networks (CIDR) whose "
+                                                                 "headers are believed, e.g. 127.0.0.1/32")
+    allowed_users: list[str] = Field(default_factory=list, description="who may use the console (empty: "
+                                                                       "anyone the proxy signed in, unless "
+                                                                       "allowed_groups is set)")
+    allowed_groups: list[str] = Field(default_factory=list, description="groups whose members may use it")
+
+
+class ConsoleSettings(BaseModel):
+    """The web console under /console/: on loopback it needs no sign-in, like the API; reached any other
+    way it is refused unless `proxy_auth` is configured."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    proxy_auth: ProxyAuthSettings | None = None
+
+
 class FhirBackendClient(BaseModel):
     """The service's own registration at an EHR's FHIR server (SMART Backend Services), for reads no
     hook call authorizes: id-only notifications and follow-up checks."""
@@ -88,8 +117,8 @@ class DeliverySettings(BaseModel):
     sender: str | None = Field(
         default=None, description="sender reference (Communication.sender, Task.requester), e.g. Device/nudges")
     rule_page_url: str | None = Field(
-        default=None, description="link sent with each push, {rule} replaced by the rule id (default: the card's "
-                                  "source)")
+        default=None, description="link sent with each push, {rule} replaced by the rule id (default: the "
+                                  "console's rule page at public_base_url, else the card's source)")
     timeout_seconds: float = Field(default=10.0, gt=0, le=60, description="per FHIR write")
     max_attempts: int = Field(default=8, ge=1, le=50, description="a delivery is dead after this many attempts")
     retry_seconds: float = Field(
@@ -217,7 +246,7 @@ class Settings(BaseSettings):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     subscriptions: SubscriptionSettings = Field(default_factory=SubscriptionSettings)
-
+    console: ConsoleSettings = Field(default_factory=ConsoleSettings)
     suppression: SuppressionSettings = Field(default_factory=SuppressionSettings)
 
     @property

@@ -366,7 +366,7 @@ def test_no_attending_on_the_encounter_means_the_on_call_pool(make_client: Calla
                                                               clock: FixedClock) -> None:
     add_followup(rules_dir, "- {channel: communication, to: encounter-participants, roles: [ATND], "
                             "pool: cardiology-on-call}")
-    service = make_client(**settings())
+    service = make_client(public_base_url="https://nudges.example.org", **settings())
     pid = new_patient()
     ended = {**encounter("enc-2", pid, ("ATND", "Practitioner/night-doc"), ("CON", "Practitioner/dr-c"))}
     ended["participant"][0]["period"] = {"end": "2026-03-02T07:00:00Z"}  # went off shift this morning
@@ -375,6 +375,8 @@ def test_no_attending_on_the_encounter_means_the_on_call_pool(make_client: Calla
     assert [o.outcome for o in service.send_outbox()] == ["sent"]
     [(_, _, message)] = [w for w in fhir_server.writes if w[0] == "/fhir/Communication"]
     assert message["recipient"] == [POOL]
+    assert message["payload"][-1]["contentAttachment"]["url"] == (f"https://nudges.example.org/console/rules/"
+                                                                  f"{TROPONIN_RULE}")  # the rule's page
 
 
 def test_nobody_to_address_is_dead_with_the_reason(make_client: Callable[..., LiveServer], rules_dir: Path,

@@ -7,10 +7,10 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from . import audit, deliveries, replay, rules, serve, subscriptions, valuesets
+from . import audit, deliveries, explain, replay, rules, serve, subscriptions, valuesets
 
 Command = Callable[[argparse.Namespace], int]
-GROUPS = (serve, rules, valuesets, replay, audit, subscriptions, deliveries)
+GROUPS = (serve, rules, explain, valuesets, replay, audit, subscriptions, deliveries)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -61,7 +61,8 @@ async def _run(args: argparse.Namespace, settings: Any) -> int:
         if args.action == "status":
             return await _status(subscriber, subscriptions.live(store))
         targets = Targets(frozenset(settings.delivery.pools), frozenset(settings.delivery.webhooks), strict=False)
-        reloader = Reloader(settings.rules, frozenset(settings.rule_statuses), settings.site_valuesets, targets)
+        reloader = Reloader(settings.rules, frozenset(settings.rule_statuses), settings.site_valuesets,
+                            targets=targets)
         if not reloader.reload() or reloader.current is None:
             for refused in reloader.last_problems:
                 print(refused, file=sys.stderr)

@@ -30,11 +30,14 @@ def if_none_exist(card_uuid: str) -> str:
     return f"identifier={IDENTIFIER_SYSTEM}|urn:uuid:{card_uuid}"
 
 
-def link(payload: dict[str, Any], settings: DeliverySettings) -> dict[str, str] | None:
-    """The rule's page (`delivery.rule_page_url`), else the card's source (the evidence behind it)."""
+def link(payload: dict[str, Any], settings: DeliverySettings, console: str | None = None) -> dict[str, str] | None:
+    """The rule's page: `delivery.rule_page_url`, else the console's (`console`, a base URL), else the card's
+    source (the evidence behind it)."""
     rule = payload["rule"]
     if settings.rule_page_url:
         return {"url": settings.rule_page_url.replace("{rule}", rule["id"]), "title": rule["title"]}
+    if console:
+        return {"url": f"{console.rstrip('/')}/console/rules/{rule['id']}", "title": rule["title"]}
     source = payload["card"].get("source") or {}
     return {"url": source["url"], "title": source.get("label") or rule["title"]} if source.get("url") else None
 
@@ -47,13 +50,13 @@ def _common(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def communication(uuid: str, payload: dict[str, Any], recipients: list[dict[str, str]],
-                  settings: DeliverySettings, now: datetime) -> dict[str, Any]:
+                  settings: DeliverySettings, now: datetime, console: str | None = None) -> dict[str, Any]:
     card = payload["card"]
     indicator = card.get("indicator", "info")
     content: list[dict[str, Any]] = [{"contentString": card["summary"]}]
     if card.get("detail"):
         content.append({"contentString": card["detail"]})
-    page = link(payload, settings)
+    page = link(payload, settings, console)
     if page:
         content.append({"contentAttachment": {"contentType": "text/html", "url": page["url"], "title": page["title"]}})
     resource: dict[str, Any] = {
@@ -86,7 +89,8 @@ def task(uuid: str, payload: dict[str, Any], owner: dict[str, str], settings: De
     return resource
 
 
-def event_data(payload: dict[str, Any], fhir_server: str | None, settings: DeliverySettings) -> dict[str, Any]:
+def event_data(payload: dict[str, Any], fhir_server: str | None, settings: DeliverySettings,
+               console: str | None = None) -> dict[str, Any]:
     """The CloudEvent's `data`: what a paging or secure-chat integration needs to reach the right person
     about the right patient (the EHR's own references; no demographics)."""
     data: dict[str, Any] = {"rule": payload["rule"], "card": payload["card"],
@@ -98,7 +102,7 @@ def event_data(payload: dict[str, Any], fhir_server: str | None, settings: Deliv
         data["encounter"] = {"reference": payload["encounter"]}
     if fhir_server:
         data["fhirServer"] = fhir_server
-    page = link(payload, settings)
+    page = link(payload, settings, console)
     if page:
         data["link"] = page
     return data

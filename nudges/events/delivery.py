@@ -57,6 +57,11 @@ class Deliveries:
         self.worker = worker_name()
 
     @property
+    def console(self) -> str | None:
+        """Where the rule's page is, when the console is served at a known public address."""
+        return self.settings.public_base_url if self.settings.console.enabled else None
+
+    @property
     def lease(self) -> timedelta:
         return timedelta(seconds=self.settings.delivery.lease_seconds)
 
@@ -128,7 +133,8 @@ class Deliveries:
         payload = item.payload
         recipients = await self._recipients(payload, now)
         if item.channel == "communication":
-            resource = channels.communication(item.card_uuid, payload, recipients, self.settings.delivery, now)
+            resource = channels.communication(item.card_uuid, payload, recipients, self.settings.delivery, now,
+                                              self.console)
         else:
             resource = channels.task(item.card_uuid, payload, recipients[0], self.settings.delivery, now)
         written = await self.fhir.create_as_service(base, resource, channels.if_none_exist(item.card_uuid))
@@ -189,7 +195,7 @@ class Deliveries:
         payload, public = item.payload, self.settings.public_base_url
         rule = payload["rule"]["id"]
         source = f"{public.rstrip('/')}/rules/{rule}" if public else f"urn:nudges:rule:{rule}"
-        data = channels.event_data(payload, payload.get("data_server"), self.settings.delivery)
+        data = channels.event_data(payload, payload.get("data_server"), self.settings.delivery, self.console)
         body = webhooks.cloudevent(event_id=item.card_uuid, source=source, time_=payload["fired_at"], subject=rule,
                                    data=data)
         headers = webhooks.headers(endpoint.secret.get_secret_value(), item.card_uuid, body)
