@@ -333,3 +333,20 @@ def test_the_plan_maps_start_clauses_to_each_servers_topics(rules_dir: Path) -> 
     assert found.problems == ["https://b.example.org/fhir/: no SubscriptionTopic for Observation (rule "
                               "troponin-without-cath-plan): add subscriptions.servers[1].topics.Observation"]
     assert plan(ruleset.rules, Settings()).problems[0].startswith("set subscriptions.endpoint (or public_base_url)")
+
+
+def test_the_console_shows_the_outbox_and_degraded_subscriptions(make_client: Callable[..., LiveServer],
+                                                                  clock: FixedClock) -> None:
+    service = make_client(followup_poll_seconds=0, subscriptions={"check_seconds": 0, "gap_grace_seconds": 0})
+    down = f"http://127.0.0.1:{free_port()}/fhir"
+    secret = subscriptions.new_secret()
+    subscriptions.add(service.runtime.store, server=down, topic=TOPIC_URL, filter=None, endpoint="http://x/fhir",
+                      heartbeat_seconds=60, resource_types=["Observation"], secret=secret)
+    service.post("/fhir/notifications", json=note("heartbeat", f"{down}/Subscription/s9", since=3),
+                 headers={"Authorization": f"Bearer {secret}"})
+    service.on_loop(service.runtime.recovery.check())
+    page = service.get("/console/")
+    assert page.status_code == 200
+    assert "Outbox: 0 pending, 0 sending, 0 sent, 0 failed, 0 dead" in page.text
+    assert f"{down}/Subscription/s9" in page.text and "degraded: 3 event(s) missing (1..3)" in page.text
+    assert "3 missing" in page.text
