@@ -6,6 +6,7 @@ Standard Webhooks, checked by a receiver that verifies them). The real FHIR serv
 from __future__ import annotations
 
 import base64
+import logging
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -266,7 +267,8 @@ def test_webhook_is_a_signed_cloudevent_sent_once(make_client: Callable[..., Liv
 
 def test_webhook_failures_are_retried_with_backoff_then_dead(make_client: Callable[..., LiveServer], rules_dir: Path,
                                                              fhir_server: FhirServer, receiver: Receiver,
-                                                             clock: FixedClock) -> None:
+                                                             clock: FixedClock,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
     add_followup(rules_dir, "- {channel: webhook, endpoint: paging}")
     service = make_client(**settings(receiver, max_attempts=4, retry_seconds=30))
     pid = new_patient()
@@ -295,6 +297,8 @@ def test_webhook_failures_are_retried_with_backoff_then_dead(make_client: Callab
     assert {h["webhook-id"] for h, _, _ in receiver.received} == {card}  # the same id on every attempt
     assert all(ok for _, _, ok in receiver.received)
     assert waiting(service, pid, card)  # never acknowledged: still shown at the next visit
+    logged = caplog.text + str([r.__dict__ for r in caplog.records])
+    assert "delivery dead" in logged and pid not in logged and SECRET not in logged  # nothing about the patient
 
 
 @pytest.mark.parametrize(("status", "reason"), [(410, "the endpoint is gone"), (400, "answered 400")])
@@ -344,7 +348,9 @@ def test_a_task_for_the_pool_after_a_server_error(make_client: Callable[..., Liv
 
 
 def test_communication_to_the_attending_of_the_encounter(make_client: Callable[..., LiveServer], rules_dir: Path,
-                                                         fhir_server: FhirServer, clock: FixedClock) -> None:
+                                                         fhir_server: FhirServer, clock: FixedClock,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="nudges")
     add_followup(rules_dir, "- {channel: communication, to: encounter-participants, roles: [ATND], "
                             "pool: cardiology-on-call}")
     service = make_client(**settings(rule_page_url="https://nudges.example.org/rules/{rule}"))
@@ -359,6 +365,8 @@ def test_communication_to_the_attending_of_the_encounter(make_client: Callable[.
     assert message["payload"][-1]["contentAttachment"]["url"] == f"https://nudges.example.org/rules/{TROPONIN_RULE}"
     assert message["sender"] == {"display": "nudges"}
     assert not waiting(service, pid, card)
+    logged = caplog.text + str([r.__dict__ for r in caplog.records])
+    assert "delivered" in logged and pid not in logged and "dr-a" not in logged
 
 
 def test_no_attending_on_the_encounter_means_the_on_call_pool(make_client: Callable[..., LiveServer],
