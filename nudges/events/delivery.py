@@ -194,7 +194,7 @@ class Deliveries:
             raise DeliveryError(f"webhook endpoint '{name}' is not configured in delivery.webhooks", retry=False)
         payload, public = item.payload, self.settings.public_base_url
         rule = payload["rule"]["id"]
-        source = f"{public.rstrip('/')}/rules/{rule}" if public else f"urn:nudges:rule:{rule}"
+        source = f"{public.rstrip('/')}/console/rules/{rule}" if public else f"urn:nudges:rule:{rule}"
         data = channels.event_data(payload, payload.get("data_server"), self.settings.delivery, self.console)
         body = webhooks.cloudevent(event_id=item.card_uuid, source=source, time_=payload["fired_at"], subject=rule,
                                    data=data)
