@@ -265,6 +265,29 @@ def test_webhook_is_a_signed_cloudevent_sent_once(make_client: Callable[..., Liv
     assert not waiting(service, pid, card)  # acknowledged: not shown again at the next visit
 
 
+def test_an_acknowledged_push_holds_the_chart_like_a_card_shown(make_client: Callable[..., LiveServer],
+                                                                rules_dir: Path, fhir_server: FhirServer,
+                                                                receiver: Receiver, clock: FixedClock) -> None:
+    """Opening the chart right after the page does not show the same nudge live; later it does, like any
+    card shown and not answered (suppression.ignored)."""
+    add_followup(rules_dir, "- {channel: webhook, endpoint: paging}")
+    service = make_client(**settings(receiver))
+    pid = new_patient()
+    card = fire(service, fhir_server, clock, pid)
+    assert [o.outcome for o in service.send_outbox() if o.card_uuid == card] == ["sent"]
+    data = next(r for r in fhir_server.resources if r.get("id") == "trop-1" and
+                r.get("subject", {}).get("reference") == f"Patient/{pid}")
+
+    def live() -> list[dict[str, Any]]:
+        answer = service.post("/cds-services/nudges-patient-view", json=patient_view(pid, data))
+        assert answer.status_code == 200, answer.text
+        return [c for c in answer.json()["cards"] if c["summary"].startswith("Troponin")]
+
+    assert live() == []
+    clock.advance(minutes=6)
+    assert len(live()) == 1
+
+
 def test_webhook_failures_are_retried_with_backoff_then_dead(make_client: Callable[..., LiveServer], rules_dir: Path,
                                                              fhir_server: FhirServer, receiver: Receiver,
                                                              clock: FixedClock,

@@ -99,7 +99,9 @@ class Deliveries:
         with self.store.engine.begin() as conn:
             if not outbox.mark_sent(conn, item, self.worker, location, now):
                 return "lost"
-            followups.acknowledge(conn, item.card_uuid, now, f"delivery-{item.id}")
+            followups.acknowledge(conn, item.card_uuid, now, f"delivery-{item.id}",
+                                  self.settings.suppression.ignored_window,
+                                  self.store.dialect)
         log.info("delivered", extra={"rule": item.rule_id, "target": item.target, "delivery": item.id,
                                      "attempt": item.attempts})
         return "sent"

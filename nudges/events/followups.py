@@ -42,7 +42,7 @@ from ..prefetch import render
 from ..record import PatientRecord
 from ..rules.compiled import CompiledClause, CompiledRule
 from ..rules.fhirpath import environment, truthy
-from ..store import CardRecord, Store, aware, cards, metadata
+from ..store import CLAIM, LEVELS, CardRecord, Store, aware, cards, metadata
 from . import outbox
 
 log = logging.getLogger("nudges.followups")
@@ -222,10 +222,13 @@ def store_pending(store: Store, record: CardRecord, card: dict[str, Any], *, fol
     return "stored"
 
 
-def acknowledge(conn: Connection, card_uuid: str, now: datetime, hook_instance: str) -> bool:
+def acknowledge(conn: Connection, card_uuid: str, now: datetime, hook_instance: str, window: timedelta,
+                dialect: str) -> bool:
     """A push of this card was acknowledged (inside the caller's transaction): the waiting card is dropped,
     so nobody sees the same nudge again at the next hook call, and the card counts as shown, attributed
-    to the push. False when a hook call had already shown it (or a first push already acknowledged it)."""
+    to the push; like any card shown and not yet answered it holds its focus (the chart) for `window`
+    (suppression.ignored), so opening the chart right after the page does not repeat it. False when a
+    hook call had already shown it (or a first push already acknowledged it)."""
     taken = conn.execute(update(pending_cards).where(pending_cards.c.uuid == card_uuid,
                                                      pending_cards.c.delivered_at.is_(None))
                          .values(delivered_at=now, card={}))
@@ -233,6 +236,12 @@ def acknowledge(conn: Connection, card_uuid: str, now: datetime, hook_instance: 
         return False
     conn.execute(update(cards).where(cards.c.uuid == card_uuid)
                  .values(service_id=PUSH_SERVICE, hook_instance=hook_instance[:64]))
+    row = conn.execute(select(cards.c.patient_hash, cards.c.rule_id, cards.c.focus, cards.c.indicator)
+                       .where(cards.c.uuid == card_uuid)).first()
+    if row is not None:
+        conn.execute(CLAIM[dialect], {"patient_hash": row.patient_hash, "rule_id": row.rule_id,
+                                      "focus": row.focus or "", "card_uuid": card_uuid, "shown_at": now,
+                                      "shown_until": now + window, "level": LEVELS.get(row.indicator, 0)})
     return True
 
 
