@@ -346,7 +346,7 @@ def synthetic_rule_files(i: int) -> dict[str, str]:
     def resource(with_code: str) -> str:
         data: dict[str, Any] = {"resourceType": kind, "id": f"{kind.lower()}-1",
                                 element: {"coding": [{"system": system, "code": with_code}]},
-                                date_field: "2026-02-01T09:00:00Z"}
+                                date_field: "2026-02-01T09:00:00Z", "subject": {"reference": "Patient/bench"}}
         if kind == "Observation":
             data["status"] = "final"
         elif kind == "Condition":
@@ -404,12 +404,13 @@ codes:
 
 
 def make_rules_dir(base: Path, extra: int, source: Path = BUNDLED_RULES) -> Path:
-    """A copy of the base rules plus `extra` synthetic active rules (the seeds folder copied beside it,
-    as lint resolves citations there)."""
+    """A copy of the base rules plus `extra` synthetic active rules (the seeds and fixtures folders copied
+    beside it, as lint resolves citations and cases' bundles there)."""
     target = base / "rules"
     shutil.copytree(source, target)
-    if (source.resolve().parent / "seeds").is_dir():
-        shutil.copytree(source.resolve().parent / "seeds", base / "seeds")
+    for beside in ("seeds", "fhir_fixtures"):
+        if (source.resolve().parent / beside).is_dir():
+            shutil.copytree(source.resolve().parent / beside, base / beside)
     for i in range(extra):
         for relative, text in synthetic_rule_files(i).items():
             path = target / relative
