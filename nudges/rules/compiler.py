@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from pydantic import ValidationError
 
 from ..fhir import CODE_ELEMENTS
 from . import cache, yamlfiles
@@ -67,11 +66,12 @@ def load_ruleset(directory: Path, site: Path | None = None) -> LoadResult:
 
     manifest_path = directory / "ruleset.yaml"
     manifest: RuleSetManifest | None = None
+    manifest_doc: yamlfiles.Document | None = None
     if manifest_path.exists():
-        document, found = yamlfiles.load(manifest_path, _show(manifest_path))
+        manifest_doc, found = yamlfiles.load(manifest_path, _show(manifest_path))
         problems += found
-        if document is not None:
-            manifest, found = yamlfiles.validate(RuleSetManifest, document, _show(manifest_path))
+        if manifest_doc is not None:
+            manifest, found = yamlfiles.validate(RuleSetManifest, manifest_doc, _show(manifest_path))
             problems += found
     else:
         problems.append(Problem(_show(directory), 1, 1, "missing ruleset.yaml (name, version, topics)"))
@@ -105,10 +105,13 @@ def load_ruleset(directory: Path, site: Path | None = None) -> LoadResult:
     seeds = _seed_passages(seeds_dir)
     compiled: list[CompiledRule] = []
     seen_ids: dict[str, str] = {}
+    unchecked: list[str] = []  # rules whose `seed:` citations cannot be checked (no seeds folder)
     for path, document, rule in rule_docs:
         checker = _RuleChecker(_show(path), document, rule, valuesets, manifest, seeds, seeds_dir, broken)
         result = checker.compile()
         problems += checker.problems
+        if checker.unchecked_seeds:
+            unchecked.append(rule.id)
         if rule.id in seen_ids:
             problems.append(Problem(_show(path), *yamlfiles.position(document, ("id",)),
                                     f"duplicate rule id (also in {seen_ids[rule.id]})"))
@@ -136,6 +139,7 @@ def load_ruleset(directory: Path, site: Path | None = None) -> LoadResult:
                                     "file, or restore the rule)"))
             continue
         problems += check_cases(path, document, cases, fixture_dirs)
+    problems += _missing_folders(manifest_path, manifest_doc, seeds_dir, unchecked, fixture_dirs, problems)
 
     if problems or manifest is None:
         return LoadResult(None, sorted(set(problems)), len(files), sorted(warnings))
@@ -236,6 +240,28 @@ def check_cases(path: Path, document: yamlfiles.Document, cases: Cases,
     return problems + found
 
 
+def _missing_folders(manifest_path: Path, document: yamlfiles.Document | None, seeds_dir: Path, unchecked: list[str],
+                     fixture_dirs: tuple[Path, ...], problems: list[Problem]) -> list[Problem]:
+    """The root causes of a rule set copied away from its folders, said once at ruleset.yaml: no seeds folder
+    (instead of an error at every `seed:` citation), a fixtures folder that does not exist (before the
+    bundles not found in it)."""
+    found = []
+    show = _show(manifest_path)
+    if unchecked:
+        found.append(Problem(show, *(yamlfiles.position(document, ("seeds",)) if document else (1, 1)),
+                             f"no seeds folder at {seeds_dir}, so the `seed:` citations of {len(unchecked)} rule(s) "
+                             f"({', '.join(sorted(unchecked)[:3])}{', ...' if len(unchecked) > 3 else ''}) cannot be "
+                             "checked: copy the seeds folder beside the rules folder, or set `seeds:` in ruleset.yaml"))
+    if any(" not found in " in p.message and p.message.startswith("bundle ") for p in problems):
+        for i, folder in enumerate(fixture_dirs):
+            if not folder.is_dir():
+                found.append(Problem(show, *(yamlfiles.position(document, ("fixtures", i), value=True) if document
+                                             else (1, 1)),
+                                     f"fixtures folder {folder} does not exist, and cases' bundles were looked for "
+                                     "there: copy it beside the rules folder, or set `fixtures:` in ruleset.yaml"))
+    return found
+
+
 def _seed_passages(seeds_dir: Path) -> dict[str, set[str]] | None:
     """Record id -> passage ids from seeds/*.yaml, or None when there is no seeds folder to check."""
     if not seeds_dir.is_dir():
@@ -253,10 +279,14 @@ def _seed_passages(seeds_dir: Path) -> dict[str, set[str]] | None:
 def find_file(start: Path, relative: str, also: tuple[Path, ...] = ()) -> Path:
     """A fixture path is looked up relative to the cases file's folder, then each parent folder, then the
     rule set's fixture folders (`fixtures:` in ruleset.yaml); the error says where it looked."""
+    parts = Path(relative).parts
     for folder in (start, *start.parents, *also):
         candidate = folder / relative
         if candidate.is_file():
             return candidate
+    for folder in also:  # `fhir_fixtures/patients/x.json` in a fixtures folder that is itself fhir_fixtures/
+        if len(parts) > 1 and parts[0] == folder.name and (folder.joinpath(*parts[1:])).is_file():
+            return folder.joinpath(*parts[1:])
     places = [f"{start} and its parents", *(str(p) for p in also)]
     raise FileNotFoundError(f"bundle '{relative}' not found in {', '.join(places)}: add the folder that holds it "
                             "to `fixtures:` in ruleset.yaml, or give a path relative to this file")
@@ -272,6 +302,7 @@ class _RuleChecker:
         self.failed_quietly = False  # a knock-on of a problem reported elsewhere: compile nothing, say nothing
         self.valuesets, self.manifest, self.seeds, self.seeds_dir = valuesets, manifest, seeds, seeds_dir
         self.problems: list[Problem] = []
+        self.unchecked_seeds = 0
         self.value_set_keys = {name: vs.keys for name, vs in valuesets.items()}  # what memberOf tests
 
     def problem(self, loc: tuple[Any, ...], message: str, *, value: bool = False, offset: int = 0) -> None:
@@ -428,7 +459,7 @@ class _RuleChecker:
                             card.selection, suggestions_json, links, tuple(reasons), tuple(escalate))
 
     def _valid_resource(self, loc: tuple[Any, ...], resource: dict[str, Any], bound: set[str]) -> bool:
-        from fhir.resources.R4B import get_fhir_model_class
+        from .resources import check
 
         text = orjson.dumps(yamlfiles.plain(resource)).decode()
         for name in PLACEHOLDER.findall(text):
@@ -436,16 +467,9 @@ class _RuleChecker:
                 self.problem(loc, f"unknown placeholder '{{{{{name}}}}}'")
                 return False
         sample = PLACEHOLDER.sub(lambda m: SAMPLE.get(m.group(1), "example"), text)
-        data = orjson.loads(sample)
-        try:
-            get_fhir_model_class(str(data.get("resourceType"))).model_validate(data)
-        except ValidationError as exc:
-            error = exc.errors()[0]
-            where = ".".join(str(p) for p in error["loc"])
-            self.problem((*loc, *error["loc"]), f"suggestion resource is not valid FHIR R4: {where}: {error['msg']}")
-            return False
-        except ValueError as exc:  # unknown resourceType
-            self.problem(loc, f"suggestion resource is not valid FHIR R4: {exc}")
+        found = check(orjson.loads(sample))  # structure, then the codes of required bindings (intent: proposl)
+        if found:
+            self.problem((*loc, *found[0].location), f"suggestion resource is not valid FHIR R4: {found[0].message}")
             return False
         return True
 
@@ -457,9 +481,8 @@ class _RuleChecker:
         for i, citation in enumerate(rule.citations):
             if not citation.seed:
                 continue
-            if self.seeds is None:  # never silently unchecked: a copied rules folder must say where its seeds are
-                self.problem(("citations", i, "seed"), f"cannot check '{citation.seed}': no seeds folder at "
-                                                       f"{self.seeds_dir} (set `seeds:` in ruleset.yaml)", value=True)
+            if self.seeds is None:  # never silently unchecked: reported once, at ruleset.yaml (_missing_folders)
+                self.unchecked_seeds += 1
                 continue
             record, passage = citation.seed.split("#")
             if record not in self.seeds:

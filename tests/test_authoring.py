@@ -1,0 +1,102 @@
+"""The rule author's workbench: a rule set away from its repository, lint that helps, `nudges test` counts."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+from nudges.cli import main
+
+TROPONIN = "troponin-without-cath-plan"
+RULE = Path("cardiology") / f"{TROPONIN}.yaml"
+CASES = Path("cardiology") / f"{TROPONIN}.cases.yaml"
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, old
+    path.write_text(text.replace(old, new, 1))
+
+
+@pytest.fixture
+def lone_rules(tmp_path: Path) -> Path:
+    """A copy of the test rules on its own, without the seeds and fixtures folders beside it, with a seed
+    citation and a case that reads a bundle from fhir_fixtures/."""
+    target = tmp_path / "elsewhere" / "rules"
+    shutil.copytree(ROOT / "tests" / "rules", target)
+    edit(target / RULE, "citations:\n", "citations:\n  - seed: nejm-racial-disparities-ebook#p1\n")
+    (tmp_path / "fixtures" / "fhir_fixtures" / "patients").mkdir(parents=True)
+    bundle = '{"resourceType": "Bundle", "type": "collection", "entry": []}'
+    (tmp_path / "fixtures" / "fhir_fixtures" / "patients" / "empty.json").write_text(bundle)
+    edit(target / CASES, "    hook: encounter-start\n", "    hook: encounter-start\n"
+                                                         "    bundle: fhir_fixtures/patients/empty.json\n")
+    return target
+
+
+def test_a_rule_set_copied_alone_names_its_missing_folders_once(lone_rules: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "lint", str(lone_rules))
+    assert code == 1
+    lines = out.splitlines()
+    seeds = [line for line in lines if "seed" in line]
+    assert len(seeds) == 1 and "ruleset.yaml:1:1: no seeds folder at" in seeds[0]
+    assert f"the `seed:` citations of 1 rule(s) ({TROPONIN})" in seeds[0]
+    assert any("fixtures folder" in line and "does not exist" in line for line in lines)
+    missing = next(line for line in lines if "bundle 'fhir_fixtures/patients/empty.json' not found" in line)
+    assert f"{lone_rules / 'cardiology'} and its parents" in missing  # where it looked
+    assert missing.startswith(f"{lone_rules / CASES}:") or str(CASES) in missing.split(":")[0]
+
+
+def test_a_rule_set_elsewhere_works_with_its_own_seeds_and_fixtures(lone_rules: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    with (lone_rules / "ruleset.yaml").open("a") as manifest:
+        manifest.write(f"seeds: {ROOT / 'seeds'}\nfixtures: [{tmp_path / 'fixtures' / 'fhir_fixtures'}]\n")
+    code, out, _ = run(capsys, "lint", str(lone_rules))
+    assert code == 0 and out.splitlines()[-1].startswith("ok: 3 rules"), out
+    code, out, _ = run(capsys, "test", str(lone_rules))
+    assert code == 0 and "3 passed, 0 failed" in out, out
+    edit(lone_rules / RULE, "ebook#p1", "ebook#p99")  # the seeds are checked again
+    code, out, _ = run(capsys, "lint", str(lone_rules))
+    assert code == 1 and "no passage 'p99' in seed 'nejm-racial-disparities-ebook'" in out
+
+
+@pytest.mark.parametrize(("where", "old", "new", "message"), [
+    (RULE, "            intent: proposal\n", "            intent: proposl\n", "'proposl'"),
+    (CASES, "        authoredOn: \"2026-03-02T01:00:00Z\"\n", "        authoredOnn: \"2026-03-02T01:00:00Z\"\n",
+     "authoredOnn"),
+])
+def test_fhir_in_rule_files_is_checked_like_a_server_would(rules_dir: Path, capsys: pytest.CaptureFixture[str],
+                                                           where: Path, old: str, new: str, message: str) -> None:
+    edit(rules_dir / where, old, new)
+    code, out, _ = run(capsys, "lint", str(rules_dir))
+    assert code == 1 and any(message in line and "not valid FHIR R4" in line for line in out.splitlines()), out
+
+
+def test_retired_rules_cases_only_warn(rules_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (rules_dir / RULE).unlink()
+    code, out, _ = run(capsys, "lint", str(rules_dir))
+    assert code == 0, out
+    assert any(line.startswith("warning: ") and f"cases for '{TROPONIN}', which no rule file defines" in line
+               for line in out.splitlines())
+
+
+def test_nudges_test_one_rule_verbose_with_counts_that_add_up(rules_dir: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    edit(rules_dir / CASES, "    hook: encounter-start\n", "    hook: encounter-start\n    now: \"yesterday\"\n")
+    for argv in (["test", str(rules_dir), "--rule", TROPONIN, "-v"], ["test", str(rules_dir / CASES), "-v"],
+                 ["test", str(rules_dir / RULE), "-v"]):
+        code, out, _ = run(capsys, *argv)
+        lines = [line for line in out.splitlines() if not line.startswith("warning: ")]
+        assert code == 1 and lines[0] == f"FAIL {TROPONIN}: 4 case(s), tp=1 tn=2 fp=0 fn=0 differs=0 error=1", out
+        assert sum(line.startswith(("  ok  ", "  FAIL")) for line in lines) == 4  # each case listed
+        assert any("could not run" in line for line in lines)
+        assert lines[-1] == "0 passed, 1 failed (4 case(s), 1 failing)"
