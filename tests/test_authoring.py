@@ -100,3 +100,22 @@ def test_nudges_test_one_rule_verbose_with_counts_that_add_up(rules_dir: Path,
         assert sum(line.startswith(("  ok  ", "  FAIL")) for line in lines) == 4  # each case listed
         assert any("could not run" in line for line in lines)
         assert lines[-1] == "0 passed, 1 failed (4 case(s), 1 failing)"
+
+
+@pytest.mark.parametrize(("where", "old", "new", "message"), [
+    (RULE, "      within: 72h\n", "      withn: 72h\n", "unknown field 'withn' (did you mean 'within'?)"),
+    (RULE, "card:\n  summary:", "card:\n  sumary:", "unknown field 'sumary' (did you mean 'summary'?)"),
+    (RULE, "status: active", "status: actve", "(did you mean 'active'?)"),
+    (CASES, "    expect: []\n", "    expected: []\n", "unknown field 'expected' (did you mean 'expect'?)"),
+    (Path("valuesets/troponin.yaml"), "title:", "titel:", "unknown field 'titel' (did you mean 'title'?)"),
+    (RULE, ".exists()\"", ".exsts()\"", "unknown FHIRPath function 'exsts()' (did you mean 'exists'?)"),
+    (RULE, ".exists()\"", ".memberof('troponin')\"",
+     "unknown FHIRPath function 'memberof()' (did you mean 'memberOf'?)"),
+])
+def test_did_you_mean_for_fields_values_and_fhirpath_functions(rules_dir: Path, capsys: pytest.CaptureFixture[str],
+                                                                where: Path, old: str, new: str, message: str) -> None:
+    edit(rules_dir / where, old, new)
+    code, out, _ = run(capsys, "lint", str(rules_dir))
+    problems = [line for line in out.splitlines() if not line.startswith("warning: ")]
+    assert code == 1 and any(message in line for line in problems), out
+    assert not any("missing required field" in line for line in problems), out  # the typo, not its knock-on
