@@ -119,3 +119,36 @@ def test_did_you_mean_for_fields_values_and_fhirpath_functions(rules_dir: Path, 
     problems = [line for line in out.splitlines() if not line.startswith("warning: ")]
     assert code == 1 and any(message in line for line in problems), out
     assert not any("missing required field" in line for line in problems), out  # the typo, not its knock-on
+
+
+@pytest.mark.parametrize("hook", ["patient-view", "encounter-start", "order-select", "order-sign", "appointment-book"])
+def test_new_rule_lints_clean_and_its_two_cases_pass(rules_dir: Path, capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch, hook: str) -> None:
+    monkeypatch.setenv("NUDGES_NOW", "2026-03-02T12:34:00Z")
+    code, out, err = run(capsys, "new", "rule", "my-new-rule", "--hook", hook, "--area", "drafts",
+                         "--rules", str(rules_dir))
+    assert code == 0, out + err
+    rule, cases = rules_dir / "drafts" / "my-new-rule.yaml", rules_dir / "drafts" / "my-new-rule.cases.yaml"
+    assert rule.is_file() and cases.is_file() and (rules_dir / "valuesets" / "my-new-rule.yaml").is_file()
+    assert "lint ok; PASS my-new-rule: 2 case(s), tp=1 tn=1" in out
+    assert "now: \"2026-03-02T12:00:00Z\"" in cases.read_text()  # the pinned clock, to the hour
+    code, out, _ = run(capsys, "lint", str(rules_dir))
+    assert code == 0, out
+    warned = [line for line in out.splitlines() if "placeholder(s) from `nudges new rule`" in line]
+    assert len(warned) == 2 and any("drafts/my-new-rule.yaml:" in line for line in warned)  # rule and value set
+    code, out, _ = run(capsys, "test", str(rule), "-v")
+    assert code == 0 and "2 case(s), tp=1 tn=1" in out and out.count("  ok  ") == 2
+    # The author makes it active before filling in the placeholders: an error, not a warning.
+    edit(rule, "status: experimental", "status: active")
+    code, out, _ = run(capsys, "lint", str(rules_dir))
+    assert code == 1 and "an active rule keeps" in out
+
+
+def test_new_rule_never_overwrites_and_checks_the_topic(rules_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "new", "rule", TROPONIN, "--rules", str(rules_dir))
+    assert code == 1 and "already exists" in err
+    code, _, err = run(capsys, "new", "rule", "fresh-rule", "--topic", "acute-coronary", "--rules", str(rules_dir))
+    assert code == 1 and "(did you mean 'acute-coronary-care'?)" in err
+    assert not (rules_dir / "local").exists()
+    code, _, err = run(capsys, "new", "rule", "fresh-rule", "--rules", str(rules_dir.parent))
+    assert code == 1 and "no rule set at" in err

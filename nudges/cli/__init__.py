@@ -7,10 +7,10 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from . import audit, explain, replay, rules, serve, valuesets
+from . import audit, explain, new, replay, rules, serve, valuesets
 
 Command = Callable[[argparse.Namespace], int]
-GROUPS = (serve, rules, explain, valuesets, replay, audit)
+GROUPS = (serve, rules, explain, new, valuesets, replay, audit)
 
 
 def parser() -> argparse.ArgumentParser:

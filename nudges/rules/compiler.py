@@ -18,7 +18,19 @@ from . import cache, yamlfiles
 from .compiled import CardTemplate, CompiledClause, CompiledGroup, CompiledItem, CompiledRule, RuleSet
 from .fhirpath import MEMBER_OF, RACE_READ, Compiled, FhirPathSyntaxError, compile_expression
 from .resources import did_you_mean
-from .schema import Card, Cases, Clause, Coding, Group, Rule, RuleSetManifest, SiteCodes, ValueSet, parse_duration
+from .schema import (
+    PLACEHOLDER_MARKS,
+    Card,
+    Cases,
+    Clause,
+    Coding,
+    Group,
+    Rule,
+    RuleSetManifest,
+    SiteCodes,
+    ValueSet,
+    parse_duration,
+)
 from .templates import PLACEHOLDER, SAMPLE, known_placeholder, template_problems
 from .valuesets import NON_ADHERENCE, CompiledValueSet, FhirValueSetError, from_fhir, override_coding
 from .yamlfiles import Problem
@@ -131,6 +143,15 @@ def load_ruleset(directory: Path, site: Path | None = None) -> LoadResult:
                                         f"in {rule.id}.cases.yaml"))
         if result is not None:
             compiled.append(result)
+        left = placeholders(document.text)
+        if left is not None:
+            line, col, count = left
+            if rule.status == "active":
+                problems.append(Problem(_show(path), line, col, f"an active rule keeps {count} placeholder(s) from "
+                                        "`nudges new rule` (REPLACE, replace-me): fill them in first"))
+            else:
+                unsourced.append(Problem(_show(path), line, col, f"{count} placeholder(s) from `nudges new rule` "
+                                         "left to fill in (REPLACE, replace-me); this is the first"))
     warnings = list(unsourced)
     for rule_id, (path, document, cases) in case_docs.items():
         if rule_id not in seen_ids:  # a retired rule's cases: harmless, but worth deleting
@@ -176,6 +197,10 @@ def load_valuesets(files: list[Path], site_files: list[Path],
                 problems.append(Problem(show(path), *yamlfiles.position(document, ("name",)),
                                         f"value set name '{vs.name}' must equal the file name"))
             valuesets[vs.name] = CompiledValueSet.of(vs)
+            left = placeholders(document.text)
+            if left is not None:
+                unsourced.append(Problem(show(path), left[0], left[1], f"{left[2]} placeholder(s) from `nudges new "
+                                         "rule` left to fill in (REPLACE, replace-me); this is the first"))
             missing = [k for k in ("source", "version", "date") if getattr(vs, k) is None]
             if missing:
                 unsourced.append(Problem(show(path), 1, 1, f"value set gives no {', '.join(missing)}: say where "
@@ -260,6 +285,14 @@ def _missing_folders(manifest_path: Path, document: yamlfiles.Document | None, s
                                      f"fixtures folder {folder} does not exist, and cases' bundles were looked for "
                                      "there: copy it beside the rules folder, or set `fixtures:` in ruleset.yaml"))
     return found
+
+
+def placeholders(text: str) -> tuple[int, int, int] | None:
+    """Line and column of the first placeholder `nudges new rule` left in a file, and how many lines hold one."""
+    found = [(n, min(i for i in (line.find(m) for m in PLACEHOLDER_MARKS) if i >= 0) + 1)
+             for n, line in enumerate(text.splitlines(), 1) if any(m in line for m in PLACEHOLDER_MARKS)
+             and not line.lstrip().startswith("#")]
+    return (*found[0], len(found)) if found else None
 
 
 def _seed_passages(seeds_dir: Path) -> dict[str, set[str]] | None:
