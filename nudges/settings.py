@@ -86,6 +86,8 @@ class Settings(BaseSettings):
     tls_certfile: Path | None = Field(default=None, description="serve HTTPS directly (else terminate TLS in front)")
     tls_keyfile: Path | None = None
     log_level: str = "INFO"
+    log_format: Literal["json", "text"] = Field(
+        default="json", description="json: one JSON object a line (for log collectors); text: plain lines for people")
     auth: AuthSettings = Field(default_factory=AuthSettings)
 
     @property

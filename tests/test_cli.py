@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -11,6 +13,9 @@ from pathlib import Path
 
 import httpx
 import orjson
+import pytest
+
+from nudges.logs import configure
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,10 +54,34 @@ def test_serve_with_defaults_answers_the_readme_example(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         _, err = proc.communicate(timeout=10)
+    entries = []
     for line in err.decode().splitlines():  # JSON lines, never the patient id
         if line.startswith("{"):
-            orjson.loads(line)
+            entries.append(orjson.loads(line))
         assert "pt-trop" not in line
+    pinned = [e for e in entries if "THE CLOCK IS PINNED at 2026-03-02T12:00:00Z" in e["message"]]
+    assert len(pinned) == 1 and pinned[0]["level"] == "warning"  # loudly, once, at start
+
+
+def test_a_clock_that_is_not_an_instant_is_refused(tmp_path: Path) -> None:
+    proc = nudges("serve", "--port", str(free_port()), cwd=tmp_path, env={"NUDGES_NOW": "tomorrow"})
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2
+    assert b"now: 'tomorrow' is not an ISO 8601 instant" in err
+
+
+def test_text_logs_for_people_keep_the_same_redaction(capsys: pytest.CaptureFixture[str]) -> None:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        configure("INFO", "text")
+        logging.getLogger("nudges.test").warning("rule failed", extra={"rule": "r-1", "patient_id": "pt-secret",
+                                                                       "access_token": "tok"})
+    finally:
+        root.handlers[:], root.level = handlers, level
+    line = capsys.readouterr().err.strip()
+    stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
+    assert re.fullmatch(stamp + r" WARNING nudges\.test: rule failed  rule=r-1", line), line
 
 
 def test_refuses_open_bind_without_clients(tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(args.config, host=args.host, port=args.port, rules=args.rules,
                                  database_url=args.database_url)
-        configure(settings.log_level)
+        configure(settings.log_level, settings.log_format)
         result = load_ruleset(settings.rules, settings.site_valuesets)
         if result.ruleset is None:
             for problem in result.problems:
