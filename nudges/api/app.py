@@ -14,7 +14,7 @@ from ..runtime import Runtime
 from ..settings import Settings
 from . import errors
 from .middleware import Instrumentation, QuietCollectorMiddleware
-from .routes import feedback, health, notifications, services
+from .routes import docs, feedback, health, notifications, services
 
 
 def create_app(settings: Settings, clock: Clock | None = None) -> FastAPI:
@@ -28,7 +28,7 @@ def create_app(settings: Settings, clock: Clock | None = None) -> FastAPI:
         finally:
             await runtime.stop()
 
-    app = FastAPI(title="nudges", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="nudges", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Health-equity decision support over CDS Hooks 2.0")
     app.state.runtime = runtime
     app.add_middleware(QuietCollectorMiddleware)
@@ -37,6 +37,6 @@ def create_app(settings: Settings, clock: Clock | None = None) -> FastAPI:
                        max_age=600)
     app.add_middleware(Instrumentation)
     errors.install(app)
-    for module in (services, feedback, notifications, health):
+    for module in (services, feedback, notifications, health, docs):
         app.include_router(module.router)
     return app
