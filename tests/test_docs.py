@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import re
 from html.parser import HTMLParser
-from pathlib import Path
 from typing import Any
 
 import pytest
