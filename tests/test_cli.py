@@ -99,3 +99,18 @@ def test_refuses_a_broken_rule_set_at_start(tmp_path: Path) -> None:
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 1
     assert b"ruleset.yaml:1:1: missing required field 'version'" in err
+
+
+def test_settings_problems_are_said_plainly_for_every_command(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from nudges.cli import main
+
+    assert main(["serve", "--config", str(tmp_path / "config.yaml")]) == 2
+    assert "cannot read the configuration file" in capsys.readouterr().err
+    (tmp_path / "config.yaml").write_text("prot: 9\nauth: {clents: []}\n")
+    assert main(["serve", "--config", str(tmp_path / "config.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown setting 'prot' (did you mean 'port'?)" in err and "'auth.clents' (did you mean 'clients'?)" in err
+    monkeypatch.setenv("NUDGES_LOG_FORMAT", "xml")
+    assert main(["lint"]) == 2
+    assert "nudges lint: setting 'log_format': Input should be 'json' or 'text'" in capsys.readouterr().err

@@ -12,13 +12,15 @@ import orjson
 
 def register(sub: Any) -> None:
     lint = sub.add_parser("lint", help="check rule files; problems as path:line:column")
-    lint.add_argument("directory", type=Path)
+    lint.add_argument("directory", type=Path, nargs="?", help="rules folder (default: the service's, NUDGES_RULES "
+                                                             "or the bundled rules)")
     lint.add_argument("--site", type=Path, metavar="DIR", help="a site's own value-set codes (site_valuesets)")
     lint.set_defaults(run=lint_command)
     test = sub.add_parser("test", help="run the rules' test cases",
                           description="Run each rule's cases. PATH is a rules folder, or one rule or cases file "
                                       "(its rule set is the nearest folder above it with a ruleset.yaml).")
-    test.add_argument("path", type=Path, metavar="PATH")
+    test.add_argument("path", type=Path, metavar="PATH", nargs="?",
+                      help="rules folder, rule file or cases file (default: the service's rules)")
     test.add_argument("--rule", action="append", default=[], metavar="ID", help="only this rule (repeatable)")
     test.add_argument("-v", "--verbose", action="store_true", help="list every case and its outcome")
     test.add_argument("--site", type=Path, metavar="DIR", help="a site's own value-set codes (site_valuesets)")
@@ -32,10 +34,17 @@ def register(sub: Any) -> None:
     catalog.set_defaults(run=catalog_command)
 
 
+def served_rules() -> Path:
+    """The rules the service would serve here: NUDGES_RULES, else the bundled rule set."""
+    from ..settings import load_settings
+
+    return load_settings().rules
+
+
 def lint_command(args: argparse.Namespace) -> int:
     from ..rules.compiler import load_ruleset
 
-    result = load_ruleset(args.directory, args.site)
+    result = load_ruleset(args.directory or served_rules(), args.site)
     for warning in result.warnings:
         print(f"warning: {warning}")
     if result.ruleset is None:
@@ -57,7 +66,7 @@ def test_command(args: argparse.Namespace) -> int:
     from ..tools.cases import run_all
     from ..tools.loading import load_or_report
 
-    directory, only = rule_set_of(args.path)
+    directory, only = rule_set_of(args.path or served_rules())
     only |= set(args.rule)
     ruleset = load_or_report(directory, sys.stdout, args.site)
     if ruleset is None:
