@@ -18,6 +18,7 @@ class BuildWithRules(build_py):
     def run(self) -> None:
         super().run()
         target = Path(self.build_lib) / "nudges" / "_bundled"
+        shutil.rmtree(target, ignore_errors=True)  # a file removed from the repository must not linger in the wheel
         for name in BUNDLED:
             if (ROOT / name).is_dir():
                 shutil.copytree(ROOT / name, target / name, dirs_exist_ok=True,

@@ -9,6 +9,7 @@ environment's editable-install hook, so `import nudges` can only find the instal
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -29,10 +30,12 @@ pytestmark = pytest.mark.packaging
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
-    build = tmp_path_factory.mktemp("build")  # never the clone's build/ folder
+    source = tmp_path_factory.mktemp("source") / "nudges"  # a copy: the build leaves nothing in the clone
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", "*.db"))
     env = {**os.environ, "PIP_NO_INPUT": "1"}
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
-                    "--wheel-dir", str(out), str(ROOT)], check=True, cwd=build, env=env, timeout=300)
+                    "--wheel-dir", str(out), str(source)], check=True, cwd=source, env=env, timeout=300)
     (found,) = out.glob("nudges-*.whl")
     return found
 
