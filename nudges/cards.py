@@ -10,9 +10,10 @@ from typing import Any
 import orjson
 
 from .engine import Match, age_in_years
-from .fhir import codings, instant, parse_fhir_date
+from .fhir import codings, instant, parse_fhir_date, referenced_medication
 from .rules.compiled import RuleSet
 from .rules.templates import PLACEHOLDER, SECTION
+from .rules.valuesets import REMIND_LATER
 from .store import CardRecord
 
 SEVERITY = {"critical": 0, "warning": 1, "info": 2}
@@ -29,7 +30,13 @@ def elapsed(delta_seconds: float) -> str:
     return f"{hours // 24} days"
 
 
-def _display(resource: dict[str, Any], displays: dict[tuple[str, str], str]) -> str:
+def _display(resource: dict[str, Any], displays: dict[tuple[str, str], str],
+             medications: dict[str, dict[str, Any]] | None = None) -> str:
+    """What a bound resource is, in words: the value set's display for its code, else the code's own
+    display or text; an order coded by reference is named by its Medication."""
+    medication = referenced_medication(resource, medications) if "medicationReference" in resource else None
+    if medication is not None:
+        resource = {"resourceType": resource.get("resourceType"), "code": medication.get("code")}
     for element in ("code", "medicationCodeableConcept", "vaccineCode", "type"):
         concept = resource.get(element)
         if isinstance(concept, list):
@@ -66,8 +73,9 @@ class Renderer:
     """Fills placeholders for one call; values are computed only when a template asks for them."""
 
     def __init__(self, match: Match, context: dict[str, Any], patient: dict[str, Any] | None,
-                 now: datetime) -> None:
+                 now: datetime, medications: dict[str, dict[str, Any]] | None = None) -> None:
         self.match, self.context, self.patient, self.now = match, context, patient, now
+        self.medications = medications
 
     def value(self, name: str) -> str:
         if name.startswith("context."):
@@ -90,7 +98,7 @@ class Renderer:
             return when.strftime("%Y-%m-%d %H:%M UTC") if when else "an unknown date"
         if attr == "display":
             clause = next((c for c in self.match.rule.clauses() if c.bind == bind), None)
-            return _display(resource, clause.displays if clause else {})
+            return _display(resource, clause.displays if clause else {}, self.medications)
         if attr == "value":
             return _value(resource)
         if attr == "id":
@@ -143,9 +151,9 @@ def indicator(match: Match, now: datetime) -> str:
 
 
 def build_card(match: Match, ruleset: RuleSet, context: dict[str, Any], patient: dict[str, Any] | None,
-               now: datetime) -> dict[str, Any]:
+               now: datetime, medications: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     rule, template = match.rule, match.rule.card
-    render = Renderer(match, context, patient, now)
+    render = Renderer(match, context, patient, now, medications)
     summary = render.text(template.summary)
     if len(summary) > MAX_SUMMARY:
         summary = summary[: MAX_SUMMARY - 1].rstrip() + "…"
@@ -166,7 +174,7 @@ def build_card(match: Match, ruleset: RuleSet, context: dict[str, Any], patient:
         card["suggestions"] = suggestions
         card["selectionBehavior"] = template.selection
     if template.override_reasons:
-        card["overrideReasons"] = [dict(r) for r in template.override_reasons]
+        card["overrideReasons"] = [*(dict(r) for r in template.override_reasons), dict(REMIND_LATER)]
     if template.links:
         card["links"] = [{k: render.text(v) if isinstance(v, str) else v for k, v in link.items()}
                          for link in template.links]

@@ -25,12 +25,16 @@ class Match:
     rule: CompiledRule
     bindings: dict[str, dict[str, Any]]
     dates: dict[str, datetime | None]
+    drafts: tuple[dict[str, Any], ...] = ()  # draft resources (orders, appointments) the clauses matched
 
 
 @dataclass
 class Outcome:
     matches: list[Match] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+
+
+_Saved = tuple[dict[str, dict[str, Any]], dict[str, datetime | None], dict[str, Any], tuple[dict[str, Any], ...]]
 
 
 class Tracer(Protocol):
@@ -57,13 +61,14 @@ def age_in_years(birth: date, today: date) -> int:
 class _Evaluation:
     """State for one rule on one record: clock, FHIRPath environment, bindings so far."""
 
-    __slots__ = ("bindings", "dates", "env", "now", "record")
+    __slots__ = ("bindings", "dates", "drafts", "env", "now", "record")
 
     def __init__(self, record: PatientRecord, now: datetime, env: dict[str, Any]) -> None:
         self.record, self.now = record, now
         self.env = dict(env)
         self.bindings: dict[str, dict[str, Any]] = {}
         self.dates: dict[str, datetime | None] = {}
+        self.drafts: tuple[dict[str, Any], ...] = ()  # what the card is about, on order and booking hooks
 
     def date_of(self, clause: CompiledClause, resource: dict[str, Any]) -> datetime | None:
         if clause.date is None:
@@ -145,15 +150,17 @@ class _Evaluation:
                 found.sort(key=latest, reverse=True)
         return next(((when, resource) for when, resource in found if truthy(where(resource, self.env))), None)
 
-    def save(self) -> tuple[dict[str, dict[str, Any]], dict[str, datetime | None], dict[str, Any]]:
-        return dict(self.bindings), dict(self.dates), dict(self.env)
+    def save(self) -> _Saved:
+        return dict(self.bindings), dict(self.dates), dict(self.env), self.drafts
 
-    def restore(self, saved: tuple[dict[str, dict[str, Any]], dict[str, datetime | None], dict[str, Any]]) -> None:
-        self.bindings, self.dates, self.env = saved
+    def restore(self, saved: _Saved) -> None:
+        self.bindings, self.dates, self.env, self.drafts = saved
 
     def bind(self, clause: CompiledClause, hit: tuple[datetime | None, dict[str, Any]]) -> None:
+        when, resource = hit
+        if clause.sources != ("record",) and self.record.is_draft(resource):
+            self.drafts += (resource,)
         if clause.bind:
-            when, resource = hit
             self.bindings[clause.bind] = resource
             self.dates[clause.bind] = when
             self.env[clause.bind] = resource
@@ -257,7 +264,7 @@ def evaluate_rule(rule: CompiledRule, record: PatientRecord, now: datetime,
         return None
     if not _group(state, "none", rule.none):
         return None
-    return Match(rule, state.bindings, state.dates)
+    return Match(rule, state.bindings, state.dates, state.drafts)
 
 
 def _traced_rule(rule: CompiledRule, record: PatientRecord, now: datetime, env: dict[str, Any],
@@ -272,7 +279,7 @@ def _traced_rule(rule: CompiledRule, record: PatientRecord, now: datetime, env: 
         return None
     if rule.none and not _traced_group(state, trace, "none", rule.none):
         return None
-    return Match(rule, state.bindings, state.dates)
+    return Match(rule, state.bindings, state.dates, state.drafts)
 
 
 def evaluate(rules: tuple[CompiledRule, ...], record: PatientRecord, now: datetime,
@@ -280,7 +287,7 @@ def evaluate(rules: tuple[CompiledRule, ...], record: PatientRecord, now: dateti
              trace: Tracer | None = None) -> Outcome:
     """FHIRPath sees the one environment (rules.fhirpath.environment) plus each rule's bound names.
     With a tracer, every step of every rule is reported to it (nudges explain); without, nothing is."""
-    env = environment(now, context, hook)
+    env = environment(now, context, hook, record.patient)
     if trace is not None:
         return _traced(rules, record, now, env, trace)
     outcome = Outcome()

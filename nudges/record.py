@@ -14,6 +14,7 @@ from .fhir import (
     CODE_ELEMENTS,
     MEDICATION_TYPES,
     Resource,
+    code_text_languages,
     codings,
     flatten,
     referenced_medication,
@@ -129,6 +130,8 @@ class PatientRecord:
     def _add_groups(self, groups: dict[str, list[Resource]], source: str) -> None:
         self._clean.clear()
         self._medications = None
+        for patient in groups.get("Patient", ()):
+            code_text_languages(patient)
         for kind, group in groups.items():
             self._raw.setdefault((source, kind), []).extend(group)
             if self._plan is None:
@@ -252,6 +255,10 @@ class PatientRecord:
             if count:
                 found.setdefault(source, {})[kind] = count
         return found
+
+    def is_draft(self, resource: Resource) -> bool:
+        """Whether a resource came from the hook's drafts (draftOrders, appointments), not the record."""
+        return any(r is resource for r in self._raw.get(("draft", str(resource.get("resourceType"))), ()))
 
     def medications(self) -> dict[str, Resource]:
         """Medication resources of the record and the drafts, by id: what `Medication/id` references name."""

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -62,6 +62,53 @@ class FhirBackendClient(BaseModel):
     scope: str = "system/*.read"
 
 
+def _duration(text: str) -> str:
+    from .rules.schema import parse_duration
+
+    parse_duration(text)
+    return text
+
+
+Duration = Annotated[str, AfterValidator(_duration)]
+
+
+class SuppressionSettings(BaseModel):
+    """How long a card stays away from its focus (suppression.py): durations such as 5m, 12h, 30d."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ignored: Duration = Field(
+        default="5m", description="a card shown and not answered (or never displayed): enough to stop repeats on a "
+                                  "chart refresh")
+    accepted: Duration = Field(default="30d", description="after `accepted`, for rules without `suppress`")
+    overridden: Duration = Field(
+        default="7d", description="after `overridden`, for a reason without a lockout of its own, on a rule "
+                                  "without `suppress`")
+    snooze: Duration = Field(default="1h", description="after the service's own 'remind me later' reason")
+
+    @staticmethod
+    def _window(text: str) -> timedelta:
+        from .rules.schema import parse_duration
+
+        return parse_duration(text)
+
+    @property
+    def ignored_window(self) -> timedelta:
+        return self._window(self.ignored)
+
+    @property
+    def accepted_window(self) -> timedelta:
+        return self._window(self.accepted)
+
+    @property
+    def overridden_window(self) -> timedelta:
+        return self._window(self.overridden)
+
+    @property
+    def snooze_window(self) -> timedelta:
+        return self._window(self.snooze)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="NUDGES_", env_nested_delimiter="__", extra="forbid")
 
@@ -98,6 +145,7 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = Field(
         default="json", description="json: one JSON object a line (for log collectors); text: plain lines for people")
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    suppression: SuppressionSettings = Field(default_factory=SuppressionSettings)
 
     @property
     def pending_card_max_age(self) -> timedelta:

@@ -165,9 +165,14 @@ class FhirServer:
         self.client_key: Any = None
         self.token_requests: list[dict[str, str]] = []
         self.token_refusals = 0
+        self.in_flight = self.max_in_flight = 0
+        self.connections: set[tuple[str, int]] = set()  # client (address, port): one per connection used
+        self._lock = threading.Lock()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as real FHIR servers do
+
             def log_message(self, *args: Any) -> None:
                 pass
 
@@ -181,6 +186,17 @@ class FhirServer:
 
             def do_GET(self) -> None:
                 server.requests.append((self.path, self.headers.get("Authorization")))
+                with server._lock:
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                    server.connections.add(self.client_address)
+                try:
+                    self.serve()
+                finally:
+                    with server._lock:
+                        server.in_flight -= 1
+
+            def serve(self) -> None:
                 if server.delay:
                     threading.Event().wait(server.delay)
                 if server.token and self.headers.get("Authorization") != f"Bearer {server.token}":

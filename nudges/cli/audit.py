@@ -12,10 +12,12 @@ def register(sub: Any) -> None:
     audit.add_argument("--database-url", dest="database_url")
     audit.add_argument("--since", help="only cards issued at or after this date or instant")
     audit.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    audit.add_argument("--overrides", action="store_true",
+                       help="override rates and reasons per rule and group (for governance review)")
     audit.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..tools import audit
 
-    return audit.main(args.database_url, args.since, args.format, sys.stdout, sys.stderr)
+    return audit.main(args.database_url, args.since, args.format, sys.stdout, sys.stderr, overrides=args.overrides)

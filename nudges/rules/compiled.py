@@ -64,6 +64,7 @@ class CardTemplate:
     links: tuple[dict[str, Any], ...]
     override_reasons: tuple[dict[str, str], ...]
     escalate: tuple[tuple[timedelta, str, str], ...] = ()  # (after, bound name, indicator), soonest first
+    override_lockouts: tuple[timedelta | None, ...] = ()  # one per override reason: its own lockout, if any
 
 
 @dataclass(frozen=True)
