@@ -43,8 +43,11 @@ def served_rules() -> Path:
 
 def lint_command(args: argparse.Namespace) -> int:
     from ..rules.compiler import load_ruleset
+    from ..tools.progress import Progress
 
-    result = load_ruleset(args.directory or served_rules(), args.site)
+    progress = Progress(0, "steps", sys.stderr, prefix="loading rules ")
+    result = load_ruleset(args.directory or served_rules(), args.site, progress)
+    progress.finish()
     for warning in result.warnings:
         print(f"warning: {warning}")
     if result.ruleset is None:
@@ -65,6 +68,7 @@ def lint_command(args: argparse.Namespace) -> int:
 def test_command(args: argparse.Namespace) -> int:
     from ..tools.cases import run_all
     from ..tools.loading import load_or_report
+    from ..tools.progress import Progress
 
     directory, only = rule_set_of(args.path or served_rules())
     only |= set(args.rule)
@@ -75,7 +79,7 @@ def test_command(args: argparse.Namespace) -> int:
     if unknown:
         print(f"no rule {', '.join(unknown)} in {directory}", file=sys.stderr)
         return 1
-    reports = run_all(ruleset, only or None)
+    reports = run_all(ruleset, only or None, Progress(0, "rules", sys.stderr, prefix="running cases "))
     failed = 0
     for report in reports:
         print(report.summary())

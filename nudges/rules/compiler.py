@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -15,9 +16,10 @@ from typing import Any
 import orjson
 
 from ..fhir import CODE_ELEMENTS
-from . import cache, yamlfiles
+from . import yamlfiles
 from .compiled import CardTemplate, CompiledClause, CompiledGroup, CompiledItem, CompiledRule, RuleSet
 from .fhirpath import MEMBER_OF, RACE_READ, Compiled, FhirPathSyntaxError, compile_expression
+from .folders import check_cases, missing_folders, seed_passages
 from .resources import did_you_mean
 from .schema import (
     PLACEHOLDER_MARKS,
@@ -47,6 +49,20 @@ from .yamlfiles import Problem
 
 
 @dataclass
+class Steps:
+    """Counts a load's steps for a progress callback (none when nobody listens)."""
+
+    listener: Callable[[int, int], None] | None
+    total: int
+    done: int = 0
+
+    def advance(self) -> None:
+        self.done += 1
+        if self.listener is not None:
+            self.listener(self.done, self.total)
+
+
+@dataclass
 class LoadResult:
     ruleset: RuleSet | None
     problems: list[Problem]
@@ -70,8 +86,10 @@ def rule_files(directory: Path, site: Path | None = None) -> list[Path]:
     return sorted(files)
 
 
-def load_ruleset(directory: Path, site: Path | None = None) -> LoadResult:
-    """Load, check and compile a rules directory (and a site's own value-set codes, `site_valuesets`)."""
+def load_ruleset(directory: Path, site: Path | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> LoadResult:
+    """Load, check and compile a rules directory (and a site's own value-set codes, `site_valuesets`);
+    `progress(done, total)` hears each file parsed, rule compiled and cases file checked."""
     directory = directory.resolve()
     site = site.resolve() if site is not None else None
     problems: list[Problem] = []
@@ -104,7 +122,11 @@ def load_ruleset(directory: Path, site: Path | None = None) -> LoadResult:
     broken = {p.stem for p in files if p.parent.name == "valuesets"} - set(valuesets)  # their own problems come first
     rule_docs: list[tuple[Path, yamlfiles.Document, Rule]] = []
     case_docs: dict[str, tuple[Path, yamlfiles.Document, Cases]] = {}
+    # every file is parsed, then each rule compiled and each cases file checked: two steps for those
+    documents = [p for p in files if p != manifest_path and p.parent.name != "valuesets" and p not in site_files]
+    steps = Steps(progress, len(files) + len(documents))
     for path in files:
+        steps.advance()
         if path == manifest_path or path.parent.name == "valuesets" or path in site_files:
             continue
         document, found = yamlfiles.load(path, _show(path))
@@ -124,11 +146,12 @@ def load_ruleset(directory: Path, site: Path | None = None) -> LoadResult:
 
     seeds_dir = (manifest_path.parent / (manifest.seeds if manifest else "../seeds")).resolve()
     fixture_dirs = tuple((manifest_path.parent / f).resolve() for f in (manifest.fixtures if manifest else ()))
-    seeds = _seed_passages(seeds_dir)
+    seeds = seed_passages(seeds_dir)
     compiled: list[CompiledRule] = []
     seen_ids: dict[str, str] = {}
     unchecked: list[str] = []  # rules whose `seed:` citations cannot be checked (no seeds folder)
     for path, document, rule in rule_docs:
+        steps.advance()
         checker = _RuleChecker(_show(path), document, rule, valuesets, manifest, seeds, seeds_dir, broken)
         result = checker.compile()
         problems += checker.problems
@@ -164,13 +187,17 @@ def load_ruleset(directory: Path, site: Path | None = None) -> LoadResult:
                                          "left to fill in (REPLACE, replace-me); this is the first"))
     warnings = list(unsourced)
     for rule_id, (path, document, cases) in case_docs.items():
+        steps.advance()
         if rule_id not in seen_ids:  # a retired rule's cases: harmless, but worth deleting
             warnings.append(Problem(_show(path), *yamlfiles.position(document, ("rule",)),
                                     f"cases for '{rule_id}', which no rule file defines (retired? delete this "
                                     "file, or restore the rule)"))
             continue
         problems += check_cases(path, document, cases, fixture_dirs)
-    problems += _missing_folders(manifest_path, manifest_doc, seeds_dir, unchecked, fixture_dirs, problems)
+    if steps.done < steps.total:  # documents that did not parse have no second step
+        steps.done = steps.total - 1
+        steps.advance()
+    problems += missing_folders(manifest_path, manifest_doc, seeds_dir, unchecked, fixture_dirs, problems)
 
     if problems or manifest is None:
         return LoadResult(None, sorted(set(problems)), len(files), sorted(warnings))
@@ -245,94 +272,12 @@ def load_valuesets(files: list[Path], site_files: list[Path],
     return valuesets, problems, unsourced
 
 
-def check_cases(path: Path, document: yamlfiles.Document, cases: Cases,
-                fixture_dirs: tuple[Path, ...]) -> list[Problem]:
-    """Cases must run: every `bundle:` found (saying where it was looked for), every inline resource valid
-    FHIR R4 with codes from required bindings. A clean verdict is cached with the file's content."""
-    from .resources import check
-
-    problems = []
-    for i, case in enumerate(cases.cases):
-        if case.bundle:
-            try:
-                find_file(path.parent, case.bundle, fixture_dirs)
-            except FileNotFoundError as exc:
-                problems.append(Problem(_show(path), *yamlfiles.position(document, ("cases", i, "bundle"), value=True),
-                                        str(exc)))
-    entry = cache.key("cases-clean", path.read_bytes())
-    if cache.lookup(entry) is True:
-        return problems
-    found = []
-    for i, case in enumerate(cases.cases):
-        for part in ("resources", "draft_orders", "appointments"):
-            for j, resource in enumerate(getattr(case, part)):
-                for problem in check(resource):
-                    loc = ("cases", i, part, j, *problem.location)
-                    found.append(Problem(_show(path), *yamlfiles.position(document, loc),
-                                         f"case '{case.name}': {part}[{j}] is not valid FHIR R4: {problem.message}"))
-    if not found:
-        cache.store(entry, True)
-    return problems + found
-
-
-def _missing_folders(manifest_path: Path, document: yamlfiles.Document | None, seeds_dir: Path, unchecked: list[str],
-                     fixture_dirs: tuple[Path, ...], problems: list[Problem]) -> list[Problem]:
-    """The root causes of a rule set copied away from its folders, said once at ruleset.yaml: no seeds folder
-    (instead of an error at every `seed:` citation), a fixtures folder that does not exist (before the
-    bundles not found in it)."""
-    found = []
-    show = _show(manifest_path)
-    if unchecked:
-        found.append(Problem(show, *(yamlfiles.position(document, ("seeds",)) if document else (1, 1)),
-                             f"no seeds folder at {seeds_dir}, so the `seed:` citations of {len(unchecked)} rule(s) "
-                             f"({', '.join(sorted(unchecked)[:3])}{', ...' if len(unchecked) > 3 else ''}) cannot be "
-                             "checked: copy the seeds folder beside the rules folder, or set `seeds:` in ruleset.yaml"))
-    if any(" not found in " in p.message and p.message.startswith("bundle ") for p in problems):
-        for i, folder in enumerate(fixture_dirs):
-            if not folder.is_dir():
-                found.append(Problem(show, *(yamlfiles.position(document, ("fixtures", i), value=True) if document
-                                             else (1, 1)),
-                                     f"fixtures folder {folder} does not exist, and cases' bundles were looked for "
-                                     "there: copy it beside the rules folder, or set `fixtures:` in ruleset.yaml"))
-    return found
-
-
 def placeholders(text: str) -> tuple[int, int, int] | None:
     """Line and column of the first placeholder `nudges new rule` left in a file, and how many lines hold one."""
     found = [(n, min(i for i in (line.find(m) for m in PLACEHOLDER_MARKS) if i >= 0) + 1)
              for n, line in enumerate(text.splitlines(), 1) if any(m in line for m in PLACEHOLDER_MARKS)
              and not line.lstrip().startswith("#")]
     return (*found[0], len(found)) if found else None
-
-
-def _seed_passages(seeds_dir: Path) -> dict[str, set[str]] | None:
-    """Record id -> passage ids from seeds/*.yaml, or None when there is no seeds folder to check."""
-    if not seeds_dir.is_dir():
-        return None
-    found: dict[str, set[str]] = {}
-    for path in seeds_dir.glob("*.yaml"):
-        document, _ = yamlfiles.load(path, str(path))
-        data = document.plain if document is not None else None
-        if isinstance(data, dict) and "id" in data:
-            passages = data.get("passages") or []
-            found[str(data["id"])] = {str(p.get("id")) for p in passages if isinstance(p, dict)}
-    return found
-
-
-def find_file(start: Path, relative: str, also: tuple[Path, ...] = ()) -> Path:
-    """A fixture path is looked up relative to the cases file's folder, then each parent folder, then the
-    rule set's fixture folders (`fixtures:` in ruleset.yaml); the error says where it looked."""
-    parts = Path(relative).parts
-    for folder in (start, *start.parents, *also):
-        candidate = folder / relative
-        if candidate.is_file():
-            return candidate
-    for folder in also:  # `fhir_fixtures/patients/x.json` in a fixtures folder that is itself fhir_fixtures/
-        if len(parts) > 1 and parts[0] == folder.name and (folder.joinpath(*parts[1:])).is_file():
-            return folder.joinpath(*parts[1:])
-    places = [f"{start} and its parents", *(str(p) for p in also)]
-    raise FileNotFoundError(f"bundle '{relative}' not found in {', '.join(places)}: add the folder that holds it "
-                            "to `fixtures:` in ruleset.yaml, or give a path relative to this file")
 
 
 class _RuleChecker:

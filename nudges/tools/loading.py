@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TextIO
@@ -9,11 +10,15 @@ from typing import TextIO
 from ..rules.compiled import RuleSet
 from ..rules.compiler import load_ruleset
 from ..services import Services
+from .progress import Progress
 
 
 def load_or_report(directory: Path, err: TextIO, site: Path | None = None) -> RuleSet | None:
-    """The rule set, or None after printing every problem (and, either way, every warning)."""
-    result = load_ruleset(directory, site)
+    """The rule set, or None after printing every problem (and, either way, every warning). A slow load
+    (nothing cached yet, a large set) shows its progress on a terminal."""
+    progress = Progress(0, "steps", sys.stderr, prefix="loading rules ")
+    result = load_ruleset(directory, site, progress)
+    progress.finish()
     for problem in result.problems:
         err.write(f"{problem}\n")
     for warning in result.warnings[:3]:

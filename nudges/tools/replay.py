@@ -27,6 +27,7 @@ from ..rules.valuesets import REMIND_LATER
 from ..services import Services
 from ..settings import Settings
 from .loopback import BundleServer
+from .progress import Progress
 
 GOLDEN = ".golden.json"
 SERVER = ".server.json"
@@ -256,13 +257,17 @@ def main(paths: list[Path], *, rules: Path | None, now: str | None, update: bool
     if services is None:
         return 1
     failed = 0
+    progress = Progress(len(fixtures), "calls", err, prefix="replaying ")
     with BundleServer() as server:
-        for fixture in fixtures:
+        for done, fixture in enumerate(fixtures, 1):
+            progress.clear()  # its lines and the bar share the terminal
             try:
                 failed += not replay_fixture(fixture, services, settings, pinned, update, out, server)
             except (ReplayError, orjson.JSONDecodeError, OSError) as exc:
                 out.write(f"ERROR {exc}\n")
                 failed += 1
+            progress.step(done)
+    progress.finish()
     if fixtures:
         out.write(f"{len(fixtures) - failed} of {len(fixtures)} call(s) match their golden files "
                   f"(rule set {services.ruleset.version})\n")
