@@ -95,7 +95,7 @@ def test_nudges_test_one_rule_verbose_with_counts_that_add_up(rules_dir: Path,
     for argv in (["test", str(rules_dir), "--rule", TROPONIN, "-v"], ["test", str(rules_dir / CASES), "-v"],
                  ["test", str(rules_dir / RULE), "-v"]):
         code, out, _ = run(capsys, *argv)
-        lines = [line for line in out.splitlines() if not line.startswith("warning: ")]
+        lines = [line for line in out.splitlines() if not line.startswith(("warning: ", "note: "))]
         assert code == 1 and lines[0] == f"FAIL {TROPONIN}: 4 case(s), tp=1 tn=2 fp=0 fn=0 differs=0 error=1", out
         assert sum(line.startswith(("  ok  ", "  FAIL")) for line in lines) == 4  # each case listed
         assert any("could not run" in line for line in lines)
@@ -152,3 +152,26 @@ def test_new_rule_never_overwrites_and_checks_the_topic(rules_dir: Path, capsys:
     assert not (rules_dir / "local").exists()
     code, _, err = run(capsys, "new", "rule", "fresh-rule", "--rules", str(rules_dir.parent))
     assert code == 1 and "no rule set at" in err
+
+
+def test_nudges_test_says_what_is_missing(rules_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "test", str(rules_dir / "cardiology" / "nowhere"))
+    assert code == 1 and "no such file or folder" in err  # not a load of the current folder as a rule set
+    code, _, err = run(capsys, "test", str(rules_dir), "--rule", "troponin")
+    assert code == 1 and f"no rule 'troponin' in {rules_dir} (did you mean '{TROPONIN}'?)" in err
+    (rules_dir / CASES).unlink()
+    edit(rules_dir / RULE, "status: active", "status: experimental")
+    code, out, _ = run(capsys, "test", str(rules_dir / RULE))
+    assert code == 0 and f"NO CASES {TROPONIN}: write {TROPONIN}.cases.yaml" in out
+
+
+def test_warnings_about_the_rest_of_the_set_are_one_line(rules_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "test", str(rules_dir / RULE))
+    assert code == 0 and not any(line.startswith("warning: ") for line in out.splitlines())
+    assert out.splitlines()[0] == f"note: 4 lint warning(s) in the rule set (nudges lint {rules_dir} lists them)"
+    edit(rules_dir / RULE, "owner: cardiology-informatics", "owner: REPLACE-me")  # a warning about this rule
+    edit(rules_dir / RULE, "status: active", "status: experimental")
+    code, out, _ = run(capsys, "test", str(rules_dir / RULE))
+    lines = out.splitlines()
+    assert lines[0].startswith("warning: ") and "placeholder(s) from `nudges new rule`" in lines[0]
+    assert lines[1] == f"note: 4 other lint warning(s) in the rule set (nudges lint {rules_dir} lists them)"

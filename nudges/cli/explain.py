@@ -98,7 +98,7 @@ def explain_cases(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from .rules import rule_set_of
 
     directory, ids = rule_set_of(args.path)
-    ruleset = load_or_report(directory, err)
+    ruleset = load_or_report(directory, err, focus=ids)
     if ruleset is None:
         return 1
     rule_id = next(iter(ids))

@@ -66,18 +66,25 @@ def lint_command(args: argparse.Namespace) -> int:
 
 
 def test_command(args: argparse.Namespace) -> int:
+    from ..rules.resources import did_you_mean
     from ..tools.cases import run_all
     from ..tools.loading import load_or_report
     from ..tools.progress import Progress
 
-    directory, only = rule_set_of(args.path or served_rules())
+    path = args.path or served_rules()
+    if not path.exists():
+        print(f"nudges test: {path}: no such file or folder", file=sys.stderr)
+        return 1
+    directory, only = rule_set_of(path)
     only |= set(args.rule)
-    ruleset = load_or_report(directory, sys.stdout, args.site)
+    ruleset = load_or_report(directory, sys.stdout, args.site, focus=only)
     if ruleset is None:
         return 1
-    unknown = sorted(only - {r.id for r in ruleset.rules})
+    known = {r.id for r in ruleset.rules}
+    unknown = sorted(only - known)
     if unknown:
-        print(f"no rule {', '.join(unknown)} in {directory}", file=sys.stderr)
+        for rule_id in unknown:
+            print(f"no rule '{rule_id}' in {directory}{did_you_mean(rule_id, known)}", file=sys.stderr)
         return 1
     reports = run_all(ruleset, only or None, Progress(0, "rules", sys.stderr, prefix="running cases "))
     failed = 0

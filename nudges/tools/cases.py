@@ -59,6 +59,8 @@ class RuleReport:
         return [f"  case '{c.name}': {c.message}" for c in self.cases if not c.ok]
 
     def summary(self) -> str:
+        if not self.cases:
+            return f"NO CASES {self.rule}: write {self.rule}.cases.yaml beside the rule (nudges new rule shows how)"
         counts = " ".join(f"{o}={self.count(o)}" for o in ("tp", "tn", "fp", "fn", "differs", "error"))
         return f"{'PASS' if self.ok else 'FAIL'} {self.rule}: {len(self.cases)} case(s), {counts}"
 
