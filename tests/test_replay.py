@@ -77,6 +77,7 @@ def test_changed_golden_file_prints_a_diff_and_fails(capsys: pytest.CaptureFixtu
     assert f"  card {TROPONIN}:\n    summary:\n" in out
     assert "      -an outdated summary\n      +Troponin above its reference range 14 h ago" in out
     assert "detail:" not in out and "suggestions:" not in out
+    assert f"  why: nudges explain {calls / 'patient-view-troponin.json'} --rule {TROPONIN}\n" in out
     assert "0 of 1 call(s) match" in out
 
 
@@ -123,7 +124,7 @@ def test_a_clock_is_mandatory(capsys: pytest.CaptureFixture[str], calls: Path, r
     golden = calls / "patient-view-troponin.golden.json"
     golden.unlink()
     code, out, _ = replay(capsys, str(calls), "--rules", str(rules_dir))
-    assert code == 1 and "pass --now" in out
+    assert code == 1 and "no golden file yet: `nudges replay" in out and "--now INSTANT --update` creates it" in out
     code, out, _ = replay(capsys, str(calls), "--rules", str(rules_dir), "--now", NOW, "--update")
     assert code == 0, out
     assert orjson.loads(golden.read_bytes())["now"] == NOW

@@ -199,7 +199,10 @@ def replay_fixture(fixture: Fixture, services: Services, settings: Settings, pin
     """Replay one call in every mode; print per-card differences from the golden file (once when the
     modes agree with each other)."""
     golden = load_golden(fixture)
-    if pinned is None and (golden is None or not isinstance(golden.get("now"), str)):
+    if pinned is None and golden is None:
+        raise ReplayError(f"{fixture.path}: no golden file yet: `nudges replay {fixture.path} --now INSTANT "
+                          "--update` creates it (e.g. --now 2026-03-02T12:00:00Z)")
+    if pinned is None and not isinstance((golden or {}).get("now"), str):
         raise ReplayError(f"{fixture.path}: no clock: pass --now or add \"now\" to {fixture.golden.name}")
     now = pinned or parse_instant(str((golden or {})["now"]))
     results = run_modes(fixture, services, settings, now, server)
@@ -227,7 +230,17 @@ def replay_fixture(fixture: Fixture, services: Services, settings: Settings, pin
     for same in groups.values():
         out.write(f"DIFF {fixture.path} ({', '.join(same)}) against {fixture.golden}\n")
         out.writelines(line + "\n" for line in card_diff(expected, results[same[0]]))
+        changed = changed_rules(expected, results[same[0]])
+        if changed:
+            out.write(f"  why: nudges explain {fixture.path} {' '.join(f'--rule {r}' for r in changed)}\n")
     return False
+
+
+def changed_rules(expected: list[dict[str, Any]], actual: list[dict[str, Any]]) -> list[str]:
+    """The rules whose card appeared, disappeared or changed: what `nudges explain` should be asked about."""
+    want = {c.get("rule"): c for c in expected}
+    got = {c.get("rule"): c for c in actual}
+    return sorted(str(r) for r in set(want) | set(got) if want.get(r) != got.get(r))
 
 
 def main(paths: list[Path], *, rules: Path | None, now: str | None, update: bool, hook: str,
