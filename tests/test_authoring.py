@@ -175,3 +175,15 @@ def test_warnings_about_the_rest_of_the_set_are_one_line(rules_dir: Path, capsys
     lines = out.splitlines()
     assert lines[0].startswith("warning: ") and "placeholder(s) from `nudges new rule`" in lines[0]
     assert lines[1] == f"note: 4 other lint warning(s) in the rule set (nudges lint {rules_dir} lists them)"
+
+
+def test_a_failing_case_names_the_explain_command(rules_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    edit(rules_dir / CASES, "valueQuantity: {value: 20, unit: ng/L}", "valueQuantity: {value: 200, unit: ng/L}")
+    code, out, _ = run(capsys, "test", str(rules_dir), "--rule", TROPONIN)
+    assert code == 1
+    why = next(line for line in out.splitlines() if "why:" in line)
+    assert why.endswith(f"nudges explain {rules_dir / CASES} --case \"near miss - value within this assay's "
+                        "reference range\"")
+    code, out, _ = run(capsys, "explain", str(rules_dir / CASES), "--case",
+                       "near miss - value within this assay's reference range")
+    assert code == 0 and f"{TROPONIN}: FIRED" in out

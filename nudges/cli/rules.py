@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -93,13 +94,29 @@ def test_command(args: argparse.Namespace) -> int:
         if args.verbose:
             for case in report.cases:
                 print(f"  {'ok  ' if case.ok else 'FAIL'} {case.outcome:<7} {case.name}")
-        for failure in report.failures:
-            print(failure)
+        cases_file = _show(ruleset.cases[report.rule][0]) if report.rule in ruleset.cases else None
+        for case in report.cases:
+            if not case.ok:
+                print(f"  case '{case.name}': {case.message}")
+                if cases_file and case.outcome != "error":
+                    print(f"    why: nudges explain {cases_file} --case {quoted(case.name)}")
         failed += not report.ok
     cases = sum(len(r.cases) for r in reports)
     bad = sum(1 for r in reports for c in r.cases if not c.ok)
     print(f"{len(reports) - failed} passed, {failed} failed ({cases} case(s), {bad} failing)")
     return 1 if failed else 0
+
+
+def quoted(text: str) -> str:
+    """A shell word someone can paste: in double quotes when that is safe (names often hold apostrophes)."""
+    return f'"{text}"' if not any(c in text for c in '"$`\\!') else shlex.quote(text)
+
+
+def _show(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def rule_set_of(path: Path) -> tuple[Path, set[str]]:
