@@ -187,3 +187,28 @@ def test_a_failing_case_names_the_explain_command(rules_dir: Path, capsys: pytes
     code, out, _ = run(capsys, "explain", str(rules_dir / CASES), "--case",
                        "near miss - value within this assay's reference range")
     assert code == 0 and f"{TROPONIN}: FIRED" in out
+
+
+def test_a_rule_load_is_cached_by_content(rules_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parsed YAML and FHIRPath trees are kept on disk by the hash of what was parsed: an unchanged set
+    loads from the cache, an edited file is parsed again, and a damaged entry costs only speed."""
+    from nudges.rules import cache
+    from nudges.rules.compiler import load_ruleset
+
+    monkeypatch.setenv("NUDGES_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(cache, "_memory", {})
+    first = load_ruleset(rules_dir).ruleset
+    entries = {p.name for p in (tmp_path / "cache").rglob("*.json")}
+    assert first is not None and any(n.startswith("yaml-") for n in entries) and any(
+        n.startswith("fhirpath-") for n in entries)
+    monkeypatch.setattr(cache, "_memory", {})
+    for entry in (tmp_path / "cache").rglob("yaml-*.json"):
+        entry.write_text("{not json")  # damaged: parsed again
+    again = load_ruleset(rules_dir).ruleset
+    assert again is not None and again.digest == first.digest and [r.id for r in again.rules] == [
+        r.id for r in first.rules]
+    edit(rules_dir / RULE, "within: 72h", "within: 48h")
+    edited = load_ruleset(rules_dir).ruleset
+    assert edited is not None and edited.digest != first.digest
+    rule = next(r for r in edited.rules if r.id == TROPONIN)
+    assert str(rule.all[0].within) == "2 days, 0:00:00"  # type: ignore[union-attr]  # the edit, not the cache

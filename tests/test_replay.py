@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -232,6 +233,9 @@ def test_ndjson_export_counts_cards_per_rule(capsys: pytest.CaptureFixture[str],
     code, out, err = replay(capsys, str(tmp_path / "export"), "--rules", str(rules_dir), "--now", NOW)
     assert code == 0, out + err
     assert "6 file(s)" in out and "for 300 patient(s), 4 without a patient, 1 invalid line(s)" in out
+    invalid = next(line for line in out.splitlines() if line.startswith("  invalid "))
+    where = re.escape(str(tmp_path / "export" / "Observation.002.ndjson"))
+    assert re.match(rf"  invalid {where}:\d+: not JSON", invalid), invalid  # the file and line of each
     assert "300 patient(s) screened, 0 skipped" in out
     table = counts(out)
     assert table[TROPONIN] == (300, 50)  # raised troponin and no cath order: i % 3 == 0 and i % 6 != 0
