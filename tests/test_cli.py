@@ -144,3 +144,12 @@ def test_serve_with_workers_runs_replicas_on_one_port(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.communicate(timeout=20)
+
+
+def test_serve_takes_the_log_format_as_a_flag() -> None:
+    from nudges.cli import parser
+    from nudges.cli.serve import settings_from
+
+    args = parser().parse_args(["serve", "--log-format", "text"])
+    assert settings_from({"log_format": args.log_format}).log_format == "text"
+    assert settings_from({}).log_format == "json"
