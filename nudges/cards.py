@@ -18,6 +18,16 @@ from .store import CardRecord
 
 SEVERITY = {"critical": 0, "warning": 1, "info": 2}
 MAX_SUMMARY = 139
+# The console's page for one rule (api/console serves it): where a card's "Why this nudge" link points.
+WHY_PATH = "/console/rules/{rule}"
+WHY_LABEL = "Why this nudge"
+
+
+def why_link(base: str, rule_id: str) -> dict[str, str]:
+    """The link from a card to its rule's page (rationale, evidence, source attributes), so a clinician can
+    see why a nudge appeared; `base` is the service's public URL, the only one a clinician's browser can
+    reach (the request's own host may be an internal name behind the proxy)."""
+    return {"label": WHY_LABEL, "url": base.rstrip("/") + WHY_PATH.format(rule=rule_id), "type": "absolute"}
 
 
 def elapsed(delta_seconds: float) -> str:
@@ -151,7 +161,9 @@ def indicator(match: Match, now: datetime) -> str:
 
 
 def build_card(match: Match, ruleset: RuleSet, context: dict[str, Any], patient: dict[str, Any] | None,
-               now: datetime, medications: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+               now: datetime, medications: dict[str, dict[str, Any]] | None = None,
+               why_base: str | None = None) -> dict[str, Any]:
+    """The card; with `why_base` (settings.public_base_url) its links end with "Why this nudge"."""
     rule, template = match.rule, match.rule.card
     render = Renderer(match, context, patient, now, medications)
     summary = render.text(template.summary)
@@ -175,9 +187,11 @@ def build_card(match: Match, ruleset: RuleSet, context: dict[str, Any], patient:
         card["selectionBehavior"] = template.selection
     if template.override_reasons:
         card["overrideReasons"] = [*(dict(r) for r in template.override_reasons), dict(REMIND_LATER)]
-    if template.links:
-        card["links"] = [{k: render.text(v) if isinstance(v, str) else v for k, v in link.items()}
-                         for link in template.links]
+    links = [{k: render.text(v) if isinstance(v, str) else v for k, v in link.items()} for link in template.links]
+    if why_base:
+        links.append(why_link(why_base, rule.id))
+    if links:
+        card["links"] = links
     return card
 
 

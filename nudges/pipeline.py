@@ -171,8 +171,9 @@ class Result:
 
 
 def evaluate(call: Call, services: Services, now: datetime, *, patient_hash: str, keyed: Keyed | None = None,
-             tenant: str | None = None, trace: engine.Tracer | None = None) -> Result:
-    """Evaluate, build the cards and their records, each with the keyed hash of its focus (a tracer, for
+             tenant: str | None = None, why_base: str | None = None, trace: engine.Tracer | None = None) -> Result:
+    """Evaluate, build the cards and their records, each with the keyed hash of its focus (and with a "Why
+    this nudge" link to the console when `why_base`, the service's public URL, is known; a tracer, for
     `nudges explain`, hears every step of the evaluation)."""
     record = build_record(call, call.service.index)
     hook = call.service.hook
@@ -182,7 +183,8 @@ def evaluate(call: Call, services: Services, now: datetime, *, patient_hash: str
     draft = selected(call, drafts(call)) if hook.drafts else []
     medications = record.medications() if hook.focus == "order" else None  # an order's identity may be its Medication
     for match in outcome.matches:
-        card = build_card(match, services.ruleset, call.context, record.patient, now, record.medications())
+        card = build_card(match, services.ruleset, call.context, record.patient, now, record.medications(),
+                          why_base=why_base)
         focus = keyed(focus_of(hook, call.context, match.drafts, draft, medications)) if keyed else None
         result.issued.append(IssuedCard(match.rule.id, card, CardRecord(
             uuid=card["uuid"], service_id=call.service.id, rule_id=match.rule.id, rule_version=match.rule.version,
@@ -203,7 +205,8 @@ def run_body(services: Services, settings: Settings, body: dict[str, Any], now: 
         asyncio.run(_complete_offline(call, settings, call.request.fhirServer))
     elif missing:
         require(call, missing, "not in prefetch and no fhirServer given")
-    return evaluate(call, services, now, patient_hash="offline", trace=trace)
+    why = settings.public_base_url if settings is not None else None  # some callers run rules without settings
+    return evaluate(call, services, now, patient_hash="offline", why_base=why, trace=trace)
 
 
 async def _complete_offline(call: Call, settings: Settings, server: str) -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import PreconditionFailed
-from .fhir import CODE_SEARCH_PARAM, MEDICATION_TYPES
+from .fhir import CODE_SEARCH_PARAM, MEDICATION_TYPES, bundle
 from .rules.compiled import CompiledRule
 
 MAX_CODES_IN_URL = 60
@@ -59,6 +59,23 @@ def plan_for(rules: tuple[CompiledRule, ...]) -> PrefetchPlan:
         required.add(key)
     templates.setdefault("coverage", "Coverage?patient={{context.patientId}}")
     return PrefetchPlan(templates, frozenset(required))
+
+
+def fill(plan: PrefetchPlan, resources: list[dict[str, Any]]) -> dict[str, Any]:
+    """The prefetch an EHR would send for these resources, one key per template: a read (`Patient/{{...}}`)
+    gets the first resource of its type or null, a search a searchset Bundle of every resource of its type
+    (code filters left to the index, which applies them exactly)."""
+    by_type: dict[str, list[dict[str, Any]]] = {}
+    for resource in resources:
+        by_type.setdefault(str(resource.get("resourceType")), []).append(resource)
+    prefetch: dict[str, Any] = {}
+    for key, template in plan.templates.items():
+        kind = re.split(r"[/?]", template, maxsplit=1)[0]
+        if template.startswith(f"{kind}/"):
+            prefetch[key] = next(iter(by_type.get(kind, ())), None)
+        else:
+            prefetch[key] = bundle(by_type.get(kind, []), "searchset")
+    return prefetch
 
 
 def render(template: str, context: dict[str, Any]) -> str:

@@ -241,6 +241,10 @@ class PatientRecord:
             hits.update(id(r) for r in self._by_code.get((source, kind, system_code), ()))
         return [r for r in self.of_type(source, kind) if id(r) in hits] if hits else []
 
+    def is_draft(self, resource: Resource) -> bool:
+        """Whether a resource came from the hook's drafts (draftOrders, appointments), not the record."""
+        return any(r is resource for r in self._raw.get(("draft", str(resource.get("resourceType"))), ()))
+
     def set_aside(self, source: str, kind: str) -> list[tuple[Resource, str]]:
         """What `of_type` leaves out of a type's list, and why: for `nudges explain`, never the hot path."""
         kept = {id(r) for r in self.of_type(source, kind)}
@@ -255,10 +259,6 @@ class PatientRecord:
             if count:
                 found.setdefault(source, {})[kind] = count
         return found
-
-    def is_draft(self, resource: Resource) -> bool:
-        """Whether a resource came from the hook's drafts (draftOrders, appointments), not the record."""
-        return any(r is resource for r in self._raw.get(("draft", str(resource.get("resourceType"))), ()))
 
     def medications(self) -> dict[str, Resource]:
         """Medication resources of the record and the drafts, by id: what `Medication/id` references name."""

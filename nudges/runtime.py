@@ -68,7 +68,7 @@ class Runtime:
                         extra={"pinned_now": settings.now})
         key = settings.patient_hash_key.get_secret_value().encode() if settings.patient_hash_key else None
         store = Store(settings.database_url, clock, hash_key=key)
-        reloader = Reloader(settings.rules, frozenset(settings.rule_statuses), settings.site_valuesets)
+        reloader = Reloader(settings.rules, frozenset(settings.rule_statuses), settings.site_valuesets, clock)
         fhir = FhirClient(settings, BackendTokens(settings.fhir_backend_clients))
         auth = Authenticator(settings.auth, store, clock, fhir.http)
         return cls(settings, clock, store, reloader, fhir, auth)
@@ -112,7 +112,7 @@ class Runtime:
         store = self.store
         patient_hash = store.patient_hash(call.context["patientId"])
         result = pipeline.evaluate(call, services, now, patient_hash=patient_hash, keyed=store.keyed,
-                                   tenant=caller.tenant)
+                                   tenant=caller.tenant, why_base=self.settings.public_base_url)
         shown = {id(r) for r in store.show_cards(result.records, self.settings.suppression.ignored_window)}
         result.issued = [i for i in result.issued if i.record is not None and id(i.record) in shown]
         live = {i.rule_id for i in result.issued}

@@ -47,6 +47,35 @@ class AuthSettings(BaseModel):
     max_token_lifetime_seconds: int = 3600
 
 
+class ProxyAuthSettings(BaseModel):
+    """Console sign-in through a reverse proxy that authenticates people (SSO: oauth2-proxy, Apache
+    mod_auth_openidc, an ingress with OIDC) and passes who they are in a header. The header is believed
+    only on connections from `trusted_proxies`; from anywhere else the console is refused, so a client
+    that reaches the service directly cannot claim to be someone."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    user_header: str = Field("X-Forwarded-User", description="header carrying the signed-in user's name")
+    groups_header: str | None = Field("X-Forwarded-Groups", description="header with the user's groups (comma "
+                                                                         "separated), or null")
+    trusted_proxies: list[str] = Field(min_length=1, description="proxy addresses or networks (CIDR) whose "
+                                                                 "headers are believed, e.g. 127.0.0.1/32")
+    allowed_users: list[str] = Field(default_factory=list, description="who may use the console (empty: "
+                                                                       "anyone the proxy signed in, unless "
+                                                                       "allowed_groups is set)")
+    allowed_groups: list[str] = Field(default_factory=list, description="groups whose members may use it")
+
+
+class ConsoleSettings(BaseModel):
+    """The web console under /console/: on loopback it needs no sign-in, like the API; reached any other
+    way it is refused unless `proxy_auth` is configured."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    proxy_auth: ProxyAuthSettings | None = None
+
+
 class FhirBackendClient(BaseModel):
     """The service's own registration at an EHR's FHIR server (SMART Backend Services), for reads no
     hook call authorizes: id-only notifications and follow-up checks."""
@@ -145,6 +174,7 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = Field(
         default="json", description="json: one JSON object a line (for log collectors); text: plain lines for people")
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    console: ConsoleSettings = Field(default_factory=ConsoleSettings)
     suppression: SuppressionSettings = Field(default_factory=SuppressionSettings)
 
     @property

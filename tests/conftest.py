@@ -35,6 +35,12 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["NUDGES_CACHE_DIR"] = tempfile.mkdtemp(prefix="nudges-test-cache-")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Browser tests last: Playwright's sync API keeps its event loop marked as running in the main thread
+    while the session's browser is open, and an asyncio test after it could not start its own loop."""
+    items.sort(key=lambda item: "browser" in getattr(item, "fixturenames", ()))
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     shutil.rmtree(os.environ.get("NUDGES_CACHE_DIR", ""), ignore_errors=True)
 
@@ -294,3 +300,37 @@ def make_store(database_url: str, clock: FixedClock) -> Iterator[Callable[..., S
     yield make
     for store in stores:
         store.dispose()
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Any]:
+    """One headless Debian Chromium for the whole session, driven by Playwright (never `playwright install`:
+    the browser comes from apt, see .ci/run). Skipped where Chromium is missing, unless CI=true."""
+    executable = shutil.which("chromium")
+    if executable is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("Chromium is required in CI (CI=true): apt-get install chromium")
+        pytest.skip("no chromium on PATH (apt-get install chromium fonts-dejavu-core)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=executable)
+        yield launched
+        launched.close()
+
+
+def loopback_only(context: Any) -> list[str]:
+    """Abort every request that is not to loopback; returns the list of what was blocked."""
+    from urllib.parse import urlsplit
+
+    blocked: list[str] = []
+
+    def route(r: Any) -> None:
+        if urlsplit(r.request.url).hostname in ("127.0.0.1", "localhost"):
+            r.continue_()
+        else:
+            blocked.append(r.request.url)
+            r.abort()
+
+    context.route("**/*", route)
+    return blocked

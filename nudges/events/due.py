@@ -146,7 +146,7 @@ class DueFollowups:
             return "quiet"
         focus = store.keyed(PATIENT_FOCUS)  # a follow-up card is about the chart, whichever hook shows it
         card = build_card(outcome.matches[0], services.ruleset, followups.CONTEXT_PLACEHOLDERS, record.patient, now,
-                          record.medications())
+                          record.medications(), why_base=self.settings.public_base_url)
         if store.suppressed(item.patient_hash, rule.id, focus, now, card["indicator"]):
             followups.complete(store, item, worker)
             return "suppressed"

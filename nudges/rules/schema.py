@@ -251,6 +251,20 @@ class Followup(Strict):
     after: Duration = Field(description="how long after the event to check again, e.g. 12h")
 
 
+class SourceAttributes(Strict):
+    """ONC HTI-1-style source attributes of a decision support intervention, what a clinician or reviewer
+    asks before trusting a nudge. In ruleset.yaml they are the defaults for every rule; a rule's own
+    `source_attributes` replaces any of them. Known false positives are the rule's `falsepositives`."""
+
+    developer: str | None = Field(default=None, min_length=1, description="who developed and maintains the rule")
+    funding: str | None = Field(default=None, min_length=1, description="who funded its development")
+    intended_use: str | None = Field(default=None, min_length=1,
+                                     description="for whom, when and for what decision it is meant (and what not)")
+    cautions: list[str] | None = Field(default=None, description="limitations and cautions for users")
+    last_review: str | None = Field(default=None, pattern=r"^\d{4}-\d{2}-\d{2}$",
+                                    description="when the rule and its evidence were last reviewed (YYYY-MM-DD)")
+
+
 class Change(Strict):
     """One entry of a rule's history: what changed in a version and why (shown in the catalog)."""
 
@@ -280,6 +294,8 @@ class Rule(Strict):
     changes: list[Change] = Field(default_factory=list, description="the rule's history, newest first")
     race_correction_removal: bool = Field(
         False, description="only for rules that remove a race correction: allows reading race data")
+    source_attributes: SourceAttributes | None = Field(
+        None, description="HTI-1-style source attributes; unset ones come from ruleset.yaml")
 
 
 class ValueSet(Strict):
@@ -352,6 +368,9 @@ class RuleSetManifest(Strict):
     fixtures: list[str] = Field(default_factory=lambda: ["../fhir_fixtures"],
                                 description="folders where cases' `bundle:` paths are also looked up, relative to "
                                             "this file (after the cases file's own folder and its parents)")
+    source_attributes: SourceAttributes = Field(
+        default_factory=lambda: SourceAttributes(),
+        description="HTI-1-style source attributes every rule has unless it gives its own (developer, funding, ...)")
 
 
 def json_schema() -> dict[str, Any]:

@@ -49,6 +49,14 @@ class Cell:
     accepted: int
     overridden: int
     patients: int
+    month: str | None = None  # YYYY-MM (UTC) when counted by month of issue
+
+
+def month_of(conn: Connection, column: Any) -> Any:
+    """The calendar month (UTC) of an issue time as 'YYYY-MM', in the database's own SQL."""
+    if conn.dialect.name == "postgresql":
+        return func.to_char(func.timezone("UTC", column), "YYYY-MM")
+    return func.strftime("%Y-%m", column)
 
 
 def _shown_cards() -> tuple[Any, Any, Any]:
@@ -65,25 +73,29 @@ def _shown_cards() -> tuple[Any, Any, Any]:
     return latest, source, visible
 
 
-def query_cells(conn: Connection, since: datetime | None) -> list[Cell]:
-    """One GROUP BY per dimension (plus the rule overall) over cards joined to their latest feedback."""
+def query_cells(conn: Connection, since: datetime | None, by_month: bool = False) -> list[Cell]:
+    """One GROUP BY per dimension (plus the rule overall) over cards joined to their latest feedback;
+    `by_month` splits every cell by calendar month of issue (the dashboard's trend)."""
     latest, source, visible = _shown_cards()
     measures = (func.count(),
                 func.sum(case((latest.c.outcome == "accepted", 1), else_=0)),
                 func.sum(case((latest.c.outcome == "overridden", 1), else_=0)),
                 func.count(distinct(cards.c.patient_hash)))
     found: list[Cell] = []
+    month = month_of(conn, cards.c.issued_at).label("month")
     for dimension in (OVERALL[0], *DIMENSIONS):
         keys = [cards.c.rule_id] if dimension == OVERALL[0] else [cards.c.rule_id, cards.c[dimension]]
+        keys += [month] if by_month else []
         statement = select(*keys, *measures).select_from(source).where(visible).group_by(*keys)
         if since is not None:
             statement = statement.where(cards.c.issued_at >= since)
         for row in conn.execute(statement):
             group = OVERALL[1] if dimension == OVERALL[0] else str(row[1])
             shown, accepted, overridden, patients = (int(v or 0) for v in row[len(keys):])
-            found.append(Cell(str(row[0]), dimension, group, shown, accepted, overridden, patients))
+            found.append(Cell(str(row[0]), dimension, group, shown, accepted, overridden, patients,
+                              str(row[len(keys) - 1]) if by_month else None))
     order = {d: i for i, d in enumerate((OVERALL[0], *DIMENSIONS))}
-    return sorted(found, key=lambda c: (c.rule, order[c.dimension], c.group))
+    return sorted(found, key=lambda c: (c.rule, order[c.dimension], c.group, c.month or ""))
 
 
 def complements(cells: list[Cell]) -> set[Cell]:

@@ -7,7 +7,6 @@ keyed by patient id; a second pass reads it back in patient order, one patient i
 
 from __future__ import annotations
 
-import re
 import sqlite3
 import tempfile
 from collections import Counter, defaultdict
@@ -21,8 +20,9 @@ from typing import Any, TextIO
 import orjson
 
 from ..errors import NudgesError
-from ..fhir import bundle, instant, parse_fhir_date, patient_of
+from ..fhir import instant, parse_fhir_date, patient_of
 from ..pipeline import run_body
+from ..prefetch import fill
 from ..services import Service, Services
 from ..settings import Settings
 from .progress import Progress
@@ -100,13 +100,7 @@ def request_for(service: Service, pid: str, resources: list[dict[str, Any]]) -> 
     by_type: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for resource in resources:
         by_type[str(resource.get("resourceType"))].append(resource)
-    prefetch: dict[str, Any] = {}
-    for key, template in service.plan.templates.items():
-        kind = re.split(r"[/?]", template, maxsplit=1)[0]
-        if template.startswith(f"{kind}/"):
-            prefetch[key] = next(iter(by_type.get(kind, ())), None)
-        else:
-            prefetch[key] = bundle(by_type.get(kind, []), "searchset")
+    prefetch = fill(service.plan, resources)
     context: dict[str, Any] = {"userId": "Practitioner/bulk-replay", "patientId": pid}
     if service.hook.name != "patient-view":
         def start(encounter: dict[str, Any]) -> datetime:
