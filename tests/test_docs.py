@@ -87,3 +87,45 @@ def test_request_bodies_have_schemas_that_render(client: LiveServer, path: str, 
     schema = document["paths"][path]["post"]["requestBody"]["content"][media]["schema"]
     schema = resolve(document, schema["$ref"]) if "$ref" in schema else schema
     assert fields <= set(schema["properties"])
+
+
+def test_docs_work_in_a_real_browser_with_the_network_blocked(browser: Any, client: LiveServer) -> None:
+    """Debian's Chromium, every request off loopback aborted: the page renders the operations and a hook
+    call's request body schema from the package's own assets alone."""
+    from conftest import loopback_only
+
+    context = browser.new_context(base_url=str(client.base_url))
+    blocked = loopback_only(context)
+    page = context.new_page()
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    page.set_default_timeout(60_000)
+    try:
+        page.goto("/docs")
+        page.wait_for_selector(".opblock-summary-path")
+        paths = page.locator(".opblock-summary-path").all_text_contents()
+        assert {"/cds-services/{service_id}", "/cds-services/{service_id}/feedback", "/fhir/notifications"} <= {
+            p.replace("\u200b", "") for p in paths}
+        page.locator(".opblock-post .opblock-summary", has_text="Call a CDS service").first.click()
+        body = page.locator(".opblock-post.is-open .opblock-section-request-body")
+        body.wait_for()
+        shown = body.inner_text()  # the example Swagger UI builds from the request schema
+        assert "hookInstance" in shown and "fhirAuthorization" in shown and "prefetch" in shown
+    finally:
+        context.close()
+    assert not blocked, f"requests off loopback: {blocked}"
+    assert not problems, f"browser errors: {problems}"
+
+
+def test_error_answers_are_documented_as_operation_outcomes(client: LiveServer) -> None:
+    document = client.get("/openapi.json").json()
+    call = document["paths"]["/cds-services/{service_id}"]["post"]["responses"]
+    assert {"200", "400", "401", "404", "412", "413"} == set(call)  # no 422: the service never answers one
+    for status in ("400", "412"):
+        schema = call[status]["content"]["application/fhir+json"]["schema"]
+        assert schema["properties"]["resourceType"] == {"const": "OperationOutcome"}
+    assert not any("422" in op.get("responses", {}) for item in document["paths"].values() for op in item.values())
+    answered = client.post("/cds-services/nudges-patient-view", content=b"{not json",
+                           headers={"Content-Type": "application/json"})
+    assert answered.status_code == 400 and answered.json()["resourceType"] == "OperationOutcome"

@@ -6,13 +6,13 @@ from fastapi import APIRouter, Response
 
 from ...events.notifications import EVENT_TYPE, parse_notification
 from ..deps import BodyDep, CallerDep, RuntimeDep, json_response
-from ..models import NOTIFICATION_SCHEMA
+from ..models import NOTIFICATION_SCHEMA, error_responses
 
 router = APIRouter(tags=["Subscriptions"])
 
 
 @router.post("/fhir/notifications", summary="FHIR Subscriptions (R4 Backport IG) notifications",
-             openapi_extra={"requestBody": NOTIFICATION_SCHEMA})
+             openapi_extra={"requestBody": NOTIFICATION_SCHEMA}, responses=error_responses(400, 401, 413))
 async def notifications(runtime: RuntimeDep, caller: CallerDep, body: BodyDep) -> Response:
     note = parse_notification(body)
     if note.type != EVENT_TYPE:
