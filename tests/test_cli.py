@@ -63,11 +63,19 @@ def test_serve_with_defaults_answers_the_readme_example(tmp_path: Path) -> None:
     assert len(pinned) == 1 and pinned[0]["level"] == "warning"  # loudly, once, at start
 
 
-def test_a_clock_that_is_not_an_instant_is_refused(tmp_path: Path) -> None:
-    proc = nudges("serve", "--port", str(free_port()), cwd=tmp_path, env={"NUDGES_NOW": "tomorrow"})
-    _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 2
-    assert b"now: 'tomorrow' is not an ISO 8601 instant" in err
+def test_a_clock_that_is_not_an_instant_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from nudges.cli import main
+
+    monkeypatch.setenv("NUDGES_NOW", "tomorrow")
+    monkeypatch.setenv("NUDGES_DATABASE_URL", f"sqlite:///{tmp_path}/nudges.db")
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        assert main(["serve", "--port", str(free_port())]) == 2  # refused before anything listens
+    finally:
+        root.handlers[:], root.level = handlers, level
+    assert "now: 'tomorrow' is not an ISO 8601 instant" in capsys.readouterr().err
 
 
 def test_text_logs_for_people_keep_the_same_redaction(capsys: pytest.CaptureFixture[str]) -> None:
