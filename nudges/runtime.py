@@ -64,7 +64,17 @@ class Runtime:
         for message in check_startup_policy(settings):
             log.warning(message) if "WARNING" in message else log.info(message)
         check_settings(settings)
-        clock = clock or clock_for(settings.now)
+        if clock is None:
+            try:
+                clock = clock_for(settings.now)
+            except ValueError:
+                raise ConfigError(f"now: '{settings.now}' is not an ISO 8601 instant (e.g. 2026-03-02T12:00:00Z)") \
+                    from None
+        if settings.now:
+            log.warning(f"WARNING: THE CLOCK IS PINNED at {clock.now().isoformat().replace('+00:00', 'Z')} "
+                        "(NUDGES_NOW or `now`): every time window, elapsed time and suppression uses this instant, "
+                        "not the real time. Unset it unless this is a test or a demonstration.",
+                        extra={"pinned_now": settings.now})
         key = settings.patient_hash_key.get_secret_value().encode() if settings.patient_hash_key else None
         store = Store(settings.database_url, clock, hash_key=key)
         names = settings.delivery  # an unconfigured name is a warning here, not a refusal: see rules/delivery.py

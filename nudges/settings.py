@@ -11,7 +11,16 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-BUNDLED_RULES = Path(__file__).resolve().parent.parent / "rules"
+
+def bundled(name: str) -> Path:
+    """A folder shipped with nudges (rules, seeds, fhir_fixtures): inside the installed package, where the
+    wheel puts it (setup.py), else beside the package in a clone of the repository."""
+    package = Path(__file__).resolve().parent
+    installed = package / "_bundled" / name
+    return installed if installed.is_dir() else package.parent / name
+
+
+BUNDLED_RULES = bundled("rules")
 
 
 class ClientSettings(BaseModel):
@@ -243,6 +252,8 @@ class Settings(BaseSettings):
     tls_certfile: Path | None = Field(default=None, description="serve HTTPS directly (else terminate TLS in front)")
     tls_keyfile: Path | None = None
     log_level: str = "INFO"
+    log_format: Literal["json", "text"] = Field(
+        default="json", description="json: one JSON object a line (for log collectors); text: plain lines for people")
     auth: AuthSettings = Field(default_factory=AuthSettings)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     subscriptions: SubscriptionSettings = Field(default_factory=SubscriptionSettings)
@@ -282,16 +293,43 @@ class _YamlSource(PydanticBaseSettingsSource):
         if self.path is None:
             return {}
         from ruamel.yaml import YAML
+        from ruamel.yaml.error import YAMLError
 
-        data = YAML(typ="safe").load(self.path.read_text(encoding="utf-8")) or {}
+        from .errors import ConfigError
+
+        try:
+            data = YAML(typ="safe").load(self.path.read_text(encoding="utf-8")) or {}
+        except OSError as exc:
+            raise ConfigError(f"cannot read the configuration file {self.path}: {exc.strerror} (copy "
+                              "config.example.yaml to start one)") from None
+        except YAMLError as exc:
+            raise ConfigError(f"{self.path}: not valid YAML: {exc}") from None
         if not isinstance(data, dict):
-            from .errors import ConfigError
-
             raise ConfigError(f"{self.path}: the configuration file must be a YAML mapping")
         return data
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
     """Build settings; `overrides` are command-line flags (None means "not given")."""
+    from pydantic import ValidationError
+
+    from .errors import ConfigError
+
     values = {k: v for k, v in overrides.items() if v is not None}
-    return Settings(config_file=config_file, **values)  # type: ignore[call-arg]  # read by the YAML source
+    try:
+        return Settings(config_file=config_file, **values)  # type: ignore[call-arg]  # read by the YAML source
+    except ValidationError as exc:
+        raise ConfigError("; ".join(_setting_problem(e) for e in exc.errors())) from None
+
+
+def _setting_problem(error: Any) -> str:
+    """A settings error in the words of the configuration: the setting's name, and the closest known one."""
+    from .rules.resources import did_you_mean
+
+    where = ".".join(str(p) for p in error["loc"])
+    if error["type"] == "extra_forbidden":
+        known: set[str] = set(Settings.model_fields)
+        if len(error["loc"]) > 1 and error["loc"][0] == "auth":
+            known = set(AuthSettings.model_fields)
+        return f"unknown setting '{where}'{did_you_mean(str(error['loc'][-1]), known)}"
+    return f"setting '{where}': {error['msg']}"

@@ -19,7 +19,7 @@ from nudges.rules.compiler import load_ruleset
 from nudges.services import Services
 from nudges.settings import Settings
 from nudges.tools.cases import run_all
-from nudges.tools.catalogdoc import BEGIN, END, catalog_markdown
+from nudges.tools.catalogdoc import BEGIN, END, catalog_markdown, label
 from nudges.tools.replay import summarize
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,3 +86,14 @@ def test_readme_catalog_is_generated_from_the_rules(shipped: RuleSet) -> None:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     table = readme[readme.index(BEGIN) + len(BEGIN): readme.index(END)].strip()
     assert table == catalog_markdown(shipped), "run: nudges catalog --write README.md"
+    assert "None" not in table
+
+
+@pytest.mark.parametrize(("publisher", "year", "title", "shown"), [
+    ("Circulation", 2019, None, "Circulation 2019"),
+    ("Massachusetts General Hospital", None, "Annual report", "Massachusetts General Hospital, n.d."),
+    (None, None, "Annual report", "Annual report (n.d.)"),
+    ("", "", None, "n.d."),
+])
+def test_an_undated_source_reads_n_d_never_none(publisher: object, year: object, title: object, shown: str) -> None:
+    assert label(publisher, year, title) == shown

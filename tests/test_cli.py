@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -11,6 +13,9 @@ from pathlib import Path
 
 import httpx
 import orjson
+import pytest
+
+from nudges.logs import configure
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,10 +54,42 @@ def test_serve_with_defaults_answers_the_readme_example(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         _, err = proc.communicate(timeout=10)
+    entries = []
     for line in err.decode().splitlines():  # JSON lines, never the patient id
         if line.startswith("{"):
-            orjson.loads(line)
+            entries.append(orjson.loads(line))
         assert "pt-trop" not in line
+    pinned = [e for e in entries if "THE CLOCK IS PINNED at 2026-03-02T12:00:00Z" in e["message"]]
+    assert len(pinned) == 1 and pinned[0]["level"] == "warning"  # loudly, once, at start
+
+
+def test_a_clock_that_is_not_an_instant_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from nudges.cli import main
+
+    monkeypatch.setenv("NUDGES_NOW", "tomorrow")
+    monkeypatch.setenv("NUDGES_DATABASE_URL", f"sqlite:///{tmp_path}/nudges.db")
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        assert main(["serve", "--port", str(free_port())]) == 2  # refused before anything listens
+    finally:
+        root.handlers[:], root.level = handlers, level
+    assert "now: 'tomorrow' is not an ISO 8601 instant" in capsys.readouterr().err
+
+
+def test_text_logs_for_people_keep_the_same_redaction(capsys: pytest.CaptureFixture[str]) -> None:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        configure("INFO", "text")
+        logging.getLogger("nudges.test").warning("rule failed", extra={"rule": "r-1", "patient_id": "pt-secret",
+                                                                       "access_token": "tok"})
+    finally:
+        root.handlers[:], root.level = handlers, level
+    line = capsys.readouterr().err.strip()
+    stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
+    assert re.fullmatch(stamp + r" WARNING nudges\.test: rule failed  rule=r-1", line), line
 
 
 def test_refuses_open_bind_without_clients(tmp_path: Path) -> None:
@@ -70,6 +107,21 @@ def test_refuses_a_broken_rule_set_at_start(tmp_path: Path) -> None:
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 1
     assert b"ruleset.yaml:1:1: missing required field 'version'" in err
+
+
+def test_settings_problems_are_said_plainly_for_every_command(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from nudges.cli import main
+
+    assert main(["serve", "--config", str(tmp_path / "config.yaml")]) == 2
+    assert "cannot read the configuration file" in capsys.readouterr().err
+    (tmp_path / "config.yaml").write_text("prot: 9\nauth: {clents: []}\n")
+    assert main(["serve", "--config", str(tmp_path / "config.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown setting 'prot' (did you mean 'port'?)" in err and "'auth.clents' (did you mean 'clients'?)" in err
+    monkeypatch.setenv("NUDGES_LOG_FORMAT", "xml")
+    assert main(["lint"]) == 2
+    assert "nudges lint: setting 'log_format': Input should be 'json' or 'text'" in capsys.readouterr().err
 
 
 def test_serve_with_workers_runs_replicas_on_one_port(tmp_path: Path) -> None:
@@ -100,3 +152,12 @@ def test_serve_with_workers_runs_replicas_on_one_port(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.communicate(timeout=20)
+
+
+def test_serve_takes_the_log_format_as_a_flag() -> None:
+    from nudges.cli import parser
+    from nudges.cli.serve import settings_from
+
+    args = parser().parse_args(["serve", "--log-format", "text"])
+    assert settings_from({"log_format": args.log_format}).log_format == "text"
+    assert settings_from({}).log_format == "json"

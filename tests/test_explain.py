@@ -257,3 +257,14 @@ def test_explain_needs_no_settings_file(services: Services) -> None:
     explanation = explain(services, patient_view("pt-1", patient("pt-1")), NOW, Settings())
     assert {r["rule"] for r in explanation.to_dict()["rules"]} == {
         r.id for r in services.for_hook("patient-view").rules}
+
+
+def test_cli_brief_is_one_line_per_rule(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    call = tmp_path / "call.json"
+    call.write_bytes(orjson.dumps(patient_view("pt-1", troponin("trop-1"), CATH)))
+    assert main(["explain", str(call), "--rules", str(ROOT / "tests" / "rules"), "--now", "2026-03-02T12:00:00Z",
+                 "--brief"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    ours = [line for line in lines if line.startswith(f"{TROPONIN}: ")]
+    assert len(ours) == 1 and ours[0].startswith(f"{TROPONIN}: not fired: when.none[0]: ServiceRequest/cath-1")
+    assert not any("✓" in line or "✗" in line for line in lines)

@@ -20,7 +20,8 @@ from conftest import ROOT
 
 from nudges.fhir import CODE_ELEMENTS, MEDICATION_TYPES, walk
 from nudges.rules.compiled import RuleSet
-from nudges.rules.compiler import find_file, load_ruleset
+from nudges.rules.compiler import load_ruleset
+from nudges.rules.folders import find_file
 from nudges.rules.schema import Case
 from nudges.tools.cases import judge, run_case
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,7 @@ def test_changed_golden_file_prints_a_diff_and_fails(capsys: pytest.CaptureFixtu
     assert f"  card {TROPONIN}:\n    summary:\n" in out
     assert "      -an outdated summary\n      +Troponin above its reference range 14 h ago" in out
     assert "detail:" not in out and "suggestions:" not in out
+    assert f"  why: nudges explain {calls / 'patient-view-troponin.json'} --rule {TROPONIN}\n" in out
     assert "0 of 1 call(s) match" in out
 
 
@@ -123,7 +125,7 @@ def test_a_clock_is_mandatory(capsys: pytest.CaptureFixture[str], calls: Path, r
     golden = calls / "patient-view-troponin.golden.json"
     golden.unlink()
     code, out, _ = replay(capsys, str(calls), "--rules", str(rules_dir))
-    assert code == 1 and "pass --now" in out
+    assert code == 1 and "no golden file yet: `nudges replay" in out and "--now INSTANT --update` creates it" in out
     code, out, _ = replay(capsys, str(calls), "--rules", str(rules_dir), "--now", NOW, "--update")
     assert code == 0, out
     assert orjson.loads(golden.read_bytes())["now"] == NOW
@@ -231,6 +233,9 @@ def test_ndjson_export_counts_cards_per_rule(capsys: pytest.CaptureFixture[str],
     code, out, err = replay(capsys, str(tmp_path / "export"), "--rules", str(rules_dir), "--now", NOW)
     assert code == 0, out + err
     assert "6 file(s)" in out and "for 300 patient(s), 4 without a patient, 1 invalid line(s)" in out
+    invalid = next(line for line in out.splitlines() if line.startswith("  invalid "))
+    where = re.escape(str(tmp_path / "export" / "Observation.002.ndjson"))
+    assert re.match(rf"  invalid {where}:\d+: not JSON", invalid), invalid  # the file and line of each
     assert "300 patient(s) screened, 0 skipped" in out
     table = counts(out)
     assert table[TROPONIN] == (300, 50)  # raised troponin and no cath order: i % 3 == 0 and i % 6 != 0

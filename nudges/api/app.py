@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -16,7 +17,7 @@ from . import errors
 from .console import ROUTERS as CONSOLE
 from .console.security import ConsoleHeaders
 from .middleware import Instrumentation, QuietCollectorMiddleware
-from .routes import feedback, health, notifications, services
+from .routes import docs, feedback, health, notifications, services
 
 
 def create_app(settings: Settings, clock: Clock | None = None) -> FastAPI:
@@ -30,7 +31,7 @@ def create_app(settings: Settings, clock: Clock | None = None) -> FastAPI:
         finally:
             await runtime.stop()
 
-    app = FastAPI(title="nudges", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="nudges", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Health-equity decision support over CDS Hooks 2.0")
     app.state.runtime = runtime
     app.add_middleware(QuietCollectorMiddleware)
@@ -40,8 +41,27 @@ def create_app(settings: Settings, clock: Clock | None = None) -> FastAPI:
     app.add_middleware(ConsoleHeaders)
     app.add_middleware(Instrumentation)
     errors.install(app)
-    for module in (services, feedback, notifications, health):
+    for module in (services, feedback, notifications, health, docs):
         app.include_router(module.router)
     for router in CONSOLE:
         app.include_router(router)
+    document_errors_as_answered(app)
     return app
+
+
+def document_errors_as_answered(app: FastAPI) -> None:
+    """FastAPI documents a 422 validation error on every route with a parameter; these routes read their
+    bodies themselves and answer 400 OperationOutcomes (routes' `responses`), so the 422s are dropped."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            for item in schema.get("paths", {}).values():
+                for operation in item.values():
+                    operation.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+        return app.openapi_schema or {}
+
+    setattr(app, "openapi", openapi)  # noqa: B010  # FastAPI's documented way to customise its schema

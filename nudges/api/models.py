@@ -141,3 +141,22 @@ def request_body(model: type[BaseModel], *media: str) -> dict[str, Any]:
 CALL_SCHEMA = request_body(CdsServiceRequest)
 FEEDBACK_SCHEMA = request_body(FeedbackRequest)
 NOTIFICATION_SCHEMA = request_body(NotificationBundle, "application/fhir+json", "application/json")
+
+
+_OUTCOME_SCHEMA: dict[str, Any] = {
+    "type": "object", "required": ["resourceType", "issue"],
+    "properties": {"resourceType": {"const": "OperationOutcome"}, "issue": {"type": "array", "items": {
+        "type": "object", "properties": {"severity": {"type": "string"}, "code": {"type": "string"},
+                                         "diagnostics": {"type": "string"},
+                                         "expression": {"type": "array", "items": {"type": "string"}}}}}}}
+_WHY = {400: "malformed JSON, a body that is not an object, a missing or invalid field (named), the wrong hook",
+        401: "a missing or refused bearer token (when auth.clients are configured)",
+        404: "no such CDS service",
+        412: "data the rules need is in neither prefetch nor the FHIR server",
+        413: "the body is larger than max_body_bytes"}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI responses for the errors a route answers: every one a FHIR OperationOutcome."""
+    return {status: {"description": _WHY[status], "content": {"application/fhir+json": {"schema": _OUTCOME_SCHEMA}}}
+            for status in statuses}

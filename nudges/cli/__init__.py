@@ -7,10 +7,10 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from . import audit, deliveries, explain, replay, rules, serve, subscriptions, valuesets
+from . import audit, deliveries, explain, new, replay, rules, serve, subscriptions, valuesets
 
 Command = Callable[[argparse.Namespace], int]
-GROUPS = (serve, rules, explain, valuesets, replay, audit, subscriptions, deliveries)
+GROUPS = (serve, rules, explain, new, valuesets, replay, audit, subscriptions, deliveries)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -22,9 +22,15 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..errors import ConfigError
+
     args = parser().parse_args(argv)
     run: Command = args.run
-    return run(args)
+    try:
+        return run(args)
+    except ConfigError as exc:  # settings that cannot be read, for any command: said plainly, not a traceback
+        print(f"nudges {args.command}: {exc.diagnostics}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

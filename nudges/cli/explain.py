@@ -30,6 +30,7 @@ def register(sub: Any) -> None:
     explain.add_argument("--rules", type=Path, metavar="DIR", help="rules folder for a call (default: the service's)")
     explain.add_argument("--now", help="pin the clock for a call (default: its golden file's, else NUDGES_NOW)")
     explain.add_argument("--json", action="store_true", help="the trace as JSON (what the console renders)")
+    explain.add_argument("--brief", action="store_true", help="one line per rule: fired or not, and why")
     explain.set_defaults(run=run)
 
 
@@ -76,7 +77,7 @@ def explain_call(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if args.json:
         out.write(orjson.dumps(explanation.to_dict(), option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
-        out.write(render(explanation.to_dict()))
+        out.write(render(explanation.to_dict(), brief=args.brief))
     return 0
 
 
@@ -98,7 +99,7 @@ def explain_cases(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from .rules import rule_set_of
 
     directory, ids = rule_set_of(args.path)
-    ruleset = load_or_report(directory, err)
+    ruleset = load_or_report(directory, err, focus=ids)
     if ruleset is None:
         return 1
     rule_id = next(iter(ids))
@@ -136,7 +137,7 @@ def explain_cases(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     for i, document in enumerate(documents):
         expected = "a card" if next(c for c in chosen if c.name == document["case"]).expect else "no card"
         out.write(("\n" if i else "") + f"case '{document['case']}' (expects {expected}): {document['outcome']}\n")
-        out.write(render(document))
+        out.write(render(document, brief=args.brief))
     return 0
 
 
@@ -144,8 +145,8 @@ def explain_cases(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 MARK = {True: "✓", False: "✗", None: "·"}
 
 
-def render(data: dict[str, Any]) -> str:
-    """The trace for people: the call's cards, then per rule its verdict, reason and steps."""
+def render(data: dict[str, Any], *, brief: bool = False) -> str:
+    """The trace for people: the call's cards, then per rule its verdict, reason and (unless brief) steps."""
     lines = [f"{data['hook']} at {data['now']} ({data['service']}): {len(data['cards'])} card(s)"]
     raised = {r["card"]["uuid"]: r["rule"] for r in data["rules"] if r.get("card")}
     for card in data["cards"]:
@@ -154,9 +155,14 @@ def render(data: dict[str, Any]) -> str:
     record = data.get("record") or {}
     for source, kinds in record.items():
         lines.append(f"{source}: " + ", ".join(f"{n} {kind}" for kind, n in kinds.items()))
+    if brief:
+        lines.append("")
     for rule in data["rules"]:
         verdict = "FIRED" if rule["fired"] else "ERROR" if rule["error"] else "not fired" if rule["served"] \
             else "not served"
+        if brief:
+            lines.append(f"{rule['rule']}: {verdict}: {rule['reason'].removeprefix('fired: ')}")
+            continue
         lines.append("")
         lines.append(f"{rule['rule']}: {verdict}" + (f"  ({rule['title']})" if rule["title"] else ""))
         lines.append(f"  {rule['reason']}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,8 @@ import orjson
 
 def register(sub: Any) -> None:
     lint = sub.add_parser("lint", help="check rule files; problems as path:line:column")
-    lint.add_argument("directory", type=Path)
+    lint.add_argument("directory", type=Path, nargs="?", help="rules folder (default: the service's, NUDGES_RULES "
+                                                             "or the bundled rules)")
     lint.add_argument("--site", type=Path, metavar="DIR", help="a site's own value-set codes (site_valuesets)")
     lint.add_argument("--config", type=Path, metavar="FILE",
                       help="the service's settings: also check follow-up deliveries against its pools and webhooks")
@@ -20,7 +22,8 @@ def register(sub: Any) -> None:
     test = sub.add_parser("test", help="run the rules' test cases",
                           description="Run each rule's cases. PATH is a rules folder, or one rule or cases file "
                                       "(its rule set is the nearest folder above it with a ruleset.yaml).")
-    test.add_argument("path", type=Path, metavar="PATH")
+    test.add_argument("path", type=Path, metavar="PATH", nargs="?",
+                      help="rules folder, rule file or cases file (default: the service's rules)")
     test.add_argument("--rule", action="append", default=[], metavar="ID", help="only this rule (repeatable)")
     test.add_argument("-v", "--verbose", action="store_true", help="list every case and its outcome")
     test.add_argument("--site", type=Path, metavar="DIR", help="a site's own value-set codes (site_valuesets)")
@@ -34,9 +37,17 @@ def register(sub: Any) -> None:
     catalog.set_defaults(run=catalog_command)
 
 
+def served_rules() -> Path:
+    """The rules the service would serve here: NUDGES_RULES, else the bundled rule set."""
+    from ..settings import load_settings
+
+    return load_settings().rules
+
+
 def lint_command(args: argparse.Namespace) -> int:
     from ..rules.compiler import load_ruleset
     from ..rules.delivery import Targets
+    from ..tools.progress import Progress
 
     targets = None
     if args.config is not None:
@@ -44,7 +55,9 @@ def lint_command(args: argparse.Namespace) -> int:
 
         settings = load_settings(args.config)
         targets = Targets(frozenset(settings.delivery.pools), frozenset(settings.delivery.webhooks))
-    result = load_ruleset(args.directory, args.site, targets)
+    progress = Progress(0, "steps", sys.stderr, prefix="loading rules ")
+    result = load_ruleset(args.directory or served_rules(), args.site, targets, progress=progress)
+    progress.finish()
     for warning in result.warnings:
         print(f"warning: {warning}")
     if result.ruleset is None:
@@ -63,32 +76,56 @@ def lint_command(args: argparse.Namespace) -> int:
 
 
 def test_command(args: argparse.Namespace) -> int:
+    from ..rules.resources import did_you_mean
     from ..tools.cases import run_all
     from ..tools.loading import load_or_report
+    from ..tools.progress import Progress
 
-    directory, only = rule_set_of(args.path)
+    path = args.path or served_rules()
+    if not path.exists():
+        print(f"nudges test: {path}: no such file or folder", file=sys.stderr)
+        return 1
+    directory, only = rule_set_of(path)
     only |= set(args.rule)
-    ruleset = load_or_report(directory, sys.stdout, args.site)
+    ruleset = load_or_report(directory, sys.stdout, args.site, focus=only)
     if ruleset is None:
         return 1
-    unknown = sorted(only - {r.id for r in ruleset.rules})
+    known = {r.id for r in ruleset.rules}
+    unknown = sorted(only - known)
     if unknown:
-        print(f"no rule {', '.join(unknown)} in {directory}", file=sys.stderr)
+        for rule_id in unknown:
+            print(f"no rule '{rule_id}' in {directory}{did_you_mean(rule_id, known)}", file=sys.stderr)
         return 1
-    reports = run_all(ruleset, only or None)
+    reports = run_all(ruleset, only or None, Progress(0, "rules", sys.stderr, prefix="running cases "))
     failed = 0
     for report in reports:
         print(report.summary())
         if args.verbose:
             for case in report.cases:
                 print(f"  {'ok  ' if case.ok else 'FAIL'} {case.outcome:<7} {case.name}")
-        for failure in report.failures:
-            print(failure)
+        cases_file = _show(ruleset.cases[report.rule][0]) if report.rule in ruleset.cases else None
+        for case in report.cases:
+            if not case.ok:
+                print(f"  case '{case.name}': {case.message}")
+                if cases_file and case.outcome != "error":
+                    print(f"    why: nudges explain {cases_file} --case {quoted(case.name)}")
         failed += not report.ok
     cases = sum(len(r.cases) for r in reports)
     bad = sum(1 for r in reports for c in r.cases if not c.ok)
     print(f"{len(reports) - failed} passed, {failed} failed ({cases} case(s), {bad} failing)")
     return 1 if failed else 0
+
+
+def quoted(text: str) -> str:
+    """A shell word someone can paste: in double quotes when that is safe (names often hold apostrophes)."""
+    return f'"{text}"' if not any(c in text for c in '"$`\\!') else shlex.quote(text)
+
+
+def _show(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def rule_set_of(path: Path) -> tuple[Path, set[str]]:

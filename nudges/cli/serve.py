@@ -16,6 +16,8 @@ def register(sub: Any) -> None:
     serve.add_argument("--config", type=Path, help="YAML settings file")
     serve.add_argument("--rules", type=Path, help="rules directory (default: bundled rules/)")
     serve.add_argument("--database-url", dest="database_url")
+    serve.add_argument("--log-format", dest="log_format", choices=["json", "text"],
+                       help="json lines for collectors (default), or text for people")
     serve.add_argument("--workers", type=int, default=1, metavar="N",
                        help="processes serving on the one port (each a stateless replica over the database)")
     serve.set_defaults(run=run)
@@ -29,7 +31,8 @@ def settings_from(args: dict[str, Any]) -> Any:
 
     config = args.get("config")
     return load_settings(Path(config) if config else None, host=args.get("host"), port=args.get("port"),
-                         rules=args.get("rules"), database_url=args.get("database_url"))
+                         rules=args.get("rules"), database_url=args.get("database_url"),
+                         log_format=args.get("log_format"))
 
 
 def worker_app() -> Any:
@@ -41,7 +44,7 @@ def worker_app() -> Any:
     from ..logs import configure
 
     settings = settings_from(orjson.loads(os.environ[WORKER_ARGS]))
-    configure(settings.log_level)
+    configure(settings.log_level, settings.log_format)
     return create_app(settings)
 
 
@@ -54,13 +57,14 @@ def run(args: argparse.Namespace) -> int:
     from ..rules.compiler import load_ruleset
 
     flags = {"config": str(args.config) if args.config else None, "host": args.host, "port": args.port,
-             "rules": str(args.rules) if args.rules else None, "database_url": args.database_url}
+             "rules": str(args.rules) if args.rules else None, "database_url": args.database_url,
+             "log_format": args.log_format}
     if args.workers < 1:
         print("refusing to start: --workers must be 1 or more", file=sys.stderr)
         return 2
     try:
         settings = settings_from(flags)
-        configure(settings.log_level)
+        configure(settings.log_level, settings.log_format)
         result = load_ruleset(settings.rules, settings.site_valuesets)
         if result.ruleset is None:
             for problem in result.problems:

@@ -7,21 +7,23 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import orjson
-from pydantic import ValidationError
 
 from ..fhir import CODE_ELEMENTS
-from . import cache, yamlfiles
+from . import yamlfiles
 from .compiled import CardTemplate, CompiledClause, CompiledGroup, CompiledItem, CompiledRule, RuleSet
 from .delivery import Targets, compile_deliveries
 from .fhirpath import MEMBER_OF, RACE_READ, Compiled, FhirPathSyntaxError, compile_expression
+from .folders import check_cases, missing_folders, seed_passages
 from .resources import did_you_mean
 from .schema import (
+    PLACEHOLDER_MARKS,
     Card,
     Cases,
     Clause,
@@ -45,6 +47,20 @@ from .valuesets import (
     override_coding,
 )
 from .yamlfiles import Problem
+
+
+@dataclass
+class Steps:
+    """Counts a load's steps for a progress callback (none when nobody listens)."""
+
+    listener: Callable[[int, int], None] | None
+    total: int
+    done: int = 0
+
+    def advance(self) -> None:
+        self.done += 1
+        if self.listener is not None:
+            self.listener(self.done, self.total)
 
 
 @dataclass
@@ -72,10 +88,11 @@ def rule_files(directory: Path, site: Path | None = None) -> list[Path]:
     return sorted(files)
 
 
-def load_ruleset(directory: Path, site: Path | None = None, targets: Targets | None = None) -> LoadResult:
+def load_ruleset(directory: Path, site: Path | None = None, targets: Targets | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> LoadResult:
     """Load, check and compile a rules directory (and a site's own value-set codes, `site_valuesets`).
     With `targets` (the pools and webhook endpoints a site configures) follow-up deliveries are checked
-    against them too."""
+    against them too; `progress(done, total)` hears each file parsed, rule compiled and cases file checked."""
     directory = directory.resolve()
     site = site.resolve() if site is not None else None
     problems: list[Problem] = []
@@ -92,11 +109,12 @@ def load_ruleset(directory: Path, site: Path | None = None, targets: Targets | N
 
     manifest_path = directory / "ruleset.yaml"
     manifest: RuleSetManifest | None = None
+    manifest_doc: yamlfiles.Document | None = None
     if manifest_path.exists():
-        document, found = yamlfiles.load(manifest_path, _show(manifest_path))
+        manifest_doc, found = yamlfiles.load(manifest_path, _show(manifest_path))
         problems += found
-        if document is not None:
-            manifest, found = yamlfiles.validate(RuleSetManifest, document, _show(manifest_path))
+        if manifest_doc is not None:
+            manifest, found = yamlfiles.validate(RuleSetManifest, manifest_doc, _show(manifest_path))
             problems += found
     else:
         problems.append(Problem(_show(directory), 1, 1, "missing ruleset.yaml (name, version, topics)"))
@@ -107,7 +125,11 @@ def load_ruleset(directory: Path, site: Path | None = None, targets: Targets | N
     broken = {p.stem for p in files if p.parent.name == "valuesets"} - set(valuesets)  # their own problems come first
     rule_docs: list[tuple[Path, yamlfiles.Document, Rule]] = []
     case_docs: dict[str, tuple[Path, yamlfiles.Document, Cases]] = {}
+    # every file is parsed, then each rule compiled and each cases file checked: two steps for those
+    documents = [p for p in files if p != manifest_path and p.parent.name != "valuesets" and p not in site_files]
+    steps = Steps(progress, len(files) + len(documents))
     for path in files:
+        steps.advance()
         if path == manifest_path or path.parent.name == "valuesets" or path in site_files:
             continue
         document, found = yamlfiles.load(path, _show(path))
@@ -127,16 +149,20 @@ def load_ruleset(directory: Path, site: Path | None = None, targets: Targets | N
 
     seeds_dir = (manifest_path.parent / (manifest.seeds if manifest else "../seeds")).resolve()
     fixture_dirs = tuple((manifest_path.parent / f).resolve() for f in (manifest.fixtures if manifest else ()))
-    seeds = _seed_passages(seeds_dir)
+    seeds = seed_passages(seeds_dir)
     compiled: list[CompiledRule] = []
     unconfigured: list[Problem] = []
     seen_ids: dict[str, str] = {}
+    unchecked: list[str] = []  # rules whose `seed:` citations cannot be checked (no seeds folder)
     for path, document, rule in rule_docs:
+        steps.advance()
         checker = _RuleChecker(_show(path), document, rule, valuesets, manifest, seeds, seeds_dir, broken,
                                targets)
         result = checker.compile()
         problems += checker.problems
         unconfigured += checker.warnings
+        if checker.unchecked_seeds:
+            unchecked.append(rule.id)
         if rule.id in seen_ids:
             problems.append(Problem(_show(path), *yamlfiles.position(document, ("id",)),
                                     f"duplicate rule id (also in {seen_ids[rule.id]})"))
@@ -156,14 +182,28 @@ def load_ruleset(directory: Path, site: Path | None = None, targets: Targets | N
                                         f"in {rule.id}.cases.yaml"))
         if result is not None:
             compiled.append(result)
+        left = placeholders(document.text)
+        if left is not None:
+            line, col, count = left
+            if rule.status == "active":
+                problems.append(Problem(_show(path), line, col, f"an active rule keeps {count} placeholder(s) from "
+                                        "`nudges new rule` (REPLACE, replace-me): fill them in first"))
+            else:
+                unsourced.append(Problem(_show(path), line, col, f"{count} placeholder(s) from `nudges new rule` "
+                                         "left to fill in (REPLACE, replace-me); this is the first"))
     warnings = [*unsourced, *unconfigured]
     for rule_id, (path, document, cases) in case_docs.items():
+        steps.advance()
         if rule_id not in seen_ids:  # a retired rule's cases: harmless, but worth deleting
             warnings.append(Problem(_show(path), *yamlfiles.position(document, ("rule",)),
                                     f"cases for '{rule_id}', which no rule file defines (retired? delete this "
                                     "file, or restore the rule)"))
             continue
         problems += check_cases(path, document, cases, fixture_dirs)
+    if steps.done < steps.total:  # documents that did not parse have no second step
+        steps.done = steps.total - 1
+        steps.advance()
+    problems += missing_folders(manifest_path, manifest_doc, seeds_dir, unchecked, fixture_dirs, problems)
 
     if problems or manifest is None:
         return LoadResult(None, sorted(set(problems)), len(files), sorted(warnings))
@@ -200,6 +240,10 @@ def load_valuesets(files: list[Path], site_files: list[Path],
                 problems.append(Problem(show(path), *yamlfiles.position(document, ("name",)),
                                         f"value set name '{vs.name}' must equal the file name"))
             valuesets[vs.name] = CompiledValueSet.of(vs)
+            left = placeholders(document.text)
+            if left is not None:
+                unsourced.append(Problem(show(path), left[0], left[1], f"{left[2]} placeholder(s) from `nudges new "
+                                         "rule` left to fill in (REPLACE, replace-me); this is the first"))
             missing = [k for k in ("source", "version", "date") if getattr(vs, k) is None]
             if missing:
                 unsourced.append(Problem(show(path), 1, 1, f"value set gives no {', '.join(missing)}: say where "
@@ -234,60 +278,12 @@ def load_valuesets(files: list[Path], site_files: list[Path],
     return valuesets, problems, unsourced
 
 
-def check_cases(path: Path, document: yamlfiles.Document, cases: Cases,
-                fixture_dirs: tuple[Path, ...]) -> list[Problem]:
-    """Cases must run: every `bundle:` found (saying where it was looked for), every inline resource valid
-    FHIR R4 with codes from required bindings. A clean verdict is cached with the file's content."""
-    from .resources import check
-
-    problems = []
-    for i, case in enumerate(cases.cases):
-        if case.bundle:
-            try:
-                find_file(path.parent, case.bundle, fixture_dirs)
-            except FileNotFoundError as exc:
-                problems.append(Problem(_show(path), *yamlfiles.position(document, ("cases", i, "bundle"), value=True),
-                                        str(exc)))
-    entry = cache.key("cases-clean", path.read_bytes())
-    if cache.lookup(entry) is True:
-        return problems
-    found = []
-    for i, case in enumerate(cases.cases):
-        for part in ("resources", "draft_orders", "appointments"):
-            for j, resource in enumerate(getattr(case, part)):
-                for problem in check(resource):
-                    loc = ("cases", i, part, j, *problem.location)
-                    found.append(Problem(_show(path), *yamlfiles.position(document, loc),
-                                         f"case '{case.name}': {part}[{j}] is not valid FHIR R4: {problem.message}"))
-    if not found:
-        cache.store(entry, True)
-    return problems + found
-
-
-def _seed_passages(seeds_dir: Path) -> dict[str, set[str]] | None:
-    """Record id -> passage ids from seeds/*.yaml, or None when there is no seeds folder to check."""
-    if not seeds_dir.is_dir():
-        return None
-    found: dict[str, set[str]] = {}
-    for path in seeds_dir.glob("*.yaml"):
-        document, _ = yamlfiles.load(path, str(path))
-        data = document.plain if document is not None else None
-        if isinstance(data, dict) and "id" in data:
-            passages = data.get("passages") or []
-            found[str(data["id"])] = {str(p.get("id")) for p in passages if isinstance(p, dict)}
-    return found
-
-
-def find_file(start: Path, relative: str, also: tuple[Path, ...] = ()) -> Path:
-    """A fixture path is looked up relative to the cases file's folder, then each parent folder, then the
-    rule set's fixture folders (`fixtures:` in ruleset.yaml); the error says where it looked."""
-    for folder in (start, *start.parents, *also):
-        candidate = folder / relative
-        if candidate.is_file():
-            return candidate
-    places = [f"{start} and its parents", *(str(p) for p in also)]
-    raise FileNotFoundError(f"bundle '{relative}' not found in {', '.join(places)}: add the folder that holds it "
-                            "to `fixtures:` in ruleset.yaml, or give a path relative to this file")
+def placeholders(text: str) -> tuple[int, int, int] | None:
+    """Line and column of the first placeholder `nudges new rule` left in a file, and how many lines hold one."""
+    found = [(n, min(i for i in (line.find(m) for m in PLACEHOLDER_MARKS) if i >= 0) + 1)
+             for n, line in enumerate(text.splitlines(), 1) if any(m in line for m in PLACEHOLDER_MARKS)
+             and not line.lstrip().startswith("#")]
+    return (*found[0], len(found)) if found else None
 
 
 class _RuleChecker:
@@ -302,6 +298,7 @@ class _RuleChecker:
         self.valuesets, self.manifest, self.seeds, self.seeds_dir = valuesets, manifest, seeds, seeds_dir
         self.problems: list[Problem] = []
         self.warnings: list[Problem] = []  # the rule still loads (a delivery name the site has not configured)
+        self.unchecked_seeds = 0
         self.value_set_keys = {name: vs.keys for name, vs in valuesets.items()}  # what memberOf tests
 
     def problem(self, loc: tuple[Any, ...], message: str, *, value: bool = False, offset: int = 0) -> None:
@@ -480,7 +477,7 @@ class _RuleChecker:
         return (reasons if ok else None), tuple(lockouts)
 
     def _valid_resource(self, loc: tuple[Any, ...], resource: dict[str, Any], bound: set[str]) -> bool:
-        from fhir.resources.R4B import get_fhir_model_class
+        from .resources import check
 
         text = orjson.dumps(yamlfiles.plain(resource)).decode()
         for name in PLACEHOLDER.findall(text):
@@ -488,16 +485,9 @@ class _RuleChecker:
                 self.problem(loc, f"unknown placeholder '{{{{{name}}}}}'")
                 return False
         sample = PLACEHOLDER.sub(lambda m: SAMPLE.get(m.group(1), "example"), text)
-        data = orjson.loads(sample)
-        try:
-            get_fhir_model_class(str(data.get("resourceType"))).model_validate(data)
-        except ValidationError as exc:
-            error = exc.errors()[0]
-            where = ".".join(str(p) for p in error["loc"])
-            self.problem((*loc, *error["loc"]), f"suggestion resource is not valid FHIR R4: {where}: {error['msg']}")
-            return False
-        except ValueError as exc:  # unknown resourceType
-            self.problem(loc, f"suggestion resource is not valid FHIR R4: {exc}")
+        found = check(orjson.loads(sample))  # structure, then the codes of required bindings (intent: proposl)
+        if found:
+            self.problem((*loc, *found[0].location), f"suggestion resource is not valid FHIR R4: {found[0].message}")
             return False
         return True
 
@@ -509,9 +499,8 @@ class _RuleChecker:
         for i, citation in enumerate(rule.citations):
             if not citation.seed:
                 continue
-            if self.seeds is None:  # never silently unchecked: a copied rules folder must say where its seeds are
-                self.problem(("citations", i, "seed"), f"cannot check '{citation.seed}': no seeds folder at "
-                                                       f"{self.seeds_dir} (set `seeds:` in ruleset.yaml)", value=True)
+            if self.seeds is None:  # never silently unchecked: reported once, at ruleset.yaml (_missing_folders)
+                self.unchecked_seeds += 1
                 continue
             record, passage = citation.seed.split("#")
             if record not in self.seeds:

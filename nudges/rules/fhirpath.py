@@ -135,12 +135,39 @@ def value_set_names(expression: str, valuesets: ValueSets) -> None:
                                       match.start(1))
 
 
+_CALL = re.compile(r"(?<![\w%$])([A-Za-z_]\w*)\s*\(")
+_LITERAL = re.compile(r"'(?:[^'\\]|\\.)*'|`(?:[^`\\]|\\.)*`")
+_OPERATORS = frozenset({"and", "or", "xor", "implies", "div", "mod", "in"})  # `a and (b)`: not a call
+
+
+def functions() -> frozenset[str]:
+    """The FHIRPath functions a rule may call: fhirpathpy's, memberOf, not the clock's."""
+    from fhirpathpy.engine.invocations import invocation_registry
+
+    names = {n for n in invocation_registry if n[:1].isalpha() and not n.endswith("Op")} - _OPERATORS
+    return frozenset(names - {"now", "today", "timeOfDay"} | {"memberOf"})
+
+
+def function_names(expression: str) -> None:
+    """Every `name(` is a function FHIRPath knows, or the error names the closest one."""
+    from .resources import did_you_mean
+
+    known = functions()
+    text = _LITERAL.sub(lambda m: " " * len(m.group()), expression)  # no calls inside string literals
+    for match in _CALL.finditer(text):
+        name = match.group(1)
+        if name not in known and name not in _OPERATORS:
+            raise FhirPathSyntaxError(f"unknown FHIRPath function '{name}()'{did_you_mean(name, known)}",
+                                      match.start(1))
+
+
 def compile_expression(expression: str, resource_type: str | None = None,
                        valuesets: ValueSets | None = None) -> Compiled:
-    """Parse strictly, then dry-run on an empty resource so unknown functions and wrong arity
-    surface at load time rather than on a patient's record."""
+    """Parse strictly, check function names, then dry-run on an empty resource so wrong arity and the
+    like surface at load time rather than on a patient's record."""
     if _CLOCK_FUNCTIONS.search(expression):
         raise FhirPathSyntaxError("use %now or %today instead of now()/today(): the clock is injected", 0)
+    function_names(expression)
     value_set_names(expression, valuesets or {})
     member = member_of(valuesets or {})
     tree = syntax_tree(expression)

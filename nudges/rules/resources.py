@@ -10,7 +10,7 @@ nearest valid name or code.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +23,7 @@ class ResourceProblem:
     message: str
 
 
-def did_you_mean(word: str, choices: list[str] | set[str] | tuple[str, ...]) -> str:
+def did_you_mean(word: str, choices: Collection[str]) -> str:
     """ " (did you mean 'x'?)" for the closest choice, or the one choice that contains the word (a rule id
     typed short: 'troponin' for 'troponin-without-cath-plan'), or "" when nothing is close."""
     close = difflib.get_close_matches(word, sorted(choices), n=1, cutoff=0.6)

@@ -18,6 +18,8 @@ Indicator = Literal["info", "warning", "critical"]
 _DURATION = re.compile(r"^(\d+)\s*(m|min|h|d|w|y)$")
 _UNITS = {"m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
 ID_PATTERN = r"^[a-z0-9]+(-[a-z0-9]+)*$"
+PLACEHOLDER_MARK = "REPLACE"  # what `nudges new rule` leaves for its author to fill in; lint points at each
+PLACEHOLDER_MARKS = (PLACEHOLDER_MARK, "replace-me")  # ... and its example code system and citation URL
 
 
 def parse_duration(text: str) -> timedelta:

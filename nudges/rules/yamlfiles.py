@@ -7,10 +7,12 @@ positions are parsed only when a problem needs one: an unchanged, clean file cos
 
 from __future__ import annotations
 
+import difflib
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import BaseModel, ValidationError
 from ruamel.yaml import YAML
@@ -18,6 +20,7 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError
 
 from . import cache
+from .resources import did_you_mean
 from .schema import UNION_TAGS
 
 CACHE_FORMAT = b"nudges-yaml-1"
@@ -140,19 +143,57 @@ def validate(model: type[BaseModel], document: Document, display: str) -> tuple[
         return model.model_validate(document.plain), []
     except ValidationError as exc:
         problems = []
+        meant = set()  # (mapping, key) an unknown key was probably meant to be: not also reported missing
+        for error in exc.errors():
+            if error["type"] == "extra_forbidden":
+                names = field_names(model, tuple(error["loc"][:-1]))
+                close = difflib.get_close_matches(str(error["loc"][-1]), sorted(names), n=1, cutoff=0.6)
+                meant |= {(tuple(error["loc"][:-1]), close[0])} if close else set()
         for error in exc.errors():
             loc = tuple(p for p in error["loc"] if p not in UNION_TAGS)
             line, col = position(document, loc)
             where = ".".join(str(p) for p in loc)
             kind = error["type"]
             if kind == "extra_forbidden":
-                message = f"unknown field '{loc[-1]}'"
+                names = field_names(model, tuple(error["loc"][:-1]))
+                message = f"unknown field '{loc[-1]}'{did_you_mean(str(loc[-1]), names)}"
+            elif kind == "literal_error" and isinstance(error.get("input"), str):
+                expected = re.findall(r"'([^']*)'", str((error.get("ctx") or {}).get("expected", "")))
+                message = f"{where}: {error['msg']}{did_you_mean(error['input'], expected)}"
             elif kind == "missing":
+                if (tuple(error["loc"][:-1]), error["loc"][-1]) in meant:
+                    continue
                 message = f"missing required field '{where}'"
             else:
                 message = f"{where}: {error['msg']}" if where else error["msg"]
             problems.append(Problem(display, line, col, message))
         return None, problems
+
+
+def field_names(model: type[BaseModel], loc: tuple[Any, ...]) -> set[str]:
+    """The keys a rule-file mapping may have at `loc` (a validation error's location, union tags such as
+    'Clause' included), for "did you mean"."""
+    candidates: list[type[BaseModel]] = [model]
+    for part in loc:
+        if isinstance(part, int) or not candidates:
+            continue
+        if part in UNION_TAGS:
+            candidates = [c for c in candidates if c.__name__ == part]
+            continue
+        fields = candidates[0].model_fields
+        info = next((f for n, f in fields.items() if (f.alias or n) == part), None)
+        candidates = _models_in(info.annotation) if info is not None else []
+    return {info.alias or name for c in candidates[:1] for name, info in c.model_fields.items()}
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models an annotation names (through list[...], unions and Annotated)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    found: list[type[BaseModel]] = []
+    for arg in get_args(annotation):
+        found += _models_in(arg)
+    return found
 
 
 def plain(value: Any) -> Any:

@@ -25,6 +25,7 @@ from ..pipeline import run_body
 from ..prefetch import fill
 from ..services import Service, Services
 from ..settings import Settings
+from .progress import Progress
 
 BULK_HOOKS = ("patient-view", "encounter-start", "encounter-discharge")
 BATCH = 5000
@@ -113,33 +114,6 @@ def request_for(service: Service, pid: str, resources: list[dict[str, Any]]) -> 
     return {"hook": service.hook.name, "hookInstance": "bulk-replay", "context": context, "prefetch": prefetch}
 
 
-class Progress:
-    """A bar on a terminal, otherwise a plain line every tenth of the way."""
-
-    def __init__(self, total: int, err: TextIO) -> None:
-        self.total, self.err = total, err
-        self.tty = err.isatty()
-        self.shown = -1 if self.tty else 0
-
-    def step(self, done: int) -> None:
-        if self.tty:
-            percent = done * 100 // max(self.total, 1)
-            if percent != self.shown:
-                self.shown = percent
-                bar = "#" * (percent // 4)
-                self.err.write(f"\r[{bar:<25}] {percent:3d}% {done}/{self.total} patients")
-                self.err.flush()
-        else:
-            tenth = done * 10 // max(self.total, 1)
-            if tenth > self.shown:
-                self.shown = tenth
-                self.err.write(f"replay: {done}/{self.total} patients\n")
-
-    def finish(self) -> None:
-        if self.tty:
-            self.err.write("\n")
-
-
 def replay_bulk(files: list[Path], services: Services, settings: Settings, hook: str, now: datetime,
                 out: TextIO, err: TextIO) -> Tally:
     """Evaluate every patient in the export and print per-rule card counts."""
@@ -150,7 +124,7 @@ def replay_bulk(files: list[Path], services: Services, settings: Settings, hook:
         db.execute("PRAGMA journal_mode=OFF")
         db.execute("PRAGMA synchronous=OFF")
         index(files, db, tally, err)
-        progress = Progress(tally.patients, err)
+        progress = Progress(tally.patients, "patients", err, plain=True, delay=0, prefix="replay: ")
         for done, (pid, resources) in enumerate(patients(db), 1):
             body = request_for(service, pid, resources)
             if body is None:

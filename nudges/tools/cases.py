@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from ..errors import NudgesError
 from ..fhir import bundle
 from ..hooks import HOOKS
 from ..rules.compiled import CompiledRule, RuleSet
-from ..rules.compiler import find_file
+from ..rules.folders import find_file
 from ..rules.schema import Case, CaseExpectation
 from ..services import Service, Services
 
@@ -58,6 +59,8 @@ class RuleReport:
         return [f"  case '{c.name}': {c.message}" for c in self.cases if not c.ok]
 
     def summary(self) -> str:
+        if not self.cases:
+            return f"NO CASES {self.rule}: write {self.rule}.cases.yaml beside the rule (nudges new rule shows how)"
         counts = " ".join(f"{o}={self.count(o)}" for o in ("tp", "tn", "fp", "fn", "differs", "error"))
         return f"{'PASS' if self.ok else 'FAIL'} {self.rule}: {len(self.cases)} case(s), {counts}"
 
@@ -172,5 +175,16 @@ def check_rule(rule: CompiledRule, ruleset: RuleSet) -> RuleReport:
     return report
 
 
-def run_all(ruleset: RuleSet, only: set[str] | None = None) -> list[RuleReport]:
-    return [check_rule(rule, ruleset) for rule in ruleset.rules if only is None or rule.id in only]
+def run_all(ruleset: RuleSet, only: set[str] | None = None,
+            progress: Callable[[int, int], None] | None = None) -> list[RuleReport]:
+    """Every rule's report (or only those named); `progress(done, total)` hears each rule run."""
+    rules = [rule for rule in ruleset.rules if only is None or rule.id in only]
+    reports = []
+    for done, rule in enumerate(rules, 1):
+        reports.append(check_rule(rule, ruleset))
+        if progress is not None:
+            progress(done, len(rules))
+    finish = getattr(progress, "finish", None)
+    if callable(finish):
+        finish()
+    return reports

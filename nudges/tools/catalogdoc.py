@@ -12,17 +12,26 @@ BEGIN = "<!-- catalog:begin -->"
 END = "<!-- catalog:end -->"
 
 
-def _evidence_titles(seeds_dir: Path) -> dict[str, str]:
-    path = seeds_dir / "evidence.yaml"
-    if not path.exists():
+def label(publisher: object, year: object, title: object = None) -> str:
+    """"Circulation 2019"; "n.d." for an undated source (a report, a programme page), never "None"."""
+    name = str(publisher).strip() if publisher else ""
+    when = str(year).strip() if year not in (None, "") else "n.d."
+    if not name:
+        return f"{title} ({when})" if title else when
+    return f"{name} {when}" if year not in (None, "") else f"{name}, {when}"
+
+
+def _evidence_titles(seeds_dir: Path | None) -> dict[str, str]:
+    path = seeds_dir / "evidence.yaml" if seeds_dir else None
+    if path is None or not path.exists():
         return {}
     entries = YAML(typ="safe").load(path.read_text(encoding="utf-8")) or []
-    return {str(e["id"]): f"{e.get('publisher', '')} {e.get('year', '')}".strip() for e in entries
+    return {str(e["id"]): label(e.get("publisher"), e.get("year"), e.get("title")) for e in entries
             if isinstance(e, dict) and "id" in e}
 
 
 def catalog_markdown(ruleset: RuleSet) -> str:
-    evidence = _evidence_titles(ruleset.directory.parent / "seeds")
+    evidence = _evidence_titles(ruleset.seeds_dir)
     lines = ["| Rule | Hooks | What it nudges | Latest change | Source passages | Evidence |",
              "|---|---|---|---|---|---|"]
     for rule in ruleset.rules:
@@ -35,9 +44,9 @@ def catalog_markdown(ruleset: RuleSet) -> str:
             if c.evidence:
                 published.append(f"{evidence.get(c.evidence, c.evidence)} (`{c.evidence}`)")
             elif c.title:
-                label = f"{c.publisher or ''} {c.year or ''}".strip() or c.title
+                text = label(c.publisher, c.year) if c.publisher else c.title
                 link = c.url or (f"https://doi.org/{c.doi}" if c.doi else None)
-                published.append(f"[{label}]({link})" if link else label)
+                published.append(f"[{text}]({link})" if link else str(text))
         hooks = ", ".join(sorted(model.hooks))
         latest = model.changes[0] if model.changes else None
         change = f"{latest.version} ({latest.date}): {latest.what}" if latest else f"{model.version}"

@@ -439,7 +439,9 @@ def reason(trace: RuleTrace) -> str:
 def explain(services: Services, body: dict[str, Any], now: datetime, settings: Settings | None = None,
             rule_ids: set[str] | None = None) -> Explanation:
     """Run one hook call body through the real pipeline with the engine's tracer and explain every rule
-    served on its hook (or only `rule_ids`; a named rule the hook does not serve says why)."""
+    served on its hook (or only `rule_ids`; a named rule the hook does not serve says why). A body the
+    service would refuse raises the same NudgesError (BadRequest, NotFound, PreconditionFailed: its
+    `status` and `diagnostics` are the answer the service would give)."""
     settings = settings or Settings()
     recorder = Recorder()
     result = pipeline.run_body(services, settings, body, now, trace=recorder)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TextIO
@@ -9,17 +10,28 @@ from typing import TextIO
 from ..rules.compiled import RuleSet
 from ..rules.compiler import load_ruleset
 from ..services import Services
+from .progress import Progress
 
 
-def load_or_report(directory: Path, err: TextIO, site: Path | None = None) -> RuleSet | None:
-    """The rule set, or None after printing every problem (and, either way, every warning)."""
-    result = load_ruleset(directory, site)
+def load_or_report(directory: Path, err: TextIO, site: Path | None = None,
+                   focus: Iterable[str] = ()) -> RuleSet | None:
+    """The rule set, or None after printing every problem. Warnings about the files of the rules in `focus`
+    (the ones a command was asked about) are printed in full, the others counted in one line, so a run
+    of one rule's cases is not buried under warnings about the rest of the set. A slow load (nothing
+    cached yet, a large set) shows its progress on a terminal."""
+    progress = Progress(0, "steps", sys.stderr, prefix="loading rules ")
+    result = load_ruleset(directory, site, progress=progress)
+    progress.finish()
     for problem in result.problems:
         err.write(f"{problem}\n")
-    for warning in result.warnings[:3]:
+    names = set(focus)
+    mine = [w for w in result.warnings if Path(w.path).name.split(".")[0] in names]
+    for warning in mine:
         err.write(f"warning: {warning}\n")
-    if len(result.warnings) > 3:
-        err.write(f"warning: ... and {len(result.warnings) - 3} more (nudges lint {directory} lists them)\n")
+    others = len(result.warnings) - len(mine)
+    if others:
+        err.write(f"note: {others} {'other ' if mine else ''}lint warning(s) in the rule set "
+                  f"(nudges lint {directory} lists them)\n")
     if result.ruleset is None:
         err.write(f"{len(result.problems)} problem(s) in the rule set in {directory}\n")
     return result.ruleset

@@ -27,6 +27,7 @@ from ..rules.valuesets import REMIND_LATER
 from ..services import Services
 from ..settings import Settings
 from .loopback import BundleServer
+from .progress import Progress
 
 GOLDEN = ".golden.json"
 SERVER = ".server.json"
@@ -195,6 +196,9 @@ def card_diff(expected: list[dict[str, Any]], actual: list[dict[str, Any]]) -> l
 
 def fixture_clock(fixture: Fixture, golden: dict[str, Any] | None, pinned: datetime | None) -> datetime:
     """`--now`, else the golden file's `now`; with neither a replay would not be deterministic: refused."""
+    if pinned is None and golden is None:
+        raise ReplayError(f"{fixture.path}: no golden file yet: `nudges replay {fixture.path} --now INSTANT "
+                          "--update` creates it (e.g. --now 2026-03-02T12:00:00Z)")
     if pinned is None and (golden is None or not isinstance(golden.get("now"), str)):
         raise ReplayError(f"{fixture.path}: no clock: pass --now or add \"now\" to {fixture.golden.name}")
     return pinned or parse_instant(str((golden or {})["now"]))
@@ -238,7 +242,17 @@ def replay_fixture(fixture: Fixture, services: Services, settings: Settings, pin
     for same, lines in found:
         out.write(f"DIFF {fixture.path} ({', '.join(same)}) against {fixture.golden}\n")
         out.writelines(line + "\n" for line in lines)
+        changed = changed_rules(expected, results[same[0]])
+        if changed:
+            out.write(f"  why: nudges explain {fixture.path} {' '.join(f'--rule {r}' for r in changed)}\n")
     return False
+
+
+def changed_rules(expected: list[dict[str, Any]], actual: list[dict[str, Any]]) -> list[str]:
+    """The rules whose card appeared, disappeared or changed: what `nudges explain` should be asked about."""
+    want = {c.get("rule"): c for c in expected}
+    got = {c.get("rule"): c for c in actual}
+    return sorted(str(r) for r in set(want) | set(got) if want.get(r) != got.get(r))
 
 
 def main(paths: list[Path], *, rules: Path | None, now: str | None, update: bool, hook: str,
@@ -268,13 +282,17 @@ def main(paths: list[Path], *, rules: Path | None, now: str | None, update: bool
     if services is None:
         return 1
     failed = 0
+    progress = Progress(len(fixtures), "calls", err, prefix="replaying ")
     with BundleServer() as server:
-        for fixture in fixtures:
+        for done, fixture in enumerate(fixtures, 1):
+            progress.clear()  # its lines and the bar share the terminal
             try:
                 failed += not replay_fixture(fixture, services, settings, pinned, update, out, server)
             except (ReplayError, orjson.JSONDecodeError, OSError) as exc:
                 out.write(f"ERROR {exc}\n")
                 failed += 1
+            progress.step(done)
+    progress.finish()
     if fixtures:
         out.write(f"{len(fixtures) - failed} of {len(fixtures)} call(s) match their golden files "
                   f"(rule set {services.ruleset.version})\n")

@@ -10,13 +10,13 @@ from ...errors import NotFound
 from ...pipeline import validation_error
 from ...store import FeedbackRecord
 from ..deps import BodyDep, CallerDep, RuntimeDep, json_response
-from ..models import FEEDBACK_SCHEMA, FeedbackRequest
+from ..models import FEEDBACK_SCHEMA, FeedbackRequest, error_responses
 
 router = APIRouter(tags=["CDS Hooks"])
 
 
 @router.post("/cds-services/{service_id}/feedback", summary="Feedback on cards",
-             openapi_extra={"requestBody": FEEDBACK_SCHEMA})
+             openapi_extra={"requestBody": FEEDBACK_SCHEMA}, responses=error_responses(400, 401, 404, 413))
 async def feedback(service_id: str, runtime: RuntimeDep, caller: CallerDep, body: BodyDep) -> Response:
     if service_id not in runtime.services().by_id:
         raise NotFound(f"no CDS service '{service_id}'")

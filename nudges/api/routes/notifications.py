@@ -23,7 +23,7 @@ from ...events.subscriptions import SECRET_PREFIX, Managed
 from ...fhir import parse_reference
 from ..auth import Caller
 from ..deps import BodyDep, RuntimeDep, authenticate, json_response
-from ..models import NOTIFICATION_SCHEMA
+from ..models import NOTIFICATION_SCHEMA, error_responses
 
 log = logging.getLogger("nudges.auth")
 router = APIRouter(tags=["Subscriptions"])
@@ -63,7 +63,7 @@ def _own(managed: Managed, note: Notification) -> str:
 
 
 @router.post("/fhir/notifications", summary="FHIR Subscriptions (R4 Backport IG) notifications",
-             openapi_extra={"requestBody": NOTIFICATION_SCHEMA})
+             openapi_extra={"requestBody": NOTIFICATION_SCHEMA}, responses=error_responses(400, 401, 413))
 async def notifications(runtime: RuntimeDep, who: NotifierDep, body: BodyDep) -> Response:
     note = parse_notification(body)
     store = runtime.store

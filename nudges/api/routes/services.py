@@ -11,7 +11,7 @@ from starlette.background import BackgroundTask
 
 from ... import pipeline
 from ..deps import BodyDep, CallerDep, RuntimeDep, json_response
-from ..models import CALL_SCHEMA
+from ..models import CALL_SCHEMA, error_responses
 
 router = APIRouter(tags=["CDS Hooks"])
 RELEASE_SLICE = 250  # resources freed between two turns of the event loop (about 0.25 ms)
@@ -25,7 +25,7 @@ async def discovery(runtime: RuntimeDep, caller: CallerDep) -> Response:
 
 
 @router.post("/cds-services/{service_id}", summary="Call a CDS service (a hook)",
-             openapi_extra={"requestBody": CALL_SCHEMA})
+             openapi_extra={"requestBody": CALL_SCHEMA}, responses=error_responses(400, 401, 404, 412, 413))
 async def call_service(service_id: str, runtime: RuntimeDep, caller: CallerDep, body: BodyDep) -> Response:
     call = pipeline.parse_call(runtime.services(), service_id, body)
     await pipeline.complete(call, runtime.fhir, runtime.settings,

@@ -1,0 +1,100 @@
+"""The folders a rule set reads besides its rule files: the fixtures its cases' `bundle:` paths name and the
+seeds its `seed:` citations are checked against, and what lint says when they are not where
+ruleset.yaml says (once, at ruleset.yaml, before the knock-on errors)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import cache, yamlfiles
+from .schema import Cases
+from .yamlfiles import Problem
+
+
+def _show(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def check_cases(path: Path, document: yamlfiles.Document, cases: Cases,
+                fixture_dirs: tuple[Path, ...]) -> list[Problem]:
+    """Cases must run: every `bundle:` found (saying where it was looked for), every inline resource valid
+    FHIR R4 with codes from required bindings. A clean verdict is cached with the file's content."""
+    from .resources import check
+
+    problems = []
+    for i, case in enumerate(cases.cases):
+        if case.bundle:
+            try:
+                find_file(path.parent, case.bundle, fixture_dirs)
+            except FileNotFoundError as exc:
+                problems.append(Problem(_show(path), *yamlfiles.position(document, ("cases", i, "bundle"), value=True),
+                                        str(exc)))
+    entry = cache.key("cases-clean", path.read_bytes())
+    if cache.lookup(entry) is True:
+        return problems
+    found = []
+    for i, case in enumerate(cases.cases):
+        for part in ("resources", "draft_orders", "appointments"):
+            for j, resource in enumerate(getattr(case, part)):
+                for problem in check(resource):
+                    loc = ("cases", i, part, j, *problem.location)
+                    found.append(Problem(_show(path), *yamlfiles.position(document, loc),
+                                         f"case '{case.name}': {part}[{j}] is not valid FHIR R4: {problem.message}"))
+    if not found:
+        cache.store(entry, True)
+    return problems + found
+
+
+def missing_folders(manifest_path: Path, document: yamlfiles.Document | None, seeds_dir: Path, unchecked: list[str],
+                     fixture_dirs: tuple[Path, ...], problems: list[Problem]) -> list[Problem]:
+    """The root causes of a rule set copied away from its folders, said once at ruleset.yaml: no seeds folder
+    (instead of an error at every `seed:` citation), a fixtures folder that does not exist (before the
+    bundles not found in it)."""
+    found = []
+    show = _show(manifest_path)
+    if unchecked:
+        found.append(Problem(show, *(yamlfiles.position(document, ("seeds",)) if document else (1, 1)),
+                             f"no seeds folder at {seeds_dir}, so the `seed:` citations of {len(unchecked)} rule(s) "
+                             f"({', '.join(sorted(unchecked)[:3])}{', ...' if len(unchecked) > 3 else ''}) cannot be "
+                             "checked: copy the seeds folder beside the rules folder, or set `seeds:` in ruleset.yaml"))
+    if any(" not found in " in p.message and p.message.startswith("bundle ") for p in problems):
+        for i, folder in enumerate(fixture_dirs):
+            if not folder.is_dir():
+                found.append(Problem(show, *(yamlfiles.position(document, ("fixtures", i), value=True) if document
+                                             else (1, 1)),
+                                     f"fixtures folder {folder} does not exist, and cases' bundles were looked for "
+                                     "there: copy it beside the rules folder, or set `fixtures:` in ruleset.yaml"))
+    return found
+
+
+def seed_passages(seeds_dir: Path) -> dict[str, set[str]] | None:
+    """Record id -> passage ids from seeds/*.yaml, or None when there is no seeds folder to check."""
+    if not seeds_dir.is_dir():
+        return None
+    found: dict[str, set[str]] = {}
+    for path in seeds_dir.glob("*.yaml"):
+        document, _ = yamlfiles.load(path, str(path))
+        data = document.plain if document is not None else None
+        if isinstance(data, dict) and "id" in data:
+            passages = data.get("passages") or []
+            found[str(data["id"])] = {str(p.get("id")) for p in passages if isinstance(p, dict)}
+    return found
+
+
+def find_file(start: Path, relative: str, also: tuple[Path, ...] = ()) -> Path:
+    """A fixture path is looked up relative to the cases file's folder, then each parent folder, then the
+    rule set's fixture folders (`fixtures:` in ruleset.yaml); the error says where it looked."""
+    parts = Path(relative).parts
+    for folder in (start, *start.parents, *also):
+        candidate = folder / relative
+        if candidate.is_file():
+            return candidate
+    for folder in also:  # `fhir_fixtures/patients/x.json` in a fixtures folder that is itself fhir_fixtures/
+        if len(parts) > 1 and parts[0] == folder.name and (folder.joinpath(*parts[1:])).is_file():
+            return folder.joinpath(*parts[1:])
+    places = [f"{start} and its parents", *(str(p) for p in also)]
+    raise FileNotFoundError(f"bundle '{relative}' not found in {', '.join(places)}: add the folder that holds it "
+                            "to `fixtures:` in ruleset.yaml, or give a path relative to this file")

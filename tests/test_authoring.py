@@ -1,0 +1,214 @@
+"""The rule author's workbench: a rule set away from its repository, lint that helps, `nudges test` counts."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+from nudges.cli import main
+
+TROPONIN = "troponin-without-cath-plan"
+RULE = Path("cardiology") / f"{TROPONIN}.yaml"
+CASES = Path("cardiology") / f"{TROPONIN}.cases.yaml"
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, old
+    path.write_text(text.replace(old, new, 1))
+
+
+@pytest.fixture
+def lone_rules(tmp_path: Path) -> Path:
+    """A copy of the test rules on its own, without the seeds and fixtures folders beside it, with a seed
+    citation and a case that reads a bundle from fhir_fixtures/."""
+    target = tmp_path / "elsewhere" / "rules"
+    shutil.copytree(ROOT / "tests" / "rules", target)
+    edit(target / RULE, "citations:\n", "citations:\n  - seed: nejm-racial-disparities-ebook#p1\n")
+    (tmp_path / "fixtures" / "fhir_fixtures" / "patients").mkdir(parents=True)
+    bundle = '{"resourceType": "Bundle", "type": "collection", "entry": []}'
+    (tmp_path / "fixtures" / "fhir_fixtures" / "patients" / "empty.json").write_text(bundle)
+    edit(target / CASES, "    hook: encounter-start\n", "    hook: encounter-start\n"
+                                                         "    bundle: fhir_fixtures/patients/empty.json\n")
+    return target
+
+
+def test_a_rule_set_copied_alone_names_its_missing_folders_once(lone_rules: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "lint", str(lone_rules))
+    assert code == 1
+    lines = out.splitlines()
+    seeds = [line for line in lines if "seed" in line]
+    assert len(seeds) == 1 and "ruleset.yaml:1:1: no seeds folder at" in seeds[0]
+    assert f"the `seed:` citations of 1 rule(s) ({TROPONIN})" in seeds[0]
+    assert any("fixtures folder" in line and "does not exist" in line for line in lines)
+    missing = next(line for line in lines if "bundle 'fhir_fixtures/patients/empty.json' not found" in line)
+    assert f"{lone_rules / 'cardiology'} and its parents" in missing  # where it looked
+    assert missing.startswith(f"{lone_rules / CASES}:") or str(CASES) in missing.split(":")[0]
+
+
+def test_a_rule_set_elsewhere_works_with_its_own_seeds_and_fixtures(lone_rules: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    with (lone_rules / "ruleset.yaml").open("a") as manifest:
+        manifest.write(f"seeds: {ROOT / 'seeds'}\nfixtures: [{tmp_path / 'fixtures' / 'fhir_fixtures'}]\n")
+    code, out, _ = run(capsys, "lint", str(lone_rules))
+    assert code == 0 and out.splitlines()[-1].startswith("ok: 3 rules"), out
+    code, out, _ = run(capsys, "test", str(lone_rules))
+    assert code == 0 and "3 passed, 0 failed" in out, out
+    edit(lone_rules / RULE, "ebook#p1", "ebook#p99")  # the seeds are checked again
+    code, out, _ = run(capsys, "lint", str(lone_rules))
+    assert code == 1 and "no passage 'p99' in seed 'nejm-racial-disparities-ebook'" in out
+
+
+@pytest.mark.parametrize(("where", "old", "new", "message"), [
+    (RULE, "            intent: proposal\n", "            intent: proposl\n", "'proposl'"),
+    (CASES, "        authoredOn: \"2026-03-02T01:00:00Z\"\n", "        authoredOnn: \"2026-03-02T01:00:00Z\"\n",
+     "authoredOnn"),
+])
+def test_fhir_in_rule_files_is_checked_like_a_server_would(rules_dir: Path, capsys: pytest.CaptureFixture[str],
+                                                           where: Path, old: str, new: str, message: str) -> None:
+    edit(rules_dir / where, old, new)
+    code, out, _ = run(capsys, "lint", str(rules_dir))
+    assert code == 1 and any(message in line and "not valid FHIR R4" in line for line in out.splitlines()), out
+
+
+def test_retired_rules_cases_only_warn(rules_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (rules_dir / RULE).unlink()
+    code, out, _ = run(capsys, "lint", str(rules_dir))
+    assert code == 0, out
+    assert any(line.startswith("warning: ") and f"cases for '{TROPONIN}', which no rule file defines" in line
+               for line in out.splitlines())
+
+
+def test_nudges_test_one_rule_verbose_with_counts_that_add_up(rules_dir: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    edit(rules_dir / CASES, "    hook: encounter-start\n", "    hook: encounter-start\n    now: \"yesterday\"\n")
+    for argv in (["test", str(rules_dir), "--rule", TROPONIN, "-v"], ["test", str(rules_dir / CASES), "-v"],
+                 ["test", str(rules_dir / RULE), "-v"]):
+        code, out, _ = run(capsys, *argv)
+        lines = [line for line in out.splitlines() if not line.startswith(("warning: ", "note: "))]
+        assert code == 1 and lines[0] == f"FAIL {TROPONIN}: 4 case(s), tp=1 tn=2 fp=0 fn=0 differs=0 error=1", out
+        assert sum(line.startswith(("  ok  ", "  FAIL")) for line in lines) == 4  # each case listed
+        assert any("could not run" in line for line in lines)
+        assert lines[-1] == "0 passed, 1 failed (4 case(s), 1 failing)"
+
+
+@pytest.mark.parametrize(("where", "old", "new", "message"), [
+    (RULE, "      within: 72h\n", "      withn: 72h\n", "unknown field 'withn' (did you mean 'within'?)"),
+    (RULE, "card:\n  summary:", "card:\n  sumary:", "unknown field 'sumary' (did you mean 'summary'?)"),
+    (RULE, "status: active", "status: actve", "(did you mean 'active'?)"),
+    (CASES, "    expect: []\n", "    expected: []\n", "unknown field 'expected' (did you mean 'expect'?)"),
+    (Path("valuesets/troponin.yaml"), "title:", "titel:", "unknown field 'titel' (did you mean 'title'?)"),
+    (RULE, ".exists()\"", ".exsts()\"", "unknown FHIRPath function 'exsts()' (did you mean 'exists'?)"),
+    (RULE, ".exists()\"", ".memberof('troponin')\"",
+     "unknown FHIRPath function 'memberof()' (did you mean 'memberOf'?)"),
+])
+def test_did_you_mean_for_fields_values_and_fhirpath_functions(rules_dir: Path, capsys: pytest.CaptureFixture[str],
+                                                                where: Path, old: str, new: str, message: str) -> None:
+    edit(rules_dir / where, old, new)
+    code, out, _ = run(capsys, "lint", str(rules_dir))
+    problems = [line for line in out.splitlines() if not line.startswith("warning: ")]
+    assert code == 1 and any(message in line for line in problems), out
+    assert not any("missing required field" in line for line in problems), out  # the typo, not its knock-on
+
+
+@pytest.mark.parametrize("hook", ["patient-view", "encounter-start", "order-select", "order-sign", "appointment-book"])
+def test_new_rule_lints_clean_and_its_two_cases_pass(rules_dir: Path, capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch, hook: str) -> None:
+    monkeypatch.setenv("NUDGES_NOW", "2026-03-02T12:34:00Z")
+    code, out, err = run(capsys, "new", "rule", "my-new-rule", "--hook", hook, "--area", "drafts",
+                         "--rules", str(rules_dir))
+    assert code == 0, out + err
+    rule, cases = rules_dir / "drafts" / "my-new-rule.yaml", rules_dir / "drafts" / "my-new-rule.cases.yaml"
+    assert rule.is_file() and cases.is_file() and (rules_dir / "valuesets" / "my-new-rule.yaml").is_file()
+    assert "lint ok; PASS my-new-rule: 2 case(s), tp=1 tn=1" in out
+    assert "now: \"2026-03-02T12:00:00Z\"" in cases.read_text()  # the pinned clock, to the hour
+    code, out, _ = run(capsys, "lint", str(rules_dir))
+    assert code == 0, out
+    warned = [line for line in out.splitlines() if "placeholder(s) from `nudges new rule`" in line]
+    assert len(warned) == 2 and any("drafts/my-new-rule.yaml:" in line for line in warned)  # rule and value set
+    code, out, _ = run(capsys, "test", str(rule), "-v")
+    assert code == 0 and "2 case(s), tp=1 tn=1" in out and out.count("  ok  ") == 2
+    # The author makes it active before filling in the placeholders: an error, not a warning.
+    edit(rule, "status: experimental", "status: active")
+    code, out, _ = run(capsys, "lint", str(rules_dir))
+    assert code == 1 and "an active rule keeps" in out
+
+
+def test_new_rule_never_overwrites_and_checks_the_topic(rules_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "new", "rule", TROPONIN, "--rules", str(rules_dir))
+    assert code == 1 and "already exists" in err
+    code, _, err = run(capsys, "new", "rule", "fresh-rule", "--topic", "acute-coronary", "--rules", str(rules_dir))
+    assert code == 1 and "(did you mean 'acute-coronary-care'?)" in err
+    assert not (rules_dir / "local").exists()
+    code, _, err = run(capsys, "new", "rule", "fresh-rule", "--rules", str(rules_dir.parent))
+    assert code == 1 and "no rule set at" in err
+
+
+def test_nudges_test_says_what_is_missing(rules_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "test", str(rules_dir / "cardiology" / "nowhere"))
+    assert code == 1 and "no such file or folder" in err  # not a load of the current folder as a rule set
+    code, _, err = run(capsys, "test", str(rules_dir), "--rule", "troponin")
+    assert code == 1 and f"no rule 'troponin' in {rules_dir} (did you mean '{TROPONIN}'?)" in err
+    (rules_dir / CASES).unlink()
+    edit(rules_dir / RULE, "status: active", "status: experimental")
+    code, out, _ = run(capsys, "test", str(rules_dir / RULE))
+    assert code == 0 and f"NO CASES {TROPONIN}: write {TROPONIN}.cases.yaml" in out
+
+
+def test_warnings_about_the_rest_of_the_set_are_one_line(rules_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "test", str(rules_dir / RULE))
+    assert code == 0 and not any(line.startswith("warning: ") for line in out.splitlines())
+    assert out.splitlines()[0] == f"note: 4 lint warning(s) in the rule set (nudges lint {rules_dir} lists them)"
+    edit(rules_dir / RULE, "owner: cardiology-informatics", "owner: REPLACE-me")  # a warning about this rule
+    edit(rules_dir / RULE, "status: active", "status: experimental")
+    code, out, _ = run(capsys, "test", str(rules_dir / RULE))
+    lines = out.splitlines()
+    assert lines[0].startswith("warning: ") and "placeholder(s) from `nudges new rule`" in lines[0]
+    assert lines[1] == f"note: 4 other lint warning(s) in the rule set (nudges lint {rules_dir} lists them)"
+
+
+def test_a_failing_case_names_the_explain_command(rules_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    edit(rules_dir / CASES, "valueQuantity: {value: 20, unit: ng/L}", "valueQuantity: {value: 200, unit: ng/L}")
+    code, out, _ = run(capsys, "test", str(rules_dir), "--rule", TROPONIN)
+    assert code == 1
+    why = next(line for line in out.splitlines() if "why:" in line)
+    assert why.endswith(f"nudges explain {rules_dir / CASES} --case \"near miss - value within this assay's "
+                        "reference range\"")
+    code, out, _ = run(capsys, "explain", str(rules_dir / CASES), "--case",
+                       "near miss - value within this assay's reference range")
+    assert code == 0 and f"{TROPONIN}: FIRED" in out
+
+
+def test_a_rule_load_is_cached_by_content(rules_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parsed YAML and FHIRPath trees are kept on disk by the hash of what was parsed: an unchanged set
+    loads from the cache, an edited file is parsed again, and a damaged entry costs only speed."""
+    from nudges.rules import cache
+    from nudges.rules.compiler import load_ruleset
+
+    monkeypatch.setenv("NUDGES_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(cache, "_memory", {})
+    first = load_ruleset(rules_dir).ruleset
+    entries = {p.name for p in (tmp_path / "cache").rglob("*.json")}
+    assert first is not None and any(n.startswith("yaml-") for n in entries) and any(
+        n.startswith("fhirpath-") for n in entries)
+    monkeypatch.setattr(cache, "_memory", {})
+    for entry in (tmp_path / "cache").rglob("yaml-*.json"):
+        entry.write_text("{not json")  # damaged: parsed again
+    again = load_ruleset(rules_dir).ruleset
+    assert again is not None and again.digest == first.digest and [r.id for r in again.rules] == [
+        r.id for r in first.rules]
+    edit(rules_dir / RULE, "within: 72h", "within: 48h")
+    edited = load_ruleset(rules_dir).ruleset
+    assert edited is not None and edited.digest != first.digest
+    rule = next(r for r in edited.rules if r.id == TROPONIN)
+    assert str(rule.all[0].within) == "2 days, 0:00:00"  # type: ignore[union-attr]  # the edit, not the cache
