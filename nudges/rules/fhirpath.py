@@ -130,6 +130,15 @@ def value_set_names(expression: str, valuesets: ValueSets) -> None:
                                       match.start(1))
 
 
+def interpreted(tree: Any, member: Callable[[list[Any], str], list[bool]]) -> Compiled:
+    """fhirpathpy's interpreter over a syntax tree, in the R4 model, with `member` as memberOf: the
+    reference the compiled form (fastpath) must agree with, and the fallback for what it does not cover."""
+    functions = {"memberOf": {"fn": member, "arity": {1: ["String"]}}}
+    compiled: Compiled = set_paths(apply_parsed_path, parsedPath=tree, model=R4,
+                                   options={"userInvocationTable": functions})
+    return compiled
+
+
 def compile_expression(expression: str, resource_type: str | None = None,
                        valuesets: ValueSets | None = None) -> Compiled:
     """Parse strictly, then dry-run on an empty resource so unknown functions and wrong arity
@@ -139,8 +148,7 @@ def compile_expression(expression: str, resource_type: str | None = None,
     value_set_names(expression, valuesets or {})
     member = member_of(valuesets or {})
     tree = syntax_tree(expression)
-    functions = {"memberOf": {"fn": member, "arity": {1: ["String"]}}}
-    compiled = set_paths(apply_parsed_path, parsedPath=tree, model=R4, options={"userInvocationTable": functions})
+    compiled = interpreted(tree, member)
     probe = {"resourceType": resource_type} if resource_type else {}
     try:
         compiled(probe, dict(SAMPLE_ENVIRONMENT))
