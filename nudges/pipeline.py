@@ -157,6 +157,7 @@ class Result:
 
     issued: list[IssuedCard] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    bucket: Bucket = field(default_factory=Bucket)  # the patient's demographic bucket (the audit's groups)
 
     @property
     def cards(self) -> list[dict[str, Any]]:
@@ -176,12 +177,12 @@ def evaluate(call: Call, services: Services, now: datetime, *, patient_hash: str
     windows = {m.rule.id: m.rule.suppress for m in outcome.matches if m.rule.suppress}
     quiet = suppressed(windows) if (windows and suppressed) else set()
     who: Bucket = bucket(record.patient, list(flatten(call.prefetch.get("coverage"))))
-    result = Result(failed=outcome.failed)
+    result = Result(failed=outcome.failed, bucket=who)
     for match in outcome.matches:
         if match.rule.id in quiet:
             continue
         card = build_card(match, services.ruleset, call.context, record.patient, now)
-        result.issued.append(IssuedCard(match.rule.id, card, CardRecord(
+        result.issued.append(IssuedCard(match.rule.id, card, match=match, record=CardRecord(
             uuid=card["uuid"], service_id=call.service.id, rule_id=match.rule.id, rule_version=match.rule.version,
             hook=call.service.hook.name, hook_instance=call.request.hookInstance, patient_hash=patient_hash,
             bucket=who, indicator=card["indicator"], issued_at=now, tenant=tenant)))

@@ -1,0 +1,113 @@
+"""One patient's resources as the hook call an EHR would send with everything prefetched, evaluated by the
+service's own pipeline: the one implementation behind `nudges replay export/` and `nudges screen`.
+
+Why a call and not a shortcut into the engine: the cards a navigator's worklist shows must be the cards
+a clinician would see for that patient, so the request goes through the same parse, prefetch checks,
+record index, rules and card building as a live hook call (nothing suppressed, nothing stored).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from ..cards import IssuedCard, Renderer, ordered
+from ..errors import NudgesError
+from ..fhir import bundle, instant, parse_fhir_date
+from ..pipeline import evaluate, parse_call, require, still_missing
+from ..services import Service, Services
+from ..store import Bucket
+
+USER = "Practitioner/population-screening"
+NO_ENCOUNTER = "no Encounter (the hook needs one)"
+
+
+def request_for(service: Service, pid: str, resources: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The call an EHR would send with everything prefetched, one prefetch key per template; None when the
+    hook needs an encounter and the record has none. Encounter hooks take the patient's latest encounter."""
+    by_type: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for resource in resources:
+        by_type[str(resource.get("resourceType"))].append(resource)
+    prefetch: dict[str, Any] = {}
+    for key, template in service.plan.templates.items():
+        kind = re.split(r"[/?]", template, maxsplit=1)[0]
+        if template.startswith(f"{kind}/"):
+            prefetch[key] = next(iter(by_type.get(kind, ())), None)
+        else:
+            prefetch[key] = bundle(by_type.get(kind, []), "searchset")
+    context: dict[str, Any] = {"userId": USER, "patientId": pid}
+    if service.hook.has_encounter:
+        def start(encounter: dict[str, Any]) -> datetime:
+            found = parse_fhir_date((encounter.get("period") or {}).get("start"))
+            return found or datetime.min.replace(tzinfo=UTC)
+
+        encounters = [e for e in by_type.get("Encounter", []) if isinstance(e.get("id"), str)]
+        if not encounters:
+            return None
+        context["encounterId"] = max(encounters, key=lambda e: (start(e), e["id"]))["id"]
+    return {"hook": service.hook.name, "hookInstance": "population-screening", "context": context,
+            "prefetch": prefetch}
+
+
+@dataclass(frozen=True)
+class Fired:
+    """One worklist row: a card the rule would raise for this patient and what made it fire."""
+
+    rule: str
+    patient: str
+    indicator: str
+    summary: str
+    evidence: tuple[tuple[str, str, str, str, str], ...]  # (name, reference, date, display, value) per binding
+
+    def key(self) -> tuple[str, str]:
+        return self.rule, self.patient
+
+
+@dataclass(frozen=True)
+class Screened:
+    """A patient's outcome: the cards, the rules that raised, the demographic bucket; or why it was skipped."""
+
+    fired: tuple[Fired, ...] = ()
+    failed: tuple[str, ...] = ()
+    bucket: Bucket | None = None
+    skipped: str | None = None
+
+
+def evidence(issued: IssuedCard, context: dict[str, Any], patient: dict[str, Any] | None,
+             now: datetime) -> tuple[tuple[str, str, str, str, str], ...]:
+    """The bound resources, as the card's placeholders show them (one renderer for both)."""
+    match = issued.match
+    if match is None:
+        return ()
+    render = Renderer(match, context, patient, now)
+    found = []
+    for name in sorted(match.bindings):
+        when = match.dates.get(name)
+        value = render.value(f"{name}.value")
+        found.append((name, render.value(f"{name}.reference"), instant(when) if when else "",
+                      render.value(f"{name}.display"), "" if value == "not recorded" else value))
+    return tuple(found)
+
+
+def screen_patient(services: Services, service: Service, pid: str, resources: list[dict[str, Any]],
+                   now: datetime) -> Screened:
+    """The patient's call through the pipeline; a call the service would refuse is skipped with the
+    reason it would give."""
+    body = request_for(service, pid, resources)
+    if body is None:
+        return Screened(skipped=NO_ENCOUNTER)
+    try:
+        call = parse_call(services, service.id, body)
+        missing = still_missing(call)
+        if missing:
+            require(call, missing, "not in the export")
+        result = evaluate(call, services, now, patient_hash="population-screening")
+    except NudgesError as exc:
+        return Screened(skipped=f"the service would answer {exc.status}: {exc.diagnostics}")
+    patient = next(iter(r for r in resources if r.get("resourceType") == "Patient"), None)
+    fired = tuple(Fired(i.rule_id, pid, i.card["indicator"], i.card["summary"],
+                        evidence(i, call.context, patient, now)) for i in ordered(result.issued))
+    return Screened(fired, tuple(result.failed), result.bucket)
