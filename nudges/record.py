@@ -24,6 +24,9 @@ from .fhir import (
 )
 
 _CODE_PATHS = {kind: tuple(tuple(p.split(".")) for p in paths) for kind, paths in CODE_ELEMENTS.items()}
+# What every call's record reads besides the rules' clauses: the patient (age, `patient:`, the audit's
+# bucket), coverage (the payer class) and Medication (what `medicationReference` names).
+NEEDED = frozenset({"Patient", "Coverage", "Medication"})
 
 
 def _note(index: dict[Any, list[Resource]], key: Any, resource: Resource) -> None:
@@ -57,9 +60,11 @@ class IndexPlan:
     plan the index keeps only codings some clause asks for, and each clause's code set is one bucket, so a
     look-up is one dict access however large the value set."""
 
-    __slots__ = ("buckets", "codes")
+    __slots__ = ("buckets", "codes", "whole")
 
-    def __init__(self, keysets: Iterable[tuple[str, frozenset[tuple[str, str]]]]) -> None:
+    def __init__(self, keysets: Iterable[tuple[str, frozenset[tuple[str, str]]]],
+                 whole: Iterable[str] = ()) -> None:
+        self.whole = frozenset(whole) | NEEDED  # types some clause reads in full (no codes, or words)
         self.buckets: dict[tuple[str, frozenset[tuple[str, str]]], int] = {}
         codes: dict[str, dict[str, list[tuple[str, int]]]] = {}
         for kind, keys in keysets:
@@ -72,6 +77,46 @@ class IndexPlan:
         # one hash of a short string
         self.codes: dict[str, dict[str, tuple[tuple[str, int], ...]]] = {
             kind: {code: tuple(found) for code, found in by_code.items()} for kind, by_code in codes.items()}
+
+    def reads(self, resource: Resource) -> bool:
+        """Whether a record with this plan could ever look at the resource: its type is read in full, or it
+        carries a code some clause looks up (or names its medication by reference, whose code only the
+        Medication tells). Population screening leaves the rest out of each patient's call: the cards are
+        the same, and most of a record (vital signs, routine labs) is never parsed a second time."""
+        kind = resource.get("resourceType")
+        if kind in self.whole:
+            return True
+        wanted = self.codes.get(kind) if isinstance(kind, str) else None
+        if wanted is None:
+            return False
+        if kind in MEDICATION_TYPES and "medicationReference" in resource:
+            return True
+        try:
+            for path in _CODE_PATHS.get(str(kind), ()):
+                value: Any = resource.get(path[0])
+                if value is None:
+                    continue
+                if len(path) > 1:
+                    value = list(walk(resource, ".".join(path)))
+                for concept in (value,) if value.__class__ is dict else value:
+                    for coding in concept.get("coding") or ():
+                        targets = wanted.get(coding.get("code"))
+                        if targets is not None and any(coding.get("system") == want for want, _ in targets):
+                            return True
+        except (AttributeError, TypeError):  # malformed: keep it, the record copes as on any call
+            return True
+        return False
+        if kind in MEDICATION_TYPES and "medicationReference" in resource:
+            return True
+        try:
+            for path in CODE_ELEMENTS.get(str(kind), ()):
+                for concept in walk(resource, path):
+                    for system, code in codings(concept):
+                        if any(system == want for want, _ in wanted.get(code, ())):
+                            return True
+        except (AttributeError, TypeError):  # malformed: keep it, the record copes as on any call
+            return True
+        return False
 
 
 
@@ -173,7 +218,7 @@ class PatientRecord:
 
     def _index_all(self, kind: str, group: list[Resource], source: str) -> None:
         for resource in group:
-            for path in CODE_ELEMENTS.get(kind, ()):
+            for path in CODE_ELEMENTS.get(str(kind), ()):
                 for concept in walk(resource, path):
                     self._index_concept(kind, source, resource, concept)
         if kind in MEDICATION_TYPES:

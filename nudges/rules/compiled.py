@@ -49,9 +49,11 @@ def flat_clauses(items: tuple[CompiledItem, ...]) -> Iterator[CompiledClause]:
 
 
 def index_plan(rules: tuple[CompiledRule, ...]) -> IndexPlan:
-    """Every code set some clause of these rules looks up, with the type it is looked up in."""
-    return IndexPlan((clause.resource, clause.codes) for rule in rules
-                     for clause in rule.clauses() if clause.codes is not None)
+    """Every code set some clause of these rules looks up, with the type it is looked up in, and the types
+    some clause reads in full (no codes, or a `text:` pattern searched in every resource of the type)."""
+    clauses = [clause for rule in rules for clause in rule.clauses()]
+    return IndexPlan(((c.resource, c.codes) for c in clauses if c.codes is not None),
+                     {c.resource for c in clauses if c.codes is None or c.text is not None})
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ record index, rules and card building as a live hook call (nothing suppressed, n
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import defaultdict
 from dataclasses import dataclass
@@ -25,6 +26,17 @@ USER = "Practitioner/population-screening"
 NO_ENCOUNTER = "no Encounter (the hook needs one)"
 
 
+@functools.cache
+def _keys(templates: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str, bool, bool], ...]:
+    """Per prefetch key: the resource type its template asks for, whether it is a read (Type/id), and
+    whether the search `_include`s the medication its results name."""
+    found = []
+    for key, template in templates:
+        kind = re.split(r"[/?]", template, maxsplit=1)[0]
+        found.append((key, kind, template.startswith(f"{kind}/"), f"_include={kind}:medication" in template))
+    return tuple(found)
+
+
 def request_for(service: Service, pid: str, resources: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The call an EHR would send with everything prefetched, one prefetch key per template; None when the
     hook needs an encounter and the record has none. Encounter hooks take the patient's latest encounter."""
@@ -32,10 +44,11 @@ def request_for(service: Service, pid: str, resources: list[dict[str, Any]]) -> 
     for resource in resources:
         by_type[str(resource.get("resourceType"))].append(resource)
     prefetch: dict[str, Any] = {}
-    for key, template in service.plan.templates.items():
-        kind = re.split(r"[/?]", template, maxsplit=1)[0]
-        if template.startswith(f"{kind}/"):
+    for key, kind, read, included in _keys(tuple(service.plan.templates.items())):
+        if read:
             prefetch[key] = next(iter(by_type.get(kind, ())), None)
+        elif included:  # `_include=...:medication`: the Medications the orders name come with them
+            prefetch[key] = bundle(by_type.get(kind, []) + by_type.get("Medication", []), "searchset")
         else:
             prefetch[key] = bundle(by_type.get(kind, []), "searchset")
     context: dict[str, Any] = {"userId": USER, "patientId": pid}

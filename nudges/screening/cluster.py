@@ -53,7 +53,7 @@ class DaskRunner:
                 self.client = Client(scheduler, timeout="30s")
             else:
                 self.cluster = LocalCluster(n_workers=workers or 1, threads_per_worker=1, processes=True,
-                                            dashboard_address=None, silence_logs=logging.ERROR,
+                                            dashboard_address=":0", silence_logs=logging.ERROR,
                                             local_directory=str(scratch) if scratch else None)
                 self.client = Client(self.cluster)
         except (OSError, TimeoutError) as exc:

@@ -202,7 +202,9 @@ def summary(tally: Tally, service: Service, ruleset_version: str, now: str, sour
     """The run's counts (no patient id): summary.json beside the worklists."""
     rules = sorted({r.id for r in service.rules} | set(tally.cards) | set(tally.errors))
     return {"source": source, "hook": service.hook.name, "now": now, "ruleset": ruleset_version,
-            "files": tally.files, "resources": tally.resources, "without_patient": tally.unlinked,
+            "files": tally.files, "resources": tally.resources, "unread": tally.unread,
+            "without_patient": tally.unlinked,
+            "medications": {"resources": tally.medications, "joined": tally.joined, "unresolved": tally.unresolved},
             "invalid_lines": tally.invalid, "patients": tally.patients, "screened": tally.screened,
             "skipped": dict(sorted(tally.skipped.items())),
             "rules": {r: {"cards": tally.cards[r], "errors": tally.errors[r]} for r in rules}}
@@ -211,6 +213,11 @@ def summary(tally: Tally, service: Service, ruleset_version: str, now: str, sour
 def report(tally: Tally, service: Service, now: Any, out: TextIO) -> None:
     out.write(f"NDJSON: {tally.files} file(s), {tally.resources} resource(s) for {tally.patients} patient(s), "
               f"{tally.unlinked} without a patient, {len(tally.invalid)} invalid line(s)\n")
+    if tally.unread:
+        out.write(f"  {tally.unread} of them of types or codes no rule of the hook reads (left out of the calls)\n")
+    if tally.medications or tally.unresolved:
+        out.write(f"  {tally.medications} Medication resource(s), {tally.joined} joined to the patients whose orders "
+                  f"name them, {tally.unresolved} reference(s) to a Medication the export does not have\n")
     for line in tally.invalid[:20]:
         out.write(f"  invalid {line}\n")
     if len(tally.invalid) > 20:

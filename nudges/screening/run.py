@@ -19,8 +19,8 @@ from ..fhir import instant
 from ..services import Services
 from .cluster import Runner
 from .progress import Progress
-from .shards import ChunkTally, plan_chunks, shard_count, split_chunk
-from .tasks import Job, ShardResult, screen_shard
+from .shards import ChunkTally, join_medications, plan_chunks, shard_count
+from .tasks import Job, ShardResult, screen_shard, shard_chunk
 
 SHARDS_PER_WORKER = 4  # enough tasks that a slow shard does not leave the other workers idle
 
@@ -31,8 +31,12 @@ class Tally:
     lines: int = 0
     resources: int = 0
     unlinked: int = 0
+    unread: int = 0  # resources of patients that no rule of the hook can read: not part of their calls
     invalid: list[str] = field(default_factory=list)  # file:line: why
     shards: int = 0
+    medications: int = 0  # Medication resources in the export
+    joined: int = 0  # copies given to the patients whose orders name them
+    unresolved: int = 0  # references to a Medication the export does not have
     patients: int = 0
     screened: int = 0
     skipped: Counter[str] = field(default_factory=Counter)
@@ -43,6 +47,8 @@ class Tally:
     fired: Counter[tuple[str, str, str]] = field(default_factory=Counter)
     rows: list[str] = field(default_factory=list)  # per shard, in shard order
     seconds: dict[str, float] = field(default_factory=dict)
+    cpu_seconds: float = 0.0  # the workers' CPU time screening shards, summed
+    shard_cpu_seconds: float = 0.0  # and splitting the input into shards
 
     def add_chunks(self, tallies: list[ChunkTally]) -> None:
         """Chunk counts, with each invalid line's number counted from the start of its file."""
@@ -54,6 +60,9 @@ class Tally:
             self.lines += chunk.lines
             self.resources += chunk.resources
             self.unlinked += chunk.unlinked
+            self.unread += chunk.unread
+            self.medications += chunk.medications
+            self.shard_cpu_seconds += chunk.cpu_seconds
         self.files = len(offsets)
 
     def add_shards(self, results: list[ShardResult]) -> None:
@@ -67,6 +76,7 @@ class Tally:
             self.groups.update(result.groups)
             self.fired.update(result.fired)
             self.rows.append(result.rows)
+            self.cpu_seconds += result.cpu_seconds
         self.skipped_patients.sort()
 
 
@@ -78,22 +88,27 @@ def screen_export(files: list[Path], services: Services, *, rules: Path, site: P
     chunks = plan_chunks(files)
     shards = shard_count(files, least=SHARDS_PER_WORKER * runner.workers if runner.workers > 1 else 1)
     total_bytes = sum(c.end - c.start for c in chunks)
+    job = Job(str(rules), str(site) if site else None, statuses, services.ruleset.digest, hook, instant(now), str(work))
     progress = Progress(f"{label}: reading the export", total_bytes, err)
     done_bytes, tallies = 0, []
-    for _, chunk_tally in runner.map(split_chunk, chunks, shards=shards, work=work):
+    for _, chunk_tally in runner.map(shard_chunk, chunks, shards=shards, job=job):
         tallies.append(chunk_tally)
         done_bytes += chunk_tally.chunk.end - chunk_tally.chunk.start
         progress.step(done_bytes, f"{sum(t.resources for t in tallies)} resources")
     progress.finish()
     tally.add_chunks(tallies)
     tally.shards = shards
-    tally.seconds["shard"] = time.perf_counter() - started
-
-    started = time.perf_counter()
-    job = Job(str(rules), str(site) if site else None, statuses, services.ruleset.digest, hook, instant(now), str(work))
     written = Counter[int]()
     for chunk_tally in tallies:
         written.update(chunk_tally.shard_bytes)
+    buckets = sorted(set().union(*(t.buckets for t in tallies)))
+    for _, join in runner.map(join_medications, buckets, work=work):
+        tally.joined += join.joined
+        tally.unresolved += join.unresolved
+        written.update(join.shard_bytes)
+    tally.seconds["shard"] = time.perf_counter() - started
+
+    started = time.perf_counter()
     present = sorted(written)  # shards no patient hashed to have no folder and no task
     progress = Progress(f"{label}: screening", sum(written.values()), err)
     done_bytes, patients, results = 0, 0, []

@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import gzip
 import os
+import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import orjson
 
-from ..fhir import patient_of
+from ..fhir import FHIR_ID, parse_reference, patient_of
 
 CHUNK_BYTES = 64 * 1024 * 1024  # one task's share of an input file
 SHARD_BYTES = 24 * 1024 * 1024  # aimed-for input bytes per shard: a shard's patients fit in a worker's memory
@@ -57,9 +59,23 @@ class ChunkTally:
     chunk: Chunk
     lines: int = 0
     resources: int = 0
-    unlinked: int = 0  # resources that name no patient (Practitioner, Organization, Medication ...)
+    unlinked: int = 0  # resources that name no patient (Practitioner, Organization ...)
+    unread: int = 0  # a patient's resources no rule of the hook can read (IndexPlan.reads)
+    medications: int = 0  # Medication resources, joined to the orders that name them (see join_medications)
     invalid: list[tuple[int, str]] = field(default_factory=list)
     shard_bytes: dict[int, int] = field(default_factory=dict)  # what it wrote to each shard
+    buckets: set[int] = field(default_factory=set)  # medication buckets it wrote to
+    cpu_seconds: float = 0.0
+
+
+@dataclass
+class JoinTally:
+    """One medication bucket's join: references resolved, and those the export has no Medication for."""
+
+    bucket: int
+    joined: int = 0
+    unresolved: int = 0
+    shard_bytes: dict[int, int] = field(default_factory=dict)
 
 
 def export_files(source: Path) -> list[Path]:
@@ -103,31 +119,51 @@ def shard_folder(work: Path, shard: int) -> Path:
     return work / "shards" / f"{shard:05d}"
 
 
-def _lines(chunk: Chunk) -> Iterator[bytes]:
-    """The lines that start inside the chunk (the last one may run past its end)."""
+def medication_folder(work: Path, bucket: int) -> Path:
+    return work / "medications" / f"{bucket:05d}"
+
+
+def medication_reference(resource: dict[str, object]) -> str | None:
+    """The id of a Medication named by `medicationReference` outside the resource (`Medication/x`, also
+    absolute), which only the export's own Medication resources can resolve."""
+    reference = resource.get("medicationReference")
+    parsed = parse_reference(reference.get("reference")) if isinstance(reference, dict) else None
+    return parsed.id if parsed is not None and parsed.type == "Medication" else None
+
+
+def _lines(chunk: Chunk) -> list[bytes]:
+    """The lines that start inside the chunk (the last one may run past its end), read in one go."""
     if chunk.path.endswith(".gz"):
         with gzip.open(chunk.path, "rb") as stream:
-            yield from stream
-        return
-    with open(chunk.path, "rb") as stream:
-        if chunk.start:
-            stream.seek(chunk.start - 1)
-            if stream.read(1) != b"\n":
-                stream.readline()  # the line under way belongs to the chunk before
-        position = stream.tell()
-        while position < chunk.end:
-            line = stream.readline()
-            if not line:
-                return
-            position += len(line)
-            yield line
+            data = stream.read()
+    else:
+        with open(chunk.path, "rb") as stream:
+            start = chunk.start
+            if start:
+                stream.seek(start - 1)
+                if stream.read(1) != b"\n":
+                    start += len(stream.readline())  # the line under way belongs to the chunk before
+            if start >= chunk.end:
+                return []
+            data = stream.read(chunk.end - start)
+            if not data.endswith(b"\n"):
+                data += stream.readline()  # the last line runs on past the end
+    lines = data.split(b"\n")
+    if lines and not lines[-1]:
+        lines.pop()  # after the final newline
+    return lines
 
 
-def split_chunk(chunk: Chunk, shards: int, work: Path) -> ChunkTally:
+def split_chunk(chunk: Chunk, shards: int, work: Path,
+                keep: Callable[[dict[str, Any]], bool] | None = None) -> ChunkTally:
     """Read one chunk and append each resource's line to its patient's shard (one part file per shard,
-    named after the chunk, written whole so a retried task replaces rather than duplicates)."""
+    named after the chunk, written whole so a retried task replaces rather than duplicates). A resource
+    `keep` says no rule can read is counted and left out."""
     tally = ChunkTally(chunk)
+    cpu = time.process_time()
     buffers: dict[int, list[bytes]] = {}
+    medications: dict[int, list[bytes]] = {}  # bucket -> "id TAB line" of Medication resources
+    wanted: dict[int, list[bytes]] = {}  # bucket -> "medication id TAB patient id TAB shard" of references
     for number, raw in enumerate(_lines(chunk), 1):
         tally.lines = number
         line = raw.strip()
@@ -143,17 +179,70 @@ def split_chunk(chunk: Chunk, shards: int, work: Path) -> ChunkTally:
             continue
         pid = patient_of(resource)
         if pid is None:
-            tally.unlinked += 1
+            mid = resource.get("id")
+            if resource["resourceType"] == "Medication" and isinstance(mid, str) and FHIR_ID.match(mid):
+                tally.medications += 1
+                medications.setdefault(shard_of(mid, shards), []).append(mid.encode() + b"\t" + line + b"\n")
+            else:
+                tally.unlinked += 1
             continue
         tally.resources += 1
-        buffers.setdefault(shard_of(pid, shards), []).append(pid.encode() + b"\t" + line + b"\n")
+        if keep is not None and not keep(resource):
+            tally.unread += 1
+            continue
+        shard = shard_of(pid, shards)
+        buffers.setdefault(shard, []).append(pid.encode() + b"\t" + line + b"\n")
+        named = medication_reference(resource)
+        if named is not None:
+            wanted.setdefault(shard_of(named, shards), []).append(f"{named}\t{pid}\t{shard}\n".encode())
     for shard, lines in buffers.items():
-        folder = shard_folder(work, shard)
-        folder.mkdir(parents=True, exist_ok=True)
-        data = b"".join(lines)
-        _write_whole(folder / f"{chunk.name}.part", data)
-        tally.shard_bytes[shard] = len(data)
+        tally.shard_bytes[shard] = _write_part(shard_folder(work, shard), f"{chunk.name}.part", lines)
+    for bucket, lines in medications.items():
+        _write_part(medication_folder(work, bucket), f"{chunk.name}.medications", lines)
+    for bucket, lines in wanted.items():
+        _write_part(medication_folder(work, bucket), f"{chunk.name}.wanted", lines)
+    tally.buckets = set(wanted)  # a bucket nobody references needs no join
+    tally.cpu_seconds = time.process_time() - cpu
     return tally
+
+
+def join_medications(bucket: int, work: Path) -> JoinTally:
+    """Give each patient a copy of every Medication their orders name by reference: a disk join keyed by
+    the medication id's hash, so no task needs every Medication of the export. The copies go into the
+    patients' shards as a part named after the bucket (after the chunks' parts, in a fixed order)."""
+    tally = JoinTally(bucket)
+    folder = medication_folder(work, bucket)
+    known: dict[str, bytes] = {}
+    for part in sorted(folder.glob("*.medications")):
+        with open(part, "rb") as stream:
+            for line in stream:
+                raw_id, _, body = line.partition(b"\t")
+                known.setdefault(raw_id.decode(), body)  # the first of duplicate ids wins, as in a record
+    out: dict[int, list[bytes]] = {}
+    seen: set[tuple[str, str]] = set()
+    for part in sorted(folder.glob("*.wanted")):
+        with open(part, "rb") as stream:
+            for line in stream:
+                wanted_id, pid, target = line.rstrip(b"\n").decode().split("\t")
+                if (wanted_id, pid) in seen:
+                    continue
+                seen.add((wanted_id, pid))
+                found = known.get(wanted_id)
+                if found is None:
+                    tally.unresolved += 1
+                    continue
+                tally.joined += 1
+                out.setdefault(int(target), []).append(pid.encode() + b"\t" + found)
+    for shard, lines in out.items():
+        tally.shard_bytes[shard] = _write_part(shard_folder(work, shard), f"medications-{bucket:05d}.part", lines)
+    return tally
+
+
+def _write_part(folder: Path, name: str, lines: list[bytes]) -> int:
+    folder.mkdir(parents=True, exist_ok=True)
+    data = b"".join(lines)
+    _write_whole(folder / name, data)
+    return len(data)
 
 
 def _write_whole(path: Path, data: bytes) -> None:

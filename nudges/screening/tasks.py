@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import os
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from ..clock import parse_instant
 from ..services import Services
 from ..tools.audit import DIMENSIONS
 from .calls import Fired, screen_patient
-from .shards import read_shard, shard_folder
+from .shards import Chunk, ChunkTally, read_shard, shard_folder, split_chunk
 
 
 class ScreenError(Exception):
@@ -57,6 +58,7 @@ class ShardResult:
     groups: Counter[tuple[str, str]] = field(default_factory=Counter)  # (dimension, group) -> screened
     fired: Counter[tuple[str, str, str]] = field(default_factory=Counter)  # (rule, dimension, group) -> patients
     rows: str = ""
+    cpu_seconds: float = 0.0  # the worker's own CPU time for the shard (a loaded machine slows the wall clock)
 
 
 _loaded: dict[tuple[str, str | None, tuple[str, ...]], Services] = {}
@@ -87,6 +89,16 @@ def services_for(job: Job) -> Services:
     return services
 
 
+def shard_chunk(chunk: Chunk, shards: int, job: Job) -> ChunkTally:
+    """Split one input chunk into the shards, leaving out what no rule of the hook can read."""
+    service = services_for(job).for_hook(job.hook)
+    plan = service.index
+    if service.hook.has_encounter:  # the call's context names the patient's latest encounter
+        return split_chunk(chunk, shards, Path(job.work), lambda r: r.get("resourceType") == "Encounter"
+                           or plan.reads(r))
+    return split_chunk(chunk, shards, Path(job.work), plan.reads)
+
+
 def rows_path(work: Path, shard: int) -> Path:
     return work / "results" / f"{shard:05d}.rows"
 
@@ -101,6 +113,7 @@ def screen_shard(shard: int, job: Job) -> ShardResult:
     The collector is paused while a shard is screened: parsed resources are acyclic and freed by
     reference counting, and a collection would only walk them."""
     services = services_for(job)
+    cpu = time.process_time()
     service = services.for_hook(job.hook)
     now = parse_instant(job.now)
     work = Path(job.work)
@@ -136,4 +149,5 @@ def screen_shard(shard: int, job: Job) -> ShardResult:
     temporary.write_bytes(b"".join(row(f) + b"\n" for f in fired))
     os.replace(temporary, path)
     result.rows = str(path)
+    result.cpu_seconds = time.process_time() - cpu
     return result
