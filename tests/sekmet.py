@@ -57,7 +57,7 @@ def running_sekmet(workdir: Path, settings: dict[str, Any] | None = None, timeou
     config: dict[str, Any] = {
         "base_url": f"{root}/fhir", "host": "127.0.0.1", "port": port, "data_dir": str(workdir / "data"),
         "own_private_key_path": str(workdir / "keys" / "sekmet_private.pem"),
-        "simulator": {"enabled": False, "delay_seconds": 1},  # 1: an export stays "in progress" for a poll
+        "simulator": {"enabled": False, "delay_seconds": 0},
         "subscriptions": {"retries": 1}}
     for key, value in (settings or {}).items():
         config[key] = {**config[key], **value} if isinstance(value, dict) and isinstance(config.get(key), dict) \

@@ -1,14 +1,17 @@
 """Worklists as FHIR R4 `List` resources on the FHIR server, for navigators who work from the EHR.
 
-One List per rule and run, written with a conditional update keyed by an identifier made of the rule,
-the hook and the pinned instant: running the same screen again replaces that List instead of adding a
-second one. Written with the service's own token (`fhir_backend_clients`; the registered scope must allow
-writing List, e.g. `system/List.cu`).
+One List per rule and run, identified by the rule, the hook and the pinned instant, and written by an
+update at an id derived from that identifier (`PUT List/nudges-<hash>`, update as create): running the
+same screen again replaces that List instead of adding a second one, on any server that lets a client
+choose ids (CapabilityStatement `updateCreate`), whether or not it can search List by identifier.
+Written with the service's own token (`fhir_backend_clients`; the registered scope must allow writing
+List, e.g. `system/List.cu`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -36,6 +39,7 @@ def worklist(rule: CompiledRule, hook: str, now: Any, ruleset_version: str, pati
     when = instant(now)
     resource: dict[str, Any] = {
         "resourceType": "List", "status": "current", "mode": "working",
+        "id": list_id(identifier(rule.id, hook, when)),
         "identifier": [{"system": IDENTIFIER_SYSTEM, "value": identifier(rule.id, hook, when)}],
         "title": f"nudges worklist: {rule.title}",
         "code": {"coding": [{"system": RULE_SYSTEM, "code": rule.id, "display": rule.title}], "text": rule.title},
@@ -53,6 +57,11 @@ def identifier(rule: str, hook: str, when: str) -> str:
     return f"{rule}/{hook}/{when}"
 
 
+def list_id(value: str) -> str:
+    """A FHIR id (at most 64 characters) that is the same for the same identifier on every run."""
+    return "nudges-" + hashlib.sha256(value.encode()).hexdigest()[:40]
+
+
 async def _write(settings: Settings, base: str, lists: Iterable[dict[str, Any]]) -> list[str]:
     tokens = BackendTokens(settings.fhir_backend_clients) if settings.fhir_backend_clients else None
     written = []
@@ -67,16 +76,16 @@ async def _write(settings: Settings, base: str, lists: Iterable[dict[str, Any]])
                 headers["Authorization"] = f"Bearer {token}"
             value = resource["identifier"][0]["value"]
             try:
-                response = await http.put(f"{base.rstrip('/')}/List", headers=headers, content=orjson.dumps(resource),
-                                          params={"identifier": f"{IDENTIFIER_SYSTEM}|{value}"})
+                response = await http.put(f"{base.rstrip('/')}/List/{resource['id']}", headers=headers,
+                                          content=orjson.dumps(resource))
             except httpx.HTTPError as exc:
                 raise ListWriteError(f"could not write the List {value} to {base} ({type(exc).__name__})") from None
             if response.status_code not in (200, 201):
                 raise ListWriteError(f"the server refused the List {value}: {diagnostics(response)}")
-            written.append(response.headers.get("Location") or value)
+            written.append(f"List/{resource['id']}")
     return written
 
 
 def write_lists(settings: Settings, base: str, lists: Iterable[dict[str, Any]]) -> list[str]:
-    """PUT each List by its identifier (create or replace); where each one went."""
+    """PUT each List at its id (create or replace); the references written."""
     return asyncio.run(_write(settings, base, lists))

@@ -121,14 +121,15 @@ class Exporter:
         path = self.folder / STATE
         if fresh and path.exists():
             path.unlink()
+        wanted = orjson.loads(orjson.dumps(asdict(request)))  # as it reads back from the file
         if path.exists():
             state = orjson.loads(path.read_bytes())
-            if state.get("request") != asdict(request):
+            if state.get("request") != wanted:
                 raise ExportFailed(f"{self.folder} holds another export ({state.get('request')}); choose another "
                                    "folder, or pass --fresh to replace it")
             self.state = state
         else:
-            self.state = {"request": asdict(request)}
+            self.state = {"request": wanted}
 
     def _save(self) -> None:
         path = self.folder / STATE
@@ -212,7 +213,7 @@ class Exporter:
                 shown = progress
             wait = retry_after(response, POLL_DEFAULT)
             if time.monotonic() + wait > deadline:
-                raise ExportFailed(f"the export did not complete within {self.timeout:.0f} s; it may still be "
+                raise ExportFailed(f"the export did not complete within {self.timeout:g} s; it may still be "
                                    f"running at {self.state['status_url']}: run the same command again to keep "
                                    "waiting for it")
             await asyncio.sleep(wait)
