@@ -33,7 +33,7 @@ import random
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,8 @@ LABS = [("2951-2", "Sodium", "mmol/L", 130, 148, "NA"), ("2823-3", "Potassium", 
         ("2160-0", "Creatinine", "mg/dL", 0.6, 2.4, "CREAT")]
 PROBLEMS = [("I10", "Essential (primary) hypertension"), ("E78.5", "Hyperlipidemia, unspecified"),
             ("J45.909", "Unspecified asthma, uncomplicated"), ("M54.50", "Low back pain, unspecified"),
-            ("K21.9", "Gastro-esophageal reflux disease without esophagitis"), ("F41.1", "Generalized anxiety disorder")]
+            ("K21.9", "Gastro-esophageal reflux disease without esophagitis"),
+            ("F41.1", "Generalized anxiety disorder")]
 DRUGS = [("197361", "amlodipine 5 MG Oral Tablet"), ("314076", "lisinopril 10 MG Oral Tablet"),
          ("617312", "atorvastatin 40 MG Oral Tablet"), ("860975", "metformin hydrochloride 500 MG Oral Tablet"),
          ("310798", "hydrochlorothiazide 25 MG Oral Tablet")]
@@ -185,7 +186,8 @@ def synthetic_patient(index: int, rnd: random.Random, records: list[list[dict[st
                     "category": [_coding("http://terminology.hl7.org/CodeSystem/observation-category",
                                          "laboratory", "Laboratory")],
                     "code": concept, "subject": subject, "effectiveDateTime": _when(rnd, now, 365),
-                    "valueQuantity": {"value": value, "unit": unit, "system": "http://unitsofmeasure.org", "code": unit},
+                    "valueQuantity": {"value": value, "unit": unit, "system": "http://unitsofmeasure.org",
+                                      "code": unit},
                     "referenceRange": [{"low": {"value": low * 1.1}, "high": {"value": high * 0.9}}]})
     for n in range(rnd.randint(0, 4)):
         code, display = rnd.choice(PROBLEMS)

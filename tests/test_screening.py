@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 import pyarrow.parquet as pq
 import pytest
-from helpers import bulk_export, coverage, for_patient, ndjson, patient
+from helpers import bulk_export, coverage, for_patient, ndjson
 
 from nudges.cli import main
 from nudges.clock import parse_instant
@@ -57,7 +57,9 @@ source: a test
 version: "1"
 date: "2026-01-01"
 codes:
-  - {system: http://www.nlm.nih.gov/research/umls/rxnorm, code: "1656339", display: "sacubitril 24 MG / valsartan 26 MG Oral Tablet"}
+  - system: http://www.nlm.nih.gov/research/umls/rxnorm
+    code: "1656339"
+    display: "sacubitril 24 MG / valsartan 26 MG Oral Tablet"
 """
 
 
