@@ -161,6 +161,8 @@ class PatientRecord:
         that case is taken whole, with comprehensions instead of a Python loop per resource."""
         if isinstance(value, dict) and value.get("resourceType") == "Bundle" and isinstance(
                 entries := value.get("entry"), list):
+            if not entries:  # a search that found nothing: most prefetch keys of most calls
+                return
             try:
                 resources = [entry["resource"] for entry in entries]
                 kinds = {resource["resourceType"] for resource in resources}
