@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 
 from .engine import Match, age_in_years
-from .fhir import codings, instant, parse_fhir_date
+from .fhir import codings, instant, parse_fhir_date, referenced_medication
 from .rules.compiled import RuleSet
 from .rules.templates import PLACEHOLDER, SECTION
 from .store import CardRecord
@@ -30,6 +30,9 @@ def elapsed(delta_seconds: float) -> str:
 
 
 def _display(resource: dict[str, Any], displays: dict[tuple[str, str], str]) -> str:
+    medication = referenced_medication(resource) if "medicationReference" in resource else None
+    if medication is not None:  # an order coded by a contained Medication: that Medication says what it is
+        resource = {**resource, "medicationCodeableConcept": medication.get("code")}
     for element in ("code", "medicationCodeableConcept", "vaccineCode", "type"):
         concept = resource.get(element)
         if isinstance(concept, list):

@@ -319,3 +319,25 @@ def test_bad_arguments_are_explained(capsys: pytest.CaptureFixture[str], export:
     assert code == 2 and "--lists writes to the FHIR server" in err
     code, _, err = screen(capsys, "http://127.0.0.1:9/fhir", "--now", NOW, "--rules", str(rules))
     assert code == 1 and "name the folder with --download DIR" in err
+
+
+def test_a_record_that_cannot_be_evaluated_is_skipped_with_its_reason(
+        capsys: pytest.CaptureFixture[str], rules: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In this process (replay runs the same code): a failure inside one patient's call is counted, the
+    others are screened."""
+    from nudges import pipeline
+
+    folder = tmp_path / "export"
+    bulk_export(folder, 12)
+    original = pipeline.build_record
+
+    def fragile(call: Any, index: Any = None) -> Any:
+        if call.context["patientId"] == "bulk-0003":
+            raise TypeError("a record this code cannot handle")
+        return original(call, index)
+
+    monkeypatch.setattr(pipeline, "build_record", fragile)
+    assert main(["replay", str(folder), "--rules", str(rules), "--now", NOW]) == 0
+    out = capsys.readouterr().out
+    assert "11 patient(s) screened, 1 skipped" in out
+    assert "skipped 1: could not be evaluated (TypeError: malformed data?)" in out

@@ -9,6 +9,7 @@ record index, rules and card building as a live hook call (nothing suppressed, n
 from __future__ import annotations
 
 import functools
+import logging
 import re
 from collections import defaultdict
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from ..pipeline import evaluate, parse_call, require, still_missing
 from ..services import Service, Services
 from ..store import Bucket
 
+log = logging.getLogger("nudges.screening")
 USER = "Practitioner/population-screening"
 NO_ENCOUNTER = "no Encounter (the hook needs one)"
 
@@ -54,7 +56,8 @@ def request_for(service: Service, pid: str, resources: list[dict[str, Any]]) -> 
     context: dict[str, Any] = {"userId": USER, "patientId": pid}
     if service.hook.has_encounter:
         def start(encounter: dict[str, Any]) -> datetime:
-            found = parse_fhir_date((encounter.get("period") or {}).get("start"))
+            period = encounter.get("period")
+            found = parse_fhir_date(period.get("start")) if isinstance(period, dict) else None
             return found or datetime.min.replace(tzinfo=UTC)
 
         encounters = [e for e in by_type.get("Encounter", []) if isinstance(e.get("id"), str)]
@@ -109,18 +112,21 @@ def screen_patient(services: Services, service: Service, pid: str, resources: li
                    now: datetime) -> Screened:
     """The patient's call through the pipeline; a call the service would refuse is skipped with the
     reason it would give."""
-    body = request_for(service, pid, resources)
-    if body is None:
-        return Screened(skipped=NO_ENCOUNTER)
     try:
+        body = request_for(service, pid, resources)
+        if body is None:
+            return Screened(skipped=NO_ENCOUNTER)
         call = parse_call(services, service.id, body)
         missing = still_missing(call)
         if missing:
             require(call, missing, "not in the export")
         result = evaluate(call, services, now, patient_hash="population-screening")
+        patient = next(iter(r for r in resources if r.get("resourceType") == "Patient"), None)
+        fired = tuple(Fired(i.rule_id, pid, i.card["indicator"], i.card["summary"],
+                            evidence(i, call.context, patient, now)) for i in ordered(result.issued))
     except NudgesError as exc:
         return Screened(skipped=f"the service would answer {exc.status}: {exc.diagnostics}")
-    patient = next(iter(r for r in resources if r.get("resourceType") == "Patient"), None)
-    fired = tuple(Fired(i.rule_id, pid, i.card["indicator"], i.card["summary"],
-                        evidence(i, call.context, patient, now)) for i in ordered(result.issued))
+    except Exception as exc:  # one malformed record must not stop a population: counted, with its kind
+        log.warning("patient not screened", extra={"error": type(exc).__name__})
+        return Screened(skipped=f"could not be evaluated ({type(exc).__name__}: malformed data?)")
     return Screened(fired, tuple(result.failed), result.bucket)

@@ -27,7 +27,17 @@ from ..services import Service, Services
 from ..settings import Settings, load_settings
 from .cluster import DaskRunner, InProcess, Runner
 from .lists import ListWriteError
-from .outputs import equity_rows, firings, merged, print_equity, report, summary, write_equity, write_worklists
+from .outputs import (
+    equity_rows,
+    firings,
+    merged,
+    print_equity,
+    report,
+    skipped,
+    summary,
+    write_equity,
+    write_worklists,
+)
 from .run import Tally, screen_export
 from .shards import ExportError, export_files
 from .source import ExportFailed
@@ -105,7 +115,7 @@ def _write_outputs(tally: Tally, services: Services, service: Service, options: 
     with open(out / "skipped.csv", "w", encoding="utf-8", newline="") as stream:
         writer = csv.writer(stream, lineterminator="\n")
         writer.writerow(("patient_id", "reason"))
-        writer.writerows(tally.skipped_patients)
+        writer.writerows(skipped(tally.rows))
     document = summary(tally, service, services.ruleset.version, instant(parse_instant(options.now)), options.source)
     document["notes"] = notes
     (out / "summary.json").write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)

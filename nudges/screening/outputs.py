@@ -38,6 +38,16 @@ def merged(paths: list[str]) -> Iterator[list[Any]]:
     yield from heapq.merge(*(read(p) for p in paths), key=lambda r: (r[0], r[1]))
 
 
+def skipped(paths: list[str]) -> Iterator[list[str]]:
+    """Every skipped patient of the run with the reason, in patient order."""
+    def read(path: str) -> Iterator[list[str]]:
+        with open(path + ".skipped", "rb") as stream:
+            for line in stream:
+                yield orjson.loads(line)
+
+    yield from heapq.merge(*(read(p) for p in paths))
+
+
 def evidence_text(evidence: list[list[str]]) -> str:
     """A binding per clause, readable in a spreadsheet: `troponin = Observation/t1 (date; display; value)`."""
     parts = []

@@ -40,7 +40,6 @@ class Tally:
     patients: int = 0
     screened: int = 0
     skipped: Counter[str] = field(default_factory=Counter)
-    skipped_patients: list[tuple[str, str]] = field(default_factory=list)
     cards: Counter[str] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)
     groups: Counter[tuple[str, str]] = field(default_factory=Counter)
@@ -70,14 +69,12 @@ class Tally:
             self.patients += result.patients
             self.screened += result.screened
             self.skipped.update(result.skipped)
-            self.skipped_patients += result.skipped_patients
             self.cards.update(result.cards)
             self.errors.update(result.errors)
             self.groups.update(result.groups)
             self.fired.update(result.fired)
             self.rows.append(result.rows)
             self.cpu_seconds += result.cpu_seconds
-        self.skipped_patients.sort()
 
 
 def screen_export(files: list[Path], services: Services, *, rules: Path, site: Path | None, statuses: tuple[str, ...],
@@ -85,6 +82,8 @@ def screen_export(files: list[Path], services: Services, *, rules: Path, site: P
     """Shard the export into `work`, then screen each shard with the same pipeline as a hook call."""
     tally = Tally()
     started = time.perf_counter()
+    files, rules, work = [f.resolve() for f in files], rules.resolve(), work.resolve()  # for workers elsewhere
+    site = site.resolve() if site else None
     chunks = plan_chunks(files)
     shards = shard_count(files, least=SHARDS_PER_WORKER * runner.workers if runner.workers > 1 else 1)
     total_bytes = sum(c.end - c.start for c in chunks)

@@ -45,14 +45,14 @@ class Job:
 
 @dataclass
 class ShardResult:
-    """A shard's counts; its worklist rows are in `rows` (NDJSON, sorted by rule then patient)."""
+    """A shard's counts; its worklist rows are in `rows` (NDJSON, sorted by rule then patient), and the
+    patients it skipped, with the reason, in `rows` with the suffix `.skipped` (sorted by patient)."""
 
     shard: int
     patients: int = 0
     screened: int = 0
     resources: int = 0
     skipped: Counter[str] = field(default_factory=Counter)
-    skipped_patients: list[tuple[str, str]] = field(default_factory=list)
     cards: Counter[str] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)
     groups: Counter[tuple[str, str]] = field(default_factory=Counter)  # (dimension, group) -> screened
@@ -103,6 +103,13 @@ def rows_path(work: Path, shard: int) -> Path:
     return work / "results" / f"{shard:05d}.rows"
 
 
+def _write(path: Path, data: bytes) -> None:
+    """Whole or not at all: a retried task replaces its file, never appends to it."""
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
+
+
 def row(fired: Fired) -> bytes:
     return orjson.dumps([fired.rule, fired.patient, fired.indicator, fired.summary, fired.evidence])
 
@@ -119,6 +126,7 @@ def screen_shard(shard: int, job: Job) -> ShardResult:
     work = Path(job.work)
     result = ShardResult(shard)
     fired: list[Fired] = []
+    skipped: list[bytes] = []
     was_enabled = gc.isenabled()
     gc.disable()
     try:
@@ -128,7 +136,7 @@ def screen_shard(shard: int, job: Job) -> ShardResult:
             outcome = screen_patient(services, service, pid, [orjson.loads(line) for line in lines], now)
             if outcome.skipped is not None:
                 result.skipped[outcome.skipped] += 1
-                result.skipped_patients.append((pid, outcome.skipped))
+                skipped.append(orjson.dumps([pid, outcome.skipped]) + b"\n")
                 continue
             result.screened += 1
             result.errors.update(outcome.failed)
@@ -145,9 +153,8 @@ def screen_shard(shard: int, job: Job) -> ShardResult:
     fired.sort(key=Fired.key)
     path = rows_path(work, shard)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    temporary.write_bytes(b"".join(row(f) + b"\n" for f in fired))
-    os.replace(temporary, path)
+    _write(path, b"".join(row(f) + b"\n" for f in fired))
+    _write(path.with_name(path.name + ".skipped"), b"".join(skipped))  # patient order: the shard's own
     result.rows = str(path)
     result.cpu_seconds = time.process_time() - cpu
     return result
