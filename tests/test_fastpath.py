@@ -28,7 +28,7 @@ from nudges.rules.fhirpath import FhirPathSyntaxError, compile_expression, membe
 SHIPPED = corpus.shipped()
 VALUESETS = corpus.value_sets()
 BY_TYPE = corpus.by_type()
-EXAMPLES = int(os.environ.get("FASTPATH_EXAMPLES", "8"))
+EXAMPLES = int(os.environ.get("FASTPATH_EXAMPLES", "20"))
 
 
 def _ids(s: corpus.Shipped) -> str:

@@ -188,6 +188,9 @@ def test_since_is_sent_in_utc_and_a_group_exports_its_members(server: Sekmet, co
     code, out, err = screen(server.base, config=config, download=tmp_path / "group", group="navigated")
     assert code == 0, err
     assert "3 patient(s) screened" in out and counts(out)[TROPONIN] == (3, 2)  # scr-003 and scr-009
+    code, out, err = screen(server.base, config=config, download=tmp_path / "system", level="system")
+    assert code == 0, err
+    assert f"{PATIENTS} patient(s) screened" in out and "$export; status at" in err and "/Patient/$export" not in err
 
 
 def test_refusals_and_failures_are_explained(server: Sekmet, config: Path, tmp_path: Path,

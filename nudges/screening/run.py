@@ -19,10 +19,11 @@ from ..fhir import instant
 from ..services import Services
 from .cluster import Runner
 from .progress import Progress
-from .shards import ChunkTally, join_medications, plan_chunks, shard_count
+from .shards import CHUNK_BYTES, ChunkTally, join_medications, plan_chunks, shard_count
 from .tasks import Job, ShardResult, screen_shard, shard_chunk
 
 SHARDS_PER_WORKER = 4  # enough tasks that a slow shard does not leave the other workers idle
+MIN_CHUNK = 4 * 1024 * 1024
 
 
 @dataclass
@@ -84,7 +85,10 @@ def screen_export(files: list[Path], services: Services, *, rules: Path, site: P
     started = time.perf_counter()
     files, rules, work = [f.resolve() for f in files], rules.resolve(), work.resolve()  # for workers elsewhere
     site = site.resolve() if site else None
-    chunks = plan_chunks(files)
+    # Chunks small enough that every worker gets several (type files differ a lot in size), at most 64 MB:
+    # the shards' contents do not depend on it (parts are read back in file and position order).
+    size = sum(f.stat().st_size for f in files)
+    chunks = plan_chunks(files, max(MIN_CHUNK, min(CHUNK_BYTES, size // (SHARDS_PER_WORKER * runner.workers) + 1)))
     shards = shard_count(files, least=SHARDS_PER_WORKER * runner.workers if runner.workers > 1 else 1)
     total_bytes = sum(c.end - c.start for c in chunks)
     job = Job(str(rules), str(site) if site else None, statuses, services.ruleset.digest, hook, instant(now), str(work))
