@@ -106,18 +106,6 @@ class IndexPlan:
         except (AttributeError, TypeError):  # malformed: keep it, the record copes as on any call
             return True
         return False
-        if kind in MEDICATION_TYPES and "medicationReference" in resource:
-            return True
-        try:
-            for path in CODE_ELEMENTS.get(str(kind), ()):
-                for concept in walk(resource, path):
-                    for system, code in codings(concept):
-                        if any(system == want for want, _ in wanted.get(code, ())):
-                            return True
-        except (AttributeError, TypeError):  # malformed: keep it, the record copes as on any call
-            return True
-        return False
-
 
 
 class PatientRecord:
@@ -220,7 +208,7 @@ class PatientRecord:
 
     def _index_all(self, kind: str, group: list[Resource], source: str) -> None:
         for resource in group:
-            for path in CODE_ELEMENTS.get(str(kind), ()):
+            for path in CODE_ELEMENTS.get(kind, ()):
                 for concept in walk(resource, path):
                     self._index_concept(kind, source, resource, concept)
         if kind in MEDICATION_TYPES:

@@ -341,3 +341,30 @@ def test_a_record_that_cannot_be_evaluated_is_skipped_with_its_reason(
     out = capsys.readouterr().out
     assert "11 patient(s) screened, 1 skipped" in out
     assert "skipped 1: could not be evaluated (TypeError: malformed data?)" in out
+
+
+def test_leaving_out_what_no_rule_reads_changes_no_card_of_the_shipped_catalog() -> None:
+    """IndexPlan.reads on the shipped rules and fixture records, every hook a screen can run: each
+    patient's cards from the whole record and from what the screen keeps of it are the same."""
+    from nudges.hooks import RECORD_HOOKS
+    from nudges.screening.calls import screen_patient
+
+    ruleset = load_ruleset(ROOT / "rules").ruleset
+    assert ruleset is not None
+    services = Services.build(ruleset, frozenset({"active"}))
+    now = parse_instant(NOW)
+    compared = fired = left_out = 0
+    for path in sorted((ROOT / "fhir_fixtures" / "patients").glob("*.json")):
+        resources = [e["resource"] for e in orjson.loads(path.read_bytes()).get("entry", [])]
+        pid = next((r["id"] for r in resources if r["resourceType"] == "Patient"), None)
+        if pid is None:
+            continue
+        for hook in RECORD_HOOKS:
+            service = services.for_hook(hook)
+            kept = [r for r in resources if service.index.reads(r) or r["resourceType"] == "Encounter"]
+            whole, part = (screen_patient(services, service, pid, rs, now) for rs in (resources, kept))
+            assert (whole.fired, whole.skipped, whole.bucket) == (part.fired, part.skipped, part.bucket), path.name
+            compared += 1
+            fired += len(whole.fired)
+            left_out += len(resources) - len(kept)
+    assert compared >= 90 and fired >= 20 and left_out >= 20  # the check is not vacuous
