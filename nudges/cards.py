@@ -13,10 +13,21 @@ from .engine import Match, age_in_years
 from .fhir import codings, instant, parse_fhir_date, referenced_medication
 from .rules.compiled import RuleSet
 from .rules.templates import PLACEHOLDER, SECTION
+from .rules.valuesets import REMIND_LATER
 from .store import CardRecord
 
 SEVERITY = {"critical": 0, "warning": 1, "info": 2}
 MAX_SUMMARY = 139
+# The console's page for one rule (api/console serves it): where a card's "Why this nudge" link points.
+WHY_PATH = "/console/rules/{rule}"
+WHY_LABEL = "Why this nudge"
+
+
+def why_link(base: str, rule_id: str) -> dict[str, str]:
+    """The link from a card to its rule's page (rationale, evidence, source attributes), so a clinician can
+    see why a nudge appeared; `base` is the service's public URL, the only one a clinician's browser can
+    reach (the request's own host may be an internal name behind the proxy)."""
+    return {"label": WHY_LABEL, "url": base.rstrip("/") + WHY_PATH.format(rule=rule_id), "type": "absolute"}
 
 
 def elapsed(delta_seconds: float) -> str:
@@ -29,10 +40,13 @@ def elapsed(delta_seconds: float) -> str:
     return f"{hours // 24} days"
 
 
-def _display(resource: dict[str, Any], displays: dict[tuple[str, str], str]) -> str:
-    medication = referenced_medication(resource) if "medicationReference" in resource else None
-    if medication is not None:  # an order coded by a contained Medication: that Medication says what it is
-        resource = {**resource, "medicationCodeableConcept": medication.get("code")}
+def _display(resource: dict[str, Any], displays: dict[tuple[str, str], str],
+             medications: dict[str, dict[str, Any]] | None = None) -> str:
+    """What a bound resource is, in words: the value set's display for its code, else the code's own
+    display or text; an order coded by reference is named by its Medication."""
+    medication = referenced_medication(resource, medications) if "medicationReference" in resource else None
+    if medication is not None:
+        resource = {"resourceType": resource.get("resourceType"), "code": medication.get("code")}
     for element in ("code", "medicationCodeableConcept", "vaccineCode", "type"):
         concept = resource.get(element)
         if isinstance(concept, list):
@@ -69,8 +83,9 @@ class Renderer:
     """Fills placeholders for one call; values are computed only when a template asks for them."""
 
     def __init__(self, match: Match, context: dict[str, Any], patient: dict[str, Any] | None,
-                 now: datetime) -> None:
+                 now: datetime, medications: dict[str, dict[str, Any]] | None = None) -> None:
         self.match, self.context, self.patient, self.now = match, context, patient, now
+        self.medications = medications
 
     def value(self, name: str) -> str:
         if name.startswith("context."):
@@ -93,7 +108,7 @@ class Renderer:
             return when.strftime("%Y-%m-%d %H:%M UTC") if when else "an unknown date"
         if attr == "display":
             clause = next((c for c in self.match.rule.clauses() if c.bind == bind), None)
-            return _display(resource, clause.displays if clause else {})
+            return _display(resource, clause.displays if clause else {}, self.medications)
         if attr == "value":
             return _value(resource)
         if attr == "id":
@@ -146,9 +161,11 @@ def indicator(match: Match, now: datetime) -> str:
 
 
 def build_card(match: Match, ruleset: RuleSet, context: dict[str, Any], patient: dict[str, Any] | None,
-               now: datetime) -> dict[str, Any]:
+               now: datetime, medications: dict[str, dict[str, Any]] | None = None,
+               why_base: str | None = None) -> dict[str, Any]:
+    """The card; with `why_base` (settings.public_base_url) its links end with "Why this nudge"."""
     rule, template = match.rule, match.rule.card
-    render = Renderer(match, context, patient, now)
+    render = Renderer(match, context, patient, now, medications)
     summary = render.text(template.summary)
     if len(summary) > MAX_SUMMARY:
         summary = summary[: MAX_SUMMARY - 1].rstrip() + "…"
@@ -169,10 +186,12 @@ def build_card(match: Match, ruleset: RuleSet, context: dict[str, Any], patient:
         card["suggestions"] = suggestions
         card["selectionBehavior"] = template.selection
     if template.override_reasons:
-        card["overrideReasons"] = [dict(r) for r in template.override_reasons]
-    if template.links:
-        card["links"] = [{k: render.text(v) if isinstance(v, str) else v for k, v in link.items()}
-                         for link in template.links]
+        card["overrideReasons"] = [*(dict(r) for r in template.override_reasons), dict(REMIND_LATER)]
+    links = [{k: render.text(v) if isinstance(v, str) else v for k, v in link.items()} for link in template.links]
+    if why_base:
+        links.append(why_link(why_base, rule.id))
+    if links:
+        card["links"] = links
     return card
 
 

@@ -7,9 +7,10 @@ candidates. A rule that raises is isolated: counted, logged without PHI, and ski
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from .fhir import parse_fhir_date
 from .record import PatientRecord
@@ -24,12 +25,33 @@ class Match:
     rule: CompiledRule
     bindings: dict[str, dict[str, Any]]
     dates: dict[str, datetime | None]
+    drafts: tuple[dict[str, Any], ...] = ()  # draft resources (orders, appointments) the clauses matched
 
 
 @dataclass
 class Outcome:
     matches: list[Match] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+
+
+_Saved = tuple[dict[str, dict[str, Any]], dict[str, datetime | None], dict[str, Any], tuple[dict[str, Any], ...]]
+
+
+class Tracer(Protocol):
+    """What the engine tells an observer about one evaluation (`nudges explain`). None on the hot path:
+    every call below sits behind an `is not None` test, so tracing costs a serving call nothing."""
+
+    def begin(self, record: PatientRecord, now: datetime) -> None: ...
+    def rule(self, rule: CompiledRule) -> None: ...
+    def age(self, rule: CompiledRule, age: int | None, held: bool) -> None: ...
+    def patient(self, rule: CompiledRule, patient: dict[str, Any] | None, held: bool) -> None: ...
+    def enter(self, mode: str, items: tuple[CompiledItem, ...]) -> None: ...
+    def leave(self, held: bool) -> None: ...
+    def drop(self, resource: dict[str, Any], why: str, when: datetime | None) -> None: ...
+    def windowed(self, found: list[tuple[datetime | None, dict[str, Any]]]) -> None: ...
+    def clause(self, clause: CompiledClause, hit: tuple[datetime | None, dict[str, Any]] | None,
+               env: dict[str, Any], dates: dict[str, datetime | None]) -> None: ...
+    def done(self, rule: CompiledRule, match: Match | None, error: Exception | None) -> None: ...
 
 
 def age_in_years(birth: date, today: date) -> int:
@@ -39,13 +61,14 @@ def age_in_years(birth: date, today: date) -> int:
 class _Evaluation:
     """State for one rule on one record: clock, FHIRPath environment, bindings so far."""
 
-    __slots__ = ("bindings", "dates", "env", "now", "record")
+    __slots__ = ("bindings", "dates", "drafts", "env", "now", "record")
 
     def __init__(self, record: PatientRecord, now: datetime, env: dict[str, Any]) -> None:
         self.record, self.now = record, now
         self.env = dict(env)
         self.bindings: dict[str, dict[str, Any]] = {}
         self.dates: dict[str, datetime | None] = {}
+        self.drafts: tuple[dict[str, Any], ...] = ()  # what the card is about, on order and booking hooks
 
     def date_of(self, clause: CompiledClause, resource: dict[str, Any]) -> datetime | None:
         if clause.date is None:
@@ -67,7 +90,8 @@ class _Evaluation:
             return [r for r in record.of_type(source, clause.resource) if record.says(clause.text, r)]
         return record.of_type(source, clause.resource)
 
-    def match(self, clause: CompiledClause) -> tuple[datetime | None, dict[str, Any]] | None:
+    def match(self, clause: CompiledClause,
+              trace: Tracer | None = None) -> tuple[datetime | None, dict[str, Any]] | None:
         """The resource a clause is satisfied by, or None.
 
         A binding clause needs the latest match (or the earliest, with `pick: earliest`; ties broken by id),
@@ -85,18 +109,30 @@ class _Evaluation:
                 when = self.date_of(clause, resource) if dated else None
                 if timed:
                     if when is None:
+                        if trace is not None:
+                            trace.drop(resource, "no date", when)
                         continue
                     if clause.within is not None and when < now - clause.within:
+                        if trace is not None:
+                            trace.drop(resource, "within", when)
                         continue
                     if clause.older_than is not None and when > now - clause.older_than:
+                        if trace is not None:
+                            trace.drop(resource, "older_than", when)
                         continue
                     if since is not None and when < since:
+                        if trace is not None:
+                            trace.drop(resource, "since", when)
                         continue
-                if clause.where is None and clause.bind is None:
+                if clause.where is None and clause.bind is None and trace is None:
                     return when, resource
                 found.append((when, resource))
+        if trace is not None:
+            trace.windowed(found)
         if not found:
             return None
+        if trace is not None and clause.where is None and clause.bind is None:
+            return found[0]  # what the early return above takes when not tracing
 
         def latest(item: tuple[datetime | None, dict[str, Any]]) -> tuple[bool, datetime, str]:
             return item[0] is not None, item[0] or now, str(item[1].get("id", ""))
@@ -114,32 +150,52 @@ class _Evaluation:
                 found.sort(key=latest, reverse=True)
         return next(((when, resource) for when, resource in found if truthy(where(resource, self.env))), None)
 
-    def save(self) -> tuple[dict[str, dict[str, Any]], dict[str, datetime | None], dict[str, Any]]:
-        return dict(self.bindings), dict(self.dates), dict(self.env)
+    def save(self) -> _Saved:
+        return dict(self.bindings), dict(self.dates), dict(self.env), self.drafts
 
-    def restore(self, saved: tuple[dict[str, dict[str, Any]], dict[str, datetime | None], dict[str, Any]]) -> None:
-        self.bindings, self.dates, self.env = saved
+    def restore(self, saved: _Saved) -> None:
+        self.bindings, self.dates, self.env, self.drafts = saved
 
     def bind(self, clause: CompiledClause, hit: tuple[datetime | None, dict[str, Any]]) -> None:
+        when, resource = hit
+        if clause.sources != ("record",) and self.record.is_draft(resource):
+            self.drafts += (resource,)
         if clause.bind:
-            when, resource = hit
             self.bindings[clause.bind] = resource
             self.dates[clause.bind] = when
             self.env[clause.bind] = resource
 
 
-def _applies(rule: CompiledRule, record: PatientRecord, now: datetime, env: dict[str, Any]) -> bool:
+def _applies(rule: CompiledRule, record: PatientRecord, now: datetime, env: dict[str, Any],
+             trace: Tracer | None = None) -> bool:
     if rule.age_min is not None or rule.age_max is not None:
         birth = parse_fhir_date((record.patient or {}).get("birthDate"))
-        if birth is None:
-            return False
-        age = age_in_years(birth.date(), now.date())
-        if (rule.age_min is not None and age < rule.age_min) or (
-                rule.age_max is not None and age > rule.age_max):
+        age = None if birth is None else age_in_years(birth.date(), now.date())
+        held = age is not None and not ((rule.age_min is not None and age < rule.age_min) or (
+            rule.age_max is not None and age > rule.age_max))
+        if trace is not None:
+            trace.age(rule, age, held)
+        if not held:
             return False
     if rule.patient is not None:
-        return record.patient is not None and truthy(rule.patient(record.patient, env))
+        held = record.patient is not None and truthy(rule.patient(record.patient, env))
+        if trace is not None:
+            trace.patient(rule, record.patient, held)
+        return held
     return True
+
+
+class _Traced(_Evaluation):
+    """The same evaluation, telling a tracer every step (nudges explain)."""
+
+    __slots__ = ("trace",)
+
+    def __init__(self, record: PatientRecord, now: datetime, env: dict[str, Any], trace: Tracer) -> None:
+        super().__init__(record, now, env)
+        self.trace = trace
+
+
+Holds = Callable[["_Evaluation", CompiledItem], bool]
 
 
 def _holds(state: _Evaluation, item: CompiledItem) -> bool:
@@ -152,24 +208,45 @@ def _holds(state: _Evaluation, item: CompiledItem) -> bool:
     return _group(state, item.mode, item.items)
 
 
-def _group(state: _Evaluation, mode: str, items: tuple[CompiledItem, ...]) -> bool:
+def _traced_holds(state: _Evaluation, item: CompiledItem) -> bool:
+    """_holds, telling the tracer each clause's outcome and each nested group's start and end."""
+    assert isinstance(state, _Traced)
+    trace = state.trace
+    if isinstance(item, CompiledClause):
+        hit = state.match(item, trace)
+        trace.clause(item, hit, state.env, state.dates)
+        if hit is None:
+            return False
+        state.bind(item, hit)
+        return True
+    return _traced_group(state, trace, item.mode, item.items)
+
+
+def _traced_group(state: _Evaluation, trace: Tracer, mode: str, items: tuple[CompiledItem, ...]) -> bool:
+    trace.enter(mode, items)
+    held = _group(state, mode, items, _traced_holds)
+    trace.leave(held)
+    return held
+
+
+def _group(state: _Evaluation, mode: str, items: tuple[CompiledItem, ...], holds: Holds = _holds) -> bool:
     """all: every item (a failed branch leaves no bindings behind); any: at least one, every matching
     item binding; none: no item, tried without keeping its bindings."""
     if mode == "all":
         saved = state.save()
         for item in items:
-            if not _holds(state, item):
+            if not holds(state, item):
                 state.restore(saved)
                 return False
         return True
     if mode == "any":
         hit = False
         for item in items:
-            hit = _holds(state, item) or hit
+            hit = holds(state, item) or hit
         return hit
     for item in items:
         saved = state.save()
-        found = _holds(state, item)
+        found = holds(state, item)
         state.restore(saved)
         if found:
             return False
@@ -187,13 +264,32 @@ def evaluate_rule(rule: CompiledRule, record: PatientRecord, now: datetime,
         return None
     if not _group(state, "none", rule.none):
         return None
-    return Match(rule, state.bindings, state.dates)
+    return Match(rule, state.bindings, state.dates, state.drafts)
+
+
+def _traced_rule(rule: CompiledRule, record: PatientRecord, now: datetime, env: dict[str, Any],
+                 trace: Tracer) -> Match | None:
+    """evaluate_rule, step for step, each part reported as a group."""
+    if not _applies(rule, record, now, env, trace):
+        return None
+    state = _Traced(record, now, env, trace)
+    if not _traced_group(state, trace, "all", rule.all):
+        return None
+    if rule.any and not _traced_group(state, trace, "any", rule.any):
+        return None
+    if rule.none and not _traced_group(state, trace, "none", rule.none):
+        return None
+    return Match(rule, state.bindings, state.dates, state.drafts)
 
 
 def evaluate(rules: tuple[CompiledRule, ...], record: PatientRecord, now: datetime,
-             context: dict[str, Any] | None = None, hook: str | None = None) -> Outcome:
-    """FHIRPath sees the one environment (rules.fhirpath.environment) plus each rule's bound names."""
-    env = environment(now, context, hook)
+             context: dict[str, Any] | None = None, hook: str | None = None,
+             trace: Tracer | None = None) -> Outcome:
+    """FHIRPath sees the one environment (rules.fhirpath.environment) plus each rule's bound names.
+    With a tracer, every step of every rule is reported to it (nudges explain); without, nothing is."""
+    env = environment(now, context, hook, record.patient)
+    if trace is not None:
+        return _traced(rules, record, now, env, trace)
     outcome = Outcome()
     for rule in rules:
         try:
@@ -202,6 +298,26 @@ def evaluate(rules: tuple[CompiledRule, ...], record: PatientRecord, now: dateti
             log.warning("rule failed", extra={"rule": rule.id, "error": type(exc).__name__})
             outcome.failed.append(rule.id)
             continue
+        if match is not None:
+            outcome.matches.append(match)
+    return outcome
+
+
+def _traced(rules: tuple[CompiledRule, ...], record: PatientRecord, now: datetime, env: dict[str, Any],
+            trace: Tracer) -> Outcome:
+    """evaluate's loop with a tracer told of every rule, its steps and its outcome."""
+    outcome = Outcome()
+    trace.begin(record, now)
+    for rule in rules:
+        trace.rule(rule)
+        try:
+            match = _traced_rule(rule, record, now, env, trace)
+        except Exception as exc:  # isolated as in evaluate
+            log.warning("rule failed", extra={"rule": rule.id, "error": type(exc).__name__})
+            outcome.failed.append(rule.id)
+            trace.done(rule, None, exc)
+            continue
+        trace.done(rule, match, None)
         if match is not None:
             outcome.matches.append(match)
     return outcome

@@ -7,6 +7,7 @@ recommends). Diagnostics never include tokens, request bodies or patient identif
     │   ├── MissingField (400 required)
     │   └── TooDeep (400 too-costly)
     ├── Unauthorized (401 login)             the reason is for the log only
+    ├── Forbidden (403 forbidden)            known, or not asked, but not allowed here (the console off loopback)
     ├── NotFound (404 not-found)
     ├── PayloadTooLarge (413 too-long)
     ├── PreconditionFailed (412 incomplete)  data in neither prefetch nor the FHIR server
@@ -69,6 +70,14 @@ class Unauthorized(NudgesError):
     def __init__(self, reason: str) -> None:
         super().__init__("authentication required")
         self.reason = reason
+
+
+class Forbidden(NudgesError):
+    """The request may not be served here, whoever sends it (the console reached off loopback with no
+    sign-in configured, a header from an untrusted address); the message says what to configure."""
+
+    status = 403
+    code = "forbidden"
 
 
 class NotFound(NudgesError):

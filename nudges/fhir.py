@@ -208,6 +208,52 @@ def words(resource: Resource, medications: dict[str, Resource] | None = None) ->
         yield resource["valueString"]
 
 
+# -- languages --------------------------------------------------------------------------------------------
+BCP47 = "urn:ietf:bcp:47"
+# Registration screens often store a language as text only ("Spanish", "Vietnamese"). Names of the languages
+# most spoken at home by US patients with limited English (American Community Survey), in English and as
+# written by their speakers, with their BCP-47 codes: enough for a rule to compare a patient's language with
+# a document's `language` code.
+LANGUAGE_NAMES: dict[str, str] = {
+    "english": "en", "spanish": "es", "espanol": "es", "español": "es", "castellano": "es",
+    "chinese": "zh", "mandarin": "zh", "cantonese": "yue", "vietnamese": "vi", "tieng viet": "vi",
+    "tagalog": "tl", "filipino": "fil", "korean": "ko", "russian": "ru", "arabic": "ar", "french": "fr",
+    "haitian creole": "ht", "haitian": "ht", "kreyol": "ht", "kreyòl": "ht", "portuguese": "pt",
+    "portugues": "pt", "português": "pt", "german": "de", "polish": "pl", "italian": "it", "japanese": "ja",
+    "persian": "fa", "farsi": "fa", "dari": "prs", "pashto": "ps", "somali": "so", "hmong": "hmn",
+    "hindi": "hi", "urdu": "ur", "bengali": "bn", "bangla": "bn", "punjabi": "pa", "gujarati": "gu",
+    "nepali": "ne", "amharic": "am", "tigrinya": "ti", "ukrainian": "uk", "armenian": "hy", "khmer": "km",
+    "cambodian": "km", "lao": "lo", "laotian": "lo", "thai": "th", "burmese": "my", "karen": "kar",
+    "swahili": "sw", "greek": "el", "hebrew": "he", "yiddish": "yi", "turkish": "tr", "romanian": "ro",
+    "serbo croatian": "sh", "bosnian": "bs", "albanian": "sq", "telugu": "te", "tamil": "ta",
+    "american sign language": "ase", "asl": "ase", "sign language": "sgn",
+}
+_WORDS = re.compile(r"[^a-zà-ÿ]+")
+
+
+def language_code(text: Any) -> str | None:
+    """The BCP-47 code of a language given by name ("Spanish", "Tiếng Việt (Vietnam)"), or None."""
+    if not isinstance(text, str):
+        return None
+    words = _WORDS.sub(" ", text.lower().replace("ế", "e").replace("ệ", "e")).split()
+    for size in range(min(3, len(words)), 0, -1):
+        code = LANGUAGE_NAMES.get(" ".join(words[:size]))
+        if code is not None:
+            return code
+    return None
+
+
+def code_text_languages(patient: Resource) -> None:
+    """Give a Patient's text-only languages their BCP-47 coding, in place, so rules compare codes whether a
+    registration screen stored a code or a name. An unknown name is left as it is."""
+    for communication in patient.get("communication") or ():
+        language = communication.get("language") if isinstance(communication, dict) else None
+        if isinstance(language, dict) and not language.get("coding"):
+            code = language_code(language.get("text"))
+            if code is not None:
+                language["coding"] = [{"system": BCP47, "code": code, "display": language["text"]}]
+
+
 # -- dates ----------------------------------------------------------------------------------------------
 def parse_fhir_date(value: Any) -> datetime | None:
     """FHIR date/dateTime/instant at any precision ("2026", "2026-03", "2026-03-01T10:00:00Z"), in UTC."""

@@ -14,6 +14,9 @@ class Metrics:
                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
                                  registry=self.registry)
         self.cards = Counter("nudges_cards_total", "cards returned", ["rule"], registry=self.registry)
+        # Reason labels are bounded: a code the rule offers, "none" (no coded reason) or "other".
+        self.feedback = Counter("nudges_feedback_total", "card feedback stored, by rule, outcome and override reason",
+                                ["rule", "outcome", "reason"], registry=self.registry)
         self.rule_errors = Counter("nudges_rule_errors_total", "rules that raised while evaluating",
                                    ["rule"], registry=self.registry)
         self.reloads = Counter("nudges_rule_reloads_total", "rule set reloads", ["result"],

@@ -2,8 +2,9 @@
 population screening, so every path evaluates exactly the same way.
 
 parse (validate the body against the hook) → complete (fetch what prefetch lacks) → evaluate (index,
-rules, suppression, cards). Storage and waiting follow-up cards are the runtime's business, not this
-module's: the pipeline is pure but for the FHIR fetch.
+rules, cards, each card's focus: what suppression is keyed by). Whether a card may be shown (suppression),
+storage and waiting follow-up cards are the runtime's business, not this module's: the pipeline is pure
+but for the FHIR fetch.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
@@ -30,9 +31,10 @@ from .record import IndexPlan, PatientRecord
 from .services import Service, Services
 from .settings import Settings
 from .store import Bucket, CardRecord
+from .suppression import focus_of
 
-# Given each matched rule's suppression window, the ids of rules whose card is suppressed for this call.
-Suppression = Callable[[dict[str, timedelta]], set[str]]
+# The keyed hash a card's focus is stored as (Store.keyed); without one (offline runs) no focus is kept.
+Keyed = Callable[[str], str]
 
 
 @dataclass
@@ -169,29 +171,34 @@ class Result:
         return [i.record for i in ordered(self.issued) if i.record is not None]
 
 
-def evaluate(call: Call, services: Services, now: datetime, *, patient_hash: str,
-             suppressed: Suppression | None = None, tenant: str | None = None) -> Result:
-    """Evaluate, drop cards suppressed for this call, build the cards and their records."""
+def evaluate(call: Call, services: Services, now: datetime, *, patient_hash: str, keyed: Keyed | None = None,
+             tenant: str | None = None, why_base: str | None = None, trace: engine.Tracer | None = None) -> Result:
+    """Evaluate, build the cards and their records, each with the keyed hash of its focus (and with a "Why
+    this nudge" link to the console when `why_base`, the service's public URL, is known; a tracer, for
+    `nudges explain`, hears every step of the evaluation)."""
     record = build_record(call, call.service.index)
-    outcome = engine.evaluate(call.service.rules, record, now, call.context, call.service.hook.name)
-    windows = {m.rule.id: m.rule.suppress for m in outcome.matches if m.rule.suppress}
-    quiet = suppressed(windows) if (windows and suppressed) else set()
+    hook = call.service.hook
+    outcome = engine.evaluate(call.service.rules, record, now, call.context, hook.name, trace)
     who: Bucket = bucket(record.patient, list(flatten(call.prefetch.get("coverage"))))
     result = Result(failed=outcome.failed, bucket=who)
+    draft = selected(call, drafts(call)) if hook.drafts else []
+    medications = record.medications() if hook.focus == "order" else None  # an order's identity may be its Medication
     for match in outcome.matches:
-        if match.rule.id in quiet:
-            continue
-        card = build_card(match, services.ruleset, call.context, record.patient, now)
+        card = build_card(match, services.ruleset, call.context, record.patient, now, record.medications(),
+                          why_base=why_base)
+        focus = keyed(focus_of(hook, call.context, match.drafts, draft, medications)) if keyed else None
         result.issued.append(IssuedCard(match.rule.id, card, match=match, record=CardRecord(
             uuid=card["uuid"], service_id=call.service.id, rule_id=match.rule.id, rule_version=match.rule.version,
-            hook=call.service.hook.name, hook_instance=call.request.hookInstance, patient_hash=patient_hash,
-            bucket=who, indicator=card["indicator"], issued_at=now, tenant=tenant)))
+            hook=hook.name, hook_instance=call.request.hookInstance, patient_hash=patient_hash,
+            bucket=who, indicator=card["indicator"], issued_at=now, tenant=tenant, focus=focus)))
     return result
 
 
-def run_body(services: Services, settings: Settings, body: dict[str, Any], now: datetime) -> Result:
-    """A whole call outside the service (rule cases, replay, screening): parse, complete, evaluate, with
-    nothing suppressed and nothing stored. Fetches on an event loop of its own: call it from a thread."""
+def run_body(services: Services, settings: Settings, body: dict[str, Any], now: datetime,
+             trace: engine.Tracer | None = None) -> Result:
+    """A whole call outside the service (rule cases, replay, screening, explain): parse, complete,
+    evaluate, with nothing suppressed and nothing stored. Fetches on an event loop of its own: call it
+    from a thread."""
     hook = HOOKS.get(str(body.get("hook")))
     call = parse_call(services, hook.service_id if hook else str(body.get("hook")), body)
     missing = still_missing(call)
@@ -199,7 +206,8 @@ def run_body(services: Services, settings: Settings, body: dict[str, Any], now: 
         asyncio.run(_complete_offline(call, settings, call.request.fhirServer))
     elif missing:
         require(call, missing, "not in prefetch and no fhirServer given")
-    return evaluate(call, services, now, patient_hash="offline")
+    why = settings.public_base_url if settings is not None else None  # some callers run rules without settings
+    return evaluate(call, services, now, patient_hash="offline", why_base=why, trace=trace)
 
 
 async def _complete_offline(call: Call, settings: Settings, server: str) -> None:

@@ -14,6 +14,7 @@ from .fhir import (
     CODE_ELEMENTS,
     MEDICATION_TYPES,
     Resource,
+    code_text_languages,
     codings,
     flatten,
     referenced_medication,
@@ -164,6 +165,8 @@ class PatientRecord:
     def _add_groups(self, groups: dict[str, list[Resource]], source: str) -> None:
         self._clean.clear()
         self._medications = None
+        for patient in groups.get("Patient", ()):
+            code_text_languages(patient)
         for kind, group in groups.items():
             self._raw.setdefault((source, kind), []).extend(group)
             if self._plan is None:
@@ -272,6 +275,25 @@ class PatientRecord:
         for system_code in keys:
             hits.update(id(r) for r in self._by_code.get((source, kind, system_code), ()))
         return [r for r in self.of_type(source, kind) if id(r) in hits] if hits else []
+
+    def is_draft(self, resource: Resource) -> bool:
+        """Whether a resource came from the hook's drafts (draftOrders, appointments), not the record."""
+        return any(r is resource for r in self._raw.get(("draft", str(resource.get("resourceType"))), ()))
+
+    def set_aside(self, source: str, kind: str) -> list[tuple[Resource, str]]:
+        """What `of_type` leaves out of a type's list, and why: for `nudges explain`, never the hot path."""
+        kept = {id(r) for r in self.of_type(source, kind)}
+        return [(r, "entered in error or refuted" if voided(r) else "an id seen before (a duplicate)")
+                for r in self._raw.get((source, kind), ()) if id(r) not in kept]
+
+    def inventory(self) -> dict[str, dict[str, int]]:
+        """How many usable resources of each type each source holds (for `nudges explain`)."""
+        found: dict[str, dict[str, int]] = {}
+        for source, kind in sorted(self._raw):
+            count = len(self.of_type(source, kind))
+            if count:
+                found.setdefault(source, {})[kind] = count
+        return found
 
     def medications(self) -> dict[str, Resource]:
         """Medication resources of the record and the drafts, by id: what `Medication/id` references name."""

@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import pipeline
+from . import pipeline, suppression
 from .api.auth import Authenticator, Caller, check_startup_policy
 from .cards import IssuedCard
 from .clock import Clock, clock_for
@@ -58,7 +58,7 @@ class Runtime:
         clock = clock or clock_for(settings.now)
         key = settings.patient_hash_key.get_secret_value().encode() if settings.patient_hash_key else None
         store = Store(settings.database_url, clock, hash_key=key)
-        reloader = Reloader(settings.rules, frozenset(settings.rule_statuses), settings.site_valuesets)
+        reloader = Reloader(settings.rules, frozenset(settings.rule_statuses), settings.site_valuesets, clock)
         fhir = FhirClient(settings, BackendTokens(settings.fhir_backend_clients))
         auth = Authenticator(settings.auth, store, clock, fhir.http)
         return cls(settings, clock, store, reloader, fhir, auth)
@@ -95,14 +95,16 @@ class Runtime:
         return self.reloader.current
 
     def evaluate(self, call: pipeline.Call, caller: Caller) -> pipeline.Result:
-        """Runs in a worker thread: engine, suppression look-up, card records and waiting cards in one go."""
+        """Runs in a worker thread: engine, suppression (claimed and recorded with the cards in one
+        transaction) and waiting cards in one go."""
         services = self.services()
         now = self.clock.now()
-        patient_hash = self.store.patient_hash(call.context["patientId"])
-        result = pipeline.evaluate(call, services, now, patient_hash=patient_hash,
-                                   suppressed=lambda w: self.store.recently_shown(patient_hash, w),
-                                   tenant=caller.tenant)
-        self.store.record_cards(result.records)
+        store = self.store
+        patient_hash = store.patient_hash(call.context["patientId"])
+        result = pipeline.evaluate(call, services, now, patient_hash=patient_hash, keyed=store.keyed,
+                                   tenant=caller.tenant, why_base=self.settings.public_base_url)
+        shown = {id(r) for r in store.show_cards(result.records, self.settings.suppression.ignored_window)}
+        result.issued = [i for i in result.issued if i.record is not None and id(i.record) in shown]
         live = {i.rule_id for i in result.issued}
         pending = followups.take_pending(self.store, patient_hash, service_id=call.service.id,
                                          hook_instance=call.request.hookInstance, live_rules=live, now=now,
@@ -115,15 +117,30 @@ class Runtime:
         return result
 
     def record_feedback(self, records: list[FeedbackRecord], service_id: str) -> int:
-        """Store feedback on cards this service issued; an unknown card or another service's is a 400."""
+        """Store feedback on cards this service issued, each setting its card's focus's lockout (the
+        latest outcome wins). Everything is checked before anything is stored: an unknown card, another
+        service's card or a reason the card does not offer is a 400."""
+        store, now = self.store, self.clock.now()
+        served = {r.id: r for r in self.services().ruleset.rules}
+        policy = suppression.Policy(self.settings.suppression)
+        entries = []
         for record in records:
-            issued_by = self.store.card_service(record.card_uuid)
-            if issued_by is None:
+            card = store.card_info(record.card_uuid)
+            if card is None:
                 raise BadRequest(f"unknown card '{record.card_uuid}'", expression="feedback.card")
-            if issued_by != service_id:
+            if card.service_id != service_id:
                 raise BadRequest(f"card '{record.card_uuid}' was not issued by '{service_id}'",
                                  expression="feedback.card")
-        return self.store.record_feedback(records)
+            rule = served.get(card.rule_id)
+            record = suppression.check_reason(rule, record)
+            focus = card.focus or store.keyed(suppression.PATIENT_FOCUS)  # cards from before focus was kept
+            entries.append((rule, record, policy.of(rule, card, focus, record, now)))
+        stored = store.apply_feedback([(record, lockout) for _, record, lockout in entries])
+        for (rule, record, lockout), new in zip(entries, stored, strict=True):
+            if new:
+                self.metrics.feedback.labels(lockout.rule_id, record.outcome,
+                                             suppression.reason_label(rule, record)).inc()
+        return sum(stored)
 
     def readiness(self) -> dict[str, Any]:
         current = self.reloader.current

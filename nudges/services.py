@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
+from .clock import Clock, SystemClock
 from .hooks import HOOKS, Hook
 from .prefetch import PrefetchPlan, plan_for
 from .record import IndexPlan
@@ -68,15 +70,31 @@ def fingerprint(directory: Path, site: Path | None = None) -> str:
     return digest.hexdigest()
 
 
-class Reloader:
-    """Serves the current services; `reload` swaps them only when the new rule set loads without problems."""
+@dataclass(frozen=True)
+class Refusal:
+    """A reload that was refused: when, and every problem as file:line:column (what the console shows)."""
 
-    def __init__(self, directory: Path, statuses: frozenset[str], site: Path | None = None) -> None:
+    at: datetime
+    problems: list[Problem] = field(default_factory=list)
+
+
+class Reloader:
+    """Serves the current services; `reload` swaps them only when the new rule set loads without problems.
+
+    It remembers when the served set was loaded (and its lint warnings) and the last refusal, which stays
+    visible after a later good reload so an operator can see what was wrong."""
+
+    def __init__(self, directory: Path, statuses: frozenset[str], site: Path | None = None,
+                 clock: Clock | None = None) -> None:
         self.directory = directory
         self.site = site
         self.statuses = statuses
+        self.clock = clock or SystemClock()
         self.current: Services | None = None
         self.last_problems: list[Problem] = []
+        self.warnings: list[Problem] = []  # of the served set
+        self.loaded_at: datetime | None = None
+        self.last_refusal: Refusal | None = None
         self.refused = 0
         self._seen = ""
 
@@ -86,12 +104,15 @@ class Reloader:
         if result.ruleset is None:
             self.refused += 1
             self.last_problems = result.problems
+            self.last_refusal = Refusal(self.clock.now(), result.problems)
             log.error("rule set refused; keeping the last good set",
                       extra={"problems": [str(p) for p in result.problems[:50]],
                              "kept": self.current.ruleset.version if self.current else None})
             return False
         self.current = Services.build(result.ruleset, self.statuses)
         self.last_problems = []
+        self.warnings = result.warnings
+        self.loaded_at = self.clock.now()
         log.info("rule set loaded", extra={"version": result.ruleset.version, "rules": len(result.ruleset.rules)})
         return True
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -38,6 +38,35 @@ class AuthSettings(BaseModel):
     max_token_lifetime_seconds: int = 3600
 
 
+class ProxyAuthSettings(BaseModel):
+    """Console sign-in through a reverse proxy that authenticates people (SSO: oauth2-proxy, Apache
+    mod_auth_openidc, an ingress with OIDC) and passes who they are in a header. The header is believed
+    only on connections from `trusted_proxies`; from anywhere else the console is refused, so a client
+    that reaches the service directly cannot claim to be someone."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    user_header: str = Field("X-Forwarded-User", description="header carrying the signed-in user's name")
+    groups_header: str | None = Field("X-Forwarded-Groups", description="header with the user's groups (comma "
+                                                                         "separated), or null")
+    trusted_proxies: list[str] = Field(min_length=1, description="proxy addresses or networks (CIDR) whose "
+                                                                 "headers are believed, e.g. 127.0.0.1/32")
+    allowed_users: list[str] = Field(default_factory=list, description="who may use the console (empty: "
+                                                                       "anyone the proxy signed in, unless "
+                                                                       "allowed_groups is set)")
+    allowed_groups: list[str] = Field(default_factory=list, description="groups whose members may use it")
+
+
+class ConsoleSettings(BaseModel):
+    """The web console under /console/: on loopback it needs no sign-in, like the API; reached any other
+    way it is refused unless `proxy_auth` is configured."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    proxy_auth: ProxyAuthSettings | None = None
+
+
 class FhirBackendClient(BaseModel):
     """The service's own registration at an EHR's FHIR server (SMART Backend Services), for reads no
     hook call authorizes: id-only notifications and follow-up checks."""
@@ -51,6 +80,53 @@ class FhirBackendClient(BaseModel):
     key_id: str | None = Field(None, description="`kid` of the registered public key (taken from a JWK if unset)")
     algorithm: Literal["RS384", "ES384"] = "RS384"
     scope: str = "system/*.read"
+
+
+def _duration(text: str) -> str:
+    from .rules.schema import parse_duration
+
+    parse_duration(text)
+    return text
+
+
+Duration = Annotated[str, AfterValidator(_duration)]
+
+
+class SuppressionSettings(BaseModel):
+    """How long a card stays away from its focus (suppression.py): durations such as 5m, 12h, 30d."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ignored: Duration = Field(
+        default="5m", description="a card shown and not answered (or never displayed): enough to stop repeats on a "
+                                  "chart refresh")
+    accepted: Duration = Field(default="30d", description="after `accepted`, for rules without `suppress`")
+    overridden: Duration = Field(
+        default="7d", description="after `overridden`, for a reason without a lockout of its own, on a rule "
+                                  "without `suppress`")
+    snooze: Duration = Field(default="1h", description="after the service's own 'remind me later' reason")
+
+    @staticmethod
+    def _window(text: str) -> timedelta:
+        from .rules.schema import parse_duration
+
+        return parse_duration(text)
+
+    @property
+    def ignored_window(self) -> timedelta:
+        return self._window(self.ignored)
+
+    @property
+    def accepted_window(self) -> timedelta:
+        return self._window(self.accepted)
+
+    @property
+    def overridden_window(self) -> timedelta:
+        return self._window(self.overridden)
+
+    @property
+    def snooze_window(self) -> timedelta:
+        return self._window(self.snooze)
 
 
 class Settings(BaseSettings):
@@ -87,6 +163,8 @@ class Settings(BaseSettings):
     tls_keyfile: Path | None = None
     log_level: str = "INFO"
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    console: ConsoleSettings = Field(default_factory=ConsoleSettings)
+    suppression: SuppressionSettings = Field(default_factory=SuppressionSettings)
 
     @property
     def pending_card_max_age(self) -> timedelta:

@@ -35,6 +35,12 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["NUDGES_CACHE_DIR"] = tempfile.mkdtemp(prefix="nudges-test-cache-")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Browser tests last: Playwright's sync API keeps its event loop marked as running in the main thread
+    while the session's browser is open, and an asyncio test after it could not start its own loop."""
+    items.sort(key=lambda item: "browser" in getattr(item, "fixturenames", ()))
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     shutil.rmtree(os.environ.get("NUDGES_CACHE_DIR", ""), ignore_errors=True)
 
@@ -165,9 +171,14 @@ class FhirServer:
         self.client_key: Any = None
         self.token_requests: list[dict[str, str]] = []
         self.token_refusals = 0
+        self.in_flight = self.max_in_flight = 0
+        self.connections: set[tuple[str, int]] = set()  # client (address, port): one per connection used
+        self._lock = threading.Lock()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as real FHIR servers do
+
             def log_message(self, *args: Any) -> None:
                 pass
 
@@ -181,6 +192,17 @@ class FhirServer:
 
             def do_GET(self) -> None:
                 server.requests.append((self.path, self.headers.get("Authorization")))
+                with server._lock:
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                    server.connections.add(self.client_address)
+                try:
+                    self.serve()
+                finally:
+                    with server._lock:
+                        server.in_flight -= 1
+
+            def serve(self) -> None:
                 if server.delay:
                     threading.Event().wait(server.delay)
                 if server.token and self.headers.get("Authorization") != f"Bearer {server.token}":
@@ -278,3 +300,37 @@ def make_store(database_url: str, clock: FixedClock) -> Iterator[Callable[..., S
     yield make
     for store in stores:
         store.dispose()
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Any]:
+    """One headless Debian Chromium for the whole session, driven by Playwright (never `playwright install`:
+    the browser comes from apt, see .ci/run). Skipped where Chromium is missing, unless CI=true."""
+    executable = shutil.which("chromium")
+    if executable is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("Chromium is required in CI (CI=true): apt-get install chromium")
+        pytest.skip("no chromium on PATH (apt-get install chromium fonts-dejavu-core)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=executable)
+        yield launched
+        launched.close()
+
+
+def loopback_only(context: Any) -> list[str]:
+    """Abort every request that is not to loopback; returns the list of what was blocked."""
+    from urllib.parse import urlsplit
+
+    blocked: list[str] = []
+
+    def route(r: Any) -> None:
+        if urlsplit(r.request.url).hostname in ("127.0.0.1", "localhost"):
+            r.continue_()
+        else:
+            blocked.append(r.request.url)
+            r.abort()
+
+    context.route("**/*", route)
+    return blocked

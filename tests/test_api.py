@@ -178,6 +178,25 @@ def test_open_fhir_server_gets_no_authorization_and_pages_are_followed(client: L
     assert any("_offset=1" in p for p, _ in fhir_server.requests)
 
 
+def test_requests_to_one_fhir_server_are_bounded_and_reuse_connections(make_client, fhir_server) -> None:  # type: ignore[no-untyped-def]
+    """A modest FHIR server with a small accept queue drops a dozen connections opened at once: the
+    service queues them on a few keep-alive connections instead, within the same budget."""
+    client = make_client(fhir_max_connections_per_server=2)
+    fhir_server.delay = 0.05
+    fhir_server.resources = [patient("pt-9"), troponin()]
+    body = patient_view("pt-9", prefetch={})
+    body["fhirServer"] = fhir_server.base
+    missing = len(client.get("/cds-services").json()["services"][0]["prefetch"])
+    assert missing >= 4
+    response = client.post(URL, json=body)
+    assert response.status_code == 200, response.text
+    assert len(fhir_server.requests) == missing
+    assert fhir_server.max_in_flight == 2
+    assert len(fhir_server.connections) <= 2
+    client.post(URL, json=body)
+    assert len(fhir_server.connections) <= 2  # the next call reuses them
+
+
 def test_unreachable_fhir_server_is_a_quick_412(client: LiveServer) -> None:
     body = patient_view(prefetch={"patient": patient()})
     body["fhirServer"] = "http://127.0.0.1:9/fhir"

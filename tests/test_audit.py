@@ -47,11 +47,13 @@ class History:
             uuid=card_uuid, service_id="nudges-patient-view", rule_id=self.rule, rule_version="1.0.0",
             hook="patient-view", hook_instance=str(uuid.uuid4()), patient_hash=patient_hash, bucket=bucket,
             indicator="warning", issued_at=issued)])
-        for minutes, outcome in enumerate(outcomes, 1):  # later entries are later feedback
+        for minutes, given in enumerate(outcomes, 1):  # later entries are later feedback
+            outcome, _, code = given.partition(":")  # "overridden:patient-refuses": with that reason
             self.store.record_feedback([FeedbackRecord(
                 card_uuid=card_uuid, service_id="nudges-patient-view", outcome=outcome,
                 outcome_timestamp=issued + timedelta(minutes=minutes),
-                accepted_suggestions=("s1",) if outcome == "accepted" else ())])
+                accepted_suggestions=("s1",) if outcome == "accepted" else (), override_code=code or None,
+                override_system="http://terminology.hl7.org/CodeSystem/non-adherence-reason-codes" if code else None)])
 
 
 BLACK = Bucket(race="black", ethnicity="not-hispanic-latino", language="es", payer_class="medicaid")
@@ -174,3 +176,57 @@ def test_a_missing_database_is_reported_not_created(capsys: pytest.CaptureFixtur
     assert main(["audit", "--database-url", url]) == 1
     assert "no database" in capsys.readouterr().err
     assert not (tmp_path / "absent.db").exists()
+
+
+def test_override_rates_and_reasons_with_small_cells_withheld(capsys: pytest.CaptureFixture[str], store: Store,
+                                                              clock: FixedClock, database_url: str) -> None:
+    history = History(store, clock)
+    refuses, costly, busy = "overridden:patient-refuses", "overridden:too-costly-uncovered", "overridden:limited-time"
+    for i in range(30):  # 12 refuse, 12 too costly, 3 limited time (then overridden again, later, with a reason)
+        history.card(f"b{i}", BLACK, *([refuses] if i < 12 else [costly] if i < 24 else
+                                       ["overridden", busy] if i < 27 else ["accepted"]))
+    for i in range(25):  # 14 refuse, 2 limited time, 9 unanswered
+        history.card(f"w{i}", WHITE, *([refuses] if i < 14 else [busy] if i < 16 else []))
+    for i in range(5):  # a group of 5: withheld
+        history.card(f"a{i}", ASIAN, refuses)
+    history.card("w0", WHITE, "accepted", refuses, "accepted")  # the latest feedback counts
+    rows = orjson.loads(audit(capsys, database_url, "--overrides", "--format", "json"))
+    assert all(set(r) == {"rule", "dimension", "group", "reason", "shown", "overridden", "override_rate", "share"}
+               for r in rows)
+    table = {(r["dimension"], r["group"], r["reason"]): r for r in rows if r["rule"] == history.rule}
+    overall = table[("overall", "all", "all")]
+    assert (overall["shown"], overall["overridden"], overall["override_rate"]) == (61, 48, round(48 / 61, 4))
+    assert table[("overall", "all", "patient-refuses")]["overridden"] == 31
+    assert table[("overall", "all", "patient-refuses")]["share"] == round(31 / 48, 4)
+    assert table[("overall", "all", "limited-time")]["overridden"] == "<11"  # 5 patients
+    assert table[("overall", "all", "too-costly-uncovered")]["overridden"] == "hidden"  # else 48 - 31 - it
+    black = table[("race", "black", "all")]
+    assert (black["shown"], black["overridden"], black["override_rate"]) == (30, 27, 0.9)
+    assert table[("race", "black", "too-costly-uncovered")] == {
+        "rule": history.rule, "dimension": "race", "group": "black", "reason": "too-costly-uncovered", "shown": None,
+        "overridden": 12, "override_rate": 0.4, "share": round(12 / 27, 4)}
+    assert table[("race", "black", "limited-time")]["overridden"] == "<11"
+    assert table[("race", "black", "patient-refuses")]["overridden"] == "hidden"
+    assert table[("race", "asian", "all")]["shown"] == "<11" and table[("race", "white", "all")]["shown"] == "hidden"
+    assert all(r["overridden"] in ("<11", "hidden") and r["override_rate"] is None
+               for (d, g, _), r in table.items() if d == "race" and g in ("asian", "white"))
+    # Along either published margin (a group's overrides, a reason's overall count) never exactly one
+    # withheld cell, which subtraction would give away.
+    for key in {(d, g) for d, g, _ in table if isinstance(table[d, g, "all"]["overridden"], int)}:
+        masked = [r for (d, g, why), r in table.items() if (d, g) == key and why != "all"
+                  and r["overridden"] in ("<11", "hidden")]
+        assert len(masked) != 1, key
+    for dimension in ("race", "ethnicity", "language", "payer_class"):
+        for why in ("patient-refuses", "too-costly-uncovered", "limited-time"):
+            if not isinstance(table["overall", "all", why]["overridden"], int):
+                continue
+            masked = [r for (d, _, w), r in table.items() if d == dimension and w == why
+                      and r["overridden"] in ("<11", "hidden")]
+            assert len(masked) != 1, (dimension, why)
+    text = audit(capsys, database_url, "--overrides")
+    line = next(ln for ln in text.splitlines() if history.rule in ln and " black " in ln and "too-costly" in ln)
+    assert line.split()[4:] == ["12", "40.0%", "44.4%"]
+    assert "no rule is silenced" in text
+    reader = list(csv.reader(io.StringIO(audit(capsys, database_url, "--overrides", "--format", "csv"))))
+    assert reader[0][3:] == ["reason", "shown", "overridden", "override_rate", "share"]
+    assert not any(h in text or h[:16] in text for h in history.hashes)

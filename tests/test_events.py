@@ -316,12 +316,32 @@ def test_pending_card_is_ordered_with_the_others_on_any_hook(service: LiveServer
     response = service.post("/cds-services/nudges-encounter-start", json=body)
     assert response.status_code == 200, response.text
     found = response.json()["cards"]
-    # The live troponin card is suppressed (the follow-up card was issued at 00:00); the waiting one
-    # is shown once, before the info card.
+    # The troponin card is about this encounter, which nothing holds back: the live card is shown, fresher
+    # than the waiting follow-up card (dropped), and ordered before the info card.
     assert [(c["indicator"], c["summary"][:12]) for c in found] == [("warning", "Troponin abo"),
                                                                     ("info", "Needs an int")]
+    with service.runtime.store.engine.connect() as conn:
+        assert conn.execute(select(cards.c.hook).where(cards.c.uuid == found[0]["uuid"])).scalar() == \
+            "encounter-start"
     for card in found:
         assert_valid_card(card)
+
+
+def test_a_followup_is_held_back_while_feedback_locks_out_the_chart_card(service: LiveServer,
+                                                                        fhir_server: FhirServer,
+                                                                        clock: FixedClock) -> None:
+    pid = new_patient()
+    fhir_server.resources = [patient(pid), result_for(pid)]
+    assert service.post(NOTIFY, json=full_resource(fhir_server.base, result_for(pid))).json()["scheduled"] == 1
+    clock.advance(minutes=10)
+    earlier = {**troponin("trop-0", when="2026-03-01T20:00:00Z"), "subject": {"reference": f"Patient/{pid}"}}
+    [card] = troponin_cards(service.post("/cds-services/nudges-patient-view", json=patient_view(pid, earlier)))
+    accepted = {"feedback": [{"card": card["uuid"], "outcome": "accepted", "outcomeTimestamp": "2026-03-02T12:10:00Z",
+                              "acceptedSuggestions": [{"id": card["suggestions"][0]["uuid"]}]}]}
+    assert service.post("/cds-services/nudges-patient-view/feedback", json=accepted).status_code == 200
+    clock.advance(hours=11, minutes=50)  # due at 00:00; the acceptance holds the chart card until 00:10
+    [row] = followup_rows(service.runtime, pid)
+    assert [o.outcome for o in service.run_due() if o.id == row.id] == ["suppressed"]
 
 
 def test_followups_and_pending_cards_survive_a_restart(make_client: Callable[..., LiveServer], database_url: str,

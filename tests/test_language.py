@@ -217,3 +217,52 @@ def test_prefetch_never_filters_medications_by_code() -> None:
     assert medication, "the catalog reads medications"
     for template in medication:
         assert "code=" not in template and template.endswith(":medication"), template
+
+
+@pytest.mark.parametrize(("text", "code"), [("Spanish", "es"), ("spanish (Mexico)", "es"), ("Tiếng Việt", "vi"),
+                                           ("Haitian Creole", "ht"), ("ASL", "ase"), ("Klingon", None), ("", None)])
+def test_a_language_given_by_name_gets_its_code(text: str, code: str | None) -> None:
+    from nudges.fhir import BCP47, code_text_languages
+
+    patient = {"resourceType": "Patient", "communication": [{"language": {"text": text}, "preferred": True}]}
+    code_text_languages(patient)
+    language = patient["communication"][0]["language"]
+    if code is None:
+        assert "coding" not in language
+    else:
+        assert language["coding"] == [{"system": BCP47, "code": code, "display": text}]
+
+
+def test_patient_is_a_fhirpath_variable_for_sex_specific_ranges(rules_dir: Path) -> None:
+    """%patient lets a rule take the reference range for the patient's sex from a result that reports both."""
+    edit(rules_dir / RULE, '''where: "(value as Quantity).value > referenceRange.high.value or''',
+         '''where: "(value as Quantity).value > referenceRange.where(appliesTo.coding.code contains %patient.gender)'''
+         '''.high.value or''')
+    result = {**troponin("t", value=25, when="2026-03-01T22:00:00Z"), "referenceRange": [
+        {"high": {"value": 16, "unit": "ng/L"}, "appliesTo": [{"coding": [{"code": "female"}]}]},
+        {"high": {"value": 34, "unit": "ng/L"}, "appliesTo": [{"coding": [{"code": "male"}]}]}]}
+
+    def fires(gender: str) -> bool:
+        loaded = load_ruleset(rules_dir).ruleset
+        assert loaded is not None
+        services = Services.build(loaded, frozenset({"active"}))
+        everything = bundle([{"resourceType": "Patient", "id": "p", "gender": gender}, result], "searchset")
+        prefetch = {key: None for key in services.for_hook("patient-view").plan.templates} | {"all": everything}
+        body = {"hook": "patient-view", "hookInstance": "x", "prefetch": prefetch,
+                "context": {"userId": "Practitioner/a", "patientId": "p"}}
+        return bool(pipeline.run_body(services, None, body, NOW).cards)  # type: ignore[arg-type]
+
+    assert fires("female") and not fires("male")
+
+
+def test_a_medication_coded_by_reference_is_named_by_its_medication() -> None:
+    from nudges.cards import _display
+
+    coded = {"coding": [{"system": MORPHINE[0], "code": MORPHINE[1], "display": "morphine 4 MG/ML injection"}]}
+    referenced = order("r", medicationReference={"reference": "Medication/m-1"})
+    assert _display(referenced, {}, {"m-1": {"resourceType": "Medication", "id": "m-1", "code": coded}}) \
+        == "morphine 4 MG/ML injection"
+    contained = order("c", medicationReference={"reference": "#m"},
+                      contained=[{"resourceType": "Medication", "id": "m", "code": coded}])
+    assert _display(contained, {(MORPHINE[0], MORPHINE[1]): "morphine (from the value set)"}) \
+        == "morphine (from the value set)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 
 from sqlalchemy import select
@@ -31,17 +32,26 @@ def test_patient_hash_is_keyed_and_stable(make_store) -> None:  # type: ignore[n
 
 
 def test_cards_and_suppression_windows(make_store, database_url: str, clock: FixedClock) -> None:  # type: ignore[no-untyped-def]
+    """A card is shown (claimed and stored) only while nothing holds its (patient, rule, focus)."""
     store = make_store()
     h = store.patient_hash(f"pt-{database_url[-6:]}")
-    store.record_cards([card(f"00000000-0000-4000-8000-{database_url[-6:].encode().hex()[:12]}", "rule-a", h,
-                             clock, race="black", language="es")])
-    assert store.recently_shown(h, {"rule-a": timedelta(hours=1), "rule-b": timedelta(days=1)}) == {"rule-a"}
-    clock.advance(hours=2)
-    assert store.recently_shown(h, {"rule-a": timedelta(hours=1)}) == set()
-    assert store.recently_shown(h, {"rule-a": timedelta(days=1)}) == {"rule-a"}
+    tag = database_url[-6:].encode().hex()[:10]
+
+    def show(n: int, rule: str = "rule-a", focus: str = "f1") -> bool:
+        record = card(f"00000000-0000-4000-8000-{tag}{n:02d}", rule, h, clock, race="black", language="es")
+        return bool(store.show_cards([replace(record, focus=focus)], timedelta(minutes=5)))
+
+    assert show(1)
+    assert not show(2) and show(3, focus="f2") and show(4, rule="rule-b")  # same key held; other keys free
+    assert store.suppressed(h, "rule-a", "f1") and not store.suppressed(h, "rule-a", "f9")
+    clock.advance(minutes=5)
+    assert not store.suppressed(h, "rule-a", "f1") and show(5)
     with store.engine.connect() as conn:
-        row = conn.execute(select(cards).where(cards.c.patient_hash == h)).mappings().one()
+        rows = conn.execute(select(cards).where(cards.c.patient_hash == h)).mappings().all()
+    assert len(rows) == 4  # the refused card was not recorded
+    row = next(r for r in rows if r["uuid"].endswith(f"{tag}01"))
     assert row["race"] == "black" and row["language"] == "es" and row["payer_class"] == "unknown"
+    assert row["focus"] == "f1"
     assert not any("pt-" in str(v) for v in row.values())  # no raw patient id anywhere in the row
 
 

@@ -13,6 +13,8 @@ from ..clock import Clock
 from ..runtime import Runtime
 from ..settings import Settings
 from . import errors
+from .console import ROUTERS as CONSOLE
+from .console.security import ConsoleHeaders
 from .middleware import Instrumentation, QuietCollectorMiddleware
 from .routes import feedback, health, notifications, services
 
@@ -35,8 +37,11 @@ def create_app(settings: Settings, clock: Clock | None = None) -> FastAPI:
     app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_credentials=False,
                        allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["Authorization", "Content-Type"],
                        max_age=600)
+    app.add_middleware(ConsoleHeaders)
     app.add_middleware(Instrumentation)
     errors.install(app)
     for module in (services, feedback, notifications, health):
         app.include_router(module.router)
+    for router in CONSOLE:
+        app.include_router(router)
     return app

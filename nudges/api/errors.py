@@ -16,37 +16,46 @@ log = logging.getLogger("nudges.api")
 FHIR_JSON = "application/fhir+json"
 
 
-def error_response(exc: NudgesError) -> Response:
+def error_response(exc: NudgesError, request: Request | None = None) -> Response:
     """The answer, and a log line an operator can act on: diagnostics never carry PHI or tokens, and a
-    refusal (401) logs its reason where it is decided (api/auth.py)."""
+    refusal (401) logs its reason where it is decided (api/auth.py). Under /console the answer is a page
+    for a person (the same status and message), not an OperationOutcome."""
     if exc.status >= 500:
         log.error("internal error", extra={"error": type(exc).__name__})
     elif exc.status in (412, 413):
         log.info(f"answered {exc.status}: {exc.diagnostics}", extra={"status": exc.status})
+    if request is not None and is_console(request):
+        from .console.render import error_page
+
+        return error_page(exc.status, exc.diagnostics)
     return Response(orjson.dumps(exc.outcome()), status_code=exc.status, media_type=FHIR_JSON)
+
+
+def is_console(request: Request) -> bool:
+    return request.url.path == "/console" or request.url.path.startswith("/console/")
 
 
 def install(app: FastAPI) -> None:
     """Map the service's errors, Starlette's and FastAPI's, and anything unexpected."""
 
     @app.exception_handler(NudgesError)
-    async def _nudges_error(_: Request, exc: NudgesError) -> Response:
-        return error_response(exc)
+    async def _nudges_error(request: Request, exc: NudgesError) -> Response:
+        return error_response(exc, request)
 
     @app.exception_handler(HTTPException)
-    async def _http_error(_: Request, exc: HTTPException) -> Response:
+    async def _http_error(request: Request, exc: HTTPException) -> Response:
         if exc.status_code == 404:
-            return error_response(NotFound("no such endpoint"))
+            return error_response(NotFound("no such endpoint"), request)
         err = NudgesError(str(exc.detail))
         err.status, err.code = exc.status_code, "not-supported" if exc.status_code == 405 else "processing"
-        return error_response(err)
+        return error_response(err, request)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> Response:
+    async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         return error_response(BadRequest(f"{where}: {first.get('msg', 'invalid request')}" if where
-                                         else "invalid request", expression=where or None))
+                                         else "invalid request", expression=where or None), request)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> Response:

@@ -106,7 +106,7 @@ def catalog_command(args: argparse.Namespace) -> int:
     from ..tools.catalogdoc import catalog_markdown, replace_catalog
     from ..tools.loading import load_or_report
 
-    ruleset = load_or_report(args.directory, sys.stdout)
+    ruleset = load_or_report(args.directory, sys.stderr)
     if ruleset is None:
         return 1
     table = catalog_markdown(ruleset)

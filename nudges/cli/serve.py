@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,33 @@ def register(sub: Any) -> None:
     serve.add_argument("--config", type=Path, help="YAML settings file")
     serve.add_argument("--rules", type=Path, help="rules directory (default: bundled rules/)")
     serve.add_argument("--database-url", dest="database_url")
+    serve.add_argument("--workers", type=int, default=1, metavar="N",
+                       help="processes serving on the one port (each a stateless replica over the database)")
     serve.set_defaults(run=run)
+
+
+WORKER_ARGS = "NUDGES_SERVE_ARGS"  # how worker processes receive the command line of `nudges serve`
+
+
+def settings_from(args: dict[str, Any]) -> Any:
+    from ..settings import load_settings
+
+    config = args.get("config")
+    return load_settings(Path(config) if config else None, host=args.get("host"), port=args.get("port"),
+                         rules=args.get("rules"), database_url=args.get("database_url"))
+
+
+def worker_app() -> Any:
+    """The app of one worker process of `nudges serve --workers N`: the same settings as the parent, read
+    the same way (flags passed down, the same environment and config file)."""
+    import orjson
+
+    from ..api.app import create_app
+    from ..logs import configure
+
+    settings = settings_from(orjson.loads(os.environ[WORKER_ARGS]))
+    configure(settings.log_level)
+    return create_app(settings)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,11 +52,14 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
     from ..logs import configure
     from ..rules.compiler import load_ruleset
-    from ..settings import load_settings
 
+    flags = {"config": str(args.config) if args.config else None, "host": args.host, "port": args.port,
+             "rules": str(args.rules) if args.rules else None, "database_url": args.database_url}
+    if args.workers < 1:
+        print("refusing to start: --workers must be 1 or more", file=sys.stderr)
+        return 2
     try:
-        settings = load_settings(args.config, host=args.host, port=args.port, rules=args.rules,
-                                 database_url=args.database_url)
+        settings = settings_from(flags)
         configure(settings.log_level)
         result = load_ruleset(settings.rules, settings.site_valuesets)
         if result.ruleset is None:
@@ -37,12 +67,20 @@ def run(args: argparse.Namespace) -> int:
                 print(problem, file=sys.stderr)
             print(f"refusing to start: the rule set in {settings.rules} has problems", file=sys.stderr)
             return 1
-        app = create_app(settings)
+        app = create_app(settings)  # every check a worker would make, made once here where it can be reported
     except ConfigError as exc:
         print(f"refusing to start: {exc.diagnostics}", file=sys.stderr)
         return 2
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                proxy_headers=False, server_header=False,
-                ssl_certfile=str(settings.tls_certfile) if settings.tls_certfile else None,
-                ssl_keyfile=str(settings.tls_keyfile) if settings.tls_keyfile else None)
+    options: dict[str, Any] = {
+        "host": settings.host, "port": settings.port, "log_config": None, "access_log": False,
+        "proxy_headers": False, "server_header": False,
+        "ssl_certfile": str(settings.tls_certfile) if settings.tls_certfile else None,
+        "ssl_keyfile": str(settings.tls_keyfile) if settings.tls_keyfile else None}
+    if args.workers == 1:
+        uvicorn.run(app, **options)
+        return 0
+    import orjson
+
+    os.environ[WORKER_ARGS] = orjson.dumps(flags).decode()
+    uvicorn.run("nudges.cli.serve:worker_app", factory=True, workers=args.workers, **options)
     return 0

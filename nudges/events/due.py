@@ -31,6 +31,7 @@ from ..rules.compiled import CompiledRule
 from ..services import Reloader, Services
 from ..settings import Settings
 from ..store import CardRecord, Store
+from ..suppression import PATIENT_FOCUS
 from . import followups
 from .followups import Followup
 
@@ -44,7 +45,8 @@ RETRY_AFTER = timedelta(minutes=5)  # times the attempt number
 
 @dataclass(frozen=True)
 class DueOutcome:
-    """What became of one follow-up: fired, quiet (the rule no longer holds), suppressed, waiting
+    """What became of one follow-up: fired, quiet (the rule no longer holds), suppressed (a card about the
+    patient's chart is held back: shown minutes ago, or feedback's lockout), waiting
     (its card is already pending), withdrawn (rule no longer served), retry, failed, lost (another
     worker took it over)."""
 
@@ -142,14 +144,16 @@ class DueFollowups:
         if not outcome.matches:
             followups.complete(store, item, worker)
             return "quiet"
-        if rule.suppress and store.recently_shown(item.patient_hash, {rule.id: rule.suppress}):
+        focus = store.keyed(PATIENT_FOCUS)  # a follow-up card is about the chart, whichever hook shows it
+        card = build_card(outcome.matches[0], services.ruleset, followups.CONTEXT_PLACEHOLDERS, record.patient, now,
+                          record.medications(), why_base=self.settings.public_base_url)
+        if store.suppressed(item.patient_hash, rule.id, focus, now, card["indicator"]):
             followups.complete(store, item, worker)
             return "suppressed"
-        card = build_card(outcome.matches[0], services.ruleset, followups.CONTEXT_PLACEHOLDERS, record.patient, now)
         issued = CardRecord(uuid=card["uuid"], service_id=followups.FOLLOWUP_SERVICE, rule_id=rule.id,
                             rule_version=rule.version, hook=followups.FOLLOWUP_HOOK,
                             hook_instance=f"followup-{item.id}", patient_hash=item.patient_hash,
                             bucket=bucket(record.patient, list(flatten(data.get("coverage")))),
-                            indicator=card["indicator"], issued_at=now)
+                            indicator=card["indicator"], issued_at=now, focus=focus)
         stored = followups.store_pending(store, issued, card, followup=item, worker=worker)
         return "fired" if stored == "stored" else stored

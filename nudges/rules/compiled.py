@@ -11,7 +11,7 @@ from typing import Any
 
 from ..record import IndexPlan
 from .fhirpath import Compiled
-from .schema import Cases, Rule, RuleSetManifest
+from .schema import Cases, Rule, RuleSetManifest, SourceAttributes
 from .valuesets import CompiledValueSet
 
 
@@ -66,6 +66,7 @@ class CardTemplate:
     links: tuple[dict[str, Any], ...]
     override_reasons: tuple[dict[str, str], ...]
     escalate: tuple[tuple[timedelta, str, str], ...] = ()  # (after, bound name, indicator), soonest first
+    override_lockouts: tuple[timedelta | None, ...] = ()  # one per override reason: its own lockout, if any
 
 
 @dataclass(frozen=True)
@@ -112,3 +113,22 @@ class RuleSet:
 
     def select(self, hook: str, statuses: frozenset[str]) -> tuple[CompiledRule, ...]:
         return tuple(r for r in self.rules if hook in r.hooks and r.status in statuses)
+
+    def source_attributes(self, rule: CompiledRule) -> SourceAttributes:
+        """Every attribute filled: the rule's own, else the rule set's, else a default that says what is
+        known (an unnamed developer is said to be unstated, never invented)."""
+        own = rule.model.source_attributes or SourceAttributes()
+        shared = self.manifest.source_attributes
+        hooks = ", ".join(sorted(rule.hooks))
+        race = ("It reads race data only to remove a race correction from an equation; the card is the same "
+                "whatever the patient's race." if rule.model.race_correction_removal else
+                "It never depends on race or ethnicity; demographics are recorded only for the equity audit.")
+        defaults = SourceAttributes(
+            developer="not stated", funding="not stated",
+            intended_use=f"Shown to clinicians on {hooks} when the record suggests: {rule.title}. A prompt to "
+                         "check the record and act where it fits; not a diagnosis and not an order.",
+            cautions=["It does not replace clinical judgment: check the record before acting.", race],
+            last_review=None)
+        picked = {name: next((getattr(a, name) for a in (own, shared, defaults) if getattr(a, name) is not None),
+                             None) for name in SourceAttributes.model_fields}
+        return SourceAttributes(**picked)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,29 @@ from . import cache, yamlfiles
 from .compiled import CardTemplate, CompiledClause, CompiledGroup, CompiledItem, CompiledRule, RuleSet
 from .fhirpath import MEMBER_OF, RACE_READ, Compiled, FhirPathSyntaxError, compile_expression
 from .resources import did_you_mean
-from .schema import Card, Cases, Clause, Coding, Group, Rule, RuleSetManifest, SiteCodes, ValueSet, parse_duration
+from .schema import (
+    Card,
+    Cases,
+    Clause,
+    Coding,
+    Group,
+    OverrideCoding,
+    Rule,
+    RuleSetManifest,
+    SiteCodes,
+    ValueSet,
+    parse_duration,
+)
 from .templates import PLACEHOLDER, SAMPLE, known_placeholder, template_problems
-from .valuesets import NON_ADHERENCE, CompiledValueSet, FhirValueSetError, from_fhir, override_coding
+from .valuesets import (
+    NON_ADHERENCE,
+    REASON_SYSTEM,
+    REMIND_LATER_CODE,
+    CompiledValueSet,
+    FhirValueSetError,
+    from_fhir,
+    override_coding,
+)
 from .yamlfiles import Problem
 
 
@@ -402,14 +423,8 @@ class _RuleChecker:
             for message in template_problems(text, bound, names.seen):
                 self.problem(loc, message, value=True)
                 ok = False
-        reasons = []
-        for i, reason in enumerate(card.override_reasons):
-            if isinstance(reason, str) and reason not in NON_ADHERENCE:
-                self.problem(("card", "override_reasons", i), f"'{reason}' is not an HL7 non-adherence "
-                                                              "reason code; give a full Coding instead")
-                ok = False
-            else:
-                reasons.append(override_coding(reason))
+        reasons, lockouts = self.override_reasons(card)
+        ok &= reasons is not None
         links = tuple({k: v for k, v in (("label", link.label), ("url", link.url), ("type", link.type),
                                          ("appContext", link.app_context)) if v} for link in card.links)
         escalate = []
@@ -425,7 +440,35 @@ class _RuleChecker:
         if not ok:
             return None
         return CardTemplate(card.summary, card.indicator, card.detail.strip() if card.detail else None,
-                            card.selection, suggestions_json, links, tuple(reasons), tuple(escalate))
+                            card.selection, suggestions_json, links, tuple(reasons or ()), tuple(escalate),
+                            lockouts)
+
+    def override_reasons(self, card: Card) -> tuple[list[dict[str, str]] | None, tuple[timedelta | None, ...]]:
+        """The card's override reasons as Codings with their own lockouts (list or mapping form); None when
+        one is not a code the card can offer (durations were checked by the schema)."""
+        given = card.override_reasons
+        items = list(given.items()) if isinstance(given, dict) else [(r, None) for r in given]
+        reasons, lockouts, ok = [], [], True
+        for i, (reason, lockout) in enumerate(items):
+            at = ("card", "override_reasons", reason if isinstance(given, dict) else i)
+            if isinstance(reason, str) and reason not in NON_ADHERENCE:
+                mapping = " (a mapping's keys are HL7 codes: list full Codings with `lockout:` for others)" \
+                    if isinstance(given, dict) else ""
+                self.problem(at, f"'{reason}' is not an HL7 non-adherence reason code; give a full Coding "
+                                 f"instead{mapping}{did_you_mean(reason, set(NON_ADHERENCE))}")
+                ok = False
+                continue
+            coding = override_coding(reason)
+            if (coding["system"], coding["code"]) == (REASON_SYSTEM, REMIND_LATER_CODE):
+                self.problem(at, "'remind-me-later' is the service's own snooze, offered on every card with "
+                                 "override reasons: leave it out")
+                ok = False
+                continue
+            if isinstance(reason, OverrideCoding) and reason.lockout:
+                lockout = reason.lockout
+            reasons.append(coding)
+            lockouts.append(parse_duration(lockout) if lockout else None)
+        return (reasons if ok else None), tuple(lockouts)
 
     def _valid_resource(self, loc: tuple[Any, ...], resource: dict[str, Any], bound: set[str]) -> bool:
         from fhir.resources.R4B import get_fhir_model_class

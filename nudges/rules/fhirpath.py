@@ -42,21 +42,26 @@ MEMBER_OF = re.compile(r"\bmemberOf\s*\(\s*(?:'((?:[^'\\]|\\.)*)'\s*\)|([^)]*)\)
 CONTEXT_VARIABLES = ("patientId", "encounterId", "userId")
 
 
-def environment(now: datetime, context: Mapping[str, Any] | None = None, hook: str | None = None) -> dict[str, Any]:
-    """The variables every expression sees: %now, %today, %hook and the context's %patientId,
-    %encounterId and %userId. A value the hook does not have is empty, so comparisons with it are empty
-    (never an error): one builder for hook calls, follow-up starts and due follow-ups alike."""
+def environment(now: datetime, context: Mapping[str, Any] | None = None, hook: str | None = None,
+                patient: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The variables every expression sees: %now, %today, %hook, the context's %patientId, %encounterId and
+    %userId, and %patient (the Patient resource, e.g. to pick a sex-specific reference range with
+    `referenceRange.where(appliesTo.coding.code contains %patient.gender)`). A value the call does not
+    have is empty, so comparisons with it are empty (never an error): one builder for hook calls,
+    follow-up starts and due follow-ups alike."""
     env: dict[str, Any] = {"now": instant(now), "today": now.date().isoformat()}
     for name in CONTEXT_VARIABLES:
         value = (context or {}).get(name)
         env[name] = value if isinstance(value, str) else []
     env["hook"] = hook or []
+    env["patient"] = patient if patient is not None else []
     return env
 
 
 # What a compiled expression is tried on at load, so unknown functions surface before any patient's data.
 SAMPLE_ENVIRONMENT = environment(datetime(2000, 1, 1, tzinfo=UTC), {
-    "patientId": "example", "encounterId": "example", "userId": "Practitioner/example"}, "patient-view")
+    "patientId": "example", "encounterId": "example", "userId": "Practitioner/example"}, "patient-view",
+    {"resourceType": "Patient", "id": "example", "gender": "unknown"})
 
 
 class FhirPathSyntaxError(ValueError):

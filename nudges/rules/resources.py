@@ -24,8 +24,12 @@ class ResourceProblem:
 
 
 def did_you_mean(word: str, choices: list[str] | set[str] | tuple[str, ...]) -> str:
-    """ " (did you mean 'x'?)" for the closest choice, or "" when nothing is close."""
+    """ " (did you mean 'x'?)" for the closest choice, or the one choice that contains the word (a rule id
+    typed short: 'troponin' for 'troponin-without-cath-plan'), or "" when nothing is close."""
     close = difflib.get_close_matches(word, sorted(choices), n=1, cutoff=0.6)
+    if not close and len(word) >= 3:
+        close = [c for c in sorted(choices) if word.lower() in c.lower()]
+        close = close if len(close) == 1 else []
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 

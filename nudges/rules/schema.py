@@ -107,7 +107,8 @@ class Group(Strict):
 
 
 Item = Annotated[Annotated[Clause, Tag("Clause")] | Annotated[Group, Tag("Group")], Discriminator(_item_kind)]
-UNION_TAGS = frozenset({"Clause", "Group"})  # appear in validation error locations; not YAML keys
+# Tags of the unions above: they appear in validation error locations, and are not YAML keys.
+UNION_TAGS = frozenset({"Clause", "Group", "ReasonList", "ReasonLockouts", "ReasonCode", "ReasonCoding"})
 Group.model_rebuild()
 
 
@@ -132,6 +133,31 @@ class Coding(Strict):
     system: str = Field(pattern=r"^[a-z][a-z0-9+.-]*:", description="absolute URI of the code system")
     code: str = Field(min_length=1)
     display: str = Field(min_length=1)
+
+
+class OverrideCoding(Coding):
+    """An override reason as a full Coding, optionally with its own lockout."""
+
+    lockout: Duration | None = Field(None, description="after an override with this reason, no card about the same "
+                                                       "focus for this long (default: the rule's `suppress`, else "
+                                                       "the service's)")
+
+
+def _reasons_kind(value: Any) -> str:
+    return "ReasonLockouts" if isinstance(value, dict) else "ReasonList"
+
+
+def _reason_kind(value: Any) -> str:
+    return "ReasonCoding" if isinstance(value, dict | BaseModel) else "ReasonCode"
+
+
+# Tagged unions, so a mistake is reported against the form it was written in, not against every form.
+OverrideReason = Annotated[Annotated[str, Tag("ReasonCode")] | Annotated[OverrideCoding, Tag("ReasonCoding")],
+                           Discriminator(_reason_kind)]
+OverrideReasons = Annotated[
+    Annotated[list[OverrideReason], Tag("ReasonList")]
+    | Annotated[dict[str, Duration], Tag("ReasonLockouts")],
+    Discriminator(_reasons_kind)]
 
 
 class Action(Strict):
@@ -190,9 +216,11 @@ class Card(Strict):
     escalate: list[Escalation] = Field(
         default_factory=list, description="raise the indicator as time passes since a bound resource, e.g. "
                                           "warning, then critical from 12h after the first elevated troponin")
-    override_reasons: list[str | Coding] = Field(
+    override_reasons: OverrideReasons = Field(
         default_factory=list,
-        description="codes of the HL7 non-adherence-reason-codes CodeSystem, or full Codings")
+        description="codes of the HL7 non-adherence-reason-codes CodeSystem or full Codings (with an optional "
+                    "`lockout`), or a mapping of HL7 codes to lockouts: {patient-refuses: 30d, "
+                    "indication-order-exists: 7d}")
 
 
 class Citation(Strict):
@@ -221,6 +249,28 @@ class Followup(Strict):
     after: Duration = Field(description="how long after the event to check again, e.g. 12h")
 
 
+class SourceAttributes(Strict):
+    """ONC HTI-1-style source attributes of a decision support intervention, what a clinician or reviewer
+    asks before trusting a nudge. In ruleset.yaml they are the defaults for every rule; a rule's own
+    `source_attributes` replaces any of them. Known false positives are the rule's `falsepositives`."""
+
+    developer: str | None = Field(default=None, min_length=1, description="who developed and maintains the rule")
+    funding: str | None = Field(default=None, min_length=1, description="who funded its development")
+    intended_use: str | None = Field(default=None, min_length=1,
+                                     description="for whom, when and for what decision it is meant (and what not)")
+    cautions: list[str] | None = Field(default=None, description="limitations and cautions for users")
+    last_review: str | None = Field(default=None, pattern=r"^\d{4}-\d{2}-\d{2}$",
+                                    description="when the rule and its evidence were last reviewed (YYYY-MM-DD)")
+
+
+class Change(Strict):
+    """One entry of a rule's history: what changed in a version and why (shown in the catalog)."""
+
+    version: str = Field(pattern=r"^\d+\.\d+\.\d+$")
+    date: str = Field(pattern=r"^\d{4}-\d{2}-\d{2}$")
+    what: str = Field(min_length=1, description="what changed for clinicians, and why")
+
+
 class Rule(Strict):
     """One nudge: when it fires, what card it shows, why, and on what evidence."""
 
@@ -239,8 +289,11 @@ class Rule(Strict):
     suppress: Duration | None = Field(None, description="do not show again to the same patient for this long")
     followup: Followup | None = Field(
         None, description="check again after an event (FHIR notification) even if no hook is called")
+    changes: list[Change] = Field(default_factory=list, description="the rule's history, newest first")
     race_correction_removal: bool = Field(
         False, description="only for rules that remove a race correction: allows reading race data")
+    source_attributes: SourceAttributes | None = Field(
+        None, description="HTI-1-style source attributes; unset ones come from ruleset.yaml")
 
 
 class ValueSet(Strict):
@@ -313,6 +366,9 @@ class RuleSetManifest(Strict):
     fixtures: list[str] = Field(default_factory=lambda: ["../fhir_fixtures"],
                                 description="folders where cases' `bundle:` paths are also looked up, relative to "
                                             "this file (after the cases file's own folder and its parents)")
+    source_attributes: SourceAttributes = Field(
+        default_factory=lambda: SourceAttributes(),
+        description="HTI-1-style source attributes every rule has unless it gives its own (developer, funding, ...)")
 
 
 def json_schema() -> dict[str, Any]:

@@ -42,6 +42,12 @@ NON_ADHERENCE: dict[str, str] = {
                               "recommended action",
 }
 
+# The service's own override reason, offered on every card that has override reasons: a snooze
+# ("remind me later"), whose length is a service setting (suppression.snooze), not a rule's.
+REASON_SYSTEM = "urn:nudges:override-reason"
+REMIND_LATER_CODE = "remind-me-later"
+REMIND_LATER: dict[str, str] = {"system": REASON_SYSTEM, "code": REMIND_LATER_CODE, "display": "Remind me later"}
+
 RACE_SYSTEMS = frozenset({"urn:oid:2.16.840.1.113883.6.238"})
 
 

@@ -8,18 +8,16 @@ record index, rules and card building as a live hook call (nothing suppressed, n
 
 from __future__ import annotations
 
-import functools
 import logging
-import re
-from collections import defaultdict
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from ..cards import IssuedCard, Renderer, ordered
 from ..errors import NudgesError
-from ..fhir import bundle, instant, parse_fhir_date
+from ..fhir import instant, parse_fhir_date
 from ..pipeline import evaluate, parse_call, require, still_missing
+from ..prefetch import fill
 from ..services import Service, Services
 from ..store import Bucket
 
@@ -28,31 +26,10 @@ USER = "Practitioner/population-screening"
 NO_ENCOUNTER = "no Encounter (the hook needs one)"
 
 
-@functools.cache
-def _keys(templates: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str, bool, bool], ...]:
-    """Per prefetch key: the resource type its template asks for, whether it is a read (Type/id), and
-    whether the search `_include`s the medication its results name."""
-    found = []
-    for key, template in templates:
-        kind = re.split(r"[/?]", template, maxsplit=1)[0]
-        found.append((key, kind, template.startswith(f"{kind}/"), f"_include={kind}:medication" in template))
-    return tuple(found)
-
-
 def request_for(service: Service, pid: str, resources: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The call an EHR would send with everything prefetched, one prefetch key per template; None when the
     hook needs an encounter and the record has none. Encounter hooks take the patient's latest encounter."""
-    by_type: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for resource in resources:
-        by_type[str(resource.get("resourceType"))].append(resource)
-    prefetch: dict[str, Any] = {}
-    for key, kind, read, included in _keys(tuple(service.plan.templates.items())):
-        if read:
-            prefetch[key] = next(iter(by_type.get(kind, ())), None)
-        elif included:  # `_include=...:medication`: the Medications the orders name come with them
-            prefetch[key] = bundle(by_type.get(kind, []) + by_type.get("Medication", []), "searchset")
-        else:
-            prefetch[key] = bundle(by_type.get(kind, []), "searchset")
+    prefetch = fill(service.plan, resources)
     context: dict[str, Any] = {"userId": USER, "patientId": pid}
     if service.hook.has_encounter:
         def start(encounter: dict[str, Any]) -> datetime:
@@ -60,7 +37,7 @@ def request_for(service: Service, pid: str, resources: list[dict[str, Any]]) -> 
             found = parse_fhir_date(period.get("start")) if isinstance(period, dict) else None
             return found or datetime.min.replace(tzinfo=UTC)
 
-        encounters = [e for e in by_type.get("Encounter", []) if isinstance(e.get("id"), str)]
+        encounters = [e for e in resources if e.get("resourceType") == "Encounter" and isinstance(e.get("id"), str)]
         if not encounters:
             return None
         context["encounterId"] = max(encounters, key=lambda e: (start(e), e["id"]))["id"]
@@ -92,13 +69,13 @@ class Screened:
     skipped: str | None = None
 
 
-def evidence(issued: IssuedCard, context: dict[str, Any], patient: dict[str, Any] | None,
-             now: datetime) -> tuple[tuple[str, str, str, str, str], ...]:
+def evidence(issued: IssuedCard, context: dict[str, Any], patient: dict[str, Any] | None, now: datetime,
+             medications: dict[str, dict[str, Any]]) -> tuple[tuple[str, str, str, str, str], ...]:
     """The bound resources, as the card's placeholders show them (one renderer for both)."""
     match = issued.match
     if match is None:
         return ()
-    render = Renderer(match, context, patient, now)
+    render = Renderer(match, context, patient, now, medications)
     found = []
     for name in sorted(match.bindings):
         when = match.dates.get(name)
@@ -122,8 +99,12 @@ def screen_patient(services: Services, service: Service, pid: str, resources: li
             require(call, missing, "not in the export")
         result = evaluate(call, services, now, patient_hash="population-screening")
         patient = next(iter(r for r in resources if r.get("resourceType") == "Patient"), None)
+        medications: dict[str, dict[str, Any]] = {}  # what `Medication/id` names: the first of an id, as the record
+        for r in resources:
+            if r.get("resourceType") == "Medication" and isinstance(r.get("id"), str):
+                medications.setdefault(r["id"], r)
         fired = tuple(Fired(i.rule_id, pid, i.card["indicator"], i.card["summary"],
-                            evidence(i, call.context, patient, now)) for i in ordered(result.issued))
+                            evidence(i, call.context, patient, now, medications)) for i in ordered(result.issued))
     except NudgesError as exc:
         return Screened(skipped=f"the service would answer {exc.status}: {exc.diagnostics}")
     except Exception as exc:  # one malformed record must not stop a population: counted, with its kind

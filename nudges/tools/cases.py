@@ -15,6 +15,7 @@ import orjson
 
 from .. import pipeline
 from ..clock import parse_instant
+from ..engine import Tracer
 from ..errors import NudgesError
 from ..fhir import bundle
 from ..hooks import HOOKS
@@ -22,6 +23,8 @@ from ..rules.compiled import CompiledRule, RuleSet
 from ..rules.compiler import find_file
 from ..rules.schema import Case, CaseExpectation
 from ..services import Service, Services
+
+CASE_SERVICE = "rule-case"
 
 
 @dataclass(frozen=True)
@@ -85,11 +88,17 @@ def case_request(case: Case, folder: Path, fixture_dirs: tuple[Path, ...] = ()) 
             "prefetch": {"record": bundle(resources, "searchset")}}
 
 
-def run_case(rule: CompiledRule, ruleset: RuleSet, case: Case, folder: Path, now: str) -> list[dict[str, Any]]:
-    service = Service.of(HOOKS[case.hook], (rule,), service_id="rule-case", title=rule.title)
+def case_result(rule: CompiledRule, ruleset: RuleSet, case: Case, folder: Path, now: str,
+                trace: Tracer | None = None) -> pipeline.Result:
+    """One case through the pipeline, its rule served alone on the case's hook (a tracer: nudges explain)."""
+    service = Service.of(HOOKS[case.hook], (rule,), service_id=CASE_SERVICE, title=rule.title)
     services = Services(ruleset, {service.id: service})
     call = pipeline.parse_call(services, service.id, case_request(case, folder, ruleset.fixture_dirs))
-    result = pipeline.evaluate(call, services, parse_instant(case.now or now), patient_hash="case")
+    return pipeline.evaluate(call, services, parse_instant(case.now or now), patient_hash="case", trace=trace)
+
+
+def run_case(rule: CompiledRule, ruleset: RuleSet, case: Case, folder: Path, now: str) -> list[dict[str, Any]]:
+    result = case_result(rule, ruleset, case, folder, now)
     if result.failed:
         raise RuntimeError(f"rule {rule.id} raised while evaluating")
     return result.cards

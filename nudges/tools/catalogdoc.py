@@ -23,7 +23,8 @@ def _evidence_titles(seeds_dir: Path) -> dict[str, str]:
 
 def catalog_markdown(ruleset: RuleSet) -> str:
     evidence = _evidence_titles(ruleset.directory.parent / "seeds")
-    lines = ["| Rule | Hooks | What it nudges | Source passages | Evidence |", "|---|---|---|---|---|"]
+    lines = ["| Rule | Hooks | What it nudges | Latest change | Source passages | Evidence |",
+             "|---|---|---|---|---|---|"]
     for rule in ruleset.rules:
         if rule.status != "active":
             continue
@@ -38,7 +39,10 @@ def catalog_markdown(ruleset: RuleSet) -> str:
                 link = c.url or (f"https://doi.org/{c.doi}" if c.doi else None)
                 published.append(f"[{label}]({link})" if link else label)
         hooks = ", ".join(sorted(model.hooks))
-        lines.append(f"| `{rule.id}` | {hooks} | {model.title} | {seeds} | {'; '.join(published) or '—'} |")
+        latest = model.changes[0] if model.changes else None
+        change = f"{latest.version} ({latest.date}): {latest.what}" if latest else f"{model.version}"
+        lines.append(f"| `{rule.id}` | {hooks} | {model.title} | {change.replace('|', '/')} | {seeds} | "
+                     f"{'; '.join(published) or '—'} |")
     return "\n".join(lines)
 
 

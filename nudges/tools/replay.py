@@ -23,6 +23,7 @@ from ..clock import parse_instant
 from ..errors import NudgesError
 from ..fhir import flatten, instant
 from ..pipeline import Result, run_body
+from ..rules.valuesets import REMIND_LATER
 from ..services import Services
 from ..settings import Settings
 from .loopback import BundleServer
@@ -49,9 +50,13 @@ def summarize(result: Result) -> list[dict[str, Any]]:
         if card.get("suggestions"):
             entry["selectionBehavior"] = card.get("selectionBehavior")
             entry["suggestions"] = [{k: v for k, v in s.items() if k != "uuid"} for s in card["suggestions"]]
-        for key in ("links", "overrideReasons"):
-            if card.get(key):
-                entry[key] = card[key]
+        if card.get("links"):
+            entry["links"] = card["links"]
+        # The rule's own reasons: the service's remind-me-later, on every card that has any, is the same
+        # for all rules (pinned by tests/test_suppression.py), so golden files do not repeat it.
+        reasons = [r for r in card.get("overrideReasons", ()) if r != REMIND_LATER]
+        if reasons:
+            entry["overrideReasons"] = reasons
         pinned.append(entry)
     return pinned
 
@@ -188,14 +193,29 @@ def card_diff(expected: list[dict[str, Any]], actual: list[dict[str, Any]]) -> l
     return out
 
 
+def fixture_clock(fixture: Fixture, golden: dict[str, Any] | None, pinned: datetime | None) -> datetime:
+    """`--now`, else the golden file's `now`; with neither a replay would not be deterministic: refused."""
+    if pinned is None and (golden is None or not isinstance(golden.get("now"), str)):
+        raise ReplayError(f"{fixture.path}: no clock: pass --now or add \"now\" to {fixture.golden.name}")
+    return pinned or parse_instant(str((golden or {})["now"]))
+
+
+def differences(expected: list[dict[str, Any]],
+                results: dict[str, list[dict[str, Any]]]) -> list[tuple[list[str], list[str]]]:
+    """The modes whose cards differ from the golden file, grouped when they agree with each other, each
+    group with its per-card, per-field differences (what `nudges replay` prints and the console shows)."""
+    groups: dict[str, list[str]] = {}
+    for mode in (m for m in results if results[m] != expected):
+        groups.setdefault(render(results[mode]), []).append(mode)
+    return [(same, card_diff(expected, results[same[0]])) for same in groups.values()]
+
+
 def replay_fixture(fixture: Fixture, services: Services, settings: Settings, pinned: datetime | None,
                    update: bool, out: TextIO, server: BundleServer) -> bool:
     """Replay one call in every mode; print per-card differences from the golden file (once when the
     modes agree with each other)."""
     golden = load_golden(fixture)
-    if pinned is None and (golden is None or not isinstance(golden.get("now"), str)):
-        raise ReplayError(f"{fixture.path}: no clock: pass --now or add \"now\" to {fixture.golden.name}")
-    now = pinned or parse_instant(str((golden or {})["now"]))
+    now = fixture_clock(fixture, golden, pinned)
     results = run_modes(fixture, services, settings, now, server)
     modes = list(results)
     if update:
@@ -211,16 +231,13 @@ def replay_fixture(fixture: Fixture, services: Services, settings: Settings, pin
         out.write(f"MISSING {fixture.golden}: run with --update to create it\n")
         return False
     expected = golden["cards"]
-    differing = [m for m in modes if results[m] != expected]
-    if not differing:
+    found = differences(expected, results)
+    if not found:
         out.write(f"ok {fixture.path} ({', '.join(modes)}): {len(expected)} card(s)\n")
         return True
-    groups: dict[str, list[str]] = {}
-    for mode in differing:
-        groups.setdefault(render(results[mode]), []).append(mode)
-    for same in groups.values():
+    for same, lines in found:
         out.write(f"DIFF {fixture.path} ({', '.join(same)}) against {fixture.golden}\n")
-        out.writelines(line + "\n" for line in card_diff(expected, results[same[0]]))
+        out.writelines(line + "\n" for line in lines)
     return False
 
 

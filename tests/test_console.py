@@ -1,0 +1,257 @@
+"""The console over plain HTTP: who may reach it, form tokens, the strict CSP with nothing inline, the
+playground keeping nothing, the "Why this nudge" link, reload refusals and the dashboard's suppression on
+both databases. What a person sees in a browser is in test_console_browser.py."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import uuid
+from collections.abc import Callable
+from datetime import timedelta
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from conftest import ROOT, LiveServer
+from sqlalchemy import func, select
+
+from nudges.clock import FixedClock
+from nudges.store import Bucket, CardRecord, FeedbackRecord, Store, cards
+
+PAGES = ("/console/", "/console/rules", "/console/rules/troponin-without-cath-plan", "/console/try",
+         "/console/replay", "/console/audit")
+TROPONIN_CALL = ROOT / "fhir_fixtures" / "calls" / "patient-view-troponin.json"
+
+
+class InlineCode(HTMLParser):
+    """Anything a strict CSP would block or that needs 'unsafe-inline': inline scripts, style elements and
+    attributes, event-handler attributes, javascript: URLs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        names = dict(attrs)
+        if tag == "script" and not names.get("src"):
+            self.found.append("inline <script>")
+        if tag == "style":
+            self.found.append("<style> element")
+        for name, value in attrs:
+            if name == "style" or name.startswith("on"):
+                self.found.append(f"{tag} {name}=")
+            if value and value.strip().lower().startswith("javascript:"):
+                self.found.append(f"{tag} {name}=javascript:")
+
+
+def token(client: httpx.Client, path: str = "/console/try") -> str:
+    page = client.get(path)
+    assert page.status_code == 200
+    found = re.search(r'name="csrf" value="([0-9a-f]+)"', page.text)
+    assert found, "no form token on the page"
+    return found.group(1)
+
+
+@pytest.fixture
+def console(make_client: Callable[..., LiveServer]) -> LiveServer:
+    return make_client(rules=ROOT / "rules", public_base_url="https://nudges.example.org")
+
+
+def test_every_page_has_a_strict_csp_and_nothing_inline(console: LiveServer) -> None:
+    for path in (*PAGES, "/console/nope"):
+        response = console.get(path)
+        assert response.status_code == (404 if path.endswith("nope") else 200), path
+        csp = response.headers["content-security-policy"]
+        assert "script-src 'self'" in csp and "style-src 'self'" in csp and "default-src 'none'" in csp
+        assert "unsafe-inline" not in csp and "unsafe-eval" not in csp
+        assert response.headers["x-frame-options"] == "DENY"
+        parser = InlineCode()
+        parser.feed(response.text)
+        assert not parser.found, (path, parser.found)
+    # the one script is the vendored htmx 2.0.x, served by the service itself
+    script = console.get("/console/static/htmx-2.0.11.min.js")
+    assert script.status_code == 200 and script.headers["content-type"].startswith("text/javascript")
+    assert 'version:"2.0.11"' in script.text.replace(" ", "")
+    assert console.get("/console/static/../settings.py").status_code == 404
+
+
+def test_refused_off_loopback_without_sign_in(make_client: Callable[..., LiveServer]) -> None:
+    """Configured to listen beyond loopback (the API allowed unauthenticated on purpose): the console is
+    still refused, and says what to configure."""
+    server = make_client(host="0.0.0.0", auth={"allow_unauthenticated": True})
+    response = server.get("/console/")
+    assert response.status_code == 403
+    assert "console.proxy_auth" in response.text and "text/html" in response.headers["content-type"]
+    assert server.get("/console/rules").status_code == 403
+    assert server.get("/healthz").status_code == 200  # the API is not the console
+
+
+def test_a_relayed_request_is_not_a_local_user(console: LiveServer) -> None:
+    assert console.get("/console/", headers={"X-Forwarded-For": "203.0.113.9"}).status_code == 403
+    assert console.get("/console/", headers={"Forwarded": "for=203.0.113.9"}).status_code == 403
+    assert console.get("/console/").status_code == 200
+
+
+@pytest.fixture
+def proxied(make_client: Callable[..., LiveServer]) -> LiveServer:
+    return make_client(console={"proxy_auth": {"trusted_proxies": ["127.0.0.1/32"], "allowed_users": ["ana"],
+                                               "allowed_groups": ["equity-leads"]}})
+
+
+def test_sign_in_through_a_trusted_proxy(proxied: LiveServer) -> None:
+    ok = proxied.get("/console/", headers={"X-Forwarded-User": "ana"})
+    assert ok.status_code == 200 and "signed in as ana" in ok.text
+    grouped = proxied.get("/console/rules", headers={"X-Forwarded-User": "bo", "X-Forwarded-Groups": "x, equity-leads"})
+    assert grouped.status_code == 200
+    assert proxied.get("/console/", headers={"X-Forwarded-User": "eve", "X-Forwarded-Groups": "x"}).status_code == 403
+    assert proxied.get("/console/").status_code == 401  # through the proxy but not signed in
+
+
+async def test_the_user_header_from_an_untrusted_address_is_refused(proxied: LiveServer) -> None:
+    """A client that reaches the service directly cannot name itself: same app, a peer outside the list."""
+    transport = httpx.ASGITransport(app=proxied.app, client=("198.51.100.7", 40000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://nudges.internal") as direct:
+        response = await direct.get("/console/", headers={"X-Forwarded-User": "ana"})
+    assert response.status_code == 403 and "sign-in proxy" in response.text
+
+
+def test_forms_need_their_token_and_the_same_origin(console: LiveServer) -> None:
+    form = {"fixture": "patient-view-troponin"}
+    assert console.post("/console/try", data=form).status_code == 403  # no token
+    csrf = token(console)
+    assert console.post("/console/try", data={**form, "csrf": "0" * 64}).status_code == 403
+    assert console.post("/console/try", data={**form, "csrf": csrf}, headers={"Origin": "https://evil.example"}
+                        ).status_code == 403
+    assert console.post("/console/try", data={**form, "csrf": csrf}, headers={"Sec-Fetch-Site": "cross-site"}
+                        ).status_code == 403
+    fresh = httpx.Client(base_url=str(console.base_url))  # another browser: its own cookie, so not this token
+    assert fresh.post("/console/try", data={**form, "csrf": csrf}).status_code == 403
+    fresh.close()
+    assert console.post("/console/try", data={**form, "csrf": csrf}).status_code == 200
+
+
+def test_the_playground_stores_nothing_and_logs_no_patient_data(console: LiveServer,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    call = orjson.loads(TROPONIN_CALL.read_bytes())
+    patient = call["context"]["patientId"]
+    csrf = token(console)
+    with console.runtime.store.engine.connect() as conn:
+        before = conn.execute(select(func.count()).select_from(cards)).scalar_one()
+    bundle = {"resourceType": "Bundle", "type": "collection",
+              "entry": [{"resource": r} for v in call["prefetch"].values() if v
+                        for r in ([v] if v.get("resourceType") != "Bundle" else
+                                  [e["resource"] for e in v.get("entry", [])])]}
+    with caplog.at_level(logging.INFO), caplog.at_level(logging.DEBUG, logger="nudges"):
+        response = console.post("/console/try", data={"csrf": csrf, "hook": "patient-view",
+                                                      "bundle": orjson.dumps(bundle).decode()})
+        assert response.status_code == 200 and "Troponin above its reference range" in response.text
+        feedback = console.post("/console/try/feedback", data={
+            "csrf": csrf, "service": "nudges-patient-view", "card": str(uuid.uuid4()), "outcome": "overridden",
+            "system": "http://terminology.hl7.org/CodeSystem/non-adherence-reason-codes", "code": "risk-benefit-ratio"})
+        assert feedback.status_code == 200 and "risk-benefit-ratio" in feedback.text
+    with console.runtime.store.engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(cards)).scalar_one() == before
+    # The service's own loggers (other tests' servers may still be logging in their threads: not ours)
+    ours = [r for r in caplog.records if r.name.startswith(("nudges", "uvicorn.error", "fastapi", "starlette"))]
+    logged = " ".join(f"{r.getMessage()} {r.__dict__}" for r in ours)
+    assert patient not in logged and "212" not in logged
+
+
+def test_bad_playground_input_is_explained(console: LiveServer) -> None:
+    csrf = token(console)
+    cases = [({"hook": "patient-view", "bundle": "{not json"}, "the bundle is not JSON"),
+             ({"hook": "patient-view", "bundle": '{"resourceType": "Patient"}'}, "must be a FHIR Bundle"),
+             ({"hook": "order-sign", "fixture": "patient-view-troponin"}, "is a patient-view call"),
+             ({"fixture": "no-such-fixture"}, "no fixture"),
+             ({"hook": "patient-view", "fixture": "patient-view-troponin", "now": "yesterday"}, "400")]
+    for form, message in cases:
+        response = console.post("/console/try", data={**form, "csrf": csrf})
+        assert response.status_code == 400 and message in response.text, (form, response.text[-800:])
+
+
+def test_cards_link_to_their_rule_page_when_the_public_url_is_known(console: LiveServer,
+                                                                    make_client: Callable[..., LiveServer]) -> None:
+    body = TROPONIN_CALL.read_bytes()
+    answer = console.post("/cds-services/nudges-patient-view", content=body,
+                          headers={"Content-Type": "application/json"}).json()
+    for card in answer["cards"]:
+        why = [link for link in card["links"] if link["label"] == "Why this nudge"]
+        assert len(why) == 1 and why[0]["type"] == "absolute"
+        assert why[0]["url"].startswith("https://nudges.example.org/console/rules/")
+        path = why[0]["url"].removeprefix("https://nudges.example.org")
+        assert console.get(path).status_code == 200
+    plain = make_client(rules=ROOT / "rules", database_url=f"sqlite:///{Path(str(console.runtime.store.url)[10:]).parent}"
+                                                         "/other.db")
+    cards_without = plain.post("/cds-services/nudges-patient-view", content=body,
+                               headers={"Content-Type": "application/json"}).json()["cards"]
+    assert cards_without and not any(link["label"] == "Why this nudge" for c in cards_without
+                                     for link in c.get("links", []))
+
+
+def test_overview_shows_the_last_refused_reload_with_file_and_line(client: LiveServer, rules_dir: Path) -> None:
+    page = client.get("/console/")
+    assert page.status_code == 200 and "pinned at 2026-03-02T12:00:00+00:00" in page.text
+    assert "Last refused reload" not in page.text
+    rule = rules_dir / "cardiology" / "troponin-without-cath-plan.yaml"
+    rule.write_text(rule.read_text().replace("indicator: warning", "indicator: urgent", 1))
+    assert client.runtime.reloader.reload() is False
+    page = client.get("/console/")
+    assert "Last refused reload" in page.text and "troponin-without-cath-plan.yaml:" in page.text
+    assert re.search(r"troponin-without-cath-plan\.yaml:\d+:\d+: ", page.text)
+    detail = client.get("/console/rules/troponin-without-cath-plan")
+    assert 'class="lint-error"' in detail.text  # the problem beside its line of the file on disk
+    assert "not stated" in detail.text  # the test rule set has no source attributes: defaults, not blanks
+
+
+def test_rule_page_shows_source_attributes_and_cases(console: LiveServer) -> None:
+    page = console.get("/console/rules/troponin-without-cath-plan").text
+    for anchor in ("attr-developer", "attr-funding", "attr-intended-use", "attr-cautions", "attr-false-positives",
+                   "attr-last-review"):
+        assert f'id="{anchor}"' in page
+    assert "the nudges project" in page  # from ruleset.yaml's source_attributes
+    assert "nejm-racial-disparities-ebook#p1" in page and "<blockquote>" in page  # the passage, paraphrased
+    assert 'class="pass">all' in page
+    listing = console.get("/console/rules", params={"hook": "appointment-book"}).text
+    assert "professional-interpreter" in listing and "troponin-without-cath-plan" not in listing
+    assert "troponin" in console.get("/console/rules", params={"q": "cath"}).text
+
+
+# -- the dashboard, on both databases ----------------------------------------------------------------------
+def seed(store: Store, clock: FixedClock, rule: str) -> None:
+    groups = [(Bucket("white", "not-hispanic-latino", "en", "private"), 30, 20),
+              (Bucket("black", "not-hispanic-latino", "en", "medicaid"), 30, 12),
+              (Bucket("asian", "not-hispanic-latino", "zh", "private"), 4, 3)]
+    for bucket, count, accepted in groups:
+        for i in range(count):
+            card = str(uuid.uuid4())
+            issued = clock.now() - timedelta(days=3 + i % 40)
+            store.record_cards([CardRecord(card, "nudges-patient-view", rule, "1.0.0", "patient-view", card[:32],
+                                           hashlib.sha256(f"{bucket.race}{i}".encode()).hexdigest(), bucket,
+                                           "warning", issued)])
+            outcome: dict[str, Any] = {"outcome": "accepted", "accepted_suggestions": ("s",)} if i < accepted else \
+                {"outcome": "overridden", "override_code": "risk-benefit-ratio"}
+            store.record_feedback([FeedbackRecord(card, "nudges-patient-view", outcome_timestamp=issued
+                                                  + timedelta(minutes=1), **outcome)])
+
+
+def test_dashboard_withholds_a_small_group_everywhere(make_client: Callable[..., LiveServer], database_url: str,
+                                                      clock: FixedClock) -> None:
+    server = make_client(database_url=database_url)
+    rule = f"dash-{uuid.uuid4().hex[:8]}"
+    seed(server.runtime.store, clock, rule)
+    page = server.get("/console/audit", params={"rule": rule, "dimension": "race"})
+    assert page.status_code == 200
+    row = re.search(r'<tr data-group="asian" class="withheld">(.*?)</tr>', page.text, re.S)
+    assert row and set(re.findall(r"<td>(.*?)</td>", row.group(1))[1:]) == {"&lt;11"}
+    assert 'data-group="black" class="withheld"' in page.text  # its complement
+    white = re.search(r'<tr data-group="white"[^>]*>(.*?)</tr>', page.text, re.S)
+    assert white and "<td>30</td>" in white.group(1)
+    assert "asian: " not in page.text  # no bar tooltip, no trend point for the small group
+    csv = server.get("/console/audit.csv")
+    assert csv.headers["content-disposition"].startswith("attachment")
+    assert f"{rule},race,asian,<11,<11," in csv.text and f"{rule},race,black,hidden," in csv.text
