@@ -30,6 +30,18 @@ _CODE_PATHS = {kind: tuple(tuple(p.split(".")) for p in paths) for kind, paths i
 NEEDED = frozenset({"Patient", "Coverage", "Medication"})
 
 
+def _either(patterns: list[re.Pattern[str]]) -> tuple[re.Pattern[str], ...]:
+    """Patterns of the same flags as one alternation (one search instead of several); as they are when
+    they would not combine (different flags, back-references, group names used twice)."""
+    if len(patterns) > 1 and len({p.flags for p in patterns}) == 1 and \
+            not any(re.search(r"\\[1-9]|\(\?P[=<]", p.pattern) for p in patterns):
+        try:
+            return (re.compile("|".join(f"(?:{p.pattern})" for p in patterns), patterns[0].flags),)
+        except re.error:
+            pass
+    return tuple(patterns)
+
+
 def _note(index: dict[Any, list[Resource]], key: Any, resource: Resource) -> None:
     members = index.get(key)
     if members is None:
@@ -61,11 +73,17 @@ class IndexPlan:
     plan the index keeps only codings some clause asks for, and each clause's code set is one bucket, so a
     look-up is one dict access however large the value set."""
 
-    __slots__ = ("buckets", "codes", "whole")
+    __slots__ = ("buckets", "codes", "texts", "whole")
 
-    def __init__(self, keysets: Iterable[tuple[str, frozenset[tuple[str, str]]]],
-                 whole: Iterable[str] = ()) -> None:
-        self.whole = frozenset(whole) | NEEDED  # types some clause reads in full (no codes, or words)
+    def __init__(self, keysets: Iterable[tuple[str, frozenset[tuple[str, str]]]], whole: Iterable[str] = (),
+                 texts: Iterable[tuple[str, re.Pattern[str]]] = ()) -> None:
+        self.whole = frozenset(whole) | NEEDED  # types some clause reads in full (neither codes nor words)
+        by_kind: dict[str, list[re.Pattern[str]]] = {}
+        for kind, pattern in texts:
+            if pattern not in by_kind.setdefault(kind, []):
+                by_kind[kind].append(pattern)
+        # type -> the `text:` patterns of its clauses, as one alternation where they can be
+        self.texts: dict[str, tuple[re.Pattern[str], ...]] = {k: _either(v) for k, v in by_kind.items()}
         self.buckets: dict[tuple[str, frozenset[tuple[str, str]]], int] = {}
         codes: dict[str, dict[str, list[tuple[str, int]]]] = {}
         for kind, keys in keysets:
@@ -80,33 +98,44 @@ class IndexPlan:
             kind: {code: tuple(found) for code, found in by_code.items()} for kind, by_code in codes.items()}
 
     def reads(self, resource: Resource) -> bool:
-        """Whether a record with this plan could ever look at the resource: its type is read in full, or it
-        carries a code some clause looks up (or names its medication by reference, whose code only the
-        Medication tells). Population screening leaves the rest out of each patient's call: the cards are
-        the same, and most of a record (vital signs, routine labs) is never parsed a second time."""
+        """Whether a record with this plan could ever look at the resource: its type is read in full, it
+        carries a code some clause looks up, its words match a `text:` clause on its type, or it names its
+        medication by reference (whose code and words only the Medication tells). Population screening
+        leaves the rest out of each patient's call: the cards are the same (an export holds each resource
+        once, so no duplicate id can stand in for another), and most of a record (vital signs, routine
+        labs) is never parsed a second time."""
         kind = resource.get("resourceType")
         if kind in self.whole:
             return True
-        wanted = self.codes.get(kind) if isinstance(kind, str) else None
-        if wanted is None:
+        if not isinstance(kind, str):
+            return False
+        wanted, patterns = self.codes.get(kind), self.texts.get(kind)
+        if wanted is None and patterns is None:
             return False
         if kind in MEDICATION_TYPES and "medicationReference" in resource:
             return True
         try:
-            for path in _CODE_PATHS.get(str(kind), ()):
-                value: Any = resource.get(path[0])
-                if value is None:
-                    continue
-                if len(path) > 1:
-                    value = list(walk(resource, ".".join(path)))
-                for concept in (value,) if value.__class__ is dict else value:
-                    for coding in concept.get("coding") or ():
-                        targets = wanted.get(coding.get("code"))
-                        if targets is not None and any(coding.get("system") == want for want, _ in targets):
+            if wanted is not None:
+                for path in _CODE_PATHS.get(kind, ()):
+                    value: Any = resource.get(path[0])
+                    if value is None:
+                        continue
+                    if len(path) > 1:
+                        value = list(walk(resource, ".".join(path)))
+                    for concept in (value,) if value.__class__ is dict else value:
+                        for coding in concept.get("coding") or ():
+                            targets = wanted.get(coding.get("code"))
+                            if targets is not None and any(coding.get("system") == want for want, _ in targets):
+                                return True
+            if patterns is not None:
+                for text in words(resource):
+                    for pattern in patterns:
+                        if pattern.search(text):
                             return True
         except (AttributeError, TypeError):  # malformed: keep it, the record copes as on any call
             return True
         return False
+
 
 
 class PatientRecord:
