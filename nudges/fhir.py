@@ -141,6 +141,11 @@ def patient_of(resource: Resource) -> str | None:
 # -- elements, codings, words -----------------------------------------------------------------------
 def walk(resource: Resource, path: str) -> Iterator[Any]:
     """Values at a dotted path, flattening lists on the way."""
+    if "." not in path:  # one element, the common case: no lists built
+        if isinstance(resource, dict) and path in resource:
+            child = resource[path]
+            yield from child if isinstance(child, list) else (child,)
+        return
     values: list[Any] = [resource]
     for part in path.split("."):
         nxt: list[Any] = []
