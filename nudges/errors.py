@@ -112,10 +112,12 @@ class DeliveryError(NudgesError):
     status = 502
     code = "transient"
 
-    def __init__(self, diagnostics: str, *, retry: bool = True, upstream_status: int | None = None) -> None:
+    def __init__(self, diagnostics: str, *, retry: bool = True, upstream_status: int | None = None,
+                 retry_after: float | None = None) -> None:
         super().__init__(diagnostics)
         self.retry = retry
         self.upstream_status = upstream_status
+        self.retry_after = retry_after  # seconds the receiver asked us to wait (Retry-After)
 
 
 class ConfigError(NudgesError):

@@ -22,3 +22,15 @@ class Metrics:
         self.reloads = Counter("nudges_rule_reloads_total", "rule set reloads", ["result"],
                                registry=self.registry)
         self.rules_loaded = Gauge("nudges_rules_loaded", "rules in the served set", registry=self.registry)
+        # Between visits: pushes (the outbox) and the subscriptions that bring events.
+        self.deliveries = Counter("nudges_deliveries_total", "push attempts by outcome (sent, retry, dead, lost)",
+                                  ["channel", "outcome"], registry=self.registry)
+        self.outbox = Gauge("nudges_outbox", "deliveries in the outbox by status (dead ones stay until requeued)",
+                            ["status"], registry=self.registry)
+        self.subscriptions = Gauge("nudges_subscriptions", "managed subscriptions by status", ["status"],
+                                   registry=self.registry)
+        self.missed_events = Counter("nudges_subscription_missed_events_total",
+                                     "events found missing (event-number gaps, counts ahead of what arrived)",
+                                     registry=self.registry)
+        self.recoveries = Counter("nudges_subscription_recoveries_total", "recoveries of missed events by result",
+                                  ["method", "result"], registry=self.registry)

@@ -17,14 +17,17 @@ from .api.auth import Authenticator, Caller, check_startup_policy
 from .cards import IssuedCard
 from .clock import Clock, clock_for
 from .errors import BadRequest, ConfigError
-from .events import followups
+from .events import followups, outbox, subscriptions
+from .events.delivery import Deliveries, check_settings
 from .events.due import DueFollowups
 from .events.notifications import Intake
+from .events.recovery import Recovery
 from .events.scheduler import Scheduler
 from .fhirserver.client import FhirClient
 from .fhirserver.tokens import BackendTokens
 from .heap import QuietCollector, settle_heap
 from .metrics import Metrics
+from .rules.delivery import Targets
 from .services import Reloader, Services
 from .settings import Settings
 from .store import FeedbackRecord, Store
@@ -45,20 +48,29 @@ class Runtime:
     scheduler: Scheduler = field(default_factory=Scheduler)
     due: DueFollowups = field(init=False)
     intake: Intake = field(init=False)
+    deliveries: Deliveries = field(init=False)
+    recovery: Recovery = field(init=False)
     loop: asyncio.AbstractEventLoop | None = None  # the app's event loop, once started
 
     def __post_init__(self) -> None:
         self.due = DueFollowups(self.settings, self.clock, self.store, self.reloader, self.fhir)
         self.intake = Intake(self.settings, self.clock, self.store, self.fhir)
+        self.deliveries = Deliveries(self.settings, self.clock, self.store, self.fhir, self.metrics)
+        self.recovery = Recovery(self.settings, self.clock, self.store, self.fhir, self.intake, self.reloader,
+                                 self.metrics)
 
     @classmethod
     def create(cls, settings: Settings, clock: Clock | None = None) -> Runtime:
         for message in check_startup_policy(settings):
             log.warning(message) if "WARNING" in message else log.info(message)
+        check_settings(settings)
         clock = clock or clock_for(settings.now)
         key = settings.patient_hash_key.get_secret_value().encode() if settings.patient_hash_key else None
         store = Store(settings.database_url, clock, hash_key=key)
-        reloader = Reloader(settings.rules, frozenset(settings.rule_statuses), settings.site_valuesets, clock)
+        names = settings.delivery  # an unconfigured name is a warning here, not a refusal: see rules/delivery.py
+        targets = Targets(frozenset(names.pools), frozenset(names.webhooks), strict=False)
+        reloader = Reloader(settings.rules, frozenset(settings.rule_statuses), settings.site_valuesets, clock,
+                            targets)
         fhir = FhirClient(settings, BackendTokens(settings.fhir_backend_clients))
         auth = Authenticator(settings.auth, store, clock, fhir.http)
         return cls(settings, clock, store, reloader, fhir, auth)
@@ -72,6 +84,8 @@ class Runtime:
         self._count_reload(True)
         self.scheduler.every("rules-reload", self.settings.reload_interval_seconds, self.reload_if_changed)
         self.scheduler.every("due-followups", self.settings.followup_poll_seconds, self.due.run_due)
+        self.scheduler.every("deliveries", self.settings.delivery.poll_seconds, self.deliveries.run_due)
+        self.scheduler.every("subscriptions-check", self.settings.subscriptions.check_seconds, self.recovery.check)
         self.scheduler.start()
 
     async def reload_if_changed(self) -> None:
@@ -142,7 +156,25 @@ class Runtime:
                                              suppression.reason_label(rule, record)).inc()
         return sum(stored)
 
+    def between_visits(self) -> dict[str, Any]:
+        """The outbox and the managed subscriptions, also set as gauges (dead deliveries never go unseen)."""
+        waiting = outbox.counts(self.store)
+        managed = subscriptions.counts(self.store)
+        for status, count in waiting.items():
+            self.metrics.outbox.labels(status).set(count)
+        for status, count in managed.items():
+            self.metrics.subscriptions.labels(status).set(count)
+        warnings = []
+        if waiting["dead"]:
+            warnings.append(f"{waiting['dead']} dead deliveries (nudges deliveries list; nudges deliveries retry)")
+        if managed["degraded"]:
+            warnings.append(f"{managed['degraded']} degraded subscriptions (nudges subscriptions status)")
+        return {"deliveries": waiting, "subscriptions": managed, "warnings": warnings}
+
     def readiness(self) -> dict[str, Any]:
+        """Ready when the database answers and rules are loaded. Dead deliveries and degraded subscriptions
+        are reported (warnings) but do not make a replica unready: taking it out of rotation would stop
+        hook calls and fix neither."""
         current = self.reloader.current
         problems = []
         database = self.store.ping()
@@ -150,7 +182,8 @@ class Runtime:
             problems.append("database unreachable")
         if current is None:
             problems.append("no rule set")
-        return {"problems": problems, "database": "ok" if database else "unreachable",
-                "rules": current.ruleset.version if current else None,
-                "rule_count": len(current.ruleset.rules) if current else 0,
-                "refused_reloads": self.reloader.refused}
+        state = {"problems": problems, "database": "ok" if database else "unreachable",
+                 "rules": current.ruleset.version if current else None,
+                 "rule_count": len(current.ruleset.rules) if current else 0,
+                 "refused_reloads": self.reloader.refused}
+        return state | (self.between_visits() if database else {})

@@ -14,6 +14,7 @@ from .prefetch import PrefetchPlan, plan_for
 from .record import IndexPlan
 from .rules.compiled import CompiledRule, RuleSet, index_plan
 from .rules.compiler import load_ruleset, rule_files
+from .rules.delivery import Targets
 from .rules.yamlfiles import Problem
 
 log = logging.getLogger("nudges.services")
@@ -85,9 +86,10 @@ class Reloader:
     visible after a later good reload so an operator can see what was wrong."""
 
     def __init__(self, directory: Path, statuses: frozenset[str], site: Path | None = None,
-                 clock: Clock | None = None) -> None:
+                 clock: Clock | None = None, targets: Targets | None = None) -> None:
         self.directory = directory
         self.site = site
+        self.targets = targets  # the site's delivery pools and webhook endpoints rules may name
         self.statuses = statuses
         self.clock = clock or SystemClock()
         self.current: Services | None = None
@@ -100,7 +102,7 @@ class Reloader:
 
     def reload(self) -> bool:
         self._seen = fingerprint(self.directory, self.site)
-        result = load_ruleset(self.directory, self.site)
+        result = load_ruleset(self.directory, self.site, self.targets)
         if result.ruleset is None:
             self.refused += 1
             self.last_problems = result.problems
@@ -111,6 +113,9 @@ class Reloader:
             return False
         self.current = Services.build(result.ruleset, self.statuses)
         self.last_problems = []
+        if result.unconfigured:
+            log.warning("rules deliver to names this site has not configured; those pushes will go dead",
+                        extra={"warnings": [str(p) for p in result.unconfigured[:50]]})
         self.warnings = result.warnings
         self.loaded_at = self.clock.now()
         log.info("rule set loaded", extra={"version": result.ruleset.version, "rules": len(result.ruleset.rules)})

@@ -82,6 +82,87 @@ class FhirBackendClient(BaseModel):
     scope: str = "system/*.read"
 
 
+class Pool(BaseModel):
+    """A configured group of recipients a rule may address by name (an on-call PractitionerRole, a Group)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reference: str = Field(pattern=r"^[A-Z][A-Za-z]+/[A-Za-z0-9\-.]{1,64}$",
+                           description="relative reference on the FHIR server written to, e.g. PractitionerRole/oncall")
+    display: str | None = None
+
+
+class WebhookEndpoint(BaseModel):
+    """A receiver of signed CloudEvents (secure chat, paging)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(description="https (http only on loopback)")
+    secret: SecretStr = Field(description="Standard Webhooks secret: whsec_ + base64 of 24 to 64 random bytes")
+    timeout_seconds: float = Field(default=10.0, gt=0, le=60)
+
+
+class DeliverySettings(BaseModel):
+    """Push delivery of follow-up cards (the outbox): where they go and how hard to try."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    poll_seconds: float = Field(default=5.0, description="how often the outbox is sent (0 disables)")
+    fhir_server: str | None = Field(
+        default=None, description="FHIR base Communications and Tasks are written to (default: the server the "
+                                  "follow-up's data came from)")
+    pools: dict[str, Pool] = Field(default_factory=dict, description="name -> recipient, for `pool:` in rules")
+    webhooks: dict[str, WebhookEndpoint] = Field(
+        default_factory=dict, description="name -> endpoint, for `endpoint:` in rules")
+    sender: str | None = Field(
+        default=None, description="sender reference (Communication.sender, Task.requester), e.g. Device/nudges")
+    rule_page_url: str | None = Field(
+        default=None, description="link sent with each push, {rule} replaced by the rule id (default: the "
+                                  "console's rule page at public_base_url, else the card's source)")
+    timeout_seconds: float = Field(default=10.0, gt=0, le=60, description="per FHIR write")
+    max_attempts: int = Field(default=8, ge=1, le=50, description="a delivery is dead after this many attempts")
+    retry_seconds: float = Field(
+        default=30.0, gt=0, description="first retry after this, doubling each time (at most 1 h)")
+    lease_seconds: float = Field(
+        default=120.0, gt=0, description="a delivery claimed this long ago and not finished (its replica died) is "
+                                         "claimed again")
+
+
+class SubscriptionServer(BaseModel):
+    """A FHIR server nudges subscribes to, and which of its SubscriptionTopics serve which start clauses."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base: str
+    topics: dict[str, str] = Field(
+        description="resource type (or Type:valueset, which wins) -> SubscriptionTopic canonical URL")
+    filters: dict[str, str] = Field(
+        default_factory=dict,
+        description="topic canonical -> backport filter criteria, e.g. Observation?category=laboratory")
+
+
+class SubscriptionSettings(BaseModel):
+    """Managed topic-based Subscriptions (R4 Backport IG): `nudges subscriptions plan|apply|status`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    endpoint: str | None = Field(
+        default=None, description="notification URL the servers post to (default: public_base_url + "
+                                  "/fhir/notifications)")
+    servers: list[SubscriptionServer] = Field(default_factory=list)
+    heartbeat_seconds: int = Field(default=60, ge=1, description="heartbeat period asked of the server")
+    timeout_seconds: int = Field(default=10, ge=1, le=60, description="backport-timeout asked of the server")
+    check_seconds: float = Field(
+        default=30.0, description="how often subscriptions are checked for missed events (0 disables)")
+    missed_heartbeats: int = Field(
+        default=3, ge=1, description="degraded after this many heartbeat periods of silence")
+    gap_grace_seconds: float = Field(
+        default=60.0, ge=0, description="a gap in event numbers is a loss once it lasts this long (notifications "
+                                        "may arrive out of order)")
+    recovery_window_hours: float = Field(
+        default=24.0, gt=0, description="how far back a recovery search looks when no event time is known")
+
+
 def _duration(text: str) -> str:
     from .rules.schema import parse_duration
 
@@ -163,6 +244,8 @@ class Settings(BaseSettings):
     tls_keyfile: Path | None = None
     log_level: str = "INFO"
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    delivery: DeliverySettings = Field(default_factory=DeliverySettings)
+    subscriptions: SubscriptionSettings = Field(default_factory=SubscriptionSettings)
     console: ConsoleSettings = Field(default_factory=ConsoleSettings)
     suppression: SuppressionSettings = Field(default_factory=SuppressionSettings)
 

@@ -97,9 +97,9 @@ def rules_dir(tmp_path: Path) -> Path:
 class LiveServer(httpx.Client):
     """The real app under uvicorn on a loopback port, with an HTTP client pointed at it."""
 
-    def __init__(self, settings: Settings, clock: FixedClock) -> None:
+    def __init__(self, settings: Settings, clock: FixedClock, port: int = 0) -> None:
         self.app = create_app(settings, clock)
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_config=None, access_log=False,
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=port, log_config=None, access_log=False,
                                 lifespan="on")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -116,12 +116,19 @@ class LiveServer(httpx.Client):
     def runtime(self) -> Any:
         return self.app.state.runtime
 
-    def run_due(self, now: Any = None) -> list[Any]:
-        """Run due follow-ups now, on the service's own event loop (where its FHIR client lives)."""
+    def on_loop(self, coroutine: Any) -> Any:
+        """Run a coroutine on the service's own event loop (where its FHIR client lives)."""
         import asyncio
 
-        future = asyncio.run_coroutine_threadsafe(self.runtime.due.run_due(now), self.runtime.loop)
-        return list(future.result(timeout=30))
+        return asyncio.run_coroutine_threadsafe(coroutine, self.runtime.loop).result(timeout=60)
+
+    def run_due(self, now: Any = None) -> list[Any]:
+        """Run due follow-ups now."""
+        return list(self.on_loop(self.runtime.due.run_due(now)))
+
+    def send_outbox(self, now: Any = None) -> list[Any]:
+        """Send the deliveries due now."""
+        return list(self.on_loop(self.runtime.deliveries.run_due(now)))
 
     def stop(self) -> None:
         self.close()
@@ -133,11 +140,11 @@ class LiveServer(httpx.Client):
 def make_client(tmp_path: Path, clock: FixedClock, rules_dir: Path) -> Iterator[Callable[..., LiveServer]]:
     servers: list[LiveServer] = []
 
-    def make(**overrides: Any) -> LiveServer:
+    def make(listen_port: int = 0, **overrides: Any) -> LiveServer:
         values: dict[str, Any] = {"rules": rules_dir, "database_url": f"sqlite:///{tmp_path}/nudges.db",
                                   "reload_interval_seconds": 0}
         values.update(overrides)
-        server = LiveServer(Settings(**values), clock)
+        server = LiveServer(Settings(**values), clock, listen_port)
         servers.append(server)
         return server
 
@@ -171,6 +178,11 @@ class FhirServer:
         self.client_key: Any = None
         self.token_requests: list[dict[str, str]] = []
         self.token_refusals = 0
+        # Writes (POST /fhir/Type): each one recorded; `write_statuses` scripts the answers (then 201), and
+        # If-None-Exist on `identifier=` is honoured as a FHIR server does (200 when it finds one).
+        self.writes: list[tuple[str, dict[str, str], dict[str, Any]]] = []
+        self.write_statuses: list[int] = []
+
         self.in_flight = self.max_in_flight = 0
         self.connections: set[tuple[str, int]] = set()  # client (address, port): one per connection used
         self._lock = threading.Lock()
@@ -185,7 +197,16 @@ class FhirServer:
             def do_POST(self) -> None:
                 from urllib.parse import parse_qsl
 
-                form = dict(parse_qsl(self.rfile.read(int(self.headers.get("Content-Length", 0))).decode()))
+                raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.path.startswith("/fhir/"):
+                    status, location = server.write(self.path, dict(self.headers.items()), orjson.loads(raw))
+                    self.send_response(status)
+                    if location:
+                        self.send_header("Location", location)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                form = dict(parse_qsl(raw.decode()))
                 server.token_requests.append(form)
                 status, body = server.grant(self.path, form)
                 self.reply(status, body)
@@ -248,6 +269,20 @@ class FhirServer:
             return 400, {"error": "invalid_request"}
         return 200, {"access_token": self.token, "token_type": "bearer", "expires_in": 300,
                      "scope": form.get("scope", "")}
+
+    def write(self, path: str, headers: dict[str, str], resource: dict[str, Any]) -> tuple[int, str | None]:
+        self.writes.append((path, headers, resource))
+        if self.write_statuses:
+            return self.write_statuses.pop(0), None
+        criteria = {k.lower(): v for k, v in headers.items()}.get("if-none-exist", "")
+        wanted = criteria.removeprefix("identifier=")
+        for existing in self.resources:
+            if existing["resourceType"] == resource["resourceType"] and wanted and any(
+                    f"{i.get('system')}|{i.get('value')}" == wanted for i in existing.get("identifier") or ()):
+                return 200, f"{self.base}/{existing['resourceType']}/{existing['id']}/_history/1"
+        created = {**resource, "id": f"w{len(self.writes)}"}
+        self.resources.append(created)
+        return 201, f"{self.base}/{created['resourceType']}/{created['id']}/_history/1"
 
     def answer(self, path: str) -> tuple[int, dict[str, Any]]:
         from urllib.parse import parse_qs, urlsplit

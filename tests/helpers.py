@@ -171,3 +171,35 @@ def bulk_export(folder: Path, count: int) -> dict[str, list[dict[str, Any]]]:
     practitioners = [{"resourceType": "Practitioner", "id": f"dr-{n}"} for n in range(4)]
     (folder / "Practitioner.ndjson").write_bytes(ndjson(*practitioners))
     return per_patient
+
+
+TROPONIN_RULE = "troponin-without-cath-plan"
+
+
+def add_followup(rules_dir: Path, deliver: str = "", after: str = "12h") -> Path:
+    """Give the frozen test troponin rule (in a per-test copy) a follow-up, with `deliver:` YAML items
+    (each line indented under `deliver:`) when given. Returns the rule file."""
+    path = rules_dir / "cardiology" / f"{TROPONIN_RULE}.yaml"
+    text = path.read_text()
+    assert "\nfollowup:" not in text
+    block = f"followup:\n  start: troponin\n  after: {after}\n"
+    if deliver:
+        block += "  deliver:\n" + "".join(f"    {line}\n" for line in deliver.strip("\n").splitlines())
+    path.write_text(text.rstrip("\n") + "\n" + block)
+    return path
+
+
+def backend_key(directory: Path, kid: str = "nudges-1") -> tuple[Path, dict[str, Any]]:
+    """An RSA key for the service's SMART Backend Services client: the private PEM file, the public JWKS."""
+    import json
+
+    import jwt
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    path = directory / f"{kid}.pem"
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    public = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
+    return path, {"keys": [{**public, "kid": kid, "alg": "RS384", "use": "sig"}]}

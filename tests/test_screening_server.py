@@ -9,18 +9,16 @@ import io
 import json
 import shutil
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import httpx
 import jwt
 import orjson
 import pytest
 from helpers import cath_order, coverage, for_patient, patient, troponin
-from sekmet import Sekmet, running_sekmet
+from sekmet_fhir import Sekmet, running_sekmet, smart_settings
 
 from nudges.screening.command import Options, run
 from nudges.screening.source import STATE, Exporter, ExportFailed, ExportRequest
@@ -47,26 +45,13 @@ def key(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, key: tuple[Path, dict[str, Any]]) -> Iterator[Sekmet]:
-    smart = {"types": ["smart"], "token_lifetime": 300, "enforce_scopes": True,
-             "smart_clients": [{"client_id": "nudges", "jwks": {"keys": [key[1]]}, "scopes": "system/*.*"}]}
-    with running_sekmet(tmp_path_factory.mktemp("sekmet"), {"server_auth": smart}) as srv:
-        load(srv, key[0])
+    with running_sekmet(tmp_path_factory.mktemp("sekmet"), smart_settings({"keys": [key[1]]})) as srv:
+        srv.login()  # the tests' own client, for loading and reading back
+        load(srv)
         yield srv
 
 
-def token(srv: Sekmet, private_key: Path) -> str:
-    now = int(time.time())
-    assertion = jwt.encode({"iss": "nudges", "sub": "nudges", "aud": srv.token_url, "iat": now, "exp": now + 60,
-                            "jti": f"load-{now}-{time.monotonic_ns()}"}, private_key.read_text(), algorithm="RS384",
-                           headers={"kid": "k1"})
-    answer = httpx.post(srv.token_url, data={
-        "grant_type": "client_credentials", "scope": "system/*.*", "client_assertion": assertion,
-        "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"})
-    assert answer.status_code == 200, answer.text
-    return str(answer.json()["access_token"])
-
-
-def load(srv: Sekmet, private_key: Path) -> None:
+def load(srv: Sekmet) -> None:
     """Patients with troponins, cath orders and coverage, written with client ids (PUT), and a Group."""
     entries = []
     for i in range(PATIENTS):
@@ -80,8 +65,7 @@ def load(srv: Sekmet, private_key: Path) -> None:
     entries.append({"resource": {"resourceType": "Group", "id": "navigated", "type": "person", "actual": True,
                                  "member": [{"entity": {"reference": f"Patient/scr-{i:03d}"}} for i in (3, 4, 9)]},
                     "request": {"method": "PUT", "url": "Group/navigated"}})
-    answer = httpx.post(srv.base, json={"resourceType": "Bundle", "type": "transaction", "entry": entries},
-                        headers={"Authorization": f"Bearer {token(srv, private_key)}"}, timeout=60)
+    answer = srv.http.post("", json={"resourceType": "Bundle", "type": "transaction", "entry": entries}, timeout=60)
     assert answer.status_code == 200, answer.text
 
 
@@ -235,16 +219,14 @@ def test_an_export_that_does_not_finish_in_time_says_how_to_go_on(tmp_path: Path
            "command again to keep waiting for it" in err
 
 
-def test_worklists_are_written_as_fhir_lists_once(server: Sekmet, config: Path, tmp_path: Path,
-                                                  key: tuple[Path, dict[str, Any]]) -> None:
+def test_worklists_are_written_as_fhir_lists_once(server: Sekmet, config: Path, tmp_path: Path) -> None:
     from fhir.resources.R4B.list import List as FhirList
 
     for _ in range(2):  # a second run replaces the Lists rather than adding more
         code, out, err = screen(server.base, config=config, out=tmp_path / "out", lists=True)
         assert code == 0, err
         assert "FHIR List resources written: 2" in out
-    found = httpx.get(f"{server.base}/List", params={"_count": 100},
-                      headers={"Authorization": f"Bearer {token(server, key[0])}"}).json()
+    found = server.http.get("/List", params={"_count": 100}).json()
     lists = {r["resource"]["code"]["coding"][0]["code"]: r["resource"] for r in found.get("entry", [])}
     assert sorted(lists) == ["race-free-egfr", TROPONIN] and found["total"] == 2
     trop = lists[TROPONIN]

@@ -7,10 +7,10 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from . import audit, explain, replay, rules, screen, serve, valuesets
+from . import audit, deliveries, explain, replay, rules, screen, serve, subscriptions, valuesets
 
 Command = Callable[[argparse.Namespace], int]
-GROUPS = (serve, rules, explain, valuesets, replay, screen, audit)
+GROUPS = (serve, rules, explain, valuesets, replay, screen, audit, subscriptions, deliveries)
 
 
 def parser() -> argparse.ArgumentParser:

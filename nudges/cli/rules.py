@@ -14,6 +14,8 @@ def register(sub: Any) -> None:
     lint = sub.add_parser("lint", help="check rule files; problems as path:line:column")
     lint.add_argument("directory", type=Path)
     lint.add_argument("--site", type=Path, metavar="DIR", help="a site's own value-set codes (site_valuesets)")
+    lint.add_argument("--config", type=Path, metavar="FILE",
+                      help="the service's settings: also check follow-up deliveries against its pools and webhooks")
     lint.set_defaults(run=lint_command)
     test = sub.add_parser("test", help="run the rules' test cases",
                           description="Run each rule's cases. PATH is a rules folder, or one rule or cases file "
@@ -34,8 +36,15 @@ def register(sub: Any) -> None:
 
 def lint_command(args: argparse.Namespace) -> int:
     from ..rules.compiler import load_ruleset
+    from ..rules.delivery import Targets
 
-    result = load_ruleset(args.directory, args.site)
+    targets = None
+    if args.config is not None:
+        from ..settings import load_settings
+
+        settings = load_settings(args.config)
+        targets = Targets(frozenset(settings.delivery.pools), frozenset(settings.delivery.webhooks))
+    result = load_ruleset(args.directory, args.site, targets)
     for warning in result.warnings:
         print(f"warning: {warning}")
     if result.ruleset is None:

@@ -22,7 +22,7 @@ from ..cards import build_card
 from ..clock import Clock
 from ..demographics import bucket
 from ..errors import BadRequest, NudgesError
-from ..fhir import flatten
+from ..fhir import flatten, instant, parse_reference
 from ..fhirserver.client import FhirClient, Found
 from ..fhirserver.guard import check_server
 from ..prefetch import plan_for, render, unobtainable
@@ -155,5 +155,32 @@ class DueFollowups:
                             hook_instance=f"followup-{item.id}", patient_hash=item.patient_hash,
                             bucket=bucket(record.patient, list(flatten(data.get("coverage")))),
                             indicator=card["indicator"], issued_at=now, focus=focus)
-        stored = followups.store_pending(store, issued, card, followup=item, worker=worker)
+        pushes = self._deliveries(item, rule, card, data, now)
+        stored = followups.store_pending(store, issued, card, followup=item, worker=worker, deliveries=pushes)
         return "fired" if stored == "stored" else stored
+
+    def _deliveries(self, item: Followup, rule: CompiledRule, card: dict[str, Any], data: dict[str, Any],
+                    now: datetime) -> list[dict[str, Any]]:
+        """Outbox rows for the rule's `deliver` targets: what each push says, fixed when the card fires."""
+        if not rule.deliver or item.patient_ref is None:
+            return []
+        start = next((r for value in data.values() for r in flatten(value)
+                      if f"{r.get('resourceType')}/{r.get('id')}" == item.start_ref), None)
+        encounter = encounter_of(start, item.start_ref)
+        context = {"patientId": item.patient_ref, "encounterId": encounter.split("/", 1)[1] if encounter else "",
+                   "userId": ""}
+        payload = {"card": followups.fill_context(card, context), "patient": item.patient_ref, "encounter": encounter,
+                   "about": item.start_ref, "fired_at": instant(now), "data_server": item.fhir_server,
+                   "rule": {"id": rule.id, "title": rule.title, "version": rule.version}}
+        write_to = self.settings.delivery.fhir_server or item.fhir_server
+        return [{"card_uuid": card["uuid"], "target": d.target, "channel": d.channel, "rule_id": rule.id,
+                 "patient_hash": item.patient_hash, "fhir_server": None if d.channel == "webhook" else write_to,
+                 "payload": {**payload, "spec": d.spec()}} for d in rule.deliver]
+
+
+def encounter_of(resource: dict[str, Any] | None, start_ref: str) -> str | None:
+    """The encounter a follow-up belongs to: the start resource itself when it is one, else its `encounter`."""
+    if start_ref.startswith("Encounter/"):
+        return start_ref
+    reference = parse_reference(((resource or {}).get("encounter") or {}).get("reference"))
+    return reference.relative if reference is not None and reference.type == "Encounter" else None

@@ -35,13 +35,15 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
 
 from ..fhir import patient_of
 from ..prefetch import render
 from ..record import PatientRecord
 from ..rules.compiled import CompiledClause, CompiledRule
 from ..rules.fhirpath import environment, truthy
-from ..store import CardRecord, Store, aware, cards, metadata
+from ..store import CLAIM, LEVELS, CardRecord, Store, aware, cards, metadata
+from . import outbox
 
 log = logging.getLogger("nudges.followups")
 
@@ -78,6 +80,7 @@ LEASE = timedelta(minutes=10)  # a row still `running` after this (crashed worke
 MAX_ATTEMPTS = 5
 FOLLOWUP_SERVICE = "nudges-followup"  # cards.service_id until a hook call delivers the card
 FOLLOWUP_HOOK = "followup"  # cards.hook of a follow-up card: marks its origin for the audit
+PUSH_SERVICE = "nudges-push"  # cards.service_id of a follow-up card shown by a push (Communication, Task, webhook)
 # Rendered into pending cards in place of the hook context, filled in by the delivering call.
 CONTEXT_PLACEHOLDERS = {name: f"{{{{context.{name}}}}}" for name in ("patientId", "userId", "encounterId")}
 
@@ -195,11 +198,11 @@ def retry(store: Store, followup: Followup, worker: str, due_at: datetime) -> st
 
 # -- pending cards -------------------------------------------------------------------------------
 def store_pending(store: Store, record: CardRecord, card: dict[str, Any], *, followup: Followup | None = None,
-                  worker: str | None = None) -> str:
+                  worker: str | None = None, deliveries: list[dict[str, Any]] | None = None) -> str:
     """Keep a card for the patient's next hook call and record it in `cards` (audit, feedback), in one
-    transaction that also completes the follow-up that raised it. Returns "stored"; "lost" (nothing
-    done) when the follow-up is no longer this worker's; "waiting" (follow-up completed, no second
-    card) when the patient already has this rule's card waiting."""
+    transaction that also completes the follow-up that raised it and queues its pushes (`deliveries`,
+    outbox rows). Returns "stored"; "lost" (nothing done) when the follow-up is no longer this worker's;
+    "waiting" (follow-up completed, no second card) when the patient already has this rule's card waiting."""
     with store.engine.begin() as conn:
         if followup is not None:
             done = conn.execute(update(followups).where(_mine(followup, worker or ""))
@@ -215,7 +218,31 @@ def store_pending(store: Store, record: CardRecord, card: dict[str, Any], *, fol
         conn.execute(insert(pending_cards).values(uuid=record.uuid, rule_id=record.rule_id,
                                                   patient_hash=record.patient_hash, card=card,
                                                   created_at=record.issued_at))
+        outbox.enqueue(conn, deliveries or [], record.issued_at)
     return "stored"
+
+
+def acknowledge(conn: Connection, card_uuid: str, now: datetime, hook_instance: str, window: timedelta,
+                dialect: str) -> bool:
+    """A push of this card was acknowledged (inside the caller's transaction): the waiting card is dropped,
+    so nobody sees the same nudge again at the next hook call, and the card counts as shown, attributed
+    to the push; like any card shown and not yet answered it holds its focus (the chart) for `window`
+    (suppression.ignored), so opening the chart right after the page does not repeat it. False when a
+    hook call had already shown it (or a first push already acknowledged it)."""
+    taken = conn.execute(update(pending_cards).where(pending_cards.c.uuid == card_uuid,
+                                                     pending_cards.c.delivered_at.is_(None))
+                         .values(delivered_at=now, card={}))
+    if taken.rowcount != 1:
+        return False
+    conn.execute(update(cards).where(cards.c.uuid == card_uuid)
+                 .values(service_id=PUSH_SERVICE, hook_instance=hook_instance[:64]))
+    row = conn.execute(select(cards.c.patient_hash, cards.c.rule_id, cards.c.focus, cards.c.indicator)
+                       .where(cards.c.uuid == card_uuid)).first()
+    if row is not None:
+        conn.execute(CLAIM[dialect], {"patient_hash": row.patient_hash, "rule_id": row.rule_id,
+                                      "focus": row.focus or "", "card_uuid": card_uuid, "shown_at": now,
+                                      "shown_until": now + window, "level": LEVELS.get(row.indicator, 0)})
+    return True
 
 
 # A patient's waiting cards young enough to show (older ones are left for expire_pending); asked on

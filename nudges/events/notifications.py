@@ -28,6 +28,7 @@ from ..services import Services
 from ..settings import Settings
 from ..store import Store
 from . import followups
+from .subscriptions import Heard
 
 QUIET_TYPES = ("handshake", "heartbeat")
 EVENT_TYPE = "event-notification"
@@ -39,6 +40,21 @@ class Notification:
     type: str
     focus: list[str]
     entries: list[dict[str, Any]]  # the entries after the SubscriptionStatus
+    heard: Heard  # event numbers and counts, for missed-event detection
+
+
+def _number(value: Any, expression: str) -> int | None:
+    """The IG's counts are strings in R4 (`valueString`); integer forms are read too."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    if not text.isdigit():
+        raise BadRequest(f"'{text[:20]}' is not an event number", expression=expression)
+    return int(text)
+
+
+def _value(parameter: dict[str, Any]) -> Any:
+    return next((v for k, v in parameter.items() if k.startswith("value")), None)
 
 
 def parse_notification(body: dict[str, Any]) -> Notification:
@@ -56,32 +72,49 @@ def parse_notification(body: dict[str, Any]) -> Notification:
     parameters = status.get("parameter")
     if not isinstance(parameters, list) or not all(isinstance(p, dict) for p in parameters):
         raise MissingField("Parameters.parameter")
-    subscription = kind = None
+    subscription = kind = status_code = None
+    events_since: int | None = None
     focus: list[str] = []
+    events: list[tuple[int, str | None]] = []
     for parameter in parameters:
         name = parameter.get("name")
         if name == "subscription":
             subscription = (parameter.get("valueReference") or {}).get("reference")
         elif name == "type":
             kind = parameter.get("valueCode")
+        elif name == "status":
+            status_code = parameter.get("valueCode")
+        elif name == "events-since-subscription-start":
+            events_since = _number(_value(parameter), "Parameters.parameter:events-since-subscription-start")
         elif name == "notification-event":
             parts = parameter.get("part") or []
             if not isinstance(parts, list):
                 raise BadRequest("notification-event parts must be a list", expression="Parameters.parameter.part")
+            number = stamp = None
             for part in parts:
-                if isinstance(part, dict) and part.get("name") == "focus":
+                if not isinstance(part, dict):
+                    continue
+                if part.get("name") == "focus":
                     reference = (part.get("valueReference") or {}).get("reference")
                     if not isinstance(reference, str) or not reference:
                         raise BadRequest("a notification-event focus needs a reference",
                                          expression="Parameters.parameter.part.valueReference")
                     focus.append(reference)
+                elif part.get("name") == "event-number":
+                    number = _number(_value(part), "Parameters.parameter:notification-event.event-number")
+                elif part.get("name") == "timestamp" and isinstance(part.get("valueInstant"), str):
+                    stamp = part["valueInstant"]
+            if number is not None:
+                events.append((number, stamp))
     if not isinstance(subscription, str) or not subscription:
         raise MissingField("Parameters.parameter:subscription")
     if not isinstance(kind, str) or not kind:
         raise MissingField("Parameters.parameter:type")
     if kind not in (*QUIET_TYPES, EVENT_TYPE):
         raise BadRequest(f"unsupported notification type '{kind}'", expression="Parameters.parameter:type")
-    return Notification(subscription, kind, focus, entries[1:])
+    timestamp = body.get("timestamp") if isinstance(body.get("timestamp"), str) else None
+    heard = Heard(kind, status_code if isinstance(status_code, str) else None, events_since, events, timestamp)
+    return Notification(subscription, kind, focus, entries[1:], heard)
 
 
 def absolute_base(reference: Reference | None) -> str | None:
@@ -96,16 +129,22 @@ class Intake:
         self.settings, self.clock, self.store, self.fhir = settings, clock, store, fhir
 
     def server_for(self, note: Notification, ref: Reference | None, full_url: Any,
-                   allowed: list[str]) -> str | None:
+                   allowed: list[str], server: str | None = None) -> str | None:
         settings = self.settings
+        if server is not None:  # a managed subscription: its server holds everything it notifies about
+            named = absolute_base(ref) or absolute_base(parse_reference(full_url))
+            if named is not None and named.rstrip("/") != server.rstrip("/"):
+                raise BadRequest(f"the notification names a resource on another server than its subscription's "
+                                 f"({named[:100]})", expression="notification-event.focus")
+            return check_server(server, settings, [server])
         candidate = settings.subscription_servers.get(note.subscription) or absolute_base(ref) \
             or absolute_base(parse_reference(full_url)) or absolute_base(parse_reference(note.subscription))
         if candidate is None:
             return None
         return check_server(candidate, settings, [*allowed, *settings.subscription_servers.values()])
 
-    async def resolve(self, note: Notification, allowed: list[str],
-                      types: set[str]) -> list[tuple[dict[str, Any], str | None]]:
+    async def resolve(self, note: Notification, allowed: list[str], types: set[str],
+                      server: str | None = None) -> list[tuple[dict[str, Any], str | None]]:
         """Each focus resource with the server it came from: from the Bundle, else read from the
         server when its type is one a follow-up can start from (`types`)."""
         by_url: dict[str, dict[str, Any]] = {}
@@ -122,7 +161,7 @@ class Intake:
             ref = parse_reference(text)
             entry = by_url.get(text) or (by_ref.get(ref.relative) if ref else None) or {}
             resource = entry.get("resource")
-            base = self.server_for(note, ref, entry.get("fullUrl"), allowed)
+            base = self.server_for(note, ref, entry.get("fullUrl"), allowed, server)
             if isinstance(resource, dict):
                 found.append((resource, base))
             elif ref is None:
@@ -162,9 +201,11 @@ class Intake:
                                       fhir_server=base, due_at=due)
                    for (rule_id, patient_id, start_ref), (base, due) in wanted.items())
 
-    async def accept(self, note: Notification, services: Services, allowed: list[str]) -> int:
-        """Schedule what an event notification starts; how many follow-ups were new."""
+    async def accept(self, note: Notification, services: Services, allowed: list[str],
+                     server: str | None = None) -> int:
+        """Schedule what an event notification starts; how many follow-ups were new. `server`: the managed
+        subscription's server, which every focus must be on."""
         rules = followups.followup_rules(services.rules())
         types = {c.resource for c in map(followups.start_clause, rules) if c is not None}
-        resources = await self.resolve(note, allowed, types)
+        resources = await self.resolve(note, allowed, types, server)
         return await asyncio.to_thread(self.schedule, rules, resources)

@@ -1,7 +1,9 @@
 """Fetch what prefetch lacked from the EHR's FHIR server: one pooled client, a hard time budget, a
-bound on concurrent requests per server, `next` links followed within limits.
+bound on concurrent requests per server, `next` links followed within limits. Also the service's own
+writes (pushed Communications and Tasks, managed Subscriptions), with its own token.
 
-Every fetch ends in a typed outcome, `Found` or `Failed`, so callers never sort values from exceptions.
+Every fetch ends in a typed outcome, `Found` or `Failed`, and every write in `Written` or `NotWritten`
+(any other request: `Answered` or `Unreached`), so callers never sort values from exceptions.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 import orjson
 
-from ..errors import FhirServerError
+from ..errors import DeliveryError, FhirServerError
 from ..settings import Settings
 from .tokens import BackendTokens
 
@@ -33,6 +35,51 @@ class Failed:
 
 
 Fetched = Found | Failed
+
+
+@dataclass(frozen=True)
+class Answered:
+    """The server answered (any status)."""
+
+    status: int
+    headers: httpx.Headers
+    body: Any  # parsed JSON, or None
+
+
+@dataclass(frozen=True)
+class Unreached:
+    error: DeliveryError  # no answer: connection refused, timeout, no token
+
+
+@dataclass(frozen=True)
+class Written:
+    status: int  # 201 created; 200 a conditional create found it already there
+    location: str | None  # Type/id(/_history/n) of the resource
+
+
+@dataclass(frozen=True)
+class NotWritten:
+    error: DeliveryError
+
+
+def retryable(status: int) -> bool:
+    """Worth trying again: the server's trouble (5xx), a timeout (408) or a rate limit (429)."""
+    return status >= 500 or status in (408, 429)
+
+
+def retry_after(headers: httpx.Headers) -> float | None:
+    """Retry-After in seconds (the HTTP-date form is ignored: the back-off applies instead)."""
+    value = headers.get("retry-after", "")
+    return float(value) if value.strip().isdigit() else None
+
+
+def diagnostics(body: Any) -> str:
+    """The first issue of an OperationOutcome, shortened: what the server said about a refusal."""
+    issues = body.get("issue") if isinstance(body, dict) else None
+    if isinstance(issues, list) and issues and isinstance(issues[0], dict):
+        text = issues[0].get("diagnostics") or (issues[0].get("details") or {}).get("text") or issues[0].get("code")
+        return str(text)[:200] if text else ""
+    return ""
 
 
 class FhirClient:
@@ -53,16 +100,20 @@ class FhirClient:
                                                           max_keepalive_connections=max(20, per_server)),
                                       headers={"Accept": "application/fhir+json"})
         self._slots: dict[str, asyncio.Semaphore] = {}
+        # The service's own writes wait for slots of their own: a slow write (seconds) must never hold the
+        # connections a hook call's 2 s budget depends on.
+        self._write_slots: dict[str, asyncio.Semaphore] = {}
 
     async def close(self) -> None:
         await self.http.aclose()
 
-    def _slot(self, url: str) -> asyncio.Semaphore:
+    def _slot(self, url: str, slots: dict[str, asyncio.Semaphore] | None = None) -> asyncio.Semaphore:
+        slots = self._slots if slots is None else slots
         parts = urlsplit(url)
         origin = f"{parts.scheme}://{parts.netloc}"
-        slot = self._slots.get(origin)
+        slot = slots.get(origin)
         if slot is None:
-            slot = self._slots[origin] = asyncio.Semaphore(self.settings.fhir_max_connections_per_server)
+            slot = slots[origin] = asyncio.Semaphore(self.settings.fhir_max_connections_per_server)
         return slot
 
     async def _get(self, url: str, token: str | None) -> Any:
@@ -118,6 +169,64 @@ class FhirClient:
             task.cancel()
         late = Failed(FhirServerError("FHIR server did not answer in time"))
         return {key: task.result() if task in done else late for key, task in tasks.items()}
+
+    async def _service_token(self, base: str) -> str | None:
+        """The service's own token for `base` (None without credentials); DeliveryError when it cannot be had."""
+        if self.tokens is None:
+            return None
+        try:
+            return await self.tokens.token(base, self.http)
+        except FhirServerError as exc:
+            raise DeliveryError(f"no access token: {exc.diagnostics}") from None
+
+    async def request_as_service(self, method: str, base: str, path: str, *, body: Any = None,
+                                 headers: dict[str, str] | None = None,
+                                 timeout: float | None = None) -> Answered | Unreached:
+        """One request with the service's own token (SMART Backend Services) when it has credentials for
+        `base`; a 401 drops the cached token, so the next attempt gets a new one."""
+        try:
+            token = await self._service_token(base)
+        except DeliveryError as exc:
+            return Unreached(exc)
+        sent = {"Accept": "application/fhir+json", **(headers or {})}
+        if token:
+            sent["Authorization"] = f"Bearer {token}"
+        content = None
+        if body is not None:
+            content = orjson.dumps(body)
+            sent["Content-Type"] = "application/fhir+json"
+        url = f"{base}/{path}" if path else base
+        try:
+            async with self._slot(url, self._write_slots):
+                response = await self.http.request(method, url, content=content, headers=sent,
+                                                   timeout=timeout or self.settings.delivery.timeout_seconds)
+        except httpx.HTTPError as exc:  # no answer: whether the server acted on it is unknown
+            return Unreached(DeliveryError(f"FHIR server unreachable ({type(exc).__name__})"))
+        if response.status_code == 401 and token and self.tokens is not None:
+            self.tokens.forget(base)
+        try:
+            parsed = orjson.loads(response.content) if response.content else None
+        except orjson.JSONDecodeError:
+            parsed = None
+        return Answered(response.status_code, response.headers, parsed)
+
+    async def create_as_service(self, base: str, resource: dict[str, Any], if_none_exist: str) -> Written | NotWritten:
+        """Conditional create (`If-None-Exist`): a resource the criteria already find is not created again,
+        so a retry after a lost answer never makes a second one."""
+        kind = resource["resourceType"]
+        answer = await self.request_as_service("POST", base, kind, body=resource,
+                                               headers={"If-None-Exist": if_none_exist, "Prefer": "return=minimal"})
+        if isinstance(answer, Unreached):
+            return NotWritten(answer.error)
+        if answer.status in (200, 201):
+            location = answer.headers.get("location") or answer.headers.get("content-location")
+            if location and "/" in location:
+                location = "/".join(location.split("/")[-4 if "/_history/" in location else -2:])
+            return Written(answer.status, location)
+        said = diagnostics(answer.body)
+        message = f"FHIR server answered {answer.status} to the {kind} create" + (f": {said}" if said else "")
+        return NotWritten(DeliveryError(message, retry=retryable(answer.status) or answer.status == 401,
+                                        upstream_status=answer.status, retry_after=retry_after(answer.headers)))
 
     async def fetch_as_service(self, base: str, queries: dict[str, str]) -> dict[str, Fetched]:
         """Reads no hook call authorizes (id-only notifications, follow-up checks): with the service's own

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..record import IndexPlan
+from .delivery import CompiledDelivery
 from .fhirpath import Compiled
 from .schema import Cases, Rule, RuleSetManifest, SourceAttributes
 from .valuesets import CompiledValueSet
@@ -91,6 +92,7 @@ class CompiledRule:
     model: Rule = field(repr=False, compare=False)
     followup_start: str | None = None  # bound name of the `all` clause an event must match
     followup_after: timedelta | None = None  # check the rule again this long after that event
+    deliver: tuple[CompiledDelivery, ...] = ()  # where the follow-up card is pushed when it fires
 
     def clauses(self) -> tuple[CompiledClause, ...]:
         """Every clause, nested ones included, in evaluation order."""

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from ..fhir import CODE_ELEMENTS
 from . import cache, yamlfiles
 from .compiled import CardTemplate, CompiledClause, CompiledGroup, CompiledItem, CompiledRule, RuleSet
+from .delivery import Targets, compile_deliveries
 from .fhirpath import MEMBER_OF, RACE_READ, Compiled, FhirPathSyntaxError, compile_expression
 from .resources import did_you_mean
 from .schema import (
@@ -52,6 +53,7 @@ class LoadResult:
     problems: list[Problem]
     files: int = 0
     warnings: list[Problem] = field(default_factory=list)  # worth fixing, but the set still loads
+    unconfigured: list[Problem] = field(default_factory=list)  # deliveries naming what the site has not set up
 
 
 def _show(path: Path) -> str:
@@ -70,8 +72,10 @@ def rule_files(directory: Path, site: Path | None = None) -> list[Path]:
     return sorted(files)
 
 
-def load_ruleset(directory: Path, site: Path | None = None) -> LoadResult:
-    """Load, check and compile a rules directory (and a site's own value-set codes, `site_valuesets`)."""
+def load_ruleset(directory: Path, site: Path | None = None, targets: Targets | None = None) -> LoadResult:
+    """Load, check and compile a rules directory (and a site's own value-set codes, `site_valuesets`).
+    With `targets` (the pools and webhook endpoints a site configures) follow-up deliveries are checked
+    against them too."""
     directory = directory.resolve()
     site = site.resolve() if site is not None else None
     problems: list[Problem] = []
@@ -125,11 +129,14 @@ def load_ruleset(directory: Path, site: Path | None = None) -> LoadResult:
     fixture_dirs = tuple((manifest_path.parent / f).resolve() for f in (manifest.fixtures if manifest else ()))
     seeds = _seed_passages(seeds_dir)
     compiled: list[CompiledRule] = []
+    unconfigured: list[Problem] = []
     seen_ids: dict[str, str] = {}
     for path, document, rule in rule_docs:
-        checker = _RuleChecker(_show(path), document, rule, valuesets, manifest, seeds, seeds_dir, broken)
+        checker = _RuleChecker(_show(path), document, rule, valuesets, manifest, seeds, seeds_dir, broken,
+                               targets)
         result = checker.compile()
         problems += checker.problems
+        unconfigured += checker.warnings
         if rule.id in seen_ids:
             problems.append(Problem(_show(path), *yamlfiles.position(document, ("id",)),
                                     f"duplicate rule id (also in {seen_ids[rule.id]})"))
@@ -149,7 +156,7 @@ def load_ruleset(directory: Path, site: Path | None = None) -> LoadResult:
                                         f"in {rule.id}.cases.yaml"))
         if result is not None:
             compiled.append(result)
-    warnings = list(unsourced)
+    warnings = [*unsourced, *unconfigured]
     for rule_id, (path, document, cases) in case_docs.items():
         if rule_id not in seen_ids:  # a retired rule's cases: harmless, but worth deleting
             warnings.append(Problem(_show(path), *yamlfiles.position(document, ("rule",)),
@@ -164,7 +171,7 @@ def load_ruleset(directory: Path, site: Path | None = None) -> LoadResult:
                       {rule_id: (path, cases) for rule_id, (path, _, cases) in case_docs.items()
                        if rule_id in seen_ids},
                       directory, valuesets, fixture_dirs, seeds_dir if seeds is not None else None)
-    return LoadResult(ruleset, [], len(files), sorted(warnings))
+    return LoadResult(ruleset, [], len(files), sorted(warnings), sorted(unconfigured))
 
 
 def load_valuesets(files: list[Path], site_files: list[Path],
@@ -288,11 +295,13 @@ class _RuleChecker:
 
     def __init__(self, display: str, data: yamlfiles.Document, rule: Rule, valuesets: dict[str, CompiledValueSet],
                  manifest: RuleSetManifest | None, seeds: dict[str, set[str]] | None, seeds_dir: Path,
-                 broken: set[str] | None = None) -> None:
+                 broken: set[str] | None = None, targets: Targets | None = None) -> None:
         self.display, self.data, self.rule, self.broken = display, data, rule, broken or set()
+        self.targets = targets
         self.failed_quietly = False  # a knock-on of a problem reported elsewhere: compile nothing, say nothing
         self.valuesets, self.manifest, self.seeds, self.seeds_dir = valuesets, manifest, seeds, seeds_dir
         self.problems: list[Problem] = []
+        self.warnings: list[Problem] = []  # the rule still loads (a delivery name the site has not configured)
         self.value_set_keys = {name: vs.keys for name, vs in valuesets.items()}  # what memberOf tests
 
     def problem(self, loc: tuple[Any, ...], message: str, *, value: bool = False, offset: int = 0) -> None:
@@ -521,6 +530,11 @@ class _RuleChecker:
         if rule.followup is not None and rule.followup.start not in top:
             self.problem(("followup", "start"), f"'{rule.followup.start}' is not bound by a clause directly "
                                                 "under `all`", value=True)
+        delivery_problems, delivery_warnings, deliver = compile_deliveries(rule, self.targets)
+        for loc, message in delivery_problems:
+            self.problem(loc, message, value=True)
+        for loc, message in delivery_warnings:
+            self.warnings.append(Problem(self.display, *yamlfiles.position(self.data, loc, value=True), message))
         card = self.card(rule.card, names)
         if len(self.problems) > before or card is None or self.failed_quietly:
             return None
@@ -533,7 +547,7 @@ class _RuleChecker:
             all_items, any_items, none_items, card,
             parse_duration(rule.suppress) if rule.suppress else None, source_url, self.display, rule,
             followup_start=rule.followup.start if rule.followup else None,
-            followup_after=parse_duration(rule.followup.after) if rule.followup else None)
+            followup_after=parse_duration(rule.followup.after) if rule.followup else None, deliver=deliver)
 
 
 @dataclass

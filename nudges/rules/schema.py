@@ -107,8 +107,10 @@ class Group(Strict):
 
 
 Item = Annotated[Annotated[Clause, Tag("Clause")] | Annotated[Group, Tag("Group")], Discriminator(_item_kind)]
-# Tags of the unions above: they appear in validation error locations, and are not YAML keys.
-UNION_TAGS = frozenset({"Clause", "Group", "ReasonList", "ReasonLockouts", "ReasonCode", "ReasonCoding"})
+# Tags of the unions above and of the delivery channels: they appear in validation error locations, and are
+# not YAML keys.
+UNION_TAGS = frozenset({"Clause", "Group", "ReasonList", "ReasonLockouts", "ReasonCode", "ReasonCoding",
+                        "communication", "task", "webhook"})
 Group.model_rebuild()
 
 
@@ -241,12 +243,57 @@ class Citation(Strict):
         return self
 
 
+Recipients = Literal["encounter-participants", "care-team", "pool"]
+TARGET_NAME = r"^[a-z0-9]+([-_][a-z0-9]+)*$"
+
+
+class Addressed(Strict):
+    """Who a push is for: the participants of the encounter the event belongs to, the patient's care
+    team, or a configured pool; `roles` narrows the first two, `pool` is the fallback when nobody is found."""
+
+    roles: list[str] = Field(
+        default_factory=list, description="only participants with these codes: Encounter.participant.type "
+                                          "(v3 ParticipationType, e.g. ATND attender) or CareTeam.participant.role")
+    pool: str | None = Field(None, pattern=TARGET_NAME,
+                             description="a pool configured in delivery.pools: the recipient when `to`/`owner` is "
+                                         "pool, otherwise the fallback when no participant is found")
+
+
+class CommunicationDelivery(Addressed):
+    """A FHIR Communication on the patient's FHIR server (the EHR's in-basket shows it)."""
+
+    channel: Literal["communication"]
+    to: Recipients
+
+
+class TaskDelivery(Addressed):
+    """A FHIR Task: work a person must do, with an owner and a due time."""
+
+    channel: Literal["task"]
+    owner: Recipients
+    due: Duration | None = Field(None, description="Task.restriction.period.end, this long after the card fires")
+    code: Coding | None = Field(None, description="Task.code: what is to be done")
+
+
+class WebhookDelivery(Strict):
+    """A signed CloudEvent (Standard Webhooks) to a configured endpoint: secure chat, paging."""
+
+    channel: Literal["webhook"]
+    endpoint: str = Field(pattern=TARGET_NAME, description="an endpoint configured in delivery.webhooks")
+
+
+Delivery = Annotated[CommunicationDelivery | TaskDelivery | WebhookDelivery, Field(discriminator="channel")]
+
+
 class Followup(Strict):
     """Between visits: when an event brings a resource matching the `all` clause bound as `start`,
     check the whole `when` again `after` later and raise the card if it then holds."""
 
     start: str = Field(pattern=r"^[a-z][a-z0-9_]*$", description="a name bound (`as`) by an `all` clause")
     after: Duration = Field(description="how long after the event to check again, e.g. 12h")
+    deliver: list[Delivery] = Field(
+        default_factory=list, description="where the card is pushed when it fires (it also waits for the "
+                                          "patient's next hook call, until a push is acknowledged)")
 
 
 class SourceAttributes(Strict):

@@ -1,4 +1,5 @@
-"""GET /console/: what is served (rule set, services, reloads, database, clock), and the console's files."""
+"""GET /console/: what is served (rule set, services, reloads, database, clock), between visits (the outbox,
+the managed subscriptions), and the console's files."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from sqlalchemy.engine import make_url
 
 from ...clock import FixedClock
 from ...errors import NotFound
+from ...events import subscriptions
 from ..deps import RuntimeDep
 from .render import HERE, page
 from .security import ViewerDep
@@ -30,11 +32,17 @@ async def overview(request: Request, runtime: RuntimeDep, viewer: ViewerDep) -> 
                 "url": make_url(runtime.store.url).render_as_string(hide_password=True),
                 "reachable": await anyio.to_thread.run_sync(runtime.store.ping)}
     clock = {"pinned": isinstance(runtime.clock, FixedClock), "now": runtime.clock.now()}
+    if database["reachable"]:
+        between = await anyio.to_thread.run_sync(runtime.between_visits)
+        managed = await anyio.to_thread.run_sync(subscriptions.live, runtime.store)
+    else:
+        between, managed = None, []
     return page(request, runtime, viewer, "overview.html", ruleset=ruleset, statuses=statuses,
                 served=sorted(runtime.settings.rule_statuses), services=list(services.by_id.values()),
                 loaded_at=reloader.loaded_at, refused=reloader.refused, refusal=refusal,
                 refusal_pending=bool(reloader.last_problems),  # the files on disk still have those problems
-                warnings=reloader.warnings, database=database, clock=clock, settings=runtime.settings)
+                warnings=reloader.warnings, database=database, clock=clock, settings=runtime.settings,
+                between=between, managed=managed)
 
 
 @router.get("/static/{name}")

@@ -31,4 +31,6 @@ async def readyz(runtime: RuntimeDep) -> Response:
 
 @router.get("/metrics", summary="Prometheus metrics")
 async def metrics(runtime: RuntimeDep) -> Response:
+    if await anyio.to_thread.run_sync(runtime.store.ping):
+        await anyio.to_thread.run_sync(runtime.between_visits)  # the outbox and subscription gauges, fresh
     return Response(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)
