@@ -198,11 +198,13 @@ def build_card(match: Match, ruleset: RuleSet, context: dict[str, Any], patient:
 @dataclass(frozen=True)
 class IssuedCard:
     """A card in a response: the rule that raised it and, when this call issued it, the row to store
-    (a waiting follow-up card was stored when it fired, so it has none)."""
+    (a waiting follow-up card was stored when it fired, so it has none) and the match it was built from
+    (what made the rule fire: population screening lists it beside the card)."""
 
     rule_id: str
     card: dict[str, Any]
     record: CardRecord | None = None
+    match: Match | None = None
 
 
 def ordered(issued: list[IssuedCard]) -> list[IssuedCard]:

@@ -33,7 +33,8 @@ def _omb_categories(patient: dict[str, Any], url: str) -> list[str]:
             continue
         for sub in ext.get("extension") or ():
             if isinstance(sub, dict) and sub.get("url") == "ombCategory":
-                code = (sub.get("valueCoding") or {}).get("code")
+                coding = sub.get("valueCoding")
+                code = coding.get("code") if isinstance(coding, dict) else None
                 if code in OMB:
                     found.append(OMB[code])
     return sorted(set(found))
@@ -51,7 +52,8 @@ def preferred_language(patient: dict[str, Any]) -> str:
     chosen = chosen or (communications[0] if communications else None)
     if chosen is None:
         return "unknown"
-    for coding in (chosen.get("language") or {}).get("coding") or ():
+    language = chosen.get("language")
+    for coding in (language.get("coding") or () if isinstance(language, dict) else ()):
         code = coding.get("code") if isinstance(coding, dict) else None
         if isinstance(code, str) and code:
             return code.split("-")[0].lower()
@@ -63,7 +65,8 @@ def payer_class(coverages: Iterable[dict[str, Any]]) -> str:
     if not active:
         return "uninsured-or-unknown"
     for coverage in active:
-        for coding in (coverage.get("type") or {}).get("coding") or ():
+        kind = coverage.get("type")
+        for coding in (kind.get("coding") or () if isinstance(kind, dict) else ()):
             code = coding.get("code") if isinstance(coding, dict) else None
             if code in PAYER:
                 return PAYER[code]

@@ -16,6 +16,7 @@ Resource = dict[str, Any]
 
 # FHIR `id` datatype; a relative reference Type/id; an absolute or relative reference, optionally versioned.
 FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")  # FHIR_ID, unanchored: for fullmatch from a position
 RELATIVE_REFERENCE = re.compile(r"^[A-Z][A-Za-z]{1,63}/[A-Za-z0-9\-.]{1,64}$")
 _REFERENCE = re.compile(r"^(?:(?P<base>[^\s?#]+?)/)?(?P<type>[A-Z][A-Za-z]{1,63})/"
                         r"(?P<id>[A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?$")
@@ -126,7 +127,12 @@ def patient_of(resource: Resource) -> str | None:
         return pid if isinstance(pid, str) and FHIR_ID.match(pid) else None
     for element in PATIENT_ELEMENTS:
         value = resource.get(element)
-        ref = parse_reference(value.get("reference")) if isinstance(value, dict) else None
+        if not isinstance(value, dict):
+            continue
+        text = value.get("reference")
+        if isinstance(text, str) and text.startswith("Patient/") and _ID.fullmatch(text, 8):
+            return text[8:]  # the common "Patient/id", without the general pattern's cost
+        ref = parse_reference(text)
         if ref is not None and ref.type == "Patient":
             return ref.id
     return None
@@ -135,6 +141,11 @@ def patient_of(resource: Resource) -> str | None:
 # -- elements, codings, words -----------------------------------------------------------------------
 def walk(resource: Resource, path: str) -> Iterator[Any]:
     """Values at a dotted path, flattening lists on the way."""
+    if "." not in path:  # one element, the common case: no lists built
+        if isinstance(resource, dict) and path in resource:
+            child = resource[path]
+            yield from child if isinstance(child, list) else (child,)
+        return
     values: list[Any] = [resource]
     for part in path.split("."):
         nxt: list[Any] = []

@@ -159,6 +159,7 @@ class Result:
 
     issued: list[IssuedCard] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    bucket: Bucket = field(default_factory=Bucket)  # the patient's demographic bucket (the audit's groups)
 
     @property
     def cards(self) -> list[dict[str, Any]]:
@@ -179,14 +180,14 @@ def evaluate(call: Call, services: Services, now: datetime, *, patient_hash: str
     hook = call.service.hook
     outcome = engine.evaluate(call.service.rules, record, now, call.context, hook.name, trace)
     who: Bucket = bucket(record.patient, list(flatten(call.prefetch.get("coverage"))))
-    result = Result(failed=outcome.failed)
+    result = Result(failed=outcome.failed, bucket=who)
     draft = selected(call, drafts(call)) if hook.drafts else []
     medications = record.medications() if hook.focus == "order" else None  # an order's identity may be its Medication
     for match in outcome.matches:
         card = build_card(match, services.ruleset, call.context, record.patient, now, record.medications(),
                           why_base=why_base)
         focus = keyed(focus_of(hook, call.context, match.drafts, draft, medications)) if keyed else None
-        result.issued.append(IssuedCard(match.rule.id, card, CardRecord(
+        result.issued.append(IssuedCard(match.rule.id, card, match=match, record=CardRecord(
             uuid=card["uuid"], service_id=call.service.id, rule_id=match.rule.id, rule_version=match.rule.version,
             hook=hook.name, hook_instance=call.request.hookInstance, patient_hash=patient_hash,
             bucket=who, indicator=card["indicator"], issued_at=now, tenant=tenant, focus=focus)))

@@ -3,6 +3,7 @@ prefetch first, the FHIR server for what is missing, 412 when neither has it."""
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,18 +62,31 @@ def plan_for(rules: tuple[CompiledRule, ...]) -> PrefetchPlan:
     return PrefetchPlan(templates, frozenset(required))
 
 
+@functools.cache
+def _keys(templates: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str, bool, bool], ...]:
+    """Per prefetch key: the resource type its template asks for, whether it is a read (Type/id), and
+    whether the search `_include`s the medication its results name (worked out once per plan)."""
+    found = []
+    for key, template in templates:
+        kind = re.split(r"[/?]", template, maxsplit=1)[0]
+        found.append((key, kind, template.startswith(f"{kind}/"), f"_include={kind}:medication" in template))
+    return tuple(found)
+
+
 def fill(plan: PrefetchPlan, resources: list[dict[str, Any]]) -> dict[str, Any]:
     """The prefetch an EHR would send for these resources, one key per template: a read (`Patient/{{...}}`)
     gets the first resource of its type or null, a search a searchset Bundle of every resource of its type
-    (code filters left to the index, which applies them exactly)."""
+    (code filters left to the index, which applies them exactly), with the Medications among the
+    resources where the search `_include`s the orders' medication."""
     by_type: dict[str, list[dict[str, Any]]] = {}
     for resource in resources:
         by_type.setdefault(str(resource.get("resourceType")), []).append(resource)
     prefetch: dict[str, Any] = {}
-    for key, template in plan.templates.items():
-        kind = re.split(r"[/?]", template, maxsplit=1)[0]
-        if template.startswith(f"{kind}/"):
+    for key, kind, read, included in _keys(tuple(plan.templates.items())):
+        if read:
             prefetch[key] = next(iter(by_type.get(kind, ())), None)
+        elif included and "Medication" in by_type:
+            prefetch[key] = bundle(by_type.get(kind, []) + by_type["Medication"], "searchset")
         else:
             prefetch[key] = bundle(by_type.get(kind, []), "searchset")
     return prefetch

@@ -25,6 +25,21 @@ from .fhir import (
 )
 
 _CODE_PATHS = {kind: tuple(tuple(p.split(".")) for p in paths) for kind, paths in CODE_ELEMENTS.items()}
+# What every call's record reads besides the rules' clauses: the patient (age, `patient:`, the audit's
+# bucket), coverage (the payer class) and Medication (what `medicationReference` names).
+NEEDED = frozenset({"Patient", "Coverage", "Medication"})
+
+
+def _either(patterns: list[re.Pattern[str]]) -> tuple[re.Pattern[str], ...]:
+    """Patterns of the same flags as one alternation (one search instead of several); as they are when
+    they would not combine (different flags, back-references, group names used twice)."""
+    if len(patterns) > 1 and len({p.flags for p in patterns}) == 1 and \
+            not any(re.search(r"\\[1-9]|\(\?P[=<]", p.pattern) for p in patterns):
+        try:
+            return (re.compile("|".join(f"(?:{p.pattern})" for p in patterns), patterns[0].flags),)
+        except re.error:
+            pass
+    return tuple(patterns)
 
 
 def _note(index: dict[Any, list[Resource]], key: Any, resource: Resource) -> None:
@@ -58,9 +73,17 @@ class IndexPlan:
     plan the index keeps only codings some clause asks for, and each clause's code set is one bucket, so a
     look-up is one dict access however large the value set."""
 
-    __slots__ = ("buckets", "codes")
+    __slots__ = ("buckets", "codes", "texts", "whole")
 
-    def __init__(self, keysets: Iterable[tuple[str, frozenset[tuple[str, str]]]]) -> None:
+    def __init__(self, keysets: Iterable[tuple[str, frozenset[tuple[str, str]]]], whole: Iterable[str] = (),
+                 texts: Iterable[tuple[str, re.Pattern[str]]] = ()) -> None:
+        self.whole = frozenset(whole) | NEEDED  # types some clause reads in full (neither codes nor words)
+        by_kind: dict[str, list[re.Pattern[str]]] = {}
+        for kind, pattern in texts:
+            if pattern not in by_kind.setdefault(kind, []):
+                by_kind[kind].append(pattern)
+        # type -> the `text:` patterns of its clauses, as one alternation where they can be
+        self.texts: dict[str, tuple[re.Pattern[str], ...]] = {k: _either(v) for k, v in by_kind.items()}
         self.buckets: dict[tuple[str, frozenset[tuple[str, str]]], int] = {}
         codes: dict[str, dict[str, list[tuple[str, int]]]] = {}
         for kind, keys in keysets:
@@ -73,6 +96,45 @@ class IndexPlan:
         # one hash of a short string
         self.codes: dict[str, dict[str, tuple[tuple[str, int], ...]]] = {
             kind: {code: tuple(found) for code, found in by_code.items()} for kind, by_code in codes.items()}
+
+    def reads(self, resource: Resource) -> bool:
+        """Whether a record with this plan could ever look at the resource: its type is read in full, it
+        carries a code some clause looks up, its words match a `text:` clause on its type, or it names its
+        medication by reference (whose code and words only the Medication tells). Population screening
+        leaves the rest out of each patient's call: the cards are the same (an export holds each resource
+        once, so no duplicate id can stand in for another), and most of a record (vital signs, routine
+        labs) is never parsed a second time."""
+        kind = resource.get("resourceType")
+        if kind in self.whole:
+            return True
+        if not isinstance(kind, str):
+            return False
+        wanted, patterns = self.codes.get(kind), self.texts.get(kind)
+        if wanted is None and patterns is None:
+            return False
+        if kind in MEDICATION_TYPES and "medicationReference" in resource:
+            return True
+        try:
+            if wanted is not None:
+                for path in _CODE_PATHS.get(kind, ()):
+                    value: Any = resource.get(path[0])
+                    if value is None:
+                        continue
+                    if len(path) > 1:
+                        value = list(walk(resource, ".".join(path)))
+                    for concept in (value,) if value.__class__ is dict else value:
+                        for coding in concept.get("coding") or ():
+                            targets = wanted.get(coding.get("code"))
+                            if targets is not None and any(coding.get("system") == want for want, _ in targets):
+                                return True
+            if patterns is not None:
+                for text in words(resource):
+                    for pattern in patterns:
+                        if pattern.search(text):
+                            return True
+        except (AttributeError, TypeError):  # malformed: keep it, the record copes as on any call
+            return True
+        return False
 
 
 
@@ -117,6 +179,8 @@ class PatientRecord:
         that case is taken whole, with comprehensions instead of a Python loop per resource."""
         if isinstance(value, dict) and value.get("resourceType") == "Bundle" and isinstance(
                 entries := value.get("entry"), list):
+            if not entries:  # a search that found nothing: most prefetch keys of most calls
+                return
             try:
                 resources = [entry["resource"] for entry in entries]
                 kinds = {resource["resourceType"] for resource in resources}

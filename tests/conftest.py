@@ -36,8 +36,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Browser tests last: Playwright's sync API keeps its event loop marked as running in the main thread
-    while the session's browser is open, and an asyncio test after it could not start its own loop."""
+    """Browser tests last in a serial run: while a module's browser is open Playwright's sync API keeps an
+    event loop marked as running in the main thread (see the `browser` fixture)."""
     items.sort(key=lambda item: "browser" in getattr(item, "fixturenames", ()))
 
 
@@ -94,6 +94,34 @@ def rules_dir(tmp_path: Path) -> Path:
     return target
 
 
+class _QuickServer(uvicorn.Server):
+    """uvicorn checks for shutdown every 100 ms and then sleeps another 100 ms while connections close; a
+    suite that starts a few hundred servers waits on that. The same steps, with short waits (and uvicorn's
+    own shutdown should its internals change)."""
+
+    async def main_loop(self) -> None:
+        import asyncio
+
+        while not await self.on_tick(0):
+            await asyncio.sleep(0.005)
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        import asyncio
+
+        wait_tasks = getattr(self, "_wait_tasks_to_complete", None)
+        if wait_tasks is None:
+            await super().shutdown(sockets)
+            return
+        for server in self.servers:
+            server.close()
+        for connection in list(self.server_state.connections):
+            connection.shutdown()
+        await asyncio.sleep(0.005)
+        await asyncio.wait_for(wait_tasks(), timeout=self.config.timeout_graceful_shutdown)
+        if not self.force_exit:
+            await self.lifespan.shutdown()
+
+
 class LiveServer(httpx.Client):
     """The real app under uvicorn on a loopback port, with an HTTP client pointed at it."""
 
@@ -101,7 +129,7 @@ class LiveServer(httpx.Client):
         self.app = create_app(settings, clock)
         config = uvicorn.Config(self.app, host="127.0.0.1", port=port, log_config=None, access_log=False,
                                 lifespan="on")
-        self.server = uvicorn.Server(config)
+        self.server = _QuickServer(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 20
@@ -337,10 +365,12 @@ def make_store(database_url: str, clock: FixedClock) -> Iterator[Callable[..., S
         store.dispose()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    """One headless Debian Chromium for the whole session, driven by Playwright (never `playwright install`:
-    the browser comes from apt, see .ci/run). Skipped where Chromium is missing, unless CI=true."""
+    """One headless Debian Chromium per test module, driven by Playwright (never `playwright install`: the
+    browser comes from apt, see .ci/run). Per module, not per session: Playwright's sync API keeps an event
+    loop running in the main thread while it is open, and tests after it (in any order a parallel run
+    picks) start event loops of their own. Skipped where Chromium is missing, unless CI=true."""
     executable = shutil.which("chromium")
     if executable is None:
         if os.environ.get("CI", "").lower() == "true":

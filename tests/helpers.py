@@ -137,6 +137,42 @@ def ndjson(*resources: dict[str, Any]) -> bytes:
     return b"".join(orjson.dumps(r) + b"\n" for r in resources)
 
 
+def bulk_export(folder: Path, count: int) -> dict[str, list[dict[str, Any]]]:
+    """A bulk export of `count` patients spread over several files in mixed order; returns the data
+    per patient. Every third patient has a raised troponin 14 h ago; every sixth also a cath order."""
+    folder.mkdir(parents=True, exist_ok=True)
+    per_patient: dict[str, list[dict[str, Any]]] = {}
+    patients, observations, orders, coverages = [], [], [], []
+    for i in range(count):
+        pid = f"bulk-{i:04d}"
+        mine: list[dict[str, Any]] = []
+        if i % 100 != 99:  # a few patients only appear through their references
+            mine.append(patient(pid))
+            patients.append(mine[-1])
+        value = 212 if i % 3 == 0 else 12
+        obs = for_patient(troponin(f"trop-{i}", value=value), pid)
+        if i % 7 == 0:
+            obs["subject"] = {"reference": f"https://ehr.example/fhir/Patient/{pid}"}
+        observations.append(obs)
+        mine.append(obs)
+        if i % 6 == 0:
+            orders.append(cath_order(f"cath-{i}", pid))
+            mine.append(orders[-1])
+        coverages.append(coverage(f"cov-{i}", pid, "2" if i % 2 else "5"))
+        mine.append(coverages[-1])
+        per_patient[pid] = mine
+    observations.reverse()
+    half = len(observations) // 2
+    (folder / "Patient.ndjson").write_bytes(ndjson(*patients))
+    (folder / "Observation.001.ndjson").write_bytes(ndjson(*observations[:half]) + b"\n")
+    (folder / "Observation.002.ndjson").write_bytes(ndjson(*observations[half:]) + b"{not json\n")
+    (folder / "ServiceRequest.ndjson").write_bytes(ndjson(*orders))
+    (folder / "Coverage.ndjson").write_bytes(ndjson(*coverages))
+    practitioners = [{"resourceType": "Practitioner", "id": f"dr-{n}"} for n in range(4)]
+    (folder / "Practitioner.ndjson").write_bytes(ndjson(*practitioners))
+    return per_patient
+
+
 TROPONIN_RULE = "troponin-without-cath-plan"
 
 

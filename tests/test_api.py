@@ -60,6 +60,20 @@ def test_patient_view_returns_valid_card(client: LiveServer) -> None:
     assert cards[0]["suggestions"][0]["actions"][0]["resource"]["subject"]["reference"] == "Patient/pt-1"
 
 
+def test_demographics_that_are_not_objects_do_not_break_a_call(client: LiveServer) -> None:
+    """The audit's bucket reads the race extension, the language and the coverage type: a string where an
+    object belongs is an unknown group, not a 500."""
+    odd = patient("pt-odd", extension=[{"url": "http://hl7.org/fhir/us/core/StructureDefinition/us-core-race",
+                                        "extension": [{"url": "ombCategory", "valueCoding": "2106-3"}]}],
+                  communication=[{"language": "en", "preferred": True}])
+    prefetch = full_prefetch("patient-view", odd, {**troponin(), "subject": {"reference": "Patient/pt-odd"}})
+    prefetch["coverage"] = bundle({"resourceType": "Coverage", "id": "c", "status": "active", "type": "medicaid",
+                                   "beneficiary": {"reference": "Patient/pt-odd"}, "payor": [{"display": "x"}]})
+    response = client.post(URL, json=patient_view("pt-odd", prefetch=prefetch))
+    assert response.status_code == 200, response.text
+    assert len(response.json()["cards"]) == 1
+
+
 def test_no_guidance_is_empty_cards(client: LiveServer) -> None:
     response = client.post(URL, json=patient_view("pt-1", troponin(value=5)))
     assert response.json() == {"cards": []}

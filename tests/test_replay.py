@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
 
 import orjson
 import pytest
-from helpers import bundle, cath_order, coverage, for_patient, ndjson, patient, troponin
+from helpers import bulk_export, bundle, cath_order, coverage, for_patient, ndjson, patient, troponin
 
 from nudges.cli import main
 from nudges.clock import parse_instant
 from nudges.pipeline import run_body
 from nudges.rules.compiler import load_ruleset
+from nudges.screening.calls import request_for
 from nudges.services import Services
 from nudges.settings import Settings
-from nudges.tools.bulk import request_for
 from nudges.tools.replay import render
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -185,42 +184,6 @@ def test_a_call_without_prefetch_or_server_data_is_an_error(
 
 
 # -- NDJSON -----------------------------------------------------------------------------------------
-def export(folder: Path, count: int) -> dict[str, list[dict[str, Any]]]:
-    """A bulk export of `count` patients spread over several files in mixed order; returns the data
-    per patient. Every third patient has a raised troponin 14 h ago; every sixth also a cath order."""
-    folder.mkdir(parents=True, exist_ok=True)
-    per_patient: dict[str, list[dict[str, Any]]] = {}
-    patients, observations, orders, coverages = [], [], [], []
-    for i in range(count):
-        pid = f"bulk-{i:04d}"
-        mine: list[dict[str, Any]] = []
-        if i % 100 != 99:  # a few patients only appear through their references
-            mine.append(patient(pid))
-            patients.append(mine[-1])
-        value = 212 if i % 3 == 0 else 12
-        obs = for_patient(troponin(f"trop-{i}", value=value), pid)
-        if i % 7 == 0:
-            obs["subject"] = {"reference": f"https://ehr.example/fhir/Patient/{pid}"}
-        observations.append(obs)
-        mine.append(obs)
-        if i % 6 == 0:
-            orders.append(cath_order(f"cath-{i}", pid))
-            mine.append(orders[-1])
-        coverages.append(coverage(f"cov-{i}", pid, "2" if i % 2 else "5"))
-        mine.append(coverages[-1])
-        per_patient[pid] = mine
-    observations.reverse()
-    half = len(observations) // 2
-    (folder / "Patient.ndjson").write_bytes(ndjson(*patients))
-    (folder / "Observation.001.ndjson").write_bytes(ndjson(*observations[:half]) + b"\n")
-    (folder / "Observation.002.ndjson").write_bytes(ndjson(*observations[half:]) + b"{not json\n")
-    (folder / "ServiceRequest.ndjson").write_bytes(ndjson(*orders))
-    (folder / "Coverage.ndjson").write_bytes(ndjson(*coverages))
-    practitioners = [{"resourceType": "Practitioner", "id": f"dr-{n}"} for n in range(4)]
-    (folder / "Practitioner.ndjson").write_bytes(ndjson(*practitioners))
-    return per_patient
-
-
 def counts(out: str) -> dict[str, tuple[int, int]]:
     lines = out.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("rule "))
@@ -229,7 +192,7 @@ def counts(out: str) -> dict[str, tuple[int, int]]:
 
 def test_ndjson_export_counts_cards_per_rule(capsys: pytest.CaptureFixture[str], tmp_path: Path,
                                               rules_dir: Path) -> None:
-    data = export(tmp_path / "export", 300)
+    data = bulk_export(tmp_path / "export", 300)
     code, out, err = replay(capsys, str(tmp_path / "export"), "--rules", str(rules_dir), "--now", NOW)
     assert code == 0, out + err
     assert "6 file(s)" in out and "for 300 patient(s), 4 without a patient, 1 invalid line(s)" in out
@@ -239,7 +202,7 @@ def test_ndjson_export_counts_cards_per_rule(capsys: pytest.CaptureFixture[str],
     assert "300 patient(s) screened, 0 skipped" in out
     table = counts(out)
     assert table[TROPONIN] == (300, 50)  # raised troponin and no cath order: i % 3 == 0 and i % 6 != 0
-    assert "replay: 300/300 patients" in err and "indexed " in err  # plain progress: stderr is no TTY
+    assert "replay: screening: 100% 300 patients" in err and "replay: reading the export: 100%" in err  # no TTY
 
     # Every rule's count equals evaluating each patient's data as one call: the grouping lost nothing.
     catalog, settings = catalog_for(rules_dir)
@@ -262,7 +225,7 @@ def test_ndjson_export_counts_cards_per_rule(capsys: pytest.CaptureFixture[str],
 def test_ndjson_encounter_hook_and_clock(capsys: pytest.CaptureFixture[str], tmp_path: Path,
                                          rules_dir: Path) -> None:
     folder = tmp_path / "export"
-    export(folder, 12)
+    bulk_export(folder, 12)
     encounter = {"resourceType": "Encounter", "id": "enc-0", "status": "in-progress", "class": {"code": "AMB"},
                  "subject": {"reference": "Patient/bulk-0003"}, "period": {"start": "2026-03-02T11:00:00Z"}}
     (folder / "Encounter.ndjson").write_bytes(ndjson(encounter))

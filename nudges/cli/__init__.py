@@ -7,10 +7,10 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from . import audit, deliveries, explain, new, replay, rules, serve, subscriptions, valuesets
+from . import audit, deliveries, explain, new, replay, rules, screen, serve, subscriptions, valuesets
 
 Command = Callable[[argparse.Namespace], int]
-GROUPS = (serve, rules, explain, new, valuesets, replay, audit, subscriptions, deliveries)
+GROUPS = (serve, rules, explain, new, valuesets, replay, screen, audit, subscriptions, deliveries)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -9,7 +9,9 @@ Every fetch ends in a typed outcome, `Found` or `Failed`, and every write in `Wr
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import ssl
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -82,6 +84,13 @@ def diagnostics(body: Any) -> str:
     return ""
 
 
+@functools.cache
+def tls_context() -> ssl.SSLContext:
+    """The TLS verification context (the CA bundle httpx would load): built once per process, since loading
+    the bundle costs as much as a hook call's whole evaluation."""
+    return httpx.create_ssl_context()
+
+
 class FhirClient:
     """One pooled HTTP client per process (keep-alive connections are reused across calls).
 
@@ -95,7 +104,7 @@ class FhirClient:
         per_server = settings.fhir_max_connections_per_server
         timeout = httpx.Timeout(settings.fhir_timeout_seconds, connect=min(1.0, settings.fhir_timeout_seconds),
                                 pool=settings.fhir_timeout_seconds)
-        self.http = httpx.AsyncClient(timeout=timeout, follow_redirects=False,
+        self.http = httpx.AsyncClient(timeout=timeout, follow_redirects=False, verify=tls_context(),
                                       limits=httpx.Limits(max_connections=max(50, per_server),
                                                           max_keepalive_connections=max(20, per_server)),
                                       headers={"Accept": "application/fhir+json"})

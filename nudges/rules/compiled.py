@@ -50,9 +50,12 @@ def flat_clauses(items: tuple[CompiledItem, ...]) -> Iterator[CompiledClause]:
 
 
 def index_plan(rules: tuple[CompiledRule, ...]) -> IndexPlan:
-    """Every code set some clause of these rules looks up, with the type it is looked up in."""
-    return IndexPlan((clause.resource, clause.codes) for rule in rules
-                     for clause in rule.clauses() if clause.codes is not None)
+    """Every code set some clause of these rules looks up, with the type it is looked up in; the types some
+    clause reads in full (neither codes nor words); and the `text:` patterns searched in a type's words."""
+    clauses = [clause for rule in rules for clause in rule.clauses()]
+    return IndexPlan(((c.resource, c.codes) for c in clauses if c.codes is not None),
+                     {c.resource for c in clauses if c.codes is None and c.text is None},
+                     [(c.resource, c.text) for c in clauses if c.text is not None])
 
 
 @dataclass(frozen=True)

@@ -214,6 +214,46 @@ def load_ruleset(directory: Path, site: Path | None = None, targets: Targets | N
     return LoadResult(ruleset, [], len(files), sorted(warnings), sorted(unconfigured))
 
 
+_VALUESETS: dict[tuple[str, bytes], tuple[CompiledValueSet | None, list[Problem], list[Problem]]] = {}
+
+
+def _yaml_valueset(path: Path, display: str) -> tuple[CompiledValueSet | None, list[Problem], list[Problem]]:
+    """One YAML value set compiled, with its problems and warnings. Remembered in this process by the file's
+    content: a large expansion (thousands of codes) costs tens of milliseconds to validate and index, and
+    a reloading service or a test suite loads the same files again and again."""
+    try:
+        digest = hashlib.sha256(path.read_bytes()).digest()
+    except OSError:
+        digest = b""
+    known = _VALUESETS.get((display, digest))
+    if known is not None:
+        return known
+    problems: list[Problem] = []
+    warnings: list[Problem] = []
+    compiled = None
+    document, found = yamlfiles.load(path, display)
+    problems += found
+    if document is not None:
+        vs, found = yamlfiles.validate(ValueSet, document, display)
+        problems += found
+        if vs is not None:
+            if vs.name != path.stem:
+                problems.append(Problem(display, *yamlfiles.position(document, ("name",)),
+                                        f"value set name '{vs.name}' must equal the file name"))
+            compiled = CompiledValueSet.of(vs)
+            left = placeholders(document.text)
+            if left is not None:
+                warnings.append(Problem(display, left[0], left[1], f"{left[2]} placeholder(s) from `nudges new "
+                                        "rule` left to fill in (REPLACE, replace-me); this is the first"))
+            missing = [k for k in ("source", "version", "date") if getattr(vs, k) is None]
+            if missing:
+                warnings.append(Problem(display, 1, 1, f"value set gives no {', '.join(missing)}: say where "
+                                                       "its codes came from, so they can be checked again"))
+    if digest and len(_VALUESETS) < 2000:
+        _VALUESETS[(display, digest)] = (compiled, problems, warnings)
+    return compiled, problems, warnings
+
+
 def load_valuesets(files: list[Path], site_files: list[Path],
                    show: Any = _show) -> tuple[dict[str, CompiledValueSet], list[Problem], list[Problem]]:
     """The rule set's value sets (YAML or FHIR ValueSet JSON, named by their file), then a site's codes
@@ -229,25 +269,11 @@ def load_valuesets(files: list[Path], site_files: list[Path],
             except (OSError, orjson.JSONDecodeError, FhirValueSetError) as exc:
                 problems.append(Problem(show(path), 1, 1, f"FHIR ValueSet: {exc}"))
             continue
-        document, found = yamlfiles.load(path, show(path))
+        compiled, found, warned = _yaml_valueset(path, show(path))
         problems += found
-        if document is None:
-            continue
-        vs, found = yamlfiles.validate(ValueSet, document, show(path))
-        problems += found
-        if vs is not None:
-            if vs.name != path.stem:
-                problems.append(Problem(show(path), *yamlfiles.position(document, ("name",)),
-                                        f"value set name '{vs.name}' must equal the file name"))
-            valuesets[vs.name] = CompiledValueSet.of(vs)
-            left = placeholders(document.text)
-            if left is not None:
-                unsourced.append(Problem(show(path), left[0], left[1], f"{left[2]} placeholder(s) from `nudges new "
-                                         "rule` left to fill in (REPLACE, replace-me); this is the first"))
-            missing = [k for k in ("source", "version", "date") if getattr(vs, k) is None]
-            if missing:
-                unsourced.append(Problem(show(path), 1, 1, f"value set gives no {', '.join(missing)}: say where "
-                                                           "its codes came from, so they can be checked again"))
+        unsourced += warned
+        if compiled is not None:
+            valuesets[compiled.name] = compiled
     for path in site_files:
         if path.stem not in valuesets:
             problems.append(Problem(show(path), 1, 1, f"site codes for '{path.stem}', which is not a value set of "

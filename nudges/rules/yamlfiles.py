@@ -11,6 +11,7 @@ import difflib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 from typing import Any, get_args
 
@@ -60,8 +61,8 @@ def _parse(text: str) -> Any:
     return yaml.load(text)
 
 
-def load(path: Path, display: str) -> tuple[Document | None, list[Problem]]:
-    """Read and parse a file; syntax errors become problems."""
+def load(path: Path, display: str, *, mapping: bool = True) -> tuple[Document | None, list[Problem]]:
+    """Read and parse a file (a mapping, unless `mapping` is False); syntax errors become problems."""
     try:
         raw = path.read_bytes()
         text = raw.decode("utf-8")
@@ -69,18 +70,19 @@ def load(path: Path, display: str) -> tuple[Document | None, list[Problem]]:
         return None, [Problem(display, 1, 1, f"cannot read file: {exc}")]
     entry = cache.key("yaml", CACHE_FORMAT, raw)
     plain_values = cache.lookup(entry)
-    if plain_values is not None:
-        return Document(text, plain_values), []
-    try:
-        tree = _parse(text)
-    except MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        return None, [Problem(display, line, col, advice(str(exc.problem or exc.context or "")))]
-    if not isinstance(tree, CommentedMap):
+    if plain_values is None:
+        try:
+            tree = _parse(text)
+        except MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+            return None, [Problem(display, line, col, advice(str(exc.problem or exc.context or "")))]
+        document = Document(text, plain(tree), tree)
+        cache.store(entry, document.plain)
+    else:
+        document = Document(text, plain_values)
+    if mapping and not isinstance(document.plain, dict):
         return None, [Problem(display, 1, 1, "the file must be a YAML mapping")]
-    document = Document(text, plain(tree), tree)
-    cache.store(entry, document.plain)
     return document, []
 
 
@@ -210,4 +212,6 @@ def plain(value: Any) -> Any:
         return float(value)
     if isinstance(value, str):
         return str(value)
+    if isinstance(value, date):  # an unquoted 2026-12-01 reads as a date: kept as the text it was written as
+        return value.isoformat()
     return value

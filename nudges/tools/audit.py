@@ -16,9 +16,10 @@ rule overridden more often for some groups is exactly the disparity the audit ex
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO, TypeVar
 
 import orjson
 from sqlalchemy import case, distinct, func, inspect, or_, select
@@ -98,24 +99,45 @@ def query_cells(conn: Connection, since: datetime | None, by_month: bool = False
     return sorted(found, key=lambda c: (c.rule, order[c.dimension], c.group, c.month or ""))
 
 
-def complements(cells: list[Cell]) -> set[Cell]:
+class Counted(Protocol):
+    """A cell of a per-rule table by group: `patients` is the count the small-cell rule protects."""
+
+    @property
+    def rule(self) -> str: ...
+    @property
+    def dimension(self) -> str: ...
+    @property
+    def group(self) -> str: ...
+    @property
+    def patients(self) -> int: ...
+
+
+C = TypeVar("C", bound=Counted)
+
+
+def small_cell(cell: Counted) -> bool:
+    return cell.patients < MIN_PATIENTS
+
+
+def complements(cells: list[C], small: Callable[[C], bool] = small_cell) -> set[C]:
     """Cells hidden so that a small one cannot be recovered by subtraction.
 
     A dimension's groups add up to the rule's overall row, so one suppressed group would be the overall
-    minus the others. Within each rule and dimension that has a suppressed group, the smallest shown
-    groups are hidden as well until the hidden ones together cover at least MIN_PATIENTS patients (the
-    usual complementary suppression)."""
-    by_table: dict[tuple[str, str], list[Cell]] = {}
+    minus the others. Within each rule and dimension that has a small (suppressed) group, the smallest
+    shown groups are hidden as well until the hidden ones together cover at least MIN_PATIENTS patients
+    (the usual complementary suppression). Used for the audit and for population screening's equity view,
+    which says what is small there."""
+    by_table: dict[tuple[str, str], list[C]] = {}
     for c in cells:
         if c.dimension != OVERALL[0]:
             by_table.setdefault((c.rule, c.dimension), []).append(c)
-    hidden: set[Cell] = set()
+    hidden: set[C] = set()
     for table in by_table.values():
-        small = [c for c in table if c.patients < MIN_PATIENTS]
-        if not small:
+        suppressed = [c for c in table if small(c)]
+        if not suppressed:
             continue
-        covered = sum(c.patients for c in small)
-        for c in sorted((c for c in table if c.patients >= MIN_PATIENTS), key=lambda c: (c.patients, c.group)):
+        covered = sum(c.patients for c in suppressed)
+        for c in sorted((c for c in table if not small(c)), key=lambda c: (c.patients, c.group)):
             if covered >= MIN_PATIENTS:
                 break
             hidden.add(c)

@@ -1,0 +1,270 @@
+"""A Bulk Data export (NDJSON files, one resource per line, any types) regrouped by patient, on disk.
+
+Exports come one file per resource type, so one patient's data is spread over every file. An all-to-all
+shuffle through the cluster's memory (Dask's groupby) is what its documentation warns against; instead
+each input chunk (a byte range of one file, split at line ends) is read once by one task, which appends
+every line to the shard of its patient, chosen by a stable hash of the patient id. A shard is then a
+folder of small part files (one per chunk that had lines for it) that one task reads whole: every
+patient's resources are in exactly one shard. Shard files hold `patient id TAB raw line`, so a line is
+parsed again only where it is evaluated.
+
+Nothing here depends on how many workers run: the chunks and shards follow the input's size, and the
+order of lines within a shard (parts in chunk order, lines in file order) is fixed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from ..fhir import FHIR_ID, parse_reference, patient_of
+
+CHUNK_BYTES = 64 * 1024 * 1024  # one task's share of an input file
+SHARD_BYTES = 24 * 1024 * 1024  # aimed-for input bytes per shard: a shard's patients fit in a worker's memory
+MAX_SHARDS = 4096
+SUFFIXES = (".ndjson", ".ndjson.gz")
+
+
+class ExportError(Exception):
+    """An export that cannot be read at all (no such folder, no NDJSON in it)."""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Lines of one file that start in [start, end): every line belongs to exactly one chunk."""
+
+    path: str
+    start: int
+    end: int
+    file: int  # the file's position in the sorted input
+    part: int  # the chunk's position within its file
+
+    @property
+    def name(self) -> str:
+        return f"{self.file:05d}-{self.part:05d}"
+
+
+@dataclass
+class ChunkTally:
+    """What one chunk held. Line numbers are within the chunk; the driver makes them file line numbers."""
+
+    chunk: Chunk
+    lines: int = 0
+    resources: int = 0
+    unlinked: int = 0  # resources that name no patient (Practitioner, Organization ...)
+    unread: int = 0  # a patient's resources no rule of the hook can read (IndexPlan.reads)
+    medications: int = 0  # Medication resources, joined to the orders that name them (see join_medications)
+    invalid: list[tuple[int, str]] = field(default_factory=list)
+    shard_bytes: dict[int, int] = field(default_factory=dict)  # what it wrote to each shard
+    buckets: set[int] = field(default_factory=set)  # medication buckets it wrote to
+    cpu_seconds: float = 0.0
+
+
+@dataclass
+class JoinTally:
+    """One medication bucket's join: references resolved, and those the export has no Medication for."""
+
+    bucket: int
+    joined: int = 0
+    unresolved: int = 0
+    shard_bytes: dict[int, int] = field(default_factory=dict)
+
+
+def export_files(source: Path) -> list[Path]:
+    """The NDJSON files of an export folder (or the one file given), in a fixed order."""
+    if not source.exists():
+        raise ExportError(f"{source}: no such file or folder")
+    if source.is_file():
+        return [source]
+    files = sorted(p for p in source.rglob("*") if p.is_file() and p.name.endswith(SUFFIXES))
+    if not files:
+        raise ExportError(f"{source}: no *.ndjson files (a FHIR Bulk Data export has one or more per type)")
+    return files
+
+
+def plan_chunks(files: list[Path], chunk_bytes: int = CHUNK_BYTES) -> list[Chunk]:
+    """Byte ranges of at most `chunk_bytes`; a compressed file is one chunk (it cannot be entered midway)."""
+    chunks: list[Chunk] = []
+    for number, path in enumerate(files):
+        size = path.stat().st_size
+        if path.name.endswith(".gz") or size <= chunk_bytes:
+            chunks.append(Chunk(str(path), 0, size, number, 0))
+            continue
+        for part, start in enumerate(range(0, size, chunk_bytes)):
+            chunks.append(Chunk(str(path), start, min(start + chunk_bytes, size), number, part))
+    return chunks
+
+
+def shard_count(files: list[Path], least: int = 1, shard_bytes: int = SHARD_BYTES) -> int:
+    """From the input's size (and at least `least`, enough tasks to keep every worker busy). The output
+    does not depend on it: worklists are merged and sorted by patient whatever the sharding."""
+    total = sum(p.stat().st_size for p in files)
+    return max(least, min(MAX_SHARDS, -(-total // shard_bytes)))
+
+
+def shard_of(patient: str, shards: int) -> int:
+    """A hash that is the same in every process and on every machine (Python's own hash() is not)."""
+    return zlib.crc32(patient.encode()) % shards
+
+
+def shard_folder(work: Path, shard: int) -> Path:
+    return work / "shards" / f"{shard:05d}"
+
+
+def medication_folder(work: Path, bucket: int) -> Path:
+    return work / "medications" / f"{bucket:05d}"
+
+
+def medication_reference(resource: dict[str, object]) -> str | None:
+    """The id of a Medication named by `medicationReference` outside the resource (`Medication/x`, also
+    absolute), which only the export's own Medication resources can resolve."""
+    reference = resource.get("medicationReference")
+    parsed = parse_reference(reference.get("reference")) if isinstance(reference, dict) else None
+    return parsed.id if parsed is not None and parsed.type == "Medication" else None
+
+
+def _lines(chunk: Chunk) -> list[bytes]:
+    """The lines that start inside the chunk (the last one may run past its end), read in one go."""
+    if chunk.path.endswith(".gz"):
+        with gzip.open(chunk.path, "rb") as stream:
+            data = stream.read()
+    else:
+        with open(chunk.path, "rb") as stream:
+            start = chunk.start
+            if start:
+                stream.seek(start - 1)
+                if stream.read(1) != b"\n":
+                    start += len(stream.readline())  # the line under way belongs to the chunk before
+            if start >= chunk.end:
+                return []
+            data = stream.read(chunk.end - start)
+            if not data.endswith(b"\n"):
+                data += stream.readline()  # the last line runs on past the end
+    lines = data.split(b"\n")
+    if lines and not lines[-1]:
+        lines.pop()  # after the final newline
+    return lines
+
+
+def split_chunk(chunk: Chunk, shards: int, work: Path,
+                keep: Callable[[dict[str, Any]], bool] | None = None) -> ChunkTally:
+    """Read one chunk and append each resource's line to its patient's shard (one part file per shard,
+    named after the chunk, written whole so a retried task replaces rather than duplicates). A resource
+    `keep` says no rule can read is counted and left out."""
+    tally = ChunkTally(chunk)
+    cpu = time.process_time()
+    buffers: dict[int, list[bytes]] = {}
+    medications: dict[int, list[bytes]] = {}  # bucket -> "id TAB line" of Medication resources
+    wanted: dict[int, list[bytes]] = {}  # bucket -> "medication id TAB patient id TAB shard" of references
+    for number, raw in enumerate(_lines(chunk), 1):
+        tally.lines = number
+        line = raw.strip()
+        if not line:
+            continue
+        try:
+            resource = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            tally.invalid.append((number, f"not JSON ({exc})"))
+            continue
+        if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
+            tally.invalid.append((number, "not a FHIR resource (no resourceType)"))
+            continue
+        pid = patient_of(resource)
+        if pid is None:
+            mid = resource.get("id")
+            if resource["resourceType"] == "Medication" and isinstance(mid, str) and FHIR_ID.match(mid):
+                tally.medications += 1
+                medications.setdefault(shard_of(mid, shards), []).append(mid.encode() + b"\t" + line + b"\n")
+            else:
+                tally.unlinked += 1
+            continue
+        tally.resources += 1
+        if keep is not None and not keep(resource):
+            tally.unread += 1
+            continue
+        shard = shard_of(pid, shards)
+        buffers.setdefault(shard, []).append(pid.encode() + b"\t" + line + b"\n")
+        named = medication_reference(resource)
+        if named is not None:
+            wanted.setdefault(shard_of(named, shards), []).append(f"{named}\t{pid}\t{shard}\n".encode())
+    for shard, lines in buffers.items():
+        tally.shard_bytes[shard] = _write_part(shard_folder(work, shard), f"{chunk.name}.part", lines)
+    for bucket, lines in medications.items():
+        _write_part(medication_folder(work, bucket), f"{chunk.name}.medications", lines)
+    for bucket, lines in wanted.items():
+        _write_part(medication_folder(work, bucket), f"{chunk.name}.wanted", lines)
+    tally.buckets = set(wanted)  # a bucket nobody references needs no join
+    tally.cpu_seconds = time.process_time() - cpu
+    return tally
+
+
+def join_medications(bucket: int, work: Path) -> JoinTally:
+    """Give each patient a copy of every Medication their orders name by reference: a disk join keyed by
+    the medication id's hash, so no task needs every Medication of the export. The copies go into the
+    patients' shards as a part named after the bucket (after the chunks' parts, in a fixed order)."""
+    tally = JoinTally(bucket)
+    folder = medication_folder(work, bucket)
+    known: dict[str, bytes] = {}
+    for part in sorted(folder.glob("*.medications")):
+        with open(part, "rb") as stream:
+            for line in stream:
+                raw_id, _, body = line.partition(b"\t")
+                known.setdefault(raw_id.decode(), body)  # the first of duplicate ids wins, as in a record
+    out: dict[int, list[bytes]] = {}
+    seen: set[tuple[str, str]] = set()
+    for part in sorted(folder.glob("*.wanted")):
+        with open(part, "rb") as stream:
+            for line in stream:
+                wanted_id, pid, target = line.rstrip(b"\n").decode().split("\t")
+                if (wanted_id, pid) in seen:
+                    continue
+                seen.add((wanted_id, pid))
+                found = known.get(wanted_id)
+                if found is None:
+                    tally.unresolved += 1
+                    continue
+                tally.joined += 1
+                out.setdefault(int(target), []).append(pid.encode() + b"\t" + found)
+    for shard, lines in out.items():
+        tally.shard_bytes[shard] = _write_part(shard_folder(work, shard), f"medications-{bucket:05d}.part", lines)
+    return tally
+
+
+def _write_part(folder: Path, name: str, lines: list[bytes]) -> int:
+    folder.mkdir(parents=True, exist_ok=True)
+    data = b"".join(lines)
+    _write_whole(folder / name, data)
+    return len(data)
+
+
+def _write_whole(path: Path, data: bytes) -> None:
+    temporary = path.with_name(path.name + f".{os.getpid()}.tmp")
+    with open(temporary, "wb") as stream:
+        stream.write(data)
+    os.replace(temporary, path)
+
+
+def read_shard(folder: Path) -> list[tuple[str, list[bytes]]]:
+    """Every patient of a shard with their raw resource lines, patients in id order, each patient's lines
+    in input order (parts are named by chunk, so sorting them restores it)."""
+    patients: dict[str, list[bytes]] = {}
+    for part in sorted(folder.glob("*.part")):
+        with open(part, "rb") as stream:
+            for line in stream:
+                pid, _, body = line.partition(b"\t")
+                key = pid.decode()
+                found = patients.get(key)
+                if found is None:
+                    patients[key] = [body]
+                else:
+                    found.append(body)
+    return sorted(patients.items())
+
