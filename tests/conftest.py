@@ -35,10 +35,16 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["NUDGES_CACHE_DIR"] = tempfile.mkdtemp(prefix="nudges-test-cache-")
 
 
+# The longest test files, longest first: a parallel run (pytest -n 2 --dist loadfile) hands files out in
+# collection order, so starting the long ones first keeps both processes busy to the end.
+LONG_FILES = ("test_console_browser", "test_events", "test_cli", "test_screening", "test_console", "test_loop",
+              "test_fastpath", "test_packaging", "test_replay", "test_screening_server", "test_subscriptions",
+              "test_readme", "test_api", "test_delivery")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Browser tests last in a serial run: while a module's browser is open Playwright's sync API keeps an
-    event loop marked as running in the main thread (see the `browser` fixture)."""
-    items.sort(key=lambda item: "browser" in getattr(item, "fixturenames", ()))
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: order within a file is kept
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -54,9 +60,11 @@ def postgres_reachable() -> str | None:
         return f"{type(exc).__name__}: {exc}".splitlines()[0]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def pg_schema_url() -> Iterator[str]:
-    """A private schema in the local PostgreSQL for this test session (dropped afterwards)."""
+    """A private schema in the local PostgreSQL for each test module (dropped afterwards): tests of one
+    module share it (they use patients of their own), and no module sees what another left behind, in
+    whatever order a parallel run takes them."""
     problem = postgres_reachable()
     if problem:
         if os.environ.get("CI", "").lower() == "true":

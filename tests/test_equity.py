@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import io
-import itertools
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
+from typing import Any
 
 import orjson
 import pytest
@@ -71,11 +71,29 @@ def brute_force_values(shown: dict, hidden: set, lines: list, bound: int = 14) -
     shown (the sums and the shown counts): the ground truth the elimination must match."""
     unknown = sorted(hidden)
     seen: dict = {k: set() for k in unknown}
-    for values in itertools.product(range(1, bound), repeat=len(unknown)):
-        table = {**shown, **dict(zip(unknown, values, strict=True))}
-        if all(sum(sign * table[k] for k, sign in line.members) == 0 for line in lines):
-            for k, v in zip(unknown, values, strict=True):
-                seen[k].add(v)
+    # Each sum is checked as soon as its last withheld count has a value: the same tables as trying every
+    # combination, without walking the ones an earlier sum already rules out.
+    last = {id(line): max((unknown.index(k) for k, _ in line.members if k in hidden), default=-1) for line in lines}
+    due = {i: [line for line in lines if last[id(line)] == i] for i in range(-1, len(unknown))}
+
+    def holds(table: dict, line: Any) -> bool:
+        return sum(sign * table[k] for k, sign in line.members) == 0
+
+    if not all(holds(shown, line) for line in due[-1]):
+        return seen
+
+    def fill(i: int, table: dict) -> None:
+        if i == len(unknown):
+            for k in unknown:
+                seen[k].add(table[k])
+            return
+        for value in range(1, bound):
+            table[unknown[i]] = value
+            if all(holds(table, line) for line in due[i]):
+                fill(i + 1, table)
+        del table[unknown[i]]
+
+    fill(0, dict(shown))
     return seen
 
 
