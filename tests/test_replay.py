@@ -202,7 +202,7 @@ def test_ndjson_export_counts_cards_per_rule(capsys: pytest.CaptureFixture[str],
     assert "300 patient(s) screened, 0 skipped" in out
     table = counts(out)
     assert table[TROPONIN] == (300, 50)  # raised troponin and no cath order: i % 3 == 0 and i % 6 != 0
-    assert "replay: screening: 100% 300 patients" in err and "replay: reading the export: 100%" in err  # no TTY
+    assert "replay: screening 100% 300 patients" in err and "replay: reading the export 100%" in err  # no TTY
 
     # Every rule's count equals evaluating each patient's data as one call: the grouping lost nothing.
     catalog, settings = catalog_for(rules_dir)

@@ -22,11 +22,11 @@ from nudges.clock import parse_instant
 from nudges.pipeline import run_body
 from nudges.rules.compiler import load_ruleset
 from nudges.screening.calls import request_for
-from nudges.screening.progress import Progress
 from nudges.screening.shards import plan_chunks, split_chunk
 from nudges.screening.tasks import Job, ScreenError, services_for
 from nudges.services import Services
 from nudges.settings import Settings
+from nudges.tools.progress import Progress
 
 ROOT = Path(__file__).resolve().parent.parent
 NOW = "2026-03-02T12:00:00Z"
@@ -301,12 +301,12 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_otherwise() -> None:
 
     tty, plain = Terminal(), io.StringIO()
     for stream in (tty, plain):
-        progress = Progress("screen: screening", 200, stream)
+        progress = Progress(200, "bytes", stream, plain=True, delay=0, prefix="screen: screening ", counts=False)
         for done in range(0, 201, 20):
             progress.step(done, f"{done} patients")
         progress.finish()
     assert "\r" in tty.getvalue() and "[#########################] 100% 200 patients" in tty.getvalue()
-    assert plain.getvalue().splitlines()[-1] == "screen: screening: 100% 200 patients" and "\r" not in plain.getvalue()
+    assert plain.getvalue().splitlines()[-1] == "screen: screening 100% 200 patients" and "\r" not in plain.getvalue()
 
 
 def test_bad_arguments_are_explained(capsys: pytest.CaptureFixture[str], export: Path, rules: Path,

@@ -17,8 +17,8 @@ from typing import TextIO
 
 from ..fhir import instant
 from ..services import Services
+from ..tools.progress import Progress
 from .cluster import Runner
-from .progress import Progress
 from .shards import CHUNK_BYTES, ChunkTally, join_medications, plan_chunks, shard_count
 from .tasks import Job, ShardResult, screen_shard, shard_chunk
 
@@ -92,7 +92,8 @@ def screen_export(files: list[Path], services: Services, *, rules: Path, site: P
     shards = shard_count(files, least=SHARDS_PER_WORKER * runner.workers if runner.workers > 1 else 1)
     total_bytes = sum(c.end - c.start for c in chunks)
     job = Job(str(rules), str(site) if site else None, statuses, services.ruleset.digest, hook, instant(now), str(work))
-    progress = Progress(f"{label}: reading the export", total_bytes, err)
+    progress = Progress(total_bytes, "bytes", err, plain=True, delay=0, prefix=f"{label}: reading the export ",
+                        counts=False)
     done_bytes, tallies = 0, []
     for _, chunk_tally in runner.map(shard_chunk, chunks, shards=shards, job=job):
         tallies.append(chunk_tally)
@@ -113,7 +114,8 @@ def screen_export(files: list[Path], services: Services, *, rules: Path, site: P
 
     started = time.perf_counter()
     present = sorted(written)  # shards no patient hashed to have no folder and no task
-    progress = Progress(f"{label}: screening", sum(written.values()), err)
+    progress = Progress(sum(written.values()), "bytes", err, plain=True, delay=0, prefix=f"{label}: screening ",
+                        counts=False)
     done_bytes, patients, results = 0, 0, []
     for _, result in runner.map(screen_shard, present, job=job):
         results.append(result)

@@ -15,8 +15,9 @@ class Progress:
     elsewhere nothing, unless `plain` asks for a line every tenth of the way (long NDJSON screens in logs)."""
 
     def __init__(self, total: int, what: str, err: TextIO, *, plain: bool = False, delay: float = DELAY,
-                 prefix: str = "") -> None:
+                 prefix: str = "", counts: bool = True) -> None:
         self.total, self.what, self.err, self.prefix = max(total, 0), what, err, prefix
+        self.counts = counts  # "12/25 patients" after the percentage; off for units nobody counts (bytes)
         self.tty = _is_terminal(err)
         self.plain = plain and not self.tty
         self.start = time.monotonic()
@@ -29,22 +30,26 @@ class Progress:
         self.total = total
         self.step(done)
 
-    def step(self, done: int) -> None:
+    def step(self, done: int, note: str = "") -> None:
+        """`done` of `total`; `note` says what that amounts to so far ("1,200 patients")."""
+        counted = f" {done}/{self.total} {self.what}" if self.counts else ""
+        detail = f" {note}" if note else ""
         if self.tty:
             if time.monotonic() - self.start < self.delay:
                 return
-            percent = done * 100 // max(self.total, 1)
-            if percent != self.shown:
+            percent = min(done * 100 // max(self.total, 1), 100)
+            if percent != self.shown or done == self.total:
                 self.shown = percent
                 bar = "#" * (percent // 4)
-                self.err.write(f"\r{self.prefix}[{bar:<25}] {percent:3d}% {done}/{self.total} {self.what}\033[K")
+                self.err.write(f"\r{self.prefix}[{bar:<25}] {percent:3d}%{counted}{detail}\033[K")
                 self.err.flush()
                 self.drawn = True
         elif self.plain:
-            tenth = done * 10 // max(self.total, 1)
+            tenth = min(done * 10 // max(self.total, 1), 10)
             if tenth > self.shown:
                 self.shown = tenth
-                self.err.write(f"{self.prefix}{done}/{self.total} {self.what}\n")
+                where = counted.lstrip() if self.counts else f"{tenth * 10}%"
+                self.err.write(f"{self.prefix}{where}{detail}\n")
 
     def clear(self) -> None:
         """Wipe the bar, before other output goes to the same terminal (it is drawn again at the next step)."""
