@@ -148,7 +148,9 @@ class _Evaluation:
                 found.sort(key=earliest)
             else:
                 found.sort(key=latest, reverse=True)
-        return next(((when, resource) for when, resource in found if truthy(where(resource, self.env))), None)
+        canonical = self.record.canonical
+        return next(((when, resource) for when, resource in found if truthy(where(canonical(resource), self.env))),
+                    None)
 
     def save(self) -> _Saved:
         return dict(self.bindings), dict(self.dates), dict(self.env), self.drafts
@@ -178,7 +180,7 @@ def _applies(rule: CompiledRule, record: PatientRecord, now: datetime, env: dict
         if not held:
             return False
     if rule.patient is not None:
-        held = record.patient is not None and truthy(rule.patient(record.patient, env))
+        held = record.patient is not None and truthy(rule.patient(record.canonical(record.patient), env))
         if trace is not None:
             trace.patient(rule, record.patient, held)
         return held

@@ -138,6 +138,49 @@ def patient_of(resource: Resource) -> str | None:
     return None
 
 
+# -- code systems -----------------------------------------------------------------------------------------
+# The same code systems under their other names: HL7 v3 OIDs (which many EHR interfaces still send as
+# `urn:oid:...`) and the URIs VSAC uses where FHIR's differ. Codings are compared under FHIR's canonical
+# URI, so a rule's value set matches a code whichever name its sender used.
+SYSTEM_ALIASES: dict[str, str] = {
+    "urn:oid:2.16.840.1.113883.6.1": "http://loinc.org",
+    "urn:oid:2.16.840.1.113883.6.96": "http://snomed.info/sct",
+    "urn:oid:2.16.840.1.113883.6.88": "http://www.nlm.nih.gov/research/umls/rxnorm",
+    "urn:oid:2.16.840.1.113883.6.90": "http://hl7.org/fhir/sid/icd-10-cm",
+    "urn:oid:2.16.840.1.113883.6.3": "http://hl7.org/fhir/sid/icd-10",
+    "urn:oid:2.16.840.1.113883.6.12": "http://www.ama-assn.org/go/cpt",
+    "urn:oid:2.16.840.1.113883.6.285": "http://www.cms.gov/Medicare/Coding/HCPCSReleaseCodeSets",
+    "urn:oid:2.16.840.1.113883.6.4": "http://www.cms.gov/Medicare/Coding/ICD10",
+    "urn:oid:2.16.840.1.113883.12.292": "http://hl7.org/fhir/sid/cvx",
+    "urn:oid:2.16.840.1.113883.6.69": "http://hl7.org/fhir/sid/ndc",
+    "http://www.cms.gov/Medicare/Coding/ICD10": "http://www.cms.gov/Medicare/Coding/ICD10",
+    "http://hl7.org/fhir/sid/icd-10-pcs": "http://www.cms.gov/Medicare/Coding/ICD10",
+    "http://www.nlm.nih.gov/research/umls/rxnorm/": "http://www.nlm.nih.gov/research/umls/rxnorm",
+    "http://snomed.info/sct/": "http://snomed.info/sct",
+    "https://loinc.org": "http://loinc.org",
+}
+
+
+def canonical_system(system: str) -> str:
+    return SYSTEM_ALIASES.get(system, system)
+
+
+def canonicalize(value: Any) -> None:
+    """Every `system` in a resource under its canonical URI, in place, so FHIRPath that names a system
+    (`coding.where(system = 'http://loinc.org')`) reads it whichever name the sender used."""
+    if isinstance(value, dict):
+        system = value.get("system")
+        if isinstance(system, str) and system in SYSTEM_ALIASES:
+            value["system"] = SYSTEM_ALIASES[system]
+        for item in value.values():
+            if isinstance(item, dict | list):
+                canonicalize(item)
+    elif isinstance(value, list):
+        for item in value:
+            if isinstance(item, dict | list):
+                canonicalize(item)
+
+
 # -- elements, codings, words -----------------------------------------------------------------------
 def walk(resource: Resource, path: str) -> Iterator[Any]:
     """Values at a dotted path, flattening lists on the way."""
@@ -158,13 +201,13 @@ def walk(resource: Resource, path: str) -> Iterator[Any]:
 
 
 def codings(concept: Any) -> Iterator[tuple[str, str]]:
-    """(system, code) of a CodeableConcept's well-formed codings."""
+    """(system, code) of a CodeableConcept's well-formed codings, each system under its canonical URI."""
     if isinstance(concept, dict):
         for coding in concept.get("coding") or ():
             if isinstance(coding, dict):
                 system, code = coding.get("system"), coding.get("code")
                 if isinstance(system, str) and isinstance(code, str):
-                    yield system, code
+                    yield SYSTEM_ALIASES.get(system, system), code
 
 
 def referenced_medication(resource: Resource, medications: dict[str, Resource] | None = None) -> Resource | None:

@@ -13,7 +13,9 @@ from typing import Any
 from .fhir import (
     CODE_ELEMENTS,
     MEDICATION_TYPES,
+    SYSTEM_ALIASES,
     Resource,
+    canonicalize,
     code_text_languages,
     codings,
     flatten,
@@ -125,8 +127,11 @@ class IndexPlan:
                     for concept in (value,) if value.__class__ is dict else value:
                         for coding in concept.get("coding") or ():
                             targets = wanted.get(coding.get("code"))
-                            if targets is not None and any(coding.get("system") == want for want, _ in targets):
-                                return True
+                            if targets is not None:
+                                system = coding.get("system")
+                                system = SYSTEM_ALIASES.get(system, system) if isinstance(system, str) else system
+                                if any(system == want for want, _ in targets):
+                                    return True
             if patterns is not None:
                 for text in words(resource):
                     for pattern in patterns:
@@ -148,7 +153,8 @@ class PatientRecord:
     the same for a code bucket's few members, dates, texts. Without a plan every (system, code) is
     indexed, for callers that do not know in advance which rules will ask."""
 
-    __slots__ = ("_by_code", "_by_reference", "_clean", "_dates", "_medications", "_plan", "_raw", "_text")
+    __slots__ = ("_by_code", "_by_reference", "_canonical", "_clean", "_dates", "_medications", "_plan", "_raw",
+                 "_text")
 
     def __init__(self, plan: IndexPlan | None = None) -> None:
         self._raw: dict[tuple[str, str], list[Resource]] = {}
@@ -158,6 +164,7 @@ class PatientRecord:
         self._text: dict[int, tuple[str, ...]] = {}
         self._by_reference: list[tuple[str, str, Resource]] = []  # medication[x] by reference, unresolved
         self._medications: dict[str, Resource] | None = None  # the record's Medication resources by id
+        self._canonical: set[int] = set()  # resources whose code systems are already canonical
         self._plan = plan
 
     def add_all(self, resources: Iterable[Resource], source: str = "record") -> None:
@@ -209,6 +216,7 @@ class PatientRecord:
 
         def hit(resource: Resource, coding: dict[str, Any], targets: tuple[tuple[str, int], ...]) -> None:
             system = coding.get("system")
+            system = SYSTEM_ALIASES.get(system, system) if isinstance(system, str) else system
             for want, bucket in targets:
                 if system == want:
                     _note(by_code, (source, kind, bucket), resource)
@@ -323,6 +331,15 @@ class PatientRecord:
             if count:
                 found.setdefault(source, {})[kind] = count
         return found
+
+    def canonical(self, resource: Resource) -> Resource:
+        """The resource with its code systems under their canonical URIs (fhir.canonicalize), before FHIRPath
+        reads it; done once per resource, and only for the few a rule's FHIRPath looks at."""
+        key = id(resource)
+        if key not in self._canonical:
+            canonicalize(resource)
+            self._canonical.add(key)
+        return resource
 
     def medications(self) -> dict[str, Resource]:
         """Medication resources of the record and the drafts, by id: what `Medication/id` references name."""

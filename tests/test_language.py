@@ -266,3 +266,14 @@ def test_a_medication_coded_by_reference_is_named_by_its_medication() -> None:
                       contained=[{"resourceType": "Medication", "id": "m", "code": coded}])
     assert _display(contained, {(MORPHINE[0], MORPHINE[1]): "morphine (from the value set)"}) \
         == "morphine (from the value set)"
+
+
+def test_a_code_system_sent_as_its_oid_matches_and_reads_as_its_uri(rules_dir: Path) -> None:
+    """Interfaces still send HL7 OIDs (`urn:oid:2.16.840.1.113883.6.1` for LOINC): the index matches the
+    value set's codes under the URI, and FHIRPath that names the system sees the URI too."""
+    edit(rules_dir / RULE, '''where: "(value as Quantity).value > referenceRange.high.value or''',
+         '''where: "code.coding.where(system = 'http://loinc.org').exists() and (value as Quantity).value > '''
+         '''referenceRange.high.value or''')
+    result = troponin("t", when="2026-03-01T22:00:00Z")
+    result["code"]["coding"][0]["system"] = "urn:oid:2.16.840.1.113883.6.1"
+    assert cards(rules_dir, result)

@@ -18,7 +18,7 @@ import orjson
 import pytest
 from conftest import ROOT
 
-from nudges.fhir import CODE_ELEMENTS, MEDICATION_TYPES, walk
+from nudges.fhir import CODE_ELEMENTS, MEDICATION_TYPES, SYSTEM_ALIASES, walk
 from nudges.rules.compiled import RuleSet
 from nudges.rules.compiler import load_ruleset
 from nudges.rules.folders import find_file
@@ -146,7 +146,24 @@ def language_as_text(resources: Resources, record: bool) -> bool:
     return changed
 
 
+OIDS = {uri: oid for oid, uri in SYSTEM_ALIASES.items() if oid.startswith("urn:oid:")}
+
+
+def systems_as_oids(resources: Resources, record: bool) -> bool:
+    """Every coding's system given as its HL7 OID (`urn:oid:2.16.840.1.113883.6.1` for LOINC), as many
+    interfaces still send them."""
+    changed = False
+    for r in resources:
+        for concept in _concepts(r):
+            for coding in concept.get("coding") or ():
+                if isinstance(coding, dict) and coding.get("system") in OIDS:
+                    coding["system"] = OIDS[coding["system"]]
+                    changed = True
+    return changed
+
+
 TRANSFORMS: dict[str, Callable[[Resources, bool], bool]] = {
+    "systems-as-oids": systems_as_oids,
     "medication-contained": medication_contained,
     "medication-referenced": medication_referenced,
     "local-coding-first": local_coding_first,

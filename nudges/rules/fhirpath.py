@@ -20,7 +20,7 @@ from fhirpathpy.parser import parse
 from fhirpathpy.parser.generated.FHIRPathLexer import FHIRPathLexer
 from fhirpathpy.parser.generated.FHIRPathParser import FHIRPathParser
 
-from ..fhir import instant
+from ..fhir import canonical_system, instant
 from . import cache
 from .fastpath import compile_fast
 
@@ -98,6 +98,11 @@ def syntax_tree(expression: str) -> Any:
     return tree
 
 
+def _key(coding: dict[str, Any]) -> tuple[Any, Any]:
+    system = coding.get("system")
+    return (canonical_system(system) if isinstance(system, str) else system), coding.get("code")
+
+
 def member_of(valuesets: ValueSets) -> Callable[[list[Any], str], list[bool]]:
     """FHIRPath's memberOf(valueset) over the rule set's own value sets, named as in `codes:`.
 
@@ -115,8 +120,7 @@ def member_of(valuesets: ValueSets) -> Callable[[list[Any], str], list[bool]]:
         if not isinstance(item, dict):
             return []
         codings = item.get("coding") if "coding" in item else [item]
-        return [isinstance(codings, list) and any(
-            isinstance(c, dict) and (c.get("system"), c.get("code")) in keys for c in codings)]
+        return [isinstance(codings, list) and any(isinstance(c, dict) and _key(c) in keys for c in codings)]
 
     return member
 

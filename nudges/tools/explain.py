@@ -26,7 +26,7 @@ from typing import Any
 from .. import pipeline
 from ..clock import parse_instant
 from ..engine import Match
-from ..fhir import concepts, instant
+from ..fhir import canonicalize, concepts, instant
 from ..record import PatientRecord
 from ..rules.compiled import CompiledClause, CompiledGroup, CompiledItem, CompiledRule, RuleSet
 from ..rules.fhirpath import truthy
@@ -251,6 +251,7 @@ class Recorder:
         else:
             for _, resource in found:
                 try:
+                    canonicalize(resource)  # as the engine does before FHIRPath reads it (record.canonical)
                     ok = truthy(clause.where(resource, env))
                 except Exception as exc:  # the engine would have raised too, had it reached this one
                     step.note(f"{reference(resource)}: `where` raised {type(exc).__name__}: {exc}")
