@@ -1,3 +1,3 @@
 """nudges: health-equity decision support served over CDS Hooks."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
