@@ -119,20 +119,21 @@ class Runtime:
         return self.reloader.current
 
     def evaluate(self, call: pipeline.Call, caller: Caller) -> pipeline.Result:
-        """Runs in a worker thread: engine, suppression (claimed and recorded with the cards in one
-        transaction) and waiting cards in one go."""
+        """Runs in a worker thread: engine, then suppression, the cards shown and the waiting cards taken,
+        all in one transaction (one checkout, one commit)."""
         services = self.services()
         now = self.clock.now()
         store = self.store
         patient_hash = store.patient_hash(call.context["patientId"])
         result = pipeline.evaluate(call, services, now, patient_hash=patient_hash, keyed=store.keyed,
                                    tenant=caller.tenant, why_base=self.settings.public_base_url)
-        shown = {id(r) for r in store.show_cards(result.records, self.settings.suppression.ignored_window)}
-        result.issued = [i for i in result.issued if i.record is not None and id(i.record) in shown]
-        live = {i.rule_id for i in result.issued}
-        pending = followups.take_pending(self.store, patient_hash, service_id=call.service.id,
-                                         hook_instance=call.request.hookInstance, live_rules=live, now=now,
-                                         max_age=self.settings.pending_card_max_age)
+        with store.transaction() as conn:
+            shown = {id(r) for r in store.show_cards(result.records, self.settings.suppression.ignored_window, conn)}
+            result.issued = [i for i in result.issued if i.record is not None and id(i.record) in shown]
+            pending = followups.take_pending(store, patient_hash, service_id=call.service.id,
+                                             hook_instance=call.request.hookInstance,
+                                             live_rules={i.rule_id for i in result.issued}, now=now,
+                                             max_age=self.settings.pending_card_max_age, conn=conn)
         result.issued += [IssuedCard(p.rule_id, followups.fill_context(p.card, call.context)) for p in pending]
         for rule_id in result.failed:
             self.metrics.rule_errors.labels(rule_id).inc()

@@ -11,8 +11,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
 from .clock import Clock
@@ -140,8 +141,10 @@ class CardRecord:
     focus: str | None = None  # keyed hash of what the card is about (suppression.focus_of)
 
     def row(self) -> dict[str, Any]:
-        data = {k: v for k, v in asdict(self).items() if k != "bucket"}
-        data.update(asdict(self.bucket))
+        """Shallow on purpose: `dataclasses.asdict` deep-copies every value (the datetimes too), which
+        cost more than the card's insert on SQLite."""
+        data = {k: v for k, v in vars(self).items() if k != "bucket"}
+        data.update(vars(self.bucket))
         return data
 
 
@@ -235,7 +238,7 @@ def claim_statement(dialect: str) -> Any:
         index_elements=SUPPRESSION_KEY, where=or_(free, escalated),
         set_={"card_uuid": statement.excluded.card_uuid, "shown_at": now,
               "shown_until": statement.excluded.shown_until, "level": statement.excluded.level},
-    ).returning(suppressions.c.rule_id)
+    ).returning(suppressions.c.rule_id, suppressions.c.focus)
 
 
 def feedback_statement(dialect: str) -> Any:
@@ -324,23 +327,35 @@ class Store:
             with self.engine.begin() as conn:
                 conn.execute(INSERT_CARDS, [r.row() for r in records])
 
-    def show_cards(self, records: Sequence[CardRecord], window: timedelta) -> list[CardRecord]:
-        """The cards that may be shown, claimed and recorded in one transaction: for each card's (patient,
-        rule, focus), one atomic statement (see claim_statement) takes the display window, `window` long,
-        unless a display or feedback still holds it; the cards that got it are stored. Keys are claimed in
-        a fixed order, so two calls claiming several keys at once cannot deadlock on PostgreSQL."""
+    @contextmanager
+    def transaction(self, conn: Connection | None = None) -> Iterator[Connection]:
+        """`conn` when the caller already holds a transaction (a hook call's writes share one: one
+        checkout and one commit, where each round trip to PostgreSQL counts), else a new one."""
+        if conn is not None:
+            yield conn
+            return
+        with self.engine.begin() as conn:
+            yield conn
+
+    def show_cards(self, records: Sequence[CardRecord], window: timedelta,
+                   conn: Connection | None = None) -> list[CardRecord]:
+        """The cards that may be shown, claimed and recorded in one transaction: one atomic statement (see
+        claim_statement; a row per (patient, rule, focus), sent as one multi-row INSERT) takes each display
+        window, `window` long, unless a display or feedback still holds it; the cards that got it are
+        stored. Rows go in a fixed key order, so two calls claiming several keys cannot deadlock on
+        PostgreSQL; a second card for a key already claimed in this call is not shown, as it would not be
+        in a later call."""
         if not records:
             return []
-        claim = CLAIM[self.dialect]
-        shown = []
-        with self.engine.begin() as conn:
-            for r in sorted(records, key=lambda r: (r.rule_id, r.focus or "")):
-                got = conn.execute(claim, {"patient_hash": r.patient_hash, "rule_id": r.rule_id,
-                                           "focus": r.focus or "", "card_uuid": r.uuid, "shown_at": r.issued_at,
-                                           "shown_until": r.issued_at + window,
-                                           "level": LEVELS.get(r.indicator, 0)}).first()
-                if got is not None:
-                    shown.append(r)
+        first: dict[tuple[str, str], CardRecord] = {}
+        for r in sorted(records, key=lambda r: (r.rule_id, r.focus or "")):
+            first.setdefault((r.rule_id, r.focus or ""), r)
+        rows = [{"patient_hash": r.patient_hash, "rule_id": r.rule_id, "focus": key[1], "card_uuid": r.uuid,
+                 "shown_at": r.issued_at, "shown_until": r.issued_at + window,
+                 "level": LEVELS.get(r.indicator, 0)} for key, r in first.items()]
+        with self.transaction(conn) as conn:
+            claimed = {(row.rule_id, row.focus) for row in conn.execute(CLAIM[self.dialect], rows)}
+            shown = [r for key, r in first.items() if key in claimed]
             if shown:
                 conn.execute(INSERT_CARDS, [r.row() for r in shown])
         chosen = {id(r) for r in shown}

@@ -55,6 +55,26 @@ def test_cards_and_suppression_windows(make_store, database_url: str, clock: Fix
     assert not any("pt-" in str(v) for v in row.values())  # no raw patient id anywhere in the row
 
 
+def test_several_cards_claimed_in_one_statement(make_store, database_url: str, clock: FixedClock) -> None:  # type: ignore[no-untyped-def]
+    """One call's cards are claimed together: those whose key is held stay back, the rest are shown, a
+    second card for a key this call already claims is not, and the answer keeps the call's order."""
+    store = make_store()
+    h = store.patient_hash(f"pt-many-{database_url[-6:]}")
+    tag = database_url[-6:].encode().hex()[:10]
+
+    def record(n: int, rule: str, focus: str) -> CardRecord:
+        return replace(card(f"00000000-0000-4000-8001-{tag}{n:02d}", rule, h, clock), focus=focus)
+
+    assert store.show_cards([record(1, "rule-b", "f1")], timedelta(minutes=5))
+    batch = [record(2, "rule-c", "f1"), record(3, "rule-b", "f1"), record(4, "rule-a", "f2"),
+             record(5, "rule-a", "f2"), record(6, "rule-a", "f1")]
+    shown = store.show_cards(batch, timedelta(minutes=5))
+    assert [r.uuid[-2:] for r in shown] == ["02", "04", "06"]
+    with store.engine.connect() as conn:
+        stored = conn.execute(select(cards.c.uuid).where(cards.c.patient_hash == h)).scalars().all()
+    assert sorted(u[-2:] for u in stored) == ["01", "02", "04", "06"]
+
+
 def test_feedback_is_stored_once(make_store, database_url: str, clock: FixedClock) -> None:  # type: ignore[no-untyped-def]
     store = make_store()
     entry = FeedbackRecord(card_uuid=f"card-{database_url[-8:]}", service_id="nudges-patient-view",

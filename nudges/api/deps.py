@@ -16,7 +16,9 @@ from ..runtime import Runtime
 from .auth import Caller
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
+    """Async on purpose: FastAPI runs a plain `def` dependency in its thread pool, a thread hop on every
+    request for one attribute read."""
     runtime: Runtime = request.app.state.runtime
     return runtime
 

@@ -269,19 +269,18 @@ def expire_pending(store: Store, max_age: timedelta, now: datetime | None = None
 
 def take_pending(store: Store, patient_hash: str, *, service_id: str, hook_instance: str,
                  live_rules: frozenset[str] | set[str] = frozenset(), now: datetime | None = None,
-                 max_age: timedelta | None = None) -> list[PendingCard]:
+                 max_age: timedelta | None = None, conn: Connection | None = None) -> list[PendingCard]:
     """The patient's waiting cards, marked delivered by the same statement that reads them, so each
     surfaces exactly once however many calls race; the stored JSON is emptied. A waiting card whose
     rule fired live in this call (`live_rules`: the live card is fresher), or a second one for a rule,
     is dropped. The `cards` rows of those returned are attributed to the delivering service, where
-    the EHR will send feedback."""
+    the EHR will send feedback. `conn`: the hook call's own transaction, if it has one."""
     now = now or store.clock.now()
     oldest = now - max_age if max_age is not None else datetime.min.replace(tzinfo=UTC)
     params = {"who": patient_hash, "oldest": oldest}  # "who": a column's own name is reserved in UPDATE
-    with store.engine.connect() as conn:  # the common case, nothing waiting, stays a read
-        if conn.execute(ANY_WAITING, params).first() is None:
+    with store.transaction(conn) as conn:
+        if conn.execute(ANY_WAITING, params).first() is None:  # the common case: a read, nothing locked
             return []
-    with store.engine.begin() as conn:
         rows = conn.execute(
             update(pending_cards)
             .where(*WAITING)

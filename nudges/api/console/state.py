@@ -32,7 +32,7 @@ class ConsoleState:
         return value
 
 
-def console_state(request: Request) -> ConsoleState:
+async def console_state(request: Request) -> ConsoleState:
     state: ConsoleState | None = getattr(request.app.state, "console", None)
     if state is None:
         state = request.app.state.console = ConsoleState()
