@@ -255,3 +255,21 @@ def test_dashboard_withholds_a_small_group_everywhere(make_client: Callable[...,
     csv = server.get("/console/audit.csv")
     assert csv.headers["content-disposition"].startswith("attachment")
     assert f"{rule},race,asian,<11,<11," in csv.text and f"{rule},race,black,hidden," in csv.text
+
+
+def test_a_form_is_held_to_the_body_limit(make_client: Callable[..., LiveServer]) -> None:
+    """Starlette sets no limit on a URL-encoded form: the service's own cap applies, streamed or declared."""
+    console = make_client(rules=ROOT / "rules", public_base_url="https://nudges.example.org", max_body_bytes=4000)
+    form = {"fixture": "patient-view-troponin", "csrf": token(console)}
+    assert console.post("/console/try", data=form).status_code == 200
+    response = console.post("/console/try", data={**form, "bundle": "x" * 5000})
+    assert response.status_code == 413 and "exceeds 4000 bytes" in response.text
+
+    def chunks():  # type: ignore[no-untyped-def]
+        yield "&".join(f"{k}={v}" for k, v in form.items()).encode()
+        for _ in range(60):
+            yield b"&context=" + b"y" * 100
+
+    streamed = console.post("/console/try", content=chunks(),
+                            headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert streamed.status_code == 413

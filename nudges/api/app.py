@@ -16,7 +16,7 @@ from ..settings import Settings
 from . import errors
 from .console import ROUTERS as CONSOLE
 from .console.security import ConsoleHeaders
-from .middleware import Instrumentation, QuietCollectorMiddleware
+from .middleware import BodyLimit, Instrumentation, QuietCollectorMiddleware
 from .routes import docs, feedback, health, notifications, services
 
 
@@ -34,6 +34,7 @@ def create_app(settings: Settings, clock: Clock | None = None) -> FastAPI:
     app = FastAPI(title="nudges", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Health-equity decision support over CDS Hooks 2.0")
     app.state.runtime = runtime
+    app.add_middleware(BodyLimit)
     app.add_middleware(QuietCollectorMiddleware)
     app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_credentials=False,
                        allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["Authorization", "Content-Type"],

@@ -46,6 +46,8 @@ def install(app: FastAPI) -> None:
     async def _http_error(request: Request, exc: HTTPException) -> Response:
         if exc.status_code == 404:
             return error_response(NotFound("no such endpoint"), request)
+        if isinstance(exc.__cause__, NudgesError):  # FastAPI's "error parsing the body" around our own
+            return error_response(exc.__cause__, request)
         err = NudgesError(str(exc.detail))
         err.status, err.code = exc.status_code, "not-supported" if exc.status_code == 405 else "processing"
         return error_response(err, request)

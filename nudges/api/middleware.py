@@ -1,4 +1,5 @@
-"""Pure ASGI middleware: request metrics, and the collector kept quiet while request bodies are in flight."""
+"""Pure ASGI middleware: request metrics, one cap on request bodies, and the collector kept quiet while
+request bodies are in flight."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..errors import PayloadTooLarge
 from ..hooks import service_hook
 
 # Path heads reported by name in metrics; anything else is "other" (no unbounded label values).
@@ -49,6 +51,34 @@ class Instrumentation:
             label = path_label(scope["path"])
             metrics.requests.labels(label, str(status[0])).inc()
             metrics.latency.labels(label).observe((answered[0] if answered else time.perf_counter()) - start)
+
+
+class BodyLimit:
+    """`max_body_bytes` for every request body, counted as it arrives: hook calls, feedback and
+    notifications (read by `deps.read_body`) and the console's forms (parsed by Starlette, which sets no
+    limit on a URL-encoded form), chunked bodies without a Content-Length included. Raised inside the
+    route's read, so the answer is the usual 413 OperationOutcome."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        limit = scope["app"].state.runtime.settings.max_body_bytes
+        size = 0
+
+        async def counted() -> Message:
+            nonlocal size
+            message = await receive()
+            if message["type"] == "http.request":
+                size += len(message.get("body", b""))
+                if size > limit:
+                    raise PayloadTooLarge(f"request body exceeds {limit} bytes")
+            return message
+
+        await self.app(scope, counted, send)
 
 
 class QuietCollectorMiddleware:
