@@ -6,8 +6,10 @@ Standard Webhooks, checked by a receiver that verifies them). The real FHIR serv
 from __future__ import annotations
 
 import base64
+import email.utils
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -15,6 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 from conftest import FhirServer, LiveServer
@@ -26,6 +29,7 @@ from nudges.cli import main
 from nudges.clock import FixedClock
 from nudges.errors import ConfigError
 from nudges.events import followups, outbox, webhooks
+from nudges.fhirserver.client import retry_after
 from nudges.rules.compiler import load_ruleset
 from nudges.rules.delivery import Targets
 from nudges.settings import Settings
@@ -37,12 +41,13 @@ POOL = {"reference": "PractitionerRole/oncall-cardiology", "display": "On-call c
 
 class Receiver:
     """A webhook receiver on loopback that verifies every request as Standard Webhooks says, records it,
-    and answers what `statuses` scripts (then 204), after `delay` seconds."""
+    and answers what `statuses` scripts (then 204), after `delay` seconds, with `retry_after` if set."""
 
     def __init__(self) -> None:
         self.received: list[tuple[dict[str, str], bytes, bool]] = []
         self.statuses: list[int] = []
         self.delay = 0.0
+        self.retry_after: str | None = None
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -58,6 +63,8 @@ class Receiver:
                 try:
                     self.send_response(receiver.statuses.pop(0) if receiver.statuses else 204)
                     self.send_header("Content-Length", "0")
+                    if receiver.retry_after is not None:
+                        self.send_header("Retry-After", receiver.retry_after)
                     self.end_headers()
                 except (BrokenPipeError, ConnectionResetError):
                     pass
@@ -310,9 +317,11 @@ def test_webhook_failures_are_retried_with_backoff_then_dead(make_client: Callab
     assert followups.aware(row.due_at) == clock.now() + timedelta(seconds=60)  # doubled
     receiver.delay = 0
     clock.advance(seconds=60)
-    receiver.statuses = [429]
+    receiver.statuses, receiver.retry_after = [429], "600"
     assert [o.outcome for o in service.send_outbox()] == ["retry"]
-    clock.advance(seconds=120)
+    assert followups.aware(delivery(service, card).due_at) == clock.now() + timedelta(seconds=600)  # as asked
+    receiver.retry_after = None
+    clock.advance(seconds=600)
     receiver.statuses = [500]
     assert [o.outcome for o in service.send_outbox()] == ["dead"]  # the fourth attempt was the last
     row = delivery(service, card)
@@ -322,6 +331,17 @@ def test_webhook_failures_are_retried_with_backoff_then_dead(make_client: Callab
     assert waiting(service, pid, card)  # never acknowledged: still shown at the next visit
     logged = caplog.text + str([r.__dict__ for r in caplog.records])
     assert "delivery dead" in logged and pid not in logged and SECRET not in logged  # nothing about the patient
+
+
+def test_retry_after_in_either_form() -> None:
+    """RFC 9110 allows seconds or an HTTP date; anything else leaves the back-off to the caller."""
+    in_a_minute = email.utils.formatdate(time.time() + 60, usegmt=True)
+    assert retry_after(httpx.Headers({"Retry-After": "120"})) == 120
+    assert 55 < (retry_after(httpx.Headers({"Retry-After": in_a_minute})) or 0) <= 60
+    assert retry_after(httpx.Headers({"Retry-After": email.utils.formatdate(time.time() - 60, usegmt=True)})) == 0
+    assert retry_after(httpx.Headers({"Retry-After": "soon"})) is None
+    assert retry_after(httpx.Headers({"Retry-After": "-5"})) is None
+    assert retry_after(httpx.Headers()) is None
 
 
 @pytest.mark.parametrize(("status", "reason"), [(410, "the endpoint is gone"), (400, "answered 400")])

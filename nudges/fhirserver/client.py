@@ -9,9 +9,11 @@ Every fetch ends in a typed outcome, `Found` or `Failed`, and every write in `Wr
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import functools
 import logging
 import ssl
+import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -70,9 +72,19 @@ def retryable(status: int) -> bool:
 
 
 def retry_after(headers: httpx.Headers) -> float | None:
-    """Retry-After in seconds (the HTTP-date form is ignored: the back-off applies instead)."""
-    value = headers.get("retry-after", "")
-    return float(value) if value.strip().isdigit() else None
+    """Retry-After as seconds from now, given as seconds or as an HTTP date (RFC 9110); None when absent
+    or unreadable, so the caller's own back-off applies. An HTTP date is the server's wall time, so it is
+    read against the real time, not the service's (possibly pinned) clock."""
+    value = headers.get("retry-after", "").strip()
+    if not value:
+        return None
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(when.timestamp() - time.time(), 0.0) if when.tzinfo else None
 
 
 def diagnostics(body: Any) -> str:

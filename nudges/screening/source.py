@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -26,6 +25,7 @@ import httpx
 import orjson
 
 from ..errors import FhirServerError
+from ..fhirserver.client import retry_after
 from ..fhirserver.tokens import BackendTokens
 from ..settings import Settings
 
@@ -94,17 +94,10 @@ def _transient(response: httpx.Response) -> bool:
     return any(isinstance(i, dict) and i.get("code") == "transient" for i in issues or ())
 
 
-def retry_after(response: httpx.Response, default: float) -> float:
-    """Retry-After in seconds or as an HTTP date, within sane bounds."""
-    value = response.headers.get("Retry-After")
-    if not value:
-        return default
-    try:
-        seconds = float(value)
-    except ValueError:
-        when = email.utils.parsedate_to_datetime(value)
-        seconds = when.timestamp() - time.time() if when else default
-    return min(max(seconds, 0.2), POLL_MAX)
+def wait_for(response: httpx.Response, default: float) -> float:
+    """How long to wait before asking again: the server's Retry-After, else `default`, within sane bounds."""
+    seconds = retry_after(response.headers)
+    return min(max(default if seconds is None else seconds, 0.2), POLL_MAX)
 
 
 class Exporter:
@@ -171,7 +164,7 @@ class Exporter:
                 refreshed = True
                 continue
             if _transient(response) and attempt + 1 < ATTEMPTS:
-                await asyncio.sleep(retry_after(response, BACKOFF * 2 ** attempt))
+                await asyncio.sleep(wait_for(response, BACKOFF * 2 ** attempt))
                 continue
             return response
         raise ExportFailed(f"{what}: {url} kept failing")
@@ -211,7 +204,7 @@ class Exporter:
             if progress != shown:
                 self.err.write(f"export: {progress}\n")
                 shown = progress
-            wait = retry_after(response, POLL_DEFAULT)
+            wait = wait_for(response, POLL_DEFAULT)
             if time.monotonic() + wait > deadline:
                 raise ExportFailed(f"the export did not complete within {self.timeout:g} s; it may still be "
                                    f"running at {self.state['status_url']}: run the same command again to keep "
@@ -251,7 +244,7 @@ class Exporter:
                     if response.status_code not in (200, 206):
                         await response.aread()
                         if _transient(response) and attempt + 1 < ATTEMPTS:
-                            await asyncio.sleep(retry_after(response, BACKOFF * 2 ** attempt))
+                            await asyncio.sleep(wait_for(response, BACKOFF * 2 ** attempt))
                             continue
                         raise ExportFailed(f"could not download {url}: {diagnostics(response)}")
                     mode = "ab" if response.status_code == 206 else "wb"  # 200: the server ignored Range
