@@ -30,9 +30,10 @@ from .metrics import Metrics
 from .rules.delivery import Targets
 from .services import Reloader, Services
 from .settings import Settings
-from .store import FeedbackRecord, Store
+from .store import SUPPRESSION_RETENTION, FeedbackRecord, Store
 
 log = logging.getLogger("nudges.runtime")
+HOUSEKEEPING_SECONDS = 3600.0
 
 
 @dataclass
@@ -96,7 +97,16 @@ class Runtime:
         self.scheduler.every("due-followups", self.settings.followup_poll_seconds, self.due.run_due)
         self.scheduler.every("deliveries", self.settings.delivery.poll_seconds, self.deliveries.run_due)
         self.scheduler.every("subscriptions-check", self.settings.subscriptions.check_seconds, self.recovery.check)
+        self.scheduler.every("housekeeping", HOUSEKEEPING_SECONDS, self.housekeeping)
         self.scheduler.start()
+
+    async def housekeeping(self) -> int:
+        """Suppression rows that hold nothing any more are dropped (hourly: a scan of the table)."""
+        before = self.clock.now() - SUPPRESSION_RETENTION
+        purged = await asyncio.to_thread(self.store.purge_suppressions, before)
+        if purged:
+            log.info("inert suppressions purged", extra={"count": purged})
+        return purged
 
     async def reload_if_changed(self) -> None:
         if await asyncio.to_thread(self.reloader.changed):

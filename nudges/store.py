@@ -261,6 +261,7 @@ def feedback_statement(dialect: str) -> Any:
 
 # Statements on the path of every hook call, built once: constructing a SQLAlchemy statement costs more
 # than running it on SQLite (0.14 ms against 0.04 ms for a look-up).
+SUPPRESSION_RETENTION = timedelta(days=30)  # how long an inert suppression row is kept (purge_suppressions)
 CLAIM = {dialect: claim_statement(dialect) for dialect in ("sqlite", "postgresql")}
 LOCK = {dialect: feedback_statement(dialect) for dialect in ("sqlite", "postgresql")}
 INSERT_CARDS = insert(cards)
@@ -360,6 +361,16 @@ class Store:
                 conn.execute(INSERT_CARDS, [r.row() for r in shown])
         chosen = {id(r) for r in shown}
         return [r for r in records if id(r) in chosen]
+
+    def purge_suppressions(self, before: datetime) -> int:
+        """Drop suppression rows that have held nothing since `before`: display window and lockout both
+        over. Such a row decides nothing (a claim takes it as if it were absent), so the table stays as
+        large as what is held. The caller leaves a margin (SUPPRESSION_RETENTION) so that feedback arriving
+        late and out of order still meets the newer outcome it must not override."""
+        inert = and_(suppressions.c.shown_until < before,
+                     or_(suppressions.c.feedback_until.is_(None), suppressions.c.feedback_until < before))
+        with self.engine.begin() as conn:
+            return conn.execute(suppressions.delete().where(inert)).rowcount or 0
 
     def suppressed(self, patient_hash: str, rule_id: str, focus: str, now: datetime | None = None,
                    indicator: str = "info") -> bool:

@@ -8,7 +8,7 @@ from datetime import timedelta
 from sqlalchemy import select
 
 from nudges.clock import FixedClock
-from nudges.store import Bucket, CardRecord, FeedbackRecord, cards, feedback
+from nudges.store import Bucket, CardRecord, FeedbackRecord, Lockout, cards, feedback, suppressions
 
 
 def card(uuid: str, rule: str, patient_hash: str, clock: FixedClock, **bucket: str) -> CardRecord:
@@ -114,3 +114,29 @@ def test_models_and_migrations_agree(make_store) -> None:  # type: ignore[no-unt
         differences = [d for d in compare_metadata(context, metadata)
                        if not (isinstance(d, tuple) and d[0] == "remove_table" and d[1].name == "alembic_version")]
     assert differences == []
+
+
+def test_inert_suppressions_are_purged(make_store, database_url: str, clock: FixedClock) -> None:  # type: ignore[no-untyped-def]
+    """Only rows that hold nothing since the cutoff go; a held display window or lockout stays, and a
+    purged key is free exactly as it was before."""
+    store = make_store()
+    h = store.patient_hash(f"pt-purge-{database_url[-6:]}")
+    tag = database_url[-6:].encode().hex()[:10]
+
+    def show(n: int, rule: str) -> bool:
+        record = replace(card(f"00000000-0000-4000-8002-{tag}{n:02d}", rule, h, clock), focus="f")
+        return bool(store.show_cards([record], timedelta(minutes=5)))
+
+    assert show(1, "rule-old") and show(2, "rule-locked")
+    lockout = Lockout(patient_hash=h, rule_id="rule-locked", focus="f", until=clock.now() + timedelta(days=90))
+    entry = FeedbackRecord(card_uuid=f"00000000-0000-4000-8002-{tag}02", service_id="nudges-patient-view",
+                           outcome="overridden", outcome_timestamp=clock.now())
+    assert store.apply_feedback([(entry, lockout)]) == [True]
+    clock.advance(days=40)
+    assert show(3, "rule-now")
+    purged = store.purge_suppressions(clock.now() - timedelta(days=30))  # this module's other rows may go too
+    with store.engine.connect() as conn:
+        left = set(conn.execute(select(suppressions.c.rule_id).where(suppressions.c.patient_hash == h)).scalars())
+    assert purged >= 1 and left == {"rule-locked", "rule-now"}
+    assert store.suppressed(h, "rule-locked", "f") and not store.suppressed(h, "rule-old", "f")
+    assert show(4, "rule-old")  # as free as before the purge
