@@ -207,7 +207,7 @@ def test_a_site_without_the_pool_still_serves_and_the_push_goes_dead(
 def test_deliver_compiles(rules_dir: Path) -> None:
     add_followup(rules_dir, """- {channel: communication, to: encounter-participants, roles: [ATND],
    pool: cardiology-on-call}
-- {channel: task, owner: pool, pool: cardiology-on-call, due: 30m}
+- {channel: task, owner: pool, pool: cardiology-on-call, due: 30min}
 - {channel: webhook, endpoint: paging}""")
     result = load_ruleset(rules_dir, targets=Targets(frozenset({"cardiology-on-call"}), frozenset({"paging"})))
     assert result.ruleset is not None, result.problems
@@ -360,7 +360,7 @@ def test_a_refusing_webhook_is_dead_at_once(make_client: Callable[..., LiveServe
 def test_a_task_for_the_pool_after_a_server_error(make_client: Callable[..., LiveServer], rules_dir: Path,
                                                   fhir_server: FhirServer, clock: FixedClock) -> None:
     add_followup(rules_dir, "- {channel: task, owner: care-team, roles: [cardiologist], pool: cardiology-on-call, "
-                            "due: 30m, code: {system: 'http://snomed.info/sct', code: '183519002', "
+                            "due: 30min, code: {system: 'http://snomed.info/sct', code: '183519002', "
                             "display: Referral to cardiology service}}")
     service = make_client(**settings(sender="Device/nudges"))
     pid = new_patient()
@@ -541,7 +541,7 @@ when:
       resource: Encounter
       where: "class.code = 'EMER' and status = 'in-progress'"
       within: 24h
-      older_than: 60m
+      older_than: 60min
   none:
     - resource: MedicationAdministration
       since: visit
@@ -553,7 +553,7 @@ citations: [{title: NHLBI expert panel 2014, doi: 10.1001/jama.2014.10517}]
 falsepositives: [An analgesic charted late.]
 followup:
   start: visit
-  after: 60m
+  after: 60min
   deliver:
     - {channel: communication, to: encounter-participants, roles: [ATND, PPRF], pool: emergency-team}
 """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import orjson
@@ -12,6 +13,7 @@ from helpers import patient_view, troponin
 
 from nudges.cli import main
 from nudges.rules.compiler import load_ruleset
+from nudges.rules.schema import parse_duration
 
 RULE = Path("cardiology/troponin-without-cath-plan.yaml")
 URL = "/cds-services/nudges-patient-view"
@@ -73,6 +75,23 @@ def test_lint_reports_path_line_column(rules_dir: Path, capsys: pytest.CaptureFi
     assert hits, out
     file, line, column, _ = hits[0].split(":", 3)
     assert file.endswith(str(RULE)) and int(line) == line_of(path, needle) and int(column) >= 1
+
+
+def test_a_bare_m_is_minutes_and_lint_says_so(rules_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`within: 6m` reads like six months to many authors and is six minutes: a warning at its place
+    (the set still loads); `min` and `mo` say which, and parse as such."""
+    path = rules_dir / RULE
+    edit(path, "within: 72h", "within: 6m  # months?")
+    code, out = lint(rules_dir, capsys)
+    assert code == 0
+    [warned] = [line for line in out if "is 6 minutes" in line]
+    assert warned.startswith("warning:") and f"{RULE}:{line_of(path, 'within: 6m')}:" in warned and "'6m' is 6 minutes" in warned and "'6mo'" in warned
+    for written in ("6min", "6mo"):
+        edit(path, "within: 6m  # months?" if written == "6min" else "within: 6min", f"within: {written}")
+        code, out = lint(rules_dir, capsys)
+        assert code == 0 and not [line for line in out if "is 6 minutes" in line], out
+    assert (parse_duration("6min"), parse_duration("6m"), parse_duration("6mo")) == (
+        timedelta(minutes=6), timedelta(minutes=6), timedelta(days=180))
 
 
 def test_lint_summary_too_long_and_yaml_syntax(rules_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:

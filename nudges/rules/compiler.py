@@ -182,6 +182,7 @@ def load_ruleset(directory: Path, site: Path | None = None, targets: Targets | N
                                         f"in {rule.id}.cases.yaml"))
         if result is not None:
             compiled.append(result)
+        unsourced += bare_minutes(_show(path), document.text)
         left = placeholders(document.text)
         if left is not None:
             line, col, count = left
@@ -302,6 +303,24 @@ def load_valuesets(files: list[Path], site_files: list[Path],
                 continue
         valuesets[path.stem] = valuesets[path.stem].with_site(codes)
     return valuesets, problems, unsourced
+
+
+BARE_MINUTES = re.compile(r":\s+(\d+)\s*m\s*(?=$|[,}\]#])")
+
+
+def bare_minutes(display: str, text: str) -> list[Problem]:
+    """`6m` means six minutes, and an author thinking of months gets a window that almost never matches,
+    silently. So a bare `m` is worth a warning that says which it is (read from the text: parsing the
+    file's positions for every load would cost more than the check)."""
+    found = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.lstrip().startswith("#"):
+            continue
+        for match in BARE_MINUTES.finditer(line):
+            amount = match.group(1)
+            found.append(Problem(display, n, match.start(1) + 1, f"'{amount}m' is {amount} minutes: write "
+                                 f"'{amount}min' to say so, or '{amount}mo' for months (30 days each)"))
+    return found
 
 
 def placeholders(text: str) -> tuple[int, int, int] | None:

@@ -15,8 +15,8 @@ Hook = HookName
 Status = Literal["experimental", "test", "active", "deprecated"]
 Indicator = Literal["info", "warning", "critical"]
 
-_DURATION = re.compile(r"^(\d+)\s*(m|min|h|d|w|y)$")
-_UNITS = {"m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
+_DURATION = re.compile(r"^(\d+)\s*(min|mo|m|h|d|w|y)$")
+_UNITS = {"m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "mo": 30 * 86400, "y": 365 * 86400}
 ID_PATTERN = r"^[a-z0-9]+(-[a-z0-9]+)*$"
 PLACEHOLDER_MARK = "REPLACE"  # what `nudges new rule` leaves for its author to fill in; lint points at each
 PLACEHOLDER_MARKS = (PLACEHOLDER_MARK, "replace-me")  # ... and its example code system and citation URL
@@ -25,7 +25,7 @@ PLACEHOLDER_MARKS = (PLACEHOLDER_MARK, "replace-me")  # ... and its example code
 def parse_duration(text: str) -> timedelta:
     match = _DURATION.match(text.strip())
     if not match:
-        raise ValueError(f"'{text}' is not a duration: use a number and a unit m, h, d, w or y (e.g. 12h)")
+        raise ValueError(f"'{text}' is not a duration: use a number and a unit min, h, d, w, mo or y (e.g. 12h)")
     return timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
 
 
@@ -35,7 +35,8 @@ def _check_duration(text: str) -> str:
 
 
 Duration = Annotated[str, AfterValidator(_check_duration),
-                     Field(description="a number and a unit: m, h, d, w or y (365 days), e.g. 12h, 10y")]
+                     Field(description="a number and a unit: min (or m), h, d, w, mo (30 days) or y (365 days), "
+                           "e.g. 30min, 12h, 6mo, 10y")]
 FhirPath = Annotated[str, Field(min_length=1, description="a FHIRPath expression (use %now / %today)")]
 
 
