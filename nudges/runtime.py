@@ -12,6 +12,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
+
 from . import pipeline, suppression
 from .api.auth import Authenticator, Caller, check_startup_policy
 from .cards import IssuedCard
@@ -30,7 +32,7 @@ from .metrics import Metrics
 from .rules.delivery import Targets
 from .services import Reloader, Services
 from .settings import Settings
-from .store import SUPPRESSION_RETENTION, FeedbackRecord, Store
+from .store import POOL_SIZE, SUPPRESSION_RETENTION, FeedbackRecord, Store
 
 log = logging.getLogger("nudges.runtime")
 HOUSEKEEPING_SECONDS = 3600.0
@@ -52,6 +54,9 @@ class Runtime:
     deliveries: Deliveries = field(init=False)
     recovery: Recovery = field(init=False)
     loop: asyncio.AbstractEventLoop | None = None  # the app's event loop, once started
+    # Hook evaluations running at once in worker threads: no more than the store's pool holds (see
+    # store.POOL_SIZE); more would only queue for the GIL and for connections.
+    evaluations: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(POOL_SIZE))
 
     def __post_init__(self) -> None:
         self.due = DueFollowups(self.settings, self.clock, self.store, self.reloader, self.fhir)

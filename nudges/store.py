@@ -195,6 +195,12 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+# Connections kept open per process. Hook calls never need more at once (runtime.evaluations admits this
+# many evaluations), so they never overflow the pool: an overflow connection is closed when returned, and
+# under load that meant a new PostgreSQL backend (a fork) for every few calls.
+POOL_SIZE = 8
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
@@ -202,7 +208,7 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    return create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=POOL_SIZE)
 
 
 def _upsert(dialect: str) -> Any:

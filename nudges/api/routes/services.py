@@ -30,7 +30,7 @@ async def call_service(service_id: str, runtime: RuntimeDep, caller: CallerDep, 
     call = pipeline.parse_call(runtime.services(), service_id, body)
     await pipeline.complete(call, runtime.fhir, runtime.settings,
                             caller.client.fhir_servers if caller.client else None)
-    result = await anyio.to_thread.run_sync(runtime.evaluate, call, caller)
+    result = await anyio.to_thread.run_sync(runtime.evaluate, call, caller, limiter=runtime.evaluations)
     response = json_response({"cards": result.cards})
     response.background = BackgroundTask(release, body, call, result)
     return response
