@@ -218,6 +218,9 @@ class FhirServer:
         # If-None-Exist on `identifier=` is honoured as a FHIR server does (200 when it finds one).
         self.writes: list[tuple[str, dict[str, str], dict[str, Any]]] = []
         self.write_statuses: list[int] = []
+        # Operations this server offers (`/fhir/Subscription/s1/$events`, any query): path -> body; each
+        # request to one is recorded in `requests` like every read.
+        self.operations: dict[str, dict[str, Any]] = {}
 
         self.in_flight = self.max_in_flight = 0
         self.connections: set[tuple[str, int]] = set()  # client (address, port): one per connection used
@@ -324,6 +327,8 @@ class FhirServer:
         from urllib.parse import parse_qs, urlsplit
 
         parts = urlsplit(path)
+        if parts.path in self.operations:
+            return 200, self.operations[parts.path]
         segments = parts.path.removeprefix("/fhir/").split("/")
         if len(segments) == 2:
             found = [r for r in self.resources if r["resourceType"] == segments[0] and r.get("id") == segments[1]]

@@ -85,7 +85,8 @@ def test_a_bare_m_is_minutes_and_lint_says_so(rules_dir: Path, capsys: pytest.Ca
     code, out = lint(rules_dir, capsys)
     assert code == 0
     [warned] = [line for line in out if "is 6 minutes" in line]
-    assert warned.startswith("warning:") and f"{RULE}:{line_of(path, 'within: 6m')}:" in warned and "'6m' is 6 minutes" in warned and "'6mo'" in warned
+    assert warned.startswith("warning:") and f"{RULE}:{line_of(path, 'within: 6m')}:" in warned
+    assert "'6m' is 6 minutes" in warned and "'6mo'" in warned
     for written in ("6min", "6mo"):
         edit(path, "within: 6m  # months?" if written == "6min" else "within: 6min", f"within: {written}")
         code, out = lint(rules_dir, capsys)

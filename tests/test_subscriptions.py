@@ -1,7 +1,8 @@
 """Managed subscriptions against a FHIR server the project did not write (sekmet-fhir, on loopback):
 `nudges subscriptions plan|apply|status`, notifications authenticated per subscription by its secret,
 refusals (a Subscription the server puts in error, a server that is down), stale and foreign secrets,
-and missed events: detected (gaps, silence) and recovered (re-activation, then a search)."""
+and missed events: detected (gaps, silence) and recovered (re-activation, then a search; or `$events`
+where a server offers it, which sekmet does not: that path runs against the tests' loopback server)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import LiveServer
+from conftest import FhirServer, LiveServer
 from helpers import add_followup
+from helpers import troponin as troponin_resource
 from sekmet_fhir import TOPIC_URL, TROPONIN_TOPIC, Sekmet, running_sekmet, wait_for
 from sqlalchemy import select
 
@@ -292,6 +294,43 @@ def test_a_gap_is_degraded_after_the_grace_period_and_stays_so_while_recovery_fa
     ready = service.get("/readyz").json()
     assert ready["subscriptions"]["degraded"] == 1 and any("degraded" in w for w in ready["warnings"])
     assert "nudges_subscription_missed_events_total 2.0" in service.get("/metrics").text
+
+
+def test_missed_events_come_back_by_events_where_the_server_offers_it(
+        make_client: Callable[..., LiveServer], fhir_server: FhirServer, clock: FixedClock) -> None:
+    """Event 2 of 3 never arrives: past the grace period the service asks `$events` for exactly the
+    numbers it lacks, reads the focus it names (id-only) and schedules its follow-up; the rest is untouched."""
+    service = make_client(followup_poll_seconds=0, subscriptions={"check_seconds": 0, "gap_grace_seconds": 60})
+    store = service.runtime.store
+    for n in (1, 2, 3):
+        fhir_server.resources.append({**troponin_resource(f"obs-{n}", when=instant(clock.now() - timedelta(hours=1))),
+                                      "subject": {"reference": f"Patient/pt-events-{n}"}})
+    status = {"resourceType": "Parameters", "parameter": [
+        {"name": "status", "valueCode": "active"}, {"name": "events-since-subscription-start", "valueString": "3"}]}
+    fhir_server.operations["/fhir/Subscription/s1/$status"] = {
+        "resourceType": "Bundle", "type": "searchset", "entry": [{"resource": status}]}
+    fhir_server.operations["/fhir/Subscription/s1/$events"] = note(
+        "query-event", f"{fhir_server.base}/Subscription/s1", (2, "Observation/obs-2"), since=3)
+    secret = subscriptions.new_secret()
+    row = subscriptions.add(store, server=fhir_server.base, topic=TOPIC_URL, filter=None,
+                            endpoint="http://127.0.0.1/fhir/notifications", heartbeat_seconds=60,
+                            resource_types=["Observation"], secret=secret)
+    subscription = f"{fhir_server.base}/Subscription/s1"
+    for body in (note("handshake", subscription, since=0),
+                 note("event-notification", subscription, (1, "Observation/obs-1"), since=1),
+                 note("event-notification", subscription, (3, "Observation/obs-3"), since=3)):
+        assert service.post("/fhir/notifications", json=body, headers={"Authorization": f"Bearer {secret}"}
+                            ).status_code == 200
+    assert [bool(scheduled(store, f"pt-events-{n}")) for n in (1, 2, 3)] == [True, False, True]
+    clock.advance(seconds=61)
+    [outcome] = service.on_loop(service.runtime.recovery.check())
+    assert (outcome.outcome, outcome.detail) == ("recovered", "$events: 1 resource(s), 1 scheduled"), outcome
+    asked = [path for path, _ in fhir_server.requests if "$events" in path]
+    assert asked == ["/fhir/Subscription/s1/$events?eventsSinceNumber=2&eventsUntilNumber=3&content=id-only"]
+    assert [len(scheduled(store, f"pt-events-{n}")) for n in (1, 2, 3)] == [1, 1, 1]
+    managed = subscriptions.get(store, row)
+    assert managed is not None and (managed.status, managed.last_event, managed.missing) == ("active", 3, [])
+    assert 'nudges_subscription_recoveries_total{method="$events",result="ok"} 1.0' in service.get("/metrics").text
 
 
 def test_with_cds_clients_configured_a_subscription_secret_is_enough(make_client: Callable[..., LiveServer],

@@ -32,6 +32,7 @@ from .subscriptions import Heard
 
 QUIET_TYPES = ("handshake", "heartbeat")
 EVENT_TYPE = "event-notification"
+QUERY_TYPE = "query-event"  # the Bundle a server's `$events` answers with (Backport IG), never pushed to us
 
 
 @dataclass
@@ -57,7 +58,8 @@ def _value(parameter: dict[str, Any]) -> Any:
     return next((v for k, v in parameter.items() if k.startswith("value")), None)
 
 
-def parse_notification(body: dict[str, Any]) -> Notification:
+def parse_notification(body: dict[str, Any], kinds: tuple[str, ...] = (*QUIET_TYPES, EVENT_TYPE)) -> Notification:
+    """A subscription-notification Bundle, of one of `kinds` (what a server pushes, by default)."""
     if body.get("resourceType") != "Bundle":
         raise BadRequest("a notification must be a FHIR Bundle", expression="Bundle")
     if body.get("type") != "history":
@@ -110,7 +112,7 @@ def parse_notification(body: dict[str, Any]) -> Notification:
         raise MissingField("Parameters.parameter:subscription")
     if not isinstance(kind, str) or not kind:
         raise MissingField("Parameters.parameter:type")
-    if kind not in (*QUIET_TYPES, EVENT_TYPE):
+    if kind not in kinds:
         raise BadRequest(f"unsupported notification type '{kind}'", expression="Parameters.parameter:type")
     timestamp = body.get("timestamp") if isinstance(body.get("timestamp"), str) else None
     heard = Heard(kind, status_code if isinstance(status_code, str) else None, events_since, events, timestamp)

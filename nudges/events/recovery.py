@@ -24,7 +24,7 @@ from ..services import Reloader
 from ..settings import Settings
 from ..store import Store
 from . import followups, subscriptions
-from .notifications import Intake, parse_notification
+from .notifications import EVENT_TYPE, QUERY_TYPE, Intake, parse_notification
 from .subscriber import Subscriber
 from .subscriptions import Managed
 
@@ -128,7 +128,7 @@ class Recovery:
         if not isinstance(answer, Answered) or answer.status != 200 or not isinstance(answer.body, dict):
             return None
         try:
-            note = parse_notification(answer.body)
+            note = parse_notification(answer.body, (QUERY_TYPE, EVENT_TYPE))
         except BadRequest:
             return None
         types = set(managed.resource_types)
