@@ -14,11 +14,20 @@ of the same payloads, plus a series of calls each after 50 ms idle. It reports:
    (target: nearly flat);
 
 plus the in-process cost of each stage (parse, pydantic request model, index, evaluate, cards, database)
-so HTTP overhead can be separated from rule work.
+so HTTP overhead can be separated from rule work; and with `--peer DIR`,
+
+6. nudges beside the HL7 CDS Hooks reference services (cds-hooks/sandbox-cds-services, Node/Express) at
+   50 and 2,000 resources: their patient-greeting parses the body and returns one card, the least a CDS
+   service can do with a call, so the ratio says what nudges' rules cost over merely taking the call
+   (goal: nudges no slower at either size). Same bodies, same kind of client, blocks interleaved.
 
     python benchmarks/hook_latency.py            # full run (about a minute on 2 cores)
     python benchmarks/hook_latency.py --quick    # smoke run (about 20 s)
     python benchmarks/hook_latency.py --json     # machine-readable output on stdout
+    python benchmarks/hook_latency.py --peer /path/to/sandbox-cds-services   # + section 6
+
+The peer directory is a checkout of https://github.com/cds-hooks/sandbox-cds-services with its
+dependencies installed (`npm install --omit=dev`); the script starts it with `node` on a free port.
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ from harness import (
     SERVICE,
     SNOMED,
     Body,
+    Endpoint,
     Numbers,
     Server,
     all_resources,
@@ -173,6 +183,76 @@ def lint_all(directories: list[Path]) -> list[str]:
     return lines
 
 
+# The HL7 reference services (github.com/cds-hooks/sandbox-cds-services) as shipped, but for one setting:
+# their index.js mounts body-parser's JSON parser with its default 100 kB limit, which answers 413 to any
+# call over that (a 2,000-resource patient is 2 MB). This launcher loads their own app from the checkout
+# and swaps that one middleware for the same parser with a larger limit; everything else (routes, CORS,
+# error handler, pretty-printed JSON answers) is theirs. It is written into the run's temporary folder.
+PEER_LAUNCHER = """\
+'use strict';
+const path = require('path');
+const { createRequire } = require('module');
+
+const checkout = path.resolve(process.argv[2]);
+const fromCheckout = createRequire(path.join(checkout, 'index.js'));
+const bodyParser = fromCheckout('body-parser');
+const app = fromCheckout('./index.js');
+const layer = app._router.stack.find((entry) => entry.name === 'jsonParser');
+if (!layer) {
+  throw new Error(`no body-parser JSON layer in ${checkout}/index.js: not the expected app`);
+}
+layer.handle = bodyParser.json({ limit: process.env.PEER_BODY_LIMIT });
+app.listen(Number(process.env.PORT), '127.0.0.1', () => {
+  console.log(`listening on 127.0.0.1:${process.env.PORT}`);
+});
+"""
+PEER_SERVICE = "patient-greeting"
+
+
+def peer_problem(directory: Path) -> str | None:
+    """Why `directory` cannot be run as the peer, in words that say what to do about it."""
+    if shutil.which("node") is None:
+        return "node is not on PATH (the reference services are a Node.js app)"
+    if not (directory / "index.js").is_file() or not (directory / "services" / f"{PEER_SERVICE}.js").is_file():
+        return (f"{directory} is not a checkout of cds-hooks/sandbox-cds-services "
+                f"(no index.js, services/{PEER_SERVICE}.js)")
+    if not (directory / "node_modules" / "express").is_dir():
+        return f"{directory}/node_modules has no express: run `npm install --omit=dev` there first"
+    return None
+
+
+class Peer(Endpoint):
+    """The reference services' patient-greeting, started with `node` on a free port: the same kind of
+    client and the same bodies as nudges, so the ratio compares the two services and nothing else."""
+
+    hook_path = f"/cds-services/{PEER_SERVICE}"
+
+    def __init__(self, directory: Path, workdir: Path, body_limit: str = "64mb") -> None:
+        super().__init__(workdir)
+        launcher = workdir / "peer-launcher.js"
+        launcher.write_text(PEER_LAUNCHER, encoding="utf-8")
+        env = dict(os.environ, PORT=str(self.port), PEER_BODY_LIMIT=body_limit)
+        self.launch(["node", str(launcher), str(directory)], env, directory)
+        self.directory = directory
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        services = [s["id"] for s in self.wait_for("/cds-services", timeout).json()["services"]]
+        if PEER_SERVICE not in services:
+            raise SystemExit(f"the peer's discovery lists {services}, not {PEER_SERVICE}")
+
+    def describe(self) -> dict[str, Any]:
+        def version(relative: str) -> str | None:
+            try:
+                return str(orjson.loads((self.directory / relative).read_bytes())["version"])
+            except (OSError, KeyError, orjson.JSONDecodeError):
+                return None
+
+        node = subprocess.run(["node", "--version"], capture_output=True, text=True).stdout.strip()
+        return {"directory": str(self.directory), "service": PEER_SERVICE, "node": node,
+                "express": version("node_modules/express/package.json"),
+                "body_parser": version("node_modules/body-parser/package.json")}
+
+
 # --------------------------------------------------------------------------------------------------
 # Measurement
 
@@ -251,6 +331,35 @@ def interleave(series: list[Series], calls: int, warmup: int, numbers: Numbers, 
         rng.shuffle(order)
         for item in order:
             item.block(numbers, size, loads=loads)
+
+
+PEER_SIZES = (50, 2000)
+
+
+def compare_with_peer(server: Server, directory: Path, workdir: Path, calls: int, warmup: int,
+                      numbers: Numbers) -> dict[str, Any]:
+    """nudges' patient-view and the peer's patient-greeting on the same bodies, in one interleaved run:
+    each size's two series take turns block by block with the other size's, so a slow spell on this
+    shared machine falls on both services alike and the ratio stays meaningful even when the
+    milliseconds drift."""
+    peer = Peer(directory, workdir)
+    try:
+        peer.wait_ready()
+        bodies = [build_body(server.keys, *split(size)) for size in PEER_SIZES]
+        pairs = [(Series.of(server, body), Series.of(peer, body)) for body in bodies]
+        interleave([item for pair in pairs for item in pair], calls, warmup, numbers, loads=False)
+        description = peer.describe()
+    finally:
+        peer.stop()
+    rows = []
+    for body, (ours, theirs) in zip(bodies, pairs, strict=True):
+        mine, other = summary(ours.http), summary(theirs.http)
+        rows.append({"resources": body.resources, "bytes": len(body.template),
+                     "nudges": mine | {"cards_per_call": sorted(ours.cards)},
+                     "peer": other | {"cards_per_call": sorted(theirs.cards)},
+                     "ratio": mine["median_ms"] / other["median_ms"],
+                     "ratio_p95": mine["p95_ms"] / other["p95_ms"]})
+    return {"peer": description, "calls": calls, "warmup": warmup, "sizes": rows}
 
 
 def measure_fhir_resources(body: Body, runs: int) -> dict[str, Any]:
@@ -512,6 +621,27 @@ def report_text(r: dict[str, Any]) -> str:
         f"(gen0/gen1/gen2) {'/'.join(f'{n:.2f}' for n in ip['gc_collections_per_call'])}")
     add(f"   HTTP + uvicorn + FastAPI + thread hop (HTTP median - pipeline-with-GC median): "
         f"{ip['http_overhead_ms']:.2f} ms; min - min: {ip['http_overhead_min_ms']:.2f} ms")
+    if "peer" in r:
+        add("")
+        add(peer_report(r["peer"]))
+    return "\n".join(lines)
+
+
+def peer_report(peer: dict[str, Any]) -> str:
+    about = peer["peer"]
+    lines = [f"6. Side by side with the HL7 reference services' {about['service']} (Node {about['node']}, express "
+             f"{about['express']}; its 100 kB body limit raised), same bodies, same kind of client, "
+             f"{peer['calls']} calls each, sizes and services interleaved",
+             f"   {'resources':>9}  {'body MB':>7}  {'nudges median':>13}  {'p95':>6}  {'peer median':>11}  "
+             f"{'p95':>6}  {'nudges / peer':>13}  cards (nudges, peer)"]
+    for row in peer["sizes"]:
+        ours, theirs = row["nudges"], row["peer"]
+        lines.append(f"   {row['resources']:>9}  {row['bytes'] / 1e6:>7.2f}  {ours['median_ms']:>10.2f} ms  "
+                     f"{ours['p95_ms']:>6.2f}  {theirs['median_ms']:>8.2f} ms  {theirs['p95_ms']:>6.2f}  "
+                     f"{row['ratio']:>12.2f}x  {ours['cards_per_call']}, {theirs['cards_per_call']}")
+    slowest = max(row["ratio"] for row in peer["sizes"])
+    lines.append(f"   nudges no slower than the peer at either size (median ratio <= 1.0; worst {slowest:.2f}x)   "
+                 f"{verdict(slowest <= 1.0)}")
     return "\n".join(lines)
 
 
@@ -524,12 +654,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     engine_runs = 8 if quick else 60
     sizes = [50, 500, 2000, 5000]
     extra_rules = [0, 10, 200] if quick else [0, 10, 50, 100, 200]
+    peer_calls = 20 if quick else 100
     numbers = Numbers()
     results: dict[str, Any] = {"config": {
         "quick": quick, "cpus": os.cpu_count(), "python": sys.version.split()[0], "now": NOW, "code": code_version(),
         "load_before": load_average(), "rules_base": str(args.rules), "command": " ".join(nudges_command()),
         "calls": calls, "warmup": warmup, "scaling_calls": scale_calls, "rule_calls": rule_calls,
-        "fhir_runs": fhir_runs, "engine_runs": engine_runs}}
+        "fhir_runs": fhir_runs, "engine_runs": engine_runs, "peer": str(args.peer) if args.peer else None}}
     with tempfile.TemporaryDirectory(prefix="nudges-bench-") as tmp_name:
         tmp = Path(tmp_name)
         progress(f"generating rule directories ({args.rules} + {extra_rules} synthetic rules) and linting them")
@@ -575,6 +706,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                         [r["median_ms"] for r in rows])
             results["scaling_resources_fit_beyond_parse"] = fit_line(
                 [float(r["resources"]) for r in rows], [r["median_ms"] - r["parse_ms"] for r in rows])
+
+            if args.peer:
+                progress(f"6. side by side with the reference services' {PEER_SERVICE} at {list(PEER_SIZES)} "
+                         f"resources, {peer_calls} interleaved calls each")
+                results["peer"] = compare_with_peer(server, args.peer.resolve(), tmp / "peer", peer_calls, warmup,
+                                                    numbers)
 
         progress(f"2. fhir.resources validation of the same body ({fhir_runs} run(s))")
         fhir = measure_fhir_resources(body, fhir_runs)
@@ -622,7 +759,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of text")
     parser.add_argument("--rules", type=Path, default=BUNDLED_RULES,
                         help="base rules directory copied for every run (default: the bundled rules/)")
+    parser.add_argument("--peer", type=Path, metavar="DIR",
+                        help="a checkout of cds-hooks/sandbox-cds-services with its node_modules installed: "
+                             "also time its patient-greeting beside nudges on the same bodies (section 6)")
     args = parser.parse_args(argv)
+    if args.peer and (problem := peer_problem(args.peer)):
+        parser.error(f"--peer: {problem}")
     started = time.perf_counter()
     results = run(args)
     results["config"]["wall_seconds"] = round(time.perf_counter() - started, 1)
