@@ -6,17 +6,20 @@ deployment uses. So this script starts the real service (pinned clock, the bundl
 on a fresh PostgreSQL schema, sends a typical visit (about 15 resources, every prefetch key the
 patient-view service declares filled, each call its own patient and hookInstance) from 16 concurrent
 clients in one process (asyncio + httpx, each client its own keep-alive connection, a closed loop: the
-next call leaves when the answer is in), and after a warm-up measures for a fixed time:
+next call leaves when the answer is in; the clients connect one after another over the first second, as
+EHRs do not all connect at once), and after a warm-up measures for a fixed time:
 
 - calls per second, and the latency median, p95 and p99 as the clients see it (goal: p99 < 100 ms);
 - that nothing was lost: every call answered 200 with the visit's cards, and as many cards written to
   the database as were answered;
 - CPU per call: the service's processes (the uvicorn parent and its workers), PostgreSQL's (all its
   processes, so only meaningful when nobody else uses it: the report says whether anyone did), and the
-  load generator itself (it shares the machine); and how many database connections were opened.
+  load generator itself (it shares the machine); how many database connections were opened; and per
+  worker, the client connections it holds and the cores it used.
 
     python benchmarks/hook_load.py                      # 1 worker, 16 clients, 20 s after a 5 s warm-up
     python benchmarks/hook_load.py --workers 2
+    python benchmarks/hook_load.py --workers 2 --ramp 0       # all clients connect in the same instant
     python benchmarks/hook_load.py --database-url postgresql://root@127.0.0.1:5432/test --json
 """
 
@@ -454,8 +457,13 @@ def problem_with(response: httpx.Response, expected_cards: int) -> str | None:
     return None
 
 
-async def client(url: str, path: str, body: Body, numbers: Numbers, tally: Tally) -> None:
-    """One EHR: its own connection, kept alive, the next call sent as soon as the answer is read."""
+async def client(url: str, path: str, body: Body, numbers: Numbers, tally: Tally, delay: float) -> None:
+    """One EHR: its own connection, kept alive, the next call sent as soon as the answer is read.
+
+    EHRs connect at different moments; sixteen connections opened in the same millisecond are all
+    accepted by whichever worker wakes first (it drains the listen queue), and as keep-alive connections
+    never move, a second worker would then sit idle for the whole run. `delay` spreads the connects."""
+    await asyncio.sleep(delay)
     limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
     async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as http:
         while not tally.stop:
@@ -481,8 +489,8 @@ class Window:
 async def drive(server: Server, body: Body, numbers: Numbers, tally: Tally, args: argparse.Namespace,
                 watch: BackendWatch) -> Window:
     assert server.process is not None
-    tasks = [asyncio.create_task(client(server.url, server.hook_path, body, numbers, tally))
-             for _ in range(args.clients)]
+    tasks = [asyncio.create_task(client(server.url, server.hook_path, body, numbers, tally,
+                                        args.ramp * i / args.clients)) for i in range(args.clients)]
     await asyncio.sleep(args.warmup)
     before = snapshot()
     tally.start, watch.recording = before.at, True
@@ -516,6 +524,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     shown_url = make_url(service_url(database_url, "x")).set(query={}).render_as_string(hide_password=True)
     results: dict[str, Any] = {"config": {
         "workers": args.workers, "clients": args.clients, "seconds": args.seconds, "warmup": args.warmup,
+        "ramp": args.ramp,
         "cpus": os.cpu_count(), "python": sys.version.split()[0], "now": NOW, "code": code_version(),
         "rules": str(args.rules), "database": shown_url, "load_before": load_average()}}
     try:
@@ -603,8 +612,9 @@ def report_text(r: dict[str, Any]) -> str:
     generic = f" (generic: {', '.join(body['generic_keys'])})" if body["generic_keys"] else ""
     lines = [
         f"nudges hook load benchmark: {cfg['clients']} concurrent clients, nudges serve --workers {cfg['workers']}, "
-        f"{cfg['seconds']:g} s measured after {cfg['warmup']:g} s warm-up; {cfg['cpus']} CPUs (the load generator "
-        f"on the same machine), Python {cfg['python']}, code {cfg['code']}",
+        f"{cfg['seconds']:g} s measured after {cfg['warmup']:g} s warm-up (clients connecting over the first "
+        f"{cfg['ramp']:g} s); {cfg['cpus']} CPUs (the load generator on the same machine), Python {cfg['python']}, "
+        f"code {cfg['code']}",
         f"load average {cfg['load_before']} at start, {cfg['load_after']} at end; NUDGES_NOW={cfg['now']}; "
         f"{cfg['database']} schema {cfg['schema']} (fresh, dropped after); client loop {cfg['client_loop']}",
         f"visit: {body['resources']} resources, {body['bytes']:,} bytes, all {len(body['prefetch_keys'])} prefetch "
@@ -640,11 +650,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=16, help="concurrent EHR clients (default 16)")
     parser.add_argument("--seconds", type=float, default=20, help="measured duration (default 20)")
     parser.add_argument("--warmup", type=float, default=5, help="seconds of load before measuring (default 5)")
+    parser.add_argument("--ramp", type=float, default=1.0,
+                        help="start the clients one after another over this many seconds of the warm-up "
+                             "(default 1; 0: all at once)")
     parser.add_argument("--database-url", default=DEFAULT_DATABASE,
                         help=f"PostgreSQL to make a fresh schema in (default {DEFAULT_DATABASE})")
     parser.add_argument("--rules", type=Path, default=BUNDLED_RULES, help="rules directory (default: bundled)")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of text")
     args = parser.parse_args(argv)
+    if not 0 <= args.ramp < args.warmup:
+        parser.error("--ramp: from 0 to less than --warmup (the clients all run before measuring starts)")
     if not args.database_url.startswith(("postgresql://", "postgresql+psycopg://")):
         parser.error("--database-url: a postgresql:// URL (the load is measured on PostgreSQL)")
     results = run(args)
