@@ -14,11 +14,20 @@ of the same payloads, plus a series of calls each after 50 ms idle. It reports:
    (target: nearly flat);
 
 plus the in-process cost of each stage (parse, pydantic request model, index, evaluate, cards, database)
-so HTTP overhead can be separated from rule work.
+so HTTP overhead can be separated from rule work; and with `--peer DIR`,
+
+6. nudges beside the HL7 CDS Hooks reference services (cds-hooks/sandbox-cds-services, Node/Express) at
+   50 and 2,000 resources: their patient-greeting parses the body and returns one card, the least a CDS
+   service can do with a call, so the ratio says what nudges' rules cost over merely taking the call
+   (goal: nudges no slower at either size). Same bodies, same kind of client, blocks interleaved.
 
     python benchmarks/hook_latency.py            # full run (about a minute on 2 cores)
     python benchmarks/hook_latency.py --quick    # smoke run (about 20 s)
     python benchmarks/hook_latency.py --json     # machine-readable output on stdout
+    python benchmarks/hook_latency.py --peer /path/to/sandbox-cds-services   # + section 6
+
+The peer directory is a checkout of https://github.com/cds-hooks/sandbox-cds-services with its
+dependencies installed (`npm install --omit=dev`); the script starts it with `node` on a free port.
 """
 
 from __future__ import annotations
@@ -30,302 +39,38 @@ import math
 import os
 import random
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import httpx
 import orjson
-
-ROOT = Path(__file__).resolve().parent.parent
-BUNDLED_RULES = ROOT / "rules"
-NOW = "2026-03-02T12:00:00Z"
-NOW_DT = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
-SERVICE = "nudges-patient-view"
-# Same-length placeholders, replaced per call so every call is a different patient and hook instance
-# (suppression never changes the work) without re-serializing the body.
-PID_PLACEHOLDER = "pt-bench-00000000"
-INSTANCE_PLACEHOLDER = "00000000-0000-4000-8000-000000000000"
-
-LOINC = "http://loinc.org"
-SNOMED = "http://snomed.info/sct"
-RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
-ICD10 = "http://hl7.org/fhir/sid/icd-10-cm"
-UCUM = "http://unitsofmeasure.org"
-OBS_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
-INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
-
-# (LOINC code, display, short text, UCUM unit, reference low, reference high)
-Analyte = tuple[str, str, str, str, float, float]
-VITALS: list[Analyte] = [
-    ("8867-4", "Heart rate", "Heart rate", "/min", 60, 100),
-    ("9279-1", "Respiratory rate", "Respiratory rate", "/min", 12, 20),
-    ("59408-5", "Oxygen saturation in Arterial blood by Pulse oximetry", "SpO2", "%", 95, 100),
-    ("8310-5", "Body temperature", "Temperature", "Cel", 36.1, 37.2),
-    ("8480-6", "Systolic blood pressure", "Systolic BP", "mm[Hg]", 90, 130),
-    ("8462-4", "Diastolic blood pressure", "Diastolic BP", "mm[Hg]", 60, 80),
-    ("29463-7", "Body weight", "Weight", "kg", 50, 100),
-    ("39156-5", "Body mass index (BMI) [Ratio]", "BMI", "kg/m2", 18.5, 25),
-]
-LABS: list[Analyte] = [
-    ("2345-7", "Glucose [Mass/volume] in Serum or Plasma", "Glucose", "mg/dL", 70, 99),
-    ("2951-2", "Sodium [Moles/volume] in Serum or Plasma", "Sodium", "mmol/L", 135, 145),
-    ("2823-3", "Potassium [Moles/volume] in Serum or Plasma", "Potassium", "mmol/L", 3.5, 5.1),
-    ("2075-0", "Chloride [Moles/volume] in Serum or Plasma", "Chloride", "mmol/L", 98, 107),
-    ("2160-0", "Creatinine [Mass/volume] in Serum or Plasma", "Creatinine", "mg/dL", 0.7, 1.3),
-    ("3094-0", "Urea nitrogen [Mass/volume] in Serum or Plasma", "BUN", "mg/dL", 7, 20),
-    ("718-7", "Hemoglobin [Mass/volume] in Blood", "Hemoglobin", "g/dL", 13.5, 17.5),
-    ("6690-2", "Leukocytes [#/volume] in Blood by Automated count", "WBC", "10*3/uL", 4.5, 11),
-    ("777-3", "Platelets [#/volume] in Blood by Automated count", "Platelets", "10*3/uL", 150, 400),
-    ("4548-4", "Hemoglobin A1c/Hemoglobin.total in Blood", "HbA1c", "%", 4, 5.6),
-    ("13457-7", "Cholesterol in LDL [Mass/volume] in Serum or Plasma by calculation", "LDL", "mg/dL", 0, 100),
-    ("1742-6", "Alanine aminotransferase [Enzymatic activity/volume] in Serum or Plasma", "ALT", "U/L", 7, 56),
-]
-HS_TNI: Analyte = ("89579-7", "Troponin I.cardiac [Mass/volume] in Serum or Plasma by High sensitivity method",
-                   "hs-Troponin I", "ng/L", 0, 34)
-TNT: Analyte = ("6598-7", "Troponin T.cardiac [Mass/volume] in Serum or Plasma", "Troponin T", "ng/mL", 0, 0.01)
-EGFR_2021: Analyte = ("98979-8", "Glomerular filtration rate/1.73 sq M.predicted [Volume Rate/Area] in Serum, "
-                      "Plasma or Blood by Creatinine-based formula (CKD-EPI 2021)", "eGFR (CKD-EPI 2021)",
-                      "mL/min/{1.73_m2}", 60, 120)
-EGFR_RACE: Analyte = ("48643-1", "Glomerular filtration rate/1.73 sq M.predicted among blacks [Volume Rate/Area] "
-                      "in Serum, Plasma or Blood by Creatinine-based formula (MDRD)", "eGFR (MDRD, race-based)",
-                      "mL/min/{1.73_m2}", 60, 120)
-CONDITIONS = [
-    ("38341003", "Hypertensive disorder, systemic arterial", "I10"),
-    ("44054006", "Diabetes mellitus type 2", "E11.9"),
-    ("55822004", "Hyperlipidemia", "E78.5"),
-    ("431855005", "Chronic kidney disease stage 1", "N18.1"),
-    ("195967001", "Asthma", "J45.909"),
-    ("35489007", "Depressive disorder", "F32.A"),
-    ("414545008", "Ischemic heart disease", "I25.9"),
-    ("49436004", "Atrial fibrillation", "I48.91"),
-    ("84114007", "Heart failure", "I50.9"),
-    ("235595009", "Gastroesophageal reflux disease", "K21.9"),
-]
-MEDICATIONS = [
-    ("197361", "amlodipine 5 MG Oral Tablet", "Take 1 tablet by mouth once daily"),
-    ("860975", "metformin hydrochloride 500 MG Oral Tablet", "Take 1 tablet by mouth twice daily with meals"),
-    ("617312", "atorvastatin 40 MG Oral Tablet", "Take 1 tablet by mouth at bedtime"),
-    ("314076", "lisinopril 10 MG Oral Tablet", "Take 1 tablet by mouth once daily"),
-    ("310965", "ibuprofen 200 MG Oral Tablet", "Take 1 tablet by mouth every 6 hours as needed for pain"),
-    ("243670", "aspirin 81 MG Oral Tablet", "Take 1 tablet by mouth once daily"),
-    ("855332", "warfarin sodium 5 MG Oral Tablet", "Take as directed by the anticoagulation clinic"),
-    ("200031", "carvedilol 6.25 MG Oral Tablet", "Take 1 tablet by mouth twice daily"),
-]
-
-
-# --------------------------------------------------------------------------------------------------
-# Synthetic patient
-
-
-def _instant(when: datetime) -> str:
-    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _quantity(value: float, unit: str) -> dict[str, Any]:
-    return {"value": value, "unit": unit, "system": UCUM, "code": unit}
-
-
-def observation(i: int, analyte: Analyte, when: datetime, value: float, lab: bool) -> dict[str, Any]:
-    code, display, text, unit, low, high = analyte
-    flag = "H" if value > high else "L" if value < low else "N"
-    flag_display = {"H": "High", "L": "Low", "N": "Normal"}[flag]
-    category = ("laboratory", "Laboratory") if lab else ("vital-signs", "Vital Signs")
-    resource: dict[str, Any] = {
-        "resourceType": "Observation",
-        "id": f"obs-{i:05d}",
-        "status": "final",
-        "category": [{"coding": [{"system": OBS_CATEGORY, "code": category[0], "display": category[1]}]}],
-        "code": {"coding": [{"system": LOINC, "code": code, "display": display}], "text": text},
-        "subject": {"reference": f"Patient/{PID_PLACEHOLDER}"},
-        "encounter": {"reference": f"Encounter/enc-{i // 12:04d}"},
-        "effectiveDateTime": _instant(when),
-        "issued": _instant(when + timedelta(hours=1)),
-        "valueQuantity": _quantity(value, unit),
-        "interpretation": [{"coding": [{"system": INTERPRETATION, "code": flag, "display": flag_display}]}],
-        "referenceRange": [{"low": {"value": low, "unit": unit}, "high": {"value": high, "unit": unit}}],
-    }
-    if lab:
-        resource["performer"] = [{"reference": "Organization/lab-1"}]
-    return resource
-
-
-def condition(i: int, rng: random.Random) -> dict[str, Any]:
-    snomed, display, icd = CONDITIONS[i % len(CONDITIONS)]
-    onset = NOW_DT - timedelta(days=rng.randint(30, 3650))
-    return {
-        "resourceType": "Condition",
-        "id": f"cond-{i:04d}",
-        "meta": {"lastUpdated": _instant(onset + timedelta(days=1))},
-        "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
-                                       "code": "active" if i % 5 else "resolved"}]},
-        "verificationStatus": {"coding": [{
-            "system": "http://terminology.hl7.org/CodeSystem/condition-ver-status", "code": "confirmed"}]},
-        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-category",
-                                  "code": "problem-list-item", "display": "Problem List Item"}]}],
-        "code": {"coding": [{"system": SNOMED, "code": snomed, "display": display},
-                            {"system": ICD10, "code": icd}], "text": display},
-        "subject": {"reference": f"Patient/{PID_PLACEHOLDER}"},
-        "onsetDateTime": _instant(onset),
-        "recordedDate": _instant(onset + timedelta(days=1)),
-        "recorder": {"reference": "Practitioner/dr-1", "display": "Dr. Example"},
-    }
-
-
-def medication_request(i: int, rng: random.Random) -> dict[str, Any]:
-    rxnorm, display, sig = MEDICATIONS[i % len(MEDICATIONS)]
-    authored = NOW_DT - timedelta(days=rng.randint(1, 1500))
-    return {
-        "resourceType": "MedicationRequest",
-        "id": f"med-{i:04d}",
-        "status": "active" if i % 3 else "completed",
-        "intent": "order",
-        "category": [{"coding": [{
-            "system": "http://terminology.hl7.org/CodeSystem/medicationrequest-category", "code": "outpatient"}]}],
-        "medicationCodeableConcept": {"coding": [{"system": RXNORM, "code": rxnorm, "display": display}],
-                                      "text": display},
-        "subject": {"reference": f"Patient/{PID_PLACEHOLDER}"},
-        "authoredOn": _instant(authored),
-        "requester": {"reference": "Practitioner/dr-1"},
-        "dosageInstruction": [{"text": sig, "timing": {"repeat": {"frequency": 1, "period": 1, "periodUnit": "d"}},
-                               "route": {"coding": [{"system": SNOMED, "code": "26643006", "display": "Oral"}]},
-                               "doseAndRate": [{"doseQuantity": _quantity(1, "{tbl}")}]}],
-    }
-
-
-def patient_resource() -> dict[str, Any]:
-    return {
-        "resourceType": "Patient",
-        "id": PID_PLACEHOLDER,
-        "meta": {"lastUpdated": "2026-01-15T09:00:00Z"},
-        "identifier": [{"system": "urn:oid:1.2.36.146.595.217.0.1", "value": "MRN-0012345"}],
-        "name": [{"use": "official", "family": "Bench", "given": ["Pat"]}],
-        "gender": "female",
-        "birthDate": "1961-05-04",
-        "communication": [{"language": {"coding": [{"system": "urn:ietf:bcp:47", "code": "en-US"}]},
-                           "preferred": True}],
-    }
-
-
-def coverage_resource() -> dict[str, Any]:
-    return {
-        "resourceType": "Coverage",
-        "id": "cov-1",
-        "status": "active",
-        "type": {"coding": [{"system": "urn:oid:2.16.840.1.113883.3.221.5", "code": "5",
-                             "display": "PRIVATE HEALTH INSURANCE"}]},
-        "subscriberId": "SUB-778899",
-        "beneficiary": {"reference": f"Patient/{PID_PLACEHOLDER}"},
-        "period": {"start": "2025-01-01"},
-        "payor": [{"reference": "Organization/payer-1", "display": "Example Health Plan"}],
-    }
-
-
-def observations(count: int, rng: random.Random) -> list[dict[str, Any]]:
-    """Vitals and labs over three years, a few troponins (one elevated 14 h ago, so the troponin rule
-    fires and the card path and database write are exercised) and eGFRs (race-free and race-based
-    within a year, so the eGFR rule runs its `any` and `none` clauses and stays quiet)."""
-    troponins = max(1, min(8, count // 250))
-    egfr_free = max(1, count // 200)
-    egfr_race = max(1, count // 500) if count >= 50 else 0
-    special: list[tuple[Analyte, datetime, float]] = [(HS_TNI, NOW_DT - timedelta(hours=14), 212.0)]
-    for k in range(1, troponins):
-        analyte = HS_TNI if k % 2 else TNT
-        special.append((analyte, NOW_DT - timedelta(days=rng.randint(4, 900)), analyte[5] * 0.5))
-    for k in range(egfr_free):
-        days = 30 if k == 0 else rng.randint(1, 1000)
-        special.append((EGFR_2021, NOW_DT - timedelta(days=days), round(rng.uniform(55, 95), 0)))
-    for k in range(egfr_race):
-        days = 60 if k == 0 else rng.randint(400, 1500)
-        special.append((EGFR_RACE, NOW_DT - timedelta(days=days), round(rng.uniform(55, 95), 0)))
-    special = special[:count]
-    items: list[tuple[Analyte, datetime, float, bool]] = [(a, w, v, True) for a, w, v in special]
-    for _ in range(count - len(special)):
-        lab = rng.random() < 0.45
-        analyte = rng.choice(LABS if lab else VITALS)
-        low, high = analyte[4], analyte[5]
-        spread = (high - low) or high or 1
-        value = round(rng.gauss((low + high) / 2, spread / 3), 2)
-        when = NOW_DT - timedelta(minutes=rng.randint(24 * 60, 3 * 365 * 24 * 60))
-        items.append((analyte, when, value, lab))
-    items.sort(key=lambda item: item[1], reverse=True)  # as a FHIR server answers with _sort=-date
-    return [observation(i, a, w, v, lab) for i, (a, w, v, lab) in enumerate(items)]
-
-
-def searchset(resources: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"resourceType": "Bundle", "type": "searchset", "total": len(resources),
-            "entry": [{"fullUrl": f"urn:uuid:{uuid.UUID(int=i)}", "resource": r} for i, r in enumerate(resources)]}
-
-
-def prefetch_key(resource_type: str) -> str:
-    return resource_type[0].lower() + resource_type[1:]
-
-
-@dataclass
-class Body:
-    template: bytes  # with the patient id and hook instance placeholders
-    resources: int  # clinical resources (Observations + Conditions + MedicationRequests)
-    resource_bytes: float  # mean serialized size of one clinical resource
-    parsed: dict[str, Any]
-
-    def instance(self, n: int) -> bytes:
-        """The body for call n: its own patient id and hookInstance, same size and content otherwise."""
-        pid = f"pt-bench-{n:08d}".encode()
-        return self.template.replace(PID_PLACEHOLDER.encode(), pid).replace(
-            INSTANCE_PLACEHOLDER.encode(), str(uuid.uuid4()).encode())
-
-
-def build_body(keys: list[str], n_obs: int, n_cond: int, n_med: int, seed: int = 7) -> Body:
-    """A patient-view request filling every prefetch key the service's discovery lists."""
-    rng = random.Random(seed)
-    obs = observations(n_obs, rng)
-    conds = [condition(i, rng) for i in range(n_cond)]
-    meds = [medication_request(i, rng) for i in range(n_med)]
-    prefetch: dict[str, Any] = {}
-    for key in keys:
-        prefetch[key] = patient_resource() if key == "patient" else searchset([])
-    bundles = [k for k in keys if k != "patient"]
-    fallback = "observation" if "observation" in bundles else (bundles[0] if bundles else "observation")
-    by_key: dict[str, list[dict[str, Any]]] = {}
-    for kind, items in (("Observation", obs), ("Condition", conds), ("MedicationRequest", meds),
-                        ("Coverage", [coverage_resource()])):
-        key = prefetch_key(kind)
-        by_key.setdefault(key if key in bundles else fallback, []).extend(items)
-    for key, items in by_key.items():
-        prefetch[key] = searchset(items)
-    body = {"hook": "patient-view", "hookInstance": INSTANCE_PLACEHOLDER,
-            "context": {"userId": "Practitioner/dr-1", "patientId": PID_PLACEHOLDER}, "prefetch": prefetch}
-    clinical = obs + conds + meds
-    size = statistics.fmean(len(orjson.dumps(r)) for r in clinical) if clinical else 0.0
-    return Body(orjson.dumps(body), len(clinical), size, body)
-
-
-def split(total: int) -> tuple[int, int, int]:
-    """Observations, Conditions, MedicationRequests for a record of `total` clinical resources."""
-    side = max(1, round(total * 0.025))
-    return total - 2 * side, side, side
-
-
-def all_resources(parsed: dict[str, Any]) -> list[dict[str, Any]]:
-    found = []
-    for value in parsed["prefetch"].values():
-        if isinstance(value, dict) and value.get("resourceType") == "Bundle":
-            found += [e["resource"] for e in value.get("entry", [])]
-        elif isinstance(value, dict):
-            found.append(value)
-    return found
-
+from harness import (
+    BUNDLED_RULES,
+    LOINC,
+    NOW,
+    RXNORM,
+    SERVICE,
+    SNOMED,
+    Body,
+    Endpoint,
+    Numbers,
+    Server,
+    all_resources,
+    build_body,
+    code_version,
+    load_average,
+    ms,
+    nudges_command,
+    progress,
+    serving,
+    split,
+    summary,
+)
 
 # --------------------------------------------------------------------------------------------------
 # Synthetic rules
@@ -425,17 +170,6 @@ def make_rules_dir(base: Path, extra: int, source: Path = BUNDLED_RULES) -> Path
 # The service under test
 
 
-def nudges_command() -> list[str]:
-    script = Path(sys.executable).parent / "nudges"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "nudges.cli"]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def lint_all(directories: list[Path]) -> list[str]:
     """`nudges lint` on each directory (in parallel); any problem stops the benchmark."""
     running = [(d, subprocess.Popen([*nudges_command(), "lint", str(d)], stdout=subprocess.PIPE,
@@ -449,104 +183,78 @@ def lint_all(directories: list[Path]) -> list[str]:
     return lines
 
 
-class Server:
-    """`nudges serve` in a subprocess, and one keep-alive httpx client bound to it."""
+# The HL7 reference services (github.com/cds-hooks/sandbox-cds-services) as shipped, but for one setting:
+# their index.js mounts body-parser's JSON parser with its default 100 kB limit, which answers 413 to any
+# call over that (a 2,000-resource patient is 2 MB). This launcher loads their own app from the checkout
+# and swaps that one middleware for the same parser with a larger limit; everything else (routes, CORS,
+# error handler, pretty-printed JSON answers) is theirs. It is written into the run's temporary folder.
+PEER_LAUNCHER = """\
+'use strict';
+const path = require('path');
+const { createRequire } = require('module');
 
-    def __init__(self, rules: Path, workdir: Path) -> None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.log = workdir / "server.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("NUDGES_")}
-        env.update(NUDGES_NOW=NOW, NUDGES_RELOAD_INTERVAL_SECONDS="0", NUDGES_LOG_LEVEL="WARNING")
-        command = [*nudges_command(), "serve", "--host", "127.0.0.1", "--port", str(self.port),
-                   "--database-url", f"sqlite:///{workdir / 'bench.db'}", "--rules", str(rules)]
-        with self.log.open("wb") as out:
-            self.process = subprocess.Popen(command, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT)
-        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=120,
-                                   limits=httpx.Limits(max_connections=1, max_keepalive_connections=1))
-        self.ready: dict[str, Any] = {}
-        self.keys: list[str] = []
-        self.body: Body | None = None
+const checkout = path.resolve(process.argv[2]);
+const fromCheckout = createRequire(path.join(checkout, 'index.js'));
+const bodyParser = fromCheckout('body-parser');
+const app = fromCheckout('./index.js');
+const layer = app._router.stack.find((entry) => entry.name === 'jsonParser');
+if (!layer) {
+  throw new Error(`no body-parser JSON layer in ${checkout}/index.js: not the expected app`);
+}
+layer.handle = bodyParser.json({ limit: process.env.PEER_BODY_LIMIT });
+app.listen(Number(process.env.PORT), '127.0.0.1', () => {
+  console.log(`listening on 127.0.0.1:${process.env.PORT}`);
+});
+"""
+PEER_SERVICE = "patient-greeting"
 
-    def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.process.poll() is not None:
-                raise SystemExit(f"the service exited with {self.process.returncode}:\n"
-                                 f"{self.log.read_text()[-3000:]}")
-            if time.monotonic() > deadline:
-                raise SystemExit(f"the service was not ready within {timeout:.0f} s:\n{self.log.read_text()[-3000:]}")
+
+def peer_problem(directory: Path) -> str | None:
+    """Why `directory` cannot be run as the peer, in words that say what to do about it."""
+    if shutil.which("node") is None:
+        return "node is not on PATH (the reference services are a Node.js app)"
+    if not (directory / "index.js").is_file() or not (directory / "services" / f"{PEER_SERVICE}.js").is_file():
+        return (f"{directory} is not a checkout of cds-hooks/sandbox-cds-services "
+                f"(no index.js, services/{PEER_SERVICE}.js)")
+    if not (directory / "node_modules" / "express").is_dir():
+        return f"{directory}/node_modules has no express: run `npm install --omit=dev` there first"
+    return None
+
+
+class Peer(Endpoint):
+    """The reference services' patient-greeting, started with `node` on a free port: the same kind of
+    client and the same bodies as nudges, so the ratio compares the two services and nothing else."""
+
+    hook_path = f"/cds-services/{PEER_SERVICE}"
+
+    def __init__(self, directory: Path, workdir: Path, body_limit: str = "64mb") -> None:
+        super().__init__(workdir)
+        launcher = workdir / "peer-launcher.js"
+        launcher.write_text(PEER_LAUNCHER, encoding="utf-8")
+        env = dict(os.environ, PORT=str(self.port), PEER_BODY_LIMIT=body_limit)
+        self.launch(["node", str(launcher), str(directory)], env, directory)
+        self.directory = directory
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        services = [s["id"] for s in self.wait_for("/cds-services", timeout).json()["services"]]
+        if PEER_SERVICE not in services:
+            raise SystemExit(f"the peer's discovery lists {services}, not {PEER_SERVICE}")
+
+    def describe(self) -> dict[str, Any]:
+        def version(relative: str) -> str | None:
             try:
-                response = self.client.get("/readyz")
-                if response.status_code == 200:
-                    self.ready = response.json()
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        response = self.client.get("/cds-services")
-        response.raise_for_status()
-        services = {s["id"]: s for s in response.json()["services"]}
-        self.keys = list(services[SERVICE]["prefetch"])
+                return str(orjson.loads((self.directory / relative).read_bytes())["version"])
+            except (OSError, KeyError, orjson.JSONDecodeError):
+                return None
 
-    def call(self, body: bytes) -> tuple[float, dict[str, Any]]:
-        """One timed call. This process holds every generated body (a large heap), so its own collector
-        is paused for the call: its pauses are the client's, not the service's latency."""
-        gc.disable()
-        try:
-            start = time.perf_counter()
-            response = self.client.post(f"/cds-services/{SERVICE}", content=body,
-                                        headers={"Content-Type": "application/json"})
-            elapsed = time.perf_counter() - start
-        finally:
-            gc.enable()
-        if response.status_code != 200:
-            raise SystemExit(f"hook call failed: HTTP {response.status_code}: {response.text[:500]}")
-        return elapsed, response.json()
-
-    def stop(self) -> None:
-        self.client.close()
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-@contextmanager
-def serving(*specs: tuple[Path, Path]) -> Iterator[list[Server]]:
-    """Start one server per (rules, workdir) at once, wait until all are ready, stop them all after."""
-    servers: list[Server] = []
-    try:
-        for rules, workdir in specs:
-            servers.append(Server(rules, workdir))
-        for server in servers:
-            server.wait_ready()
-        yield servers
-    finally:
-        for server in servers:
-            server.stop()
+        node = subprocess.run(["node", "--version"], capture_output=True, text=True).stdout.strip()
+        return {"directory": str(self.directory), "service": PEER_SERVICE, "node": node,
+                "express": version("node_modules/express/package.json"),
+                "body_parser": version("node_modules/body-parser/package.json")}
 
 
 # --------------------------------------------------------------------------------------------------
 # Measurement
-
-
-def ms(seconds: float) -> float:
-    return seconds * 1000.0
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile."""
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
-
-
-def summary(values: list[float]) -> dict[str, Any]:
-    return {"n": len(values), "median_ms": ms(statistics.median(values)), "p95_ms": ms(percentile(values, 95)),
-            "min_ms": ms(min(values)), "max_ms": ms(max(values))}
 
 
 def timed_loads(payload: bytes, *, gc_enabled: bool = True) -> float:
@@ -561,17 +269,6 @@ def timed_loads(payload: bytes, *, gc_enabled: bool = True) -> float:
     finally:
         if not gc_enabled:
             gc.enable()
-
-
-class Numbers:
-    """Patient numbers are never reused, so no call is suppressed by an earlier one."""
-
-    def __init__(self) -> None:
-        self.n = 0
-
-    def next(self) -> int:
-        self.n += 1
-        return self.n
 
 
 @dataclass
@@ -634,6 +331,35 @@ def interleave(series: list[Series], calls: int, warmup: int, numbers: Numbers, 
         rng.shuffle(order)
         for item in order:
             item.block(numbers, size, loads=loads)
+
+
+PEER_SIZES = (50, 2000)
+
+
+def compare_with_peer(server: Server, directory: Path, workdir: Path, calls: int, warmup: int,
+                      numbers: Numbers) -> dict[str, Any]:
+    """nudges' patient-view and the peer's patient-greeting on the same bodies, in one interleaved run:
+    each size's two series take turns block by block with the other size's, so a slow spell on this
+    shared machine falls on both services alike and the ratio stays meaningful even when the
+    milliseconds drift."""
+    peer = Peer(directory, workdir)
+    try:
+        peer.wait_ready()
+        bodies = [build_body(server.keys, *split(size)) for size in PEER_SIZES]
+        pairs = [(Series.of(server, body), Series.of(peer, body)) for body in bodies]
+        interleave([item for pair in pairs for item in pair], calls, warmup, numbers, loads=False)
+        description = peer.describe()
+    finally:
+        peer.stop()
+    rows = []
+    for body, (ours, theirs) in zip(bodies, pairs, strict=True):
+        mine, other = summary(ours.http), summary(theirs.http)
+        rows.append({"resources": body.resources, "bytes": len(body.template),
+                     "nudges": mine | {"cards_per_call": sorted(ours.cards)},
+                     "peer": other | {"cards_per_call": sorted(theirs.cards)},
+                     "ratio": mine["median_ms"] / other["median_ms"],
+                     "ratio_p95": mine["p95_ms"] / other["p95_ms"]})
+    return {"peer": description, "calls": calls, "warmup": warmup, "sizes": rows}
 
 
 def measure_fhir_resources(body: Body, runs: int) -> dict[str, Any]:
@@ -895,29 +621,28 @@ def report_text(r: dict[str, Any]) -> str:
         f"(gen0/gen1/gen2) {'/'.join(f'{n:.2f}' for n in ip['gc_collections_per_call'])}")
     add(f"   HTTP + uvicorn + FastAPI + thread hop (HTTP median - pipeline-with-GC median): "
         f"{ip['http_overhead_ms']:.2f} ms; min - min: {ip['http_overhead_min_ms']:.2f} ms")
+    if "peer" in r:
+        add("")
+        add(peer_report(r["peer"]))
     return "\n".join(lines)
 
 
-def progress(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def code_version() -> str:
-    try:
-        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return f"{head}{' + uncommitted changes' if dirty else ''}"
-
-
-def load_average() -> str:
-    try:
-        return "/".join(f"{x:.1f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
+def peer_report(peer: dict[str, Any]) -> str:
+    about = peer["peer"]
+    lines = [f"6. Side by side with the HL7 reference services' {about['service']} (Node {about['node']}, express "
+             f"{about['express']}; its 100 kB body limit raised), same bodies, same kind of client, "
+             f"{peer['calls']} calls each, sizes and services interleaved",
+             f"   {'resources':>9}  {'body MB':>7}  {'nudges median':>13}  {'p95':>6}  {'peer median':>11}  "
+             f"{'p95':>6}  {'nudges / peer':>13}  cards (nudges, peer)"]
+    for row in peer["sizes"]:
+        ours, theirs = row["nudges"], row["peer"]
+        lines.append(f"   {row['resources']:>9}  {row['bytes'] / 1e6:>7.2f}  {ours['median_ms']:>10.2f} ms  "
+                     f"{ours['p95_ms']:>6.2f}  {theirs['median_ms']:>8.2f} ms  {theirs['p95_ms']:>6.2f}  "
+                     f"{row['ratio']:>12.2f}x  {ours['cards_per_call']}, {theirs['cards_per_call']}")
+    slowest = max(row["ratio"] for row in peer["sizes"])
+    lines.append(f"   nudges no slower than the peer at either size (median ratio <= 1.0; worst {slowest:.2f}x)   "
+                 f"{verdict(slowest <= 1.0)}")
+    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -929,12 +654,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     engine_runs = 8 if quick else 60
     sizes = [50, 500, 2000, 5000]
     extra_rules = [0, 10, 200] if quick else [0, 10, 50, 100, 200]
+    peer_calls = 20 if quick else 100
     numbers = Numbers()
     results: dict[str, Any] = {"config": {
         "quick": quick, "cpus": os.cpu_count(), "python": sys.version.split()[0], "now": NOW, "code": code_version(),
         "load_before": load_average(), "rules_base": str(args.rules), "command": " ".join(nudges_command()),
         "calls": calls, "warmup": warmup, "scaling_calls": scale_calls, "rule_calls": rule_calls,
-        "fhir_runs": fhir_runs, "engine_runs": engine_runs}}
+        "fhir_runs": fhir_runs, "engine_runs": engine_runs, "peer": str(args.peer) if args.peer else None}}
     with tempfile.TemporaryDirectory(prefix="nudges-bench-") as tmp_name:
         tmp = Path(tmp_name)
         progress(f"generating rule directories ({args.rules} + {extra_rules} synthetic rules) and linting them")
@@ -980,6 +706,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                         [r["median_ms"] for r in rows])
             results["scaling_resources_fit_beyond_parse"] = fit_line(
                 [float(r["resources"]) for r in rows], [r["median_ms"] - r["parse_ms"] for r in rows])
+
+            if args.peer:
+                progress(f"6. side by side with the reference services' {PEER_SERVICE} at {list(PEER_SIZES)} "
+                         f"resources, {peer_calls} interleaved calls each")
+                results["peer"] = compare_with_peer(server, args.peer.resolve(), tmp / "peer", peer_calls, warmup,
+                                                    numbers)
 
         progress(f"2. fhir.resources validation of the same body ({fhir_runs} run(s))")
         fhir = measure_fhir_resources(body, fhir_runs)
@@ -1027,7 +759,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of text")
     parser.add_argument("--rules", type=Path, default=BUNDLED_RULES,
                         help="base rules directory copied for every run (default: the bundled rules/)")
+    parser.add_argument("--peer", type=Path, metavar="DIR",
+                        help="a checkout of cds-hooks/sandbox-cds-services with its node_modules installed: "
+                             "also time its patient-greeting beside nudges on the same bodies (section 6)")
     args = parser.parse_args(argv)
+    if args.peer and (problem := peer_problem(args.peer)):
+        parser.error(f"--peer: {problem}")
     started = time.perf_counter()
     results = run(args)
     results["config"]["wall_seconds"] = round(time.perf_counter() - started, 1)
