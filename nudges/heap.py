@@ -2,13 +2,16 @@
 
 A parsed hook call is tens of thousands of acyclic containers, all freed by reference counting when the
 call ends. Any collection that runs meanwhile only walks them: a millisecond or more per collection, and
-more collections the larger the body, which makes latency grow faster than the record."""
+more collections the larger the body, which makes latency grow faster than the record.
+
+Freezing the long-lived heap and a high young-generation threshold (settle_heap) are enough: measured
+in-process on a 2,000-resource call, automatic collection costs 0.17 ms of ~21 ms, and nothing at 50
+resources. Pausing the collector around requests (as an earlier version did) no longer paid for a
+process-wide pause, so it is gone."""
 
 from __future__ import annotations
 
 import gc
-import threading
-import time
 
 _settled = [0]  # how many objects were frozen at the last full settle
 
@@ -30,41 +33,3 @@ def settle_heap() -> None:
         gc.collect(1)
         gc.freeze()
     gc.set_threshold(50_000, 20, 100)
-
-
-class QuietCollector:
-    """Automatic collection paused while requests are in flight, resumed when none is.
-
-    Pausing only stops collections; reference counting frees a call's objects as before. So that cycles
-    made elsewhere are still reclaimed when calls never stop overlapping, two bounds hold: a young
-    collection runs at the end of a request once `limit` containers have been allocated unreclaimed, and
-    a full-enough one (generations 0 and 1) once collection has been paused for `max_pause` seconds."""
-
-    def __init__(self, limit: int = 1_000_000, max_pause: float = 2.0) -> None:
-        self.limit = limit
-        self.max_pause = max_pause
-        self.in_flight = 0
-        self._was_enabled = True
-        self._paused_at = 0.0
-        self._lock = threading.Lock()
-
-    def __enter__(self) -> QuietCollector:
-        with self._lock:
-            self.in_flight += 1
-            if self.in_flight == 1:
-                self._was_enabled = gc.isenabled()
-                self._paused_at = time.monotonic()
-                gc.disable()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        with self._lock:
-            self.in_flight -= 1
-            if self.in_flight == 0:
-                if self._was_enabled:
-                    gc.enable()
-            elif self._was_enabled and time.monotonic() - self._paused_at > self.max_pause:
-                gc.collect(1)
-                self._paused_at = time.monotonic()
-            elif gc.get_count()[0] > self.limit:
-                gc.collect(0)

@@ -27,7 +27,7 @@ from .events.recovery import Recovery
 from .events.scheduler import Scheduler
 from .fhirserver.client import FhirClient
 from .fhirserver.tokens import BackendTokens
-from .heap import QuietCollector, settle_heap
+from .heap import settle_heap
 from .metrics import Metrics
 from .rules.delivery import Targets
 from .services import Reloader, Services
@@ -47,16 +47,17 @@ class Runtime:
     fhir: FhirClient
     auth: Authenticator
     metrics: Metrics = field(default_factory=Metrics)
-    quiet: QuietCollector = field(default_factory=QuietCollector)
     scheduler: Scheduler = field(default_factory=Scheduler)
     due: DueFollowups = field(init=False)
     intake: Intake = field(init=False)
     deliveries: Deliveries = field(init=False)
     recovery: Recovery = field(init=False)
     loop: asyncio.AbstractEventLoop | None = None  # the app's event loop, once started
-    # Hook evaluations running at once in worker threads: no more than the store's pool holds (see
-    # store.POOL_SIZE); more would only queue for the GIL and for connections.
-    evaluations: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(POOL_SIZE))
+    # Hook evaluations running at once in worker threads. They hold the GIL but for their database round
+    # trips, so a few keep the process busy while one waits; more only queue for the GIL (under 16
+    # concurrent clients, 4 gave a lower p99 than 8 or inline evaluation: README "Performance"). Half the
+    # pool (store.POOL_SIZE), so feedback, notifications and the scheduler's jobs never make it overflow.
+    evaluations: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(POOL_SIZE // 2))
 
     def __post_init__(self) -> None:
         self.due = DueFollowups(self.settings, self.clock, self.store, self.reloader, self.fhir)

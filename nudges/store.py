@@ -195,9 +195,9 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-# Connections kept open per process. Hook calls never need more at once (runtime.evaluations admits this
-# many evaluations), so they never overflow the pool: an overflow connection is closed when returned, and
-# under load that meant a new PostgreSQL backend (a fork) for every few calls.
+# Connections kept open per process: hook evaluations (at most half of these at once: runtime.evaluations)
+# and everything else never overflow the pool. An overflow connection is closed when returned, and under
+# load that meant a new PostgreSQL backend (a fork) for every few calls.
 POOL_SIZE = 8
 
 

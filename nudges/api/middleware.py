@@ -1,5 +1,4 @@
-"""Pure ASGI middleware: request metrics, one cap on request bodies, and the collector kept quiet while
-request bodies are in flight."""
+"""Pure ASGI middleware: request metrics and one cap on request bodies."""
 
 from __future__ import annotations
 
@@ -79,18 +78,3 @@ class BodyLimit:
             return message
 
         await self.app(scope, counted, send)
-
-
-class QuietCollectorMiddleware:
-    """POST bodies (hook calls) are parsed into large acyclic trees that reference counting frees; an
-    automatic collection during a call only walks them. See heap.QuietCollector."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST":
-            await self.app(scope, receive, send)
-            return
-        with scope["app"].state.runtime.quiet:
-            await self.app(scope, receive, send)
