@@ -32,10 +32,11 @@ from .metrics import Metrics
 from .rules.delivery import Targets
 from .services import Reloader, Services
 from .settings import Settings
-from .store import POOL_SIZE, SUPPRESSION_RETENTION, FeedbackRecord, Store
+from .store import SUPPRESSION_RETENTION, FeedbackRecord, Store
 
 log = logging.getLogger("nudges.runtime")
 HOUSEKEEPING_SECONDS = 3600.0
+EVALUATIONS = 2
 
 
 @dataclass
@@ -54,10 +55,11 @@ class Runtime:
     recovery: Recovery = field(init=False)
     loop: asyncio.AbstractEventLoop | None = None  # the app's event loop, once started
     # Hook evaluations running at once in worker threads. They hold the GIL but for their database round
-    # trips, so a few keep the process busy while one waits; more only queue for the GIL (under 16
-    # concurrent clients, 4 gave a lower p99 than 8 or inline evaluation: README "Performance"). Half the
-    # pool (store.POOL_SIZE), so feedback, notifications and the scheduler's jobs never make it overflow.
-    evaluations: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(POOL_SIZE // 2))
+    # trips, so two keep the process busy while one waits; more only queue for the GIL, and every extra
+    # hand-over costs CPU (under 16 concurrent clients, 2 gave more calls/s and a lower p99 than 1, 4, 8
+    # or evaluation on the event loop: README "Performance"). Well under the pool (store.POOL_SIZE), so
+    # feedback, notifications and the scheduler's jobs never make it overflow.
+    evaluations: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(EVALUATIONS))
 
     def __post_init__(self) -> None:
         self.due = DueFollowups(self.settings, self.clock, self.store, self.reloader, self.fhir)

@@ -195,7 +195,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-# Connections kept open per process: hook evaluations (at most half of these at once: runtime.evaluations)
+# Connections kept open per process: hook evaluations (at most runtime.EVALUATIONS at once)
 # and everything else never overflow the pool. An overflow connection is closed when returned, and under
 # load that meant a new PostgreSQL backend (a fork) for every few calls.
 POOL_SIZE = 8
