@@ -18,7 +18,7 @@ from nudges.rules.compiler import load_ruleset
 from nudges.services import Services
 from nudges.settings import Settings
 from nudges.tools.cases import case_result
-from nudges.tools.explain import Explanation, Recorder, explain, explain_case
+from nudges.tools.explain import Explanation, Recorder, comparisons, explain, explain_case, where_values
 from nudges.tools.replay import summarize
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,9 +94,23 @@ def test_a_firing_call_names_candidates_window_fhirpath_and_binding(services: Se
     assert step["codes"] == "troponin" and step["as"] == "troponin"
     assert (step["candidates"], step["in_window"], step["passed"], step["chosen"]) == (3, 2, 1, "Observation/trop-1")
     assert "excluded Observation/trop-old: older than 72h (dated 2026-02-26T08:00:00Z)" in step["notes"]
-    assert "excluded Observation/trop-low: `where` did not hold" in step["notes"]
+    assert "excluded Observation/trop-low: `where` did not hold ((value as Quantity).value = [20]; " \
+           "referenceRange.high.value = [34])" in step["notes"]  # the values it compared
     absent = steps_by_where(rule)["when.none[0]"]
     assert (absent["held"], absent["candidates"], absent["since"]) == (False, 0, "troponin")
+
+
+def test_where_values_name_each_compared_side() -> None:
+    expression = ("(value as Quantity).value > referenceRange.high.value or status = 'final' and "
+                  "code.coding.where(code = 'x').exists() and (value as Quantity) >= 10 'mg'")
+    assert comparisons(expression) == [("(value as Quantity).value", ">", "referenceRange.high.value"),
+                                       ("status", "=", "'final'"), ("(value as Quantity)", ">=", "10 'mg'")]
+    resource = {"resourceType": "Observation", "status": "preliminary", "valueQuantity": {"value": 20}}
+    assert where_values(expression, resource, {}) == (
+        '(value as Quantity).value = [20]; referenceRange.high.value = []; status = ["preliminary"]; '
+        '(value as Quantity) = [{"value":20}]')
+    assert where_values("code.memberOf('troponin')", resource, {}) == ""  # nothing compared at the top
+    assert where_values(None, resource, {}) == ""
 
 
 def test_an_absence_that_matches_blocks_the_rule_and_the_rest_is_not_evaluated(services: Services) -> None:

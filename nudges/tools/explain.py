@@ -18,10 +18,14 @@ and held false.
 
 from __future__ import annotations
 
+import functools
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from .. import pipeline
 from ..clock import parse_instant
@@ -29,7 +33,7 @@ from ..engine import Match
 from ..fhir import canonicalize, concepts, instant
 from ..record import PatientRecord
 from ..rules.compiled import CompiledClause, CompiledGroup, CompiledItem, CompiledRule, RuleSet
-from ..rules.fhirpath import truthy
+from ..rules.fhirpath import compile_expression, truthy
 from ..rules.resources import did_you_mean
 from ..rules.schema import Case, Clause, Group
 from ..services import Services
@@ -258,7 +262,9 @@ class Recorder:
                     continue
                 passed += ok
                 if not ok:
-                    step.note(f"excluded {reference(resource)}: `where` did not hold")
+                    values = where_values(model.where if model else None, resource, env)
+                    step.note(f"excluded {reference(resource)}: `where` did not hold"
+                              + (f" ({values})" if values else ""))
         step.passed = passed
         if len(step.notes) == MAX_NOTES:
             step.notes[-1] = "... (more exclusions not listed)"
@@ -346,6 +352,81 @@ def _window_reason(why: str, when: datetime | None, model: Clause | None, dates:
     anchor = model.since if model else None
     at = dates.get(anchor) if anchor else None
     return f"before {anchor}{f' ({instant(at)})' if at else ''}{dated}"
+
+
+COMPARISONS = ("<=", ">=", "!=", "!~", "=", "~", "<", ">")
+JOINS = re.compile(r"\s(?:and|or|xor|implies)\s")
+LITERAL = re.compile(r"^(?:-?\d+(?:\.\d+)?(?:\s*'[^']*')?|'(?:[^'\\]|\\.)*'|@[\dT:.+\-Z]+|true|false)$")
+MAX_VALUE = 80
+
+
+def _top_level(expression: str) -> set[int]:
+    """Positions in `expression` outside parentheses, brackets and quoted strings."""
+    found, depth, quote, i = set(), 0, "", 0
+    while i < len(expression):
+        char = expression[i]
+        if quote:
+            if char == "\\":
+                i += 1
+            elif char == quote:
+                quote = ""
+        elif char in "'`\"":
+            quote = char
+        elif char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth -= 1
+        elif depth == 0:
+            found.add(i)
+        i += 1
+    return found
+
+
+def comparisons(expression: str) -> list[tuple[str, str, str]]:
+    """(left, operator, right) of each comparison that `and`/`or`/`xor`/`implies` join at the top level
+    of an expression: what an author wants to see the values of when `where` did not hold."""
+    top = _top_level(expression)
+    parts, start = [], 0
+    for join in JOINS.finditer(expression):
+        if join.start() in top:
+            parts.append((start, expression[start:join.start()]))
+            start = join.end()
+    parts.append((start, expression[start:]))
+    found = []
+    for offset, part in parts:
+        for i in sorted(p - offset for p in top if offset <= p < offset + len(part)):
+            operator = next((op for op in COMPARISONS if part.startswith(op, i)), None)
+            if operator is not None:
+                left, right = part[:i].strip(), part[i + len(operator):].strip()
+                if left and right:
+                    found.append((left, operator, right))
+                break
+    return found
+
+
+@functools.lru_cache(maxsize=256)
+def _operand(expression: str, resource_type: str | None) -> Any:
+    return compile_expression(expression, resource_type)
+
+
+def where_values(expression: str | None, resource: dict[str, Any], env: dict[str, Any]) -> str:
+    """The values the comparisons of a `where` compared on this resource, e.g. "(value as Quantity).value
+    = [20]; referenceRange.high.value = [34]" (a side that is a literal, or that cannot be evaluated on
+    its own, such as a memberOf whose value set is not at hand, is left out)."""
+    if not expression:
+        return ""
+    shown: list[str] = []
+    for left, _, right in comparisons(expression):
+        for side in (left, right):
+            if LITERAL.match(side) or any(side == s.split(" = ")[0] for s in shown):
+                continue
+            try:
+                value = _operand(side, resource.get("resourceType"))(resource, env)
+            except Exception:  # a side that needs its context (or a value set) is skipped
+                continue
+            text = orjson.dumps(value, default=str).decode()
+            shown.append(f"{side} = {text if len(text) <= MAX_VALUE else text[:MAX_VALUE - 1] + '…'}")
+    return "; ".join(shown)
 
 
 def _clause_step(where: str, under: str, clause: CompiledClause, model: Clause | None) -> Step:
