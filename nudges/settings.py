@@ -233,6 +233,9 @@ class Settings(BaseSettings):
     rule_statuses: list[str] = Field(default_factory=lambda: ["active"])
     reload_interval_seconds: float = 2.0
     max_body_bytes: int = 10 * 1024 * 1024
+    keepalive_requests: int = Field(
+        default=100, ge=0, description="requests on one keep-alive connection before the answer says "
+                                       "`Connection: close` (0: never), so clients re-connect and spread over workers")
     fhir_timeout_seconds: float = 2.0
     fhir_max_pages: int = 5
     fhir_max_connections_per_server: int = Field(

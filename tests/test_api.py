@@ -315,3 +315,39 @@ def test_order_sign_and_appointment_book(client: LiveServer) -> None:
     cards = response.json()["cards"]
     assert len(cards) == 1 and "interpreter" in cards[0]["summary"]
     assert orjson.dumps(cards)  # serialisable, no NaN
+
+
+def test_a_connection_is_closed_after_keepalive_requests(make_client) -> None:  # type: ignore[no-untyped-def]
+    """The third answer on one connection says Connection: close and the connection ends, so the client
+    re-connects (to whichever worker accepts); with 0, a connection is never closed by the count."""
+    import http.client
+
+    client = make_client(keepalive_requests=3)
+    port = int(str(client.base_url).rsplit(":", 1)[1].strip("/"))
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    said = []
+    for n in range(3):
+        conn.request("GET", "/healthz")
+        response = conn.getresponse()
+        response.read()
+        said.append(response.getheader("connection"))
+        if n == 0:
+            first = conn.sock.getsockname()
+    assert said[:2] == [None, None] and said[2] == "close"
+    assert conn.sock is None  # http.client drops a connection the server closes
+    conn.request("GET", "/healthz")  # a new connection, counted afresh
+    response = conn.getresponse()
+    response.read()
+    assert response.status == 200 and response.getheader("connection") is None
+    assert conn.sock.getsockname() != first
+    conn.close()
+
+    never = make_client(keepalive_requests=0)
+    port = int(str(never.base_url).rsplit(":", 1)[1].strip("/"))
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    for _ in range(5):
+        conn.request("GET", "/healthz")
+        response = conn.getresponse()
+        response.read()
+        assert response.getheader("connection") is None
+    conn.close()

@@ -16,7 +16,7 @@ from ..settings import Settings
 from . import errors
 from .console import ROUTERS as CONSOLE
 from .console.security import ConsoleHeaders
-from .middleware import BodyLimit, Instrumentation
+from .middleware import BodyLimit, Instrumentation, KeepAliveLimit
 from .routes import docs, feedback, health, notifications, services
 
 
@@ -35,6 +35,7 @@ def create_app(settings: Settings, clock: Clock | None = None) -> FastAPI:
                   description="Health-equity decision support over CDS Hooks 2.0")
     app.state.runtime = runtime
     app.add_middleware(BodyLimit)
+    app.add_middleware(KeepAliveLimit)
     app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_credentials=False,
                        allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["Authorization", "Content-Type"],
                        max_age=600)

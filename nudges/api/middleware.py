@@ -1,4 +1,4 @@
-"""Pure ASGI middleware: request metrics and one cap on request bodies."""
+"""Pure ASGI middleware: request metrics, one cap on request bodies, a cap on requests per connection."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import PayloadTooLarge
 from ..hooks import service_hook
+
+MAX_TRACKED = 10_000  # client connections KeepAliveLimit counts at once
 
 # Path heads reported by name in metrics; anything else is "other" (no unbounded label values).
 KNOWN_PATHS = ("cds-services", "healthz", "readyz", "fhir", "metrics", "console", "docs")
@@ -78,3 +80,38 @@ class BodyLimit:
             return message
 
         await self.app(scope, counted, send)
+
+
+class KeepAliveLimit:
+    """After `keepalive_requests` requests on one connection, the answer says `Connection: close` (as
+    nginx's keepalive_requests and Apache's MaxKeepAliveRequests do). A keep-alive connection stays with
+    the worker process that accepted it, and EHR clients open theirs in bursts, so one worker of
+    `nudges serve --workers N` could hold most of them for good; a client that re-connects now and then
+    is accepted by whichever worker is free to accept, which spreads the load (README "Performance")."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.served: dict[tuple[str, int], int] = {}  # requests answered per client connection
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        limit = scope["app"].state.runtime.settings.keepalive_requests if scope["type"] == "http" else 0
+        client = scope.get("client")
+        if not limit or not client:
+            await self.app(scope, receive, send)
+            return
+        key = (client[0], client[1])
+        count = self.served.get(key, 0) + 1
+        if count >= limit:
+            self.served.pop(key, None)
+        else:
+            if len(self.served) >= MAX_TRACKED:  # connections that closed on their own leave no trace
+                self.served.clear()
+            self.served[key] = count
+
+        async def closing(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, receive, closing if count >= limit else send)
+
