@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -363,6 +364,12 @@ def fhir_server() -> Iterator[FhirServer]:
 
 
 @pytest.fixture
+def store(make_store: Callable[..., Store]) -> Store:
+    """One store on the parametrised database (a module may define its own)."""
+    return make_store()
+
+
+@pytest.fixture
 def make_store(database_url: str, clock: FixedClock) -> Iterator[Callable[..., Store]]:
     """Stores on the parametrised database, migrated, and disposed after the test."""
     stores: list[Store] = []
@@ -412,3 +419,22 @@ def loopback_only(context: Any) -> list[str]:
 
     context.route("**/*", route)
     return blocked
+
+
+@contextlib.contextmanager
+def watched_page(browser: Any, base_url: str, **options: Any) -> Iterator[Any]:
+    """A page in its own browser context with every request off loopback aborted; when the block ends,
+    nothing may have been blocked and the browser may have logged no error (CSP violations show there)."""
+    context = browser.new_context(base_url=base_url, **options)
+    blocked = loopback_only(context)
+    page = context.new_page()
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    page.set_default_timeout(60_000)
+    try:
+        yield page
+    finally:
+        context.close()
+    assert not blocked, f"requests off loopback: {blocked}"
+    assert not problems, f"browser errors (CSP violations show here): {problems}"

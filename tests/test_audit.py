@@ -7,7 +7,6 @@ import hashlib
 import io
 import re
 import uuid
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -20,14 +19,6 @@ from nudges.clock import FixedClock
 from nudges.store import Bucket, CardRecord, FeedbackRecord, Store
 
 KEYS = {"rule", "dimension", "group", "shown", "accepted", "overridden", "acceptance_rate", "rate_ratio"}
-
-
-@pytest.fixture
-def store(database_url: str, clock: FixedClock) -> Iterator[Store]:
-    store = Store(database_url, clock)
-    store.migrate()
-    yield store
-    store.dispose()
 
 
 class History:

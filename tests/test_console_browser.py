@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import NOW, ROOT, LiveServer, loopback_only
+from conftest import NOW, ROOT, LiveServer, watched_page
 
 from nudges.clock import FixedClock, parse_instant
 from nudges.settings import Settings
@@ -56,17 +56,8 @@ def seed_dashboard(live: LiveServer) -> None:
 
 @pytest.fixture
 def page(browser: Any, server: LiveServer) -> Iterator[Any]:
-    context = browser.new_context(base_url=str(server.base_url), viewport={"width": 1280, "height": 900})
-    blocked = loopback_only(context)
-    tab = context.new_page()
-    problems: list[str] = []
-    tab.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
-    tab.on("pageerror", lambda e: problems.append(str(e)))
-    tab.set_default_timeout(60_000)
-    yield tab
-    context.close()
-    assert not blocked, f"requests off loopback: {blocked}"
-    assert not problems, f"browser errors (CSP violations show here): {problems}"
+    with watched_page(browser, str(server.base_url), viewport={"width": 1280, "height": 900}) as tab:
+        yield tab
 
 
 def test_overview(page: Any, server: LiveServer) -> None:

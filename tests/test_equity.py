@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import io
 import uuid
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -136,14 +135,6 @@ def test_a_withheld_group_total_stays_hidden_in_the_trend() -> None:
 
 
 # -- on the databases ---------------------------------------------------------------------------------------
-@pytest.fixture
-def store(database_url: str, clock: FixedClock) -> Iterator[Store]:
-    store = Store(database_url, clock)
-    store.migrate()
-    yield store
-    store.dispose()
-
-
 def record(store: Store, clock: FixedClock, rule: str, person: str, bucket: Bucket, outcome: str | None,
            days_ago: int) -> None:
     card = str(uuid.uuid4())
