@@ -203,3 +203,23 @@ def backend_key(directory: Path, kid: str = "nudges-1") -> tuple[Path, dict[str,
                                        serialization.NoEncryption()))
     public = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
     return path, {"keys": [{**public, "kid": kid, "alg": "RS384", "use": "sig"}]}
+
+
+def wait_ready(base: str, process: Any, timeout: float = 60, also: Any = None) -> None:
+    """Until a service started as a subprocess answers /readyz 200 (and `also()`, when given, holds);
+    the process exiting or the deadline passing fails the test with what the process printed."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
+        assert time.monotonic() < deadline, f"{base} did not become ready within {timeout:g} s"
+        try:
+            if (also is None or also()) and httpx.get(f"{base}/readyz").status_code == 200:
+                return
+        except (httpx.HTTPError, OSError):
+            pass
+        time.sleep(0.1)
+

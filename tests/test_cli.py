@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
+from helpers import wait_ready
 
 from nudges.logs import configure
 
@@ -35,16 +36,7 @@ def test_serve_with_defaults_answers_the_readme_example(tmp_path: Path) -> None:
     port = free_port()
     proc = nudges("serve", "--port", str(port), cwd=tmp_path, env={"NUDGES_NOW": "2026-03-02T12:00:00Z"})
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        wait_ready(f"http://127.0.0.1:{port}", proc, timeout=30)
         body = (ROOT / "fhir_fixtures/calls/patient-view-troponin.json").read_bytes()
         response = httpx.post(f"http://127.0.0.1:{port}/cds-services/nudges-patient-view", content=body,
                               headers={"Content-Type": "application/json"})
@@ -130,19 +122,14 @@ def test_serve_with_workers_runs_replicas_on_one_port(tmp_path: Path) -> None:
     proc = nudges("serve", "--port", str(port), "--workers", "2", cwd=tmp_path,
                   env={"NUDGES_NOW": "2026-03-02T12:00:00Z", "NUDGES_FOLLOWUP_POLL_SECONDS": "0"})
     try:
-        deadline = time.monotonic() + 60
         children: list[str] = []
-        while True:
-            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-            assert time.monotonic() < deadline, "the workers did not come up"
-            try:
-                children = [c for c in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-                            if b"resource_tracker" not in Path(f"/proc/{c}/cmdline").read_bytes()]
-                if len(children) >= 2 and httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
-                    break
-            except (httpx.HTTPError, OSError):
-                pass
-            time.sleep(0.2)
+
+        def two_workers() -> bool:
+            children[:] = [c for c in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+                           if b"resource_tracker" not in Path(f"/proc/{c}/cmdline").read_bytes()]
+            return len(children) >= 2
+
+        wait_ready(f"http://127.0.0.1:{port}", proc, also=two_workers)
         body = (ROOT / "fhir_fixtures/calls/patient-view-troponin.json").read_bytes()
 
         def call() -> httpx.Response:

@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import sysconfig
-import time
 import venv
 import zipfile
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from helpers import wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.packaging
@@ -94,16 +94,7 @@ def test_an_installed_copy_serves_its_rules_migrations_and_docs(installed: Path,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert server.poll() is None, server.stderr.read().decode() if server.stderr else ""
-            assert time.monotonic() < deadline, "the installed service did not become ready"
-            time.sleep(0.2)
+        wait_ready(base, server)
         call = (ROOT / "fhir_fixtures" / "calls" / "patient-view-troponin.json").read_bytes()
         cards = httpx.post(f"{base}/cds-services/nudges-patient-view", content=call,
                            headers={"Content-Type": "application/json"}).json()["cards"]
