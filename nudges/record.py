@@ -25,6 +25,7 @@ from .fhir import (
     walk,
     words,
 )
+from .planned import Heads
 
 _CODE_PATHS = {kind: tuple(tuple(p.split(".")) for p in paths) for kind, paths in CODE_ELEMENTS.items()}
 # What every call's record reads besides the rules' clauses: the patient (age, `patient:`, the audit's
@@ -75,7 +76,7 @@ class IndexPlan:
     plan the index keeps only codings some clause asks for, and each clause's code set is one bucket, so a
     look-up is one dict access however large the value set."""
 
-    __slots__ = ("buckets", "codes", "texts", "whole")
+    __slots__ = ("buckets", "codes", "heads", "texts", "whole")
 
     def __init__(self, keysets: Iterable[tuple[str, frozenset[tuple[str, str]]]], whole: Iterable[str] = (),
                  texts: Iterable[tuple[str, re.Pattern[str]]] = ()) -> None:
@@ -98,49 +99,17 @@ class IndexPlan:
         # one hash of a short string
         self.codes: dict[str, dict[str, tuple[tuple[str, int], ...]]] = {
             kind: {code: tuple(found) for code, found in by_code.items()} for kind, by_code in codes.items()}
+        self.heads = Heads(self.whole, self.codes, self.texts)
 
     def reads(self, resource: Resource) -> bool:
         """Whether a record with this plan could ever look at the resource: its type is read in full, it
         carries a code some clause looks up, its words match a `text:` clause on its type, or it names its
-        medication by reference (whose code and words only the Medication tells). Population screening
-        leaves the rest out of each patient's call: the cards are the same (an export holds each resource
-        once, so no duplicate id can stand in for another), and most of a record (vital signs, routine
-        labs) is never parsed a second time."""
-        kind = resource.get("resourceType")
-        if kind in self.whole:
-            return True
-        if not isinstance(kind, str):
-            return False
-        wanted, patterns = self.codes.get(kind), self.texts.get(kind)
-        if wanted is None and patterns is None:
-            return False
-        if kind in MEDICATION_TYPES and "medicationReference" in resource:
-            return True
-        try:
-            if wanted is not None:
-                for path in _CODE_PATHS.get(kind, ()):
-                    value: Any = resource.get(path[0])
-                    if value is None:
-                        continue
-                    if len(path) > 1:
-                        value = list(walk(resource, ".".join(path)))
-                    for concept in (value,) if value.__class__ is dict else value:
-                        for coding in concept.get("coding") or ():
-                            targets = wanted.get(coding.get("code"))
-                            if targets is not None:
-                                system = coding.get("system")
-                                system = SYSTEM_ALIASES.get(system, system) if isinstance(system, str) else system
-                                if any(system == want for want, _ in targets):
-                                    return True
-            if patterns is not None:
-                for text in words(resource):
-                    for pattern in patterns:
-                        if pattern.search(text):
-                            return True
-        except (AttributeError, TypeError):  # malformed: keep it, the record copes as on any call
-            return True
-        return False
-
+        medication by reference (whose code and words only the Medication tells). Hook calls leave the
+        rest of a prefetch Bundle unparsed (planned.parse_body) and population screening leaves it out of
+        each patient's call: the cards are the same (duplicate ids aside: a resource no rule reads is not
+        there to stand in for another of its id), and most of a record (vital signs, routine labs) is
+        never built, nor freed. The decision is made on the resource's head (planned.Heads)."""
+        return self.heads.reads_resource(resource)
 
 
 class PatientRecord:

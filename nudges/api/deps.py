@@ -11,7 +11,8 @@ from typing import Annotated, Any
 import orjson
 from fastapi import Depends, Request, Response
 
-from ..errors import BadRequest, PayloadTooLarge, TooDeep
+from ..errors import BadRequest, PayloadTooLarge
+from ..planned import parse_body
 from ..runtime import Runtime
 from .auth import Caller
 
@@ -52,23 +53,8 @@ async def read_body(request: Request, limit: int) -> bytes:
     return await request.body()
 
 
-def parse_object(body: bytes) -> dict[str, Any]:
-    """The body parsed once (orjson); nesting beyond orjson's fixed limit (1024) is refused as too deep."""
-    if not body:
-        raise BadRequest("request body is empty; a JSON object is required")
-    try:
-        value = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        if "depth" in str(exc) or "recursion" in str(exc):
-            raise TooDeep("JSON nesting is too deep") from None
-        raise BadRequest(f"malformed JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise BadRequest("the request body must be a JSON object")
-    return value
-
-
 async def json_body(request: Request, runtime: RuntimeDep) -> dict[str, Any]:
-    return parse_object(await read_body(request, runtime.settings.max_body_bytes))
+    return parse_body(await read_body(request, runtime.settings.max_body_bytes), None)
 
 
 BodyDep = Annotated[dict[str, Any], Depends(json_body)]

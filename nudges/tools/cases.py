@@ -20,6 +20,7 @@ from ..engine import Tracer
 from ..errors import NudgesError
 from ..fhir import bundle
 from ..hooks import HOOKS
+from ..planned import parse_body
 from ..rules.compiled import CompiledRule, RuleSet
 from ..rules.folders import find_file
 from ..rules.schema import Case, CaseExpectation
@@ -93,10 +94,15 @@ def case_request(case: Case, folder: Path, fixture_dirs: tuple[Path, ...] = ()) 
 
 def case_result(rule: CompiledRule, ruleset: RuleSet, case: Case, folder: Path, now: str,
                 trace: Tracer | None = None) -> pipeline.Result:
-    """One case through the pipeline, its rule served alone on the case's hook (a tracer: nudges explain)."""
+    """One case through the pipeline, its rule served alone on the case's hook (a tracer: nudges explain).
+    The request goes as bytes through the hook path's planned parse, which leaves out what the rule
+    cannot read, so every case also checks that nothing a rule needs is left out; but not for explain,
+    which shows the whole record (the codes it does have, when nothing was offered)."""
     service = Service.of(HOOKS[case.hook], (rule,), service_id=CASE_SERVICE, title=rule.title)
     services = Services(ruleset, {service.id: service})
-    call = pipeline.parse_call(services, service.id, case_request(case, folder, ruleset.fixture_dirs))
+    heads = service.index.heads if trace is None else None
+    body = parse_body(orjson.dumps(case_request(case, folder, ruleset.fixture_dirs)), heads)
+    call = pipeline.parse_call(services, service.id, body)
     return pipeline.evaluate(call, services, parse_instant(case.now or now), patient_hash="case", trace=trace)
 
 

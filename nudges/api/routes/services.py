@@ -6,11 +6,11 @@ import asyncio
 from typing import Any
 
 import anyio
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from starlette.background import BackgroundTask
 
-from ... import pipeline
-from ..deps import BodyDep, CallerDep, RuntimeDep, json_response
+from ... import pipeline, planned
+from ..deps import CallerDep, RuntimeDep, json_response, read_body
 from ..models import CALL_SCHEMA, error_responses
 
 router = APIRouter(tags=["CDS Hooks"])
@@ -26,8 +26,12 @@ async def discovery(runtime: RuntimeDep, caller: CallerDep) -> Response:
 
 @router.post("/cds-services/{service_id}", summary="Call a CDS service (a hook)",
              openapi_extra={"requestBody": CALL_SCHEMA}, responses=error_responses(400, 401, 404, 412, 413))
-async def call_service(service_id: str, runtime: RuntimeDep, caller: CallerDep, body: BodyDep) -> Response:
-    call = pipeline.parse_call(runtime.services(), service_id, body)
+async def call_service(service_id: str, request: Request, runtime: RuntimeDep, caller: CallerDep) -> Response:
+    services = runtime.services()
+    service = services.by_id.get(service_id)
+    raw = await read_body(request, runtime.settings.max_body_bytes)
+    body = planned.parse_body(raw, service.index.heads if service is not None else None)
+    call = pipeline.parse_call(services, service_id, body)
     await pipeline.complete(call, runtime.fhir, runtime.settings,
                             caller.client.fhir_servers if caller.client else None)
     result = await anyio.to_thread.run_sync(runtime.evaluate, call, caller, limiter=runtime.evaluations)
