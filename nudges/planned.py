@@ -87,6 +87,7 @@ class BundleSkeleton(msgspec.Struct, forbid_unknown_fields=True):
     signature: msgspec.Raw = UNSET
 
 
+BUNDLE = msgspec.Raw(b'"Bundle"')  # as nearly every server writes it; any other spelling is parsed to compare
 _ENVELOPE = msgspec.json.Decoder(Envelope)
 _BUNDLE = msgspec.json.Decoder(BundleSkeleton)
 _KIND = msgspec.json.Decoder(KindOnly)
@@ -256,7 +257,8 @@ def _value(raw: msgspec.Raw, heads: Heads) -> Any:
         bundle = _BUNDLE.decode(raw)
     except msgspec.ValidationError:
         return _loads(raw)
-    if bundle.entry is UNSET or bundle.resourceType is UNSET or _loads(bundle.resourceType) != "Bundle":
+    if not bundle.entry or bundle.resourceType is UNSET or (  # no entries (most keys): one parse is cheaper
+            bundle.resourceType != BUNDLE and _loads(bundle.resourceType) != "Bundle"):
         return _loads(raw)
     parsed = {name: _loads(getattr(bundle, name)) for name in BundleSkeleton.__struct_fields__
               if name != "entry" and getattr(bundle, name) is not UNSET}

@@ -54,11 +54,12 @@ class Runtime:
     deliveries: Deliveries = field(init=False)
     recovery: Recovery = field(init=False)
     loop: asyncio.AbstractEventLoop | None = None  # the app's event loop, once started
-    # Hook evaluations running at once in worker threads. They hold the GIL but for their database round
-    # trips, so two keep the process busy while one waits; more only queue for the GIL, and every extra
-    # hand-over costs CPU (under 16 concurrent clients, 2 gave more calls/s and a lower p99 than 1, 4, 8
-    # or evaluation on the event loop: README "Performance"). Well under the pool (store.POOL_SIZE), so
-    # feedback, notifications and the scheduler's jobs never make it overflow.
+    # Hook evaluations running at once in worker threads, on PostgreSQL (on SQLite they run on the event
+    # loop: Store.run). They hold the GIL but for their database round trips, so two keep the process busy
+    # while one waits; more only queue for the GIL, and every extra hand-over costs CPU (under 16
+    # concurrent clients, 2 gave more calls/s and a lower p99 than 1, 4, 8 or evaluation on the event
+    # loop: README "Performance"). Well under the pool (store.POOL_SIZE), so feedback, notifications and
+    # the scheduler's jobs never make it overflow.
     evaluations: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(EVALUATIONS))
 
     def __post_init__(self) -> None:
@@ -137,26 +138,32 @@ class Runtime:
         return self.reloader.current
 
     def evaluate(self, call: pipeline.Call, caller: Caller) -> pipeline.Result:
-        """Runs in a worker thread: engine, then suppression, the cards shown and the waiting cards taken,
-        all in one transaction (one checkout, one commit)."""
+        """Through Store.run (a worker thread on PostgreSQL): engine, then suppression, the cards shown and
+        the waiting cards taken, all in one transaction (one checkout, one commit; once more on a new
+        connection when the database dropped the first)."""
         services = self.services()
         now = self.clock.now()
         store = self.store
         patient_hash = store.patient_hash(call.context["patientId"])
         result = pipeline.evaluate(call, services, now, patient_hash=patient_hash, keyed=store.keyed,
                                    tenant=caller.tenant, why_base=self.settings.public_base_url)
-        with store.transaction() as conn:
-            shown = {id(r) for r in store.show_cards(result.records, self.settings.suppression.ignored_window, conn)}
-            result.issued = [i for i in result.issued if i.record is not None and id(i.record) in shown]
-            pending = followups.take_pending(store, patient_hash, service_id=call.service.id,
-                                             hook_instance=call.request.hookInstance,
-                                             live_rules={i.rule_id for i in result.issued}, now=now,
-                                             max_age=self.settings.pending_card_max_age, conn=conn)
+        issued, records = result.issued, result.records
+
+        def store_cards() -> list[followups.PendingCard]:
+            with store.transaction() as conn:
+                shown = {id(r) for r in store.show_cards(records, self.settings.suppression.ignored_window, conn)}
+                result.issued = [i for i in issued if i.record is not None and id(i.record) in shown]
+                return followups.take_pending(store, patient_hash, service_id=call.service.id,
+                                              hook_instance=call.request.hookInstance,
+                                              live_rules={i.rule_id for i in result.issued}, now=now,
+                                              max_age=self.settings.pending_card_max_age, conn=conn)
+
+        pending = store.retrying(store_cards)
         result.issued += [IssuedCard(p.rule_id, followups.fill_context(p.card, call.context)) for p in pending]
         for rule_id in result.failed:
             self.metrics.rule_errors.labels(rule_id).inc()
-        for issued in result.issued:
-            self.metrics.cards.labels(issued.rule_id).inc()
+        for card in result.issued:
+            self.metrics.cards.labels(card.rule_id).inc()
         return result
 
     def record_feedback(self, records: list[FeedbackRecord], service_id: str) -> int:

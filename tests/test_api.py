@@ -7,6 +7,7 @@ import time
 from urllib.parse import parse_qsl, urlsplit
 
 import orjson
+import pytest
 from conftest import LiveServer
 from helpers import (
     ALLOWED_TOKEN,
@@ -351,3 +352,37 @@ def test_a_connection_is_closed_after_keepalive_requests(make_client) -> None:  
         response.read()
         assert response.getheader("connection") is None
     conn.close()
+
+
+def _drop_connections(application: str) -> int:
+    """What a PostgreSQL restart or failover does to the service's pooled connections, to them alone."""
+    import psycopg
+    from conftest import PG_BASE
+
+    with psycopg.connect(PG_BASE, autocommit=True) as conn:
+        return len(conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+                                (application,)).fetchall())
+
+
+@pytest.mark.parametrize("idle", ["in steady use", "idle"])
+def test_a_hook_call_survives_the_database_dropping_its_connections(
+        make_client, pg_schema_url: str, monkeypatch: pytest.MonkeyPatch, idle: str) -> None:  # type: ignore[no-untyped-def]
+    """Dropped while in steady use (used again within PING_IDLE_SECONDS, so not pinged), the call's
+    transaction is tried once more; dropped while idle, the ping at checkout replaces the connection,
+    for feedback as for a hook call."""
+    from nudges import store
+
+    monkeypatch.setattr(store, "PING_IDLE_SECONDS", 3600.0 if idle == "in steady use" else 0.0)
+    application = f"nudges_drop_{idle.replace(' ', '_')}"
+    client = make_client(database_url=f"{pg_schema_url}&application_name={application}")
+    first = client.post(URL, json=patient_view(f"pt-{idle.split()[-1]}-1", troponin()))
+    assert first.status_code == 200 and first.json()["cards"]
+    assert _drop_connections(application) >= 1
+    again = client.post(URL, json=patient_view(f"pt-{idle.split()[-1]}-2", troponin()))
+    assert again.status_code == 200 and again.json()["cards"], again.text
+    if idle == "idle":
+        _drop_connections(application)
+        card = again.json()["cards"][0]
+        feedback = {"feedback": [{"card": card["uuid"], "outcome": "accepted", "outcomeTimestamp": "2026-03-02T12:00:00Z",
+                                  "acceptedSuggestions": [{"id": card["suggestions"][0]["uuid"]}]}]}
+        assert client.post(f"{URL}/feedback", json=feedback).status_code == 200

@@ -143,7 +143,7 @@ class Authenticator:
         # Claimed last, so a rejected token never burns its jti. Kept until exp + leeway, the last
         # instant at which the token would still be accepted.
         expires_at = datetime.fromtimestamp(exp + self.settings.leeway_seconds, UTC)
-        if not await asyncio.to_thread(self.store.claim_token, client.iss, jti, expires_at):
+        if not await self.store.run(self.store.claim_token, client.iss, jti, expires_at):
             raise Unauthorized("jti replayed")
         return Caller(authenticated=True, iss=client.iss, tenant=tenant if isinstance(tenant, str) else None,
                       jti=jti, client=client)

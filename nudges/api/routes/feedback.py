@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import anyio
 from fastapi import APIRouter, Response
 from pydantic import ValidationError
 
@@ -32,5 +31,5 @@ async def feedback(service_id: str, runtime: RuntimeDep, caller: CallerDep, body
             accepted_suggestions=tuple(s.id for s in f.acceptedSuggestions or ()),
             override_system=reason.system if reason else None, override_code=reason.code if reason else None,
             has_comment=bool(f.overrideReason and f.overrideReason.userComment)))
-    stored = await anyio.to_thread.run_sync(runtime.record_feedback, records, service_id)
+    stored = await runtime.store.run(runtime.record_feedback, records, service_id)
     return json_response({"stored": stored, "duplicates": len(records) - stored})

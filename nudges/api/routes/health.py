@@ -21,7 +21,7 @@ async def healthz() -> Response:
 
 @router.get("/readyz", summary="Readiness: database reachable and rules loaded")
 async def readyz(runtime: RuntimeDep) -> Response:
-    state = await anyio.to_thread.run_sync(runtime.readiness)
+    state = await runtime.store.run(runtime.readiness)
     problems = state["problems"]
     if problems:
         return Response(orjson.dumps(operation_outcome("not ready: " + "; ".join(problems), code="transient")),

@@ -9,7 +9,6 @@ relays notifications; or nothing, in loopback development), but never for a mana
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass
 from typing import Annotated
@@ -39,7 +38,7 @@ async def notifier(request: Request, runtime: RuntimeDep) -> Notifier:
     scheme, _, token = (request.headers.get("authorization") or "").strip().partition(" ")
     token = token.strip()
     if scheme.lower() == "bearer" and token.startswith(SECRET_PREFIX):
-        managed = await asyncio.to_thread(subscriptions.by_secret, runtime.store, token)
+        managed = await runtime.store.run(subscriptions.by_secret, runtime.store, token)
         if managed is None or managed.status == "retired":
             reason = "unknown subscription secret" if managed is None else f"retired subscription {managed.id}"
             log.warning("rejected notification: %s", reason)
@@ -68,7 +67,7 @@ async def notifications(runtime: RuntimeDep, who: NotifierDep, body: BodyDep) ->
     note = parse_notification(body)
     store = runtime.store
     if who.managed is None:
-        if await asyncio.to_thread(subscriptions.is_managed, store, note.subscription):
+        if await store.run(subscriptions.is_managed, store, note.subscription):
             log.warning("rejected notification: a managed subscription's notification without its secret")
             raise Unauthorized("managed subscription without its secret")
         if note.type != EVENT_TYPE:
@@ -81,5 +80,5 @@ async def notifications(runtime: RuntimeDep, who: NotifierDep, body: BodyDep) ->
     resource_id = _own(managed, note)
     if note.type == EVENT_TYPE:  # scheduled first: an event counts as arrived only once it is taken care of
         scheduled = await runtime.intake.accept(note, runtime.services(), [], server=managed.server)
-    await asyncio.to_thread(subscriptions.observe, store, managed, note.heard, resource_id)
+    await store.run(subscriptions.observe, store, managed, note.heard, resource_id)
     return json_response({"type": note.type, "events": len(note.focus), "scheduled": scheduled})

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import anyio
 from fastapi import APIRouter, Request, Response
 from starlette.background import BackgroundTask
 
@@ -34,7 +33,7 @@ async def call_service(service_id: str, request: Request, runtime: RuntimeDep, c
     call = pipeline.parse_call(services, service_id, body)
     await pipeline.complete(call, runtime.fhir, runtime.settings,
                             caller.client.fhir_servers if caller.client else None)
-    result = await anyio.to_thread.run_sync(runtime.evaluate, call, caller, limiter=runtime.evaluations)
+    result = await runtime.store.run(runtime.evaluate, call, caller, limiter=runtime.evaluations)
     response = json_response({"cards": result.cards})
     response.background = BackgroundTask(release, body, call, result)
     return response
