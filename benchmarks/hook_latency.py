@@ -398,7 +398,7 @@ class GcClock:
             self.collections[info["generation"]] += 1
 
 
-STAGES = ("orjson_loads", "parse_call", "build_record", "engine_evaluate", "runtime_evaluate", "db_cards",
+STAGES = ("parse_body", "orjson_loads", "parse_call", "build_record", "engine_evaluate", "runtime_evaluate", "db_cards",
           "runtime_rest", "engine_only", "pipeline")
 
 
@@ -421,16 +421,18 @@ class Timed:
 def measure_in_process(rules: Path, body: Body, runs: int, workdir: Path, *, light: bool = False) -> dict[str, Any]:
     """The service's own pipeline without HTTP, on a fresh body each run.
 
-    Pass A pauses the garbage collector inside each run and times every stage on its own: what the event
-    loop does (orjson.loads, pipeline.parse_call), the index and the rules alone, then what the worker thread
-    does (Runtime.evaluate: index, rules, cards, the suppression claim and card write in one transaction, and
-    whatever else it runs).
-    Pass B runs loads + parse_call + Runtime.evaluate with the collector as the service has it (heap
+    Pass A pauses the garbage collector inside each run and times every stage on its own: the planned
+    parse (planned.parse_body, what the service parses; orjson.loads of the whole body beside it, for
+    reference), pipeline.parse_call, the index and the rules alone, then Runtime.evaluate (index, rules,
+    cards, the suppression claim and card write in one transaction, and whatever else it runs; on the
+    event loop with SQLite).
+    Pass B runs parse_body + parse_call + Runtime.evaluate with the collector as the service has it (heap
     settled after the rule load: frozen, a high young threshold) and counts the GC pauses that still fall
     inside. `light` stops after the index and the rules (pass A only)."""
     from nudges import engine, pipeline
     from nudges.api.auth import Caller
     from nudges.heap import settle_heap
+    from nudges.planned import parse_body
     from nudges.runtime import Runtime
     from nudges.settings import Settings
 
@@ -442,6 +444,7 @@ def measure_in_process(rules: Path, body: Body, runs: int, workdir: Path, *, lig
     if not runtime.reloader.reload():
         raise SystemExit("\n".join(str(p) for p in runtime.reloader.last_problems))
     services, caller = runtime.services(), Caller(authenticated=False)
+    heads = services.by_id[SERVICE].index.heads
     now = runtime.clock.now()
     db_cards = Timed(runtime.store, "show_cards")
     samples: dict[str, list[float]] = {name: [] for name in STAGES}
@@ -454,8 +457,12 @@ def measure_in_process(rules: Path, body: Body, runs: int, workdir: Path, *, lig
             db_cards.last = 0.0
             gc.disable()
             try:
+                tl = time.perf_counter()
+                whole = orjson.loads(payload)
+                loaded = time.perf_counter() - tl
+                del whole
                 t0 = time.perf_counter()
-                data = orjson.loads(payload)
+                data = parse_body(payload, heads)
                 t1 = time.perf_counter()
                 call = pipeline.parse_call(services, SERVICE, data)
                 t2 = time.perf_counter()
@@ -471,8 +478,8 @@ def measure_in_process(rules: Path, body: Body, runs: int, workdir: Path, *, lig
             del data, call, record
             if i < 3:  # warm-up
                 continue
-            stages = [("orjson_loads", t1 - t0), ("parse_call", t2 - t1), ("build_record", t3 - t2),
-                      ("engine_evaluate", t4 - t3), ("engine_only", t4 - t0)]
+            stages = [("parse_body", t1 - t0), ("orjson_loads", loaded), ("parse_call", t2 - t1),
+                      ("build_record", t3 - t2), ("engine_evaluate", t4 - t3), ("engine_only", t4 - t0)]
             if not light:
                 rest = (t5 - t4) - (t3 - t2) - (t4 - t3) - db_cards.last
                 stages += [("runtime_evaluate", t5 - t4), ("db_cards", db_cards.last), ("runtime_rest", rest),
@@ -487,7 +494,7 @@ def measure_in_process(rules: Path, body: Body, runs: int, workdir: Path, *, lig
                 gc_clock.total, gc_clock.collections = 0.0, [0, 0, 0]
             gc_clock.active = True
             t0 = time.perf_counter()
-            data = orjson.loads(payload)
+            data = parse_body(payload, heads)
             runtime.evaluate(pipeline.parse_call(services, SERVICE, data), caller)
             t1 = time.perf_counter()
             del data
@@ -567,18 +574,17 @@ def report_text(r: dict[str, Any]) -> str:
     add("")
     add(f"3. Scaling in resources (same server, sizes interleaved, {cfg['scaling_calls']} calls each)")
     add(f"   {'resources':>9}  {'body MB':>7}  {'median ms':>9}  {'p95 ms':>8}  {'min ms':>8}  {'us/resource':>11}  "
-        f"{'loads ms':>8}  {'ratio':>6}  {'parse ms':>8}  {'beyond parse':>12}")
+        f"{'loads ms':>8}  {'ratio':>6}  {'parse ms':>8}")
     for row in r["scaling_resources"]:
         add(f"   {row['resources']:>9}  {row['bytes'] / 1e6:>7.2f}  {row['median_ms']:>9.2f}  {row['p95_ms']:>8.2f}  "
             f"{row['min_ms']:>8.2f}  {row['us_per_resource']:>11.1f}  {row['loads_median_ms']:>8.2f}  "
-            f"{row['ratio']:>6.2f}  {row['parse_ms']:>8.2f}  {row['median_ms'] - row['parse_ms']:>9.2f} ms")
-    fit, own = r["scaling_resources_fit"], r["scaling_resources_fit_beyond_parse"]
+            f"{row['ratio']:>6.2f}  {row['parse_ms']:>8.2f}")
+    fit = r["scaling_resources_fit"]
     add(f"   least-squares fit of the medians: {fit['fixed_ms']:.2f} ms + {fit['us_per_resource']:.1f} us per "
         f"resource (R^2 {fit['r2']:.4f}): {'linear' if fit['r2'] >= 0.98 else 'NOT linear'} (R^2 >= 0.98)")
-    add(f"   the same beyond the GC-paused parse (the service's own work): {own['fixed_ms']:.2f} ms + "
-        f"{own['us_per_resource']:.1f} us per resource (R^2 {own['r2']:.4f}): "
-        f"{'linear' if own['r2'] >= 0.98 else 'NOT linear'}")
-    add("   (orjson.loads itself costs more per resource as bodies outgrow the CPU caches: "
+    add("   (loads and parse: orjson.loads of the whole body, with and without collections, for reference: the\n"
+        "   service parses only the entries its rules can read; orjson.loads itself costs more per resource as\n"
+        "   bodies outgrow the CPU caches: "
         + " -> ".join(f"{row['parse_ms'] * 1000 / row['resources']:.1f}" for row in r["scaling_resources"])
         + " us per resource)")
     add("")
@@ -602,15 +608,16 @@ def report_text(r: dict[str, Any]) -> str:
     add(f"5. Where the time goes: the same pipeline in-process, same body, {ip['runs']} runs "
         f"({ip['tracked_objects']:,} GC-tracked objects in this process)")
     add(f"   stage costs with the garbage collector paused {'':3}{'median':>9}  {'min':>9}")
-    for name, label in (("orjson_loads", "event loop: orjson.loads"),
-                        ("parse_call", "event loop: pipeline.parse_call (pydantic model)"),
-                        ("runtime_evaluate", "worker thread: Runtime.evaluate, made of"),
+    for name, label in (("parse_body", "planned.parse_body (what the service parses)"),
+                        ("orjson_loads", "  (orjson.loads of the whole body, for reference)"),
+                        ("parse_call", "pipeline.parse_call (pydantic model)"),
+                        ("runtime_evaluate", "Runtime.evaluate, made of"),
                         ("build_record", "  pipeline.build_record (index)"),
                         ("engine_evaluate", "  engine.evaluate (rules)"),
                         ("db_cards", "  DB suppression claim + card write"),
                         ("runtime_rest", "  the rest (cards, follow-ups; a difference)"),
-                        ("engine_only", "engine-only: loads + parse_call + index + rules"),
-                        ("pipeline", "pipeline: loads + parse_call + Runtime.evaluate")):
+                        ("engine_only", "engine-only: parse + parse_call + index + rules"),
+                        ("pipeline", "pipeline: parse + parse_call + Runtime.evaluate")):
         lowest = "n/a" if name == "runtime_rest" else f"{low[name]:.2f}"  # min of a difference means nothing
         add(f"   {label:<50}{med[name]:>9.2f}  {lowest:>9} ms")
     add(f"   the same pipeline with the collector as the service runs it: median {wgc['median_ms']:.2f} ms, "
@@ -618,7 +625,7 @@ def report_text(r: dict[str, Any]) -> str:
         f"p95 {wgc['p95_ms']:.2f} ms;")
     add(f"     GC pauses {ip['gc_ms_per_call']:.2f} ms per call on average, collections per call "
         f"(gen0/gen1/gen2) {'/'.join(f'{n:.2f}' for n in ip['gc_collections_per_call'])}")
-    add(f"   HTTP + uvicorn + FastAPI + thread hop (HTTP median - pipeline-with-GC median): "
+    add(f"   HTTP + uvicorn + FastAPI (HTTP median - pipeline-with-GC median): "
         f"{ip['http_overhead_ms']:.2f} ms; min - min: {ip['http_overhead_min_ms']:.2f} ms")
     if "peer" in r:
         add("")
@@ -703,8 +710,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             results["scaling_resources"] = rows
             results["scaling_resources_fit"] = fit_line([float(r["resources"]) for r in rows],
                                                         [r["median_ms"] for r in rows])
-            results["scaling_resources_fit_beyond_parse"] = fit_line(
-                [float(r["resources"]) for r in rows], [r["median_ms"] - r["parse_ms"] for r in rows])
 
             if args.peer:
                 progress(f"6. side by side with the reference services' {PEER_SERVICE} at {list(PEER_SIZES)} "
