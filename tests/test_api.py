@@ -383,6 +383,7 @@ def test_a_hook_call_survives_the_database_dropping_its_connections(
     if idle == "idle":
         _drop_connections(application)
         card = again.json()["cards"][0]
-        feedback = {"feedback": [{"card": card["uuid"], "outcome": "accepted", "outcomeTimestamp": "2026-03-02T12:00:00Z",
-                                  "acceptedSuggestions": [{"id": card["suggestions"][0]["uuid"]}]}]}
+        accepted = {"card": card["uuid"], "outcome": "accepted", "outcomeTimestamp": "2026-03-02T12:00:00Z",
+                    "acceptedSuggestions": [{"id": card["suggestions"][0]["uuid"]}]}
+        feedback = {"feedback": [accepted]}
         assert client.post(f"{URL}/feedback", json=feedback).status_code == 200
