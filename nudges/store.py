@@ -387,7 +387,9 @@ class Store:
     def retrying(self, work: Callable[[], T]) -> T:
         """`work` (one transaction) once more when the database dropped its connection: the pool has
         discarded the dropped connections and the transaction was rolled back, so a second try starts
-        clean (PostgreSQL restarted or failed over, or its backend was terminated)."""
+        clean (PostgreSQL restarted or failed over, or its backend was terminated). Should the drop fall
+        between the server's commit and its acknowledgement, the second try finds its own claims and
+        shows those cards no more: a card is never shown twice, at worst once not at all."""
         try:
             return work()
         except DBAPIError as exc:
