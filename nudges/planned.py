@@ -141,8 +141,7 @@ class Heads:
             entries = self._bundle.decode(bundle).entry
         except msgspec.ValidationError:
             return [item for item in items if self.reads_entry(item)]
-        if len(entries) != len(items):  # duplicate `entry` keys: only the last counts, for both decoders
-            return [item for item in items if self.reads_entry(item)]
+        # the same bytes under two decoders: the same entries, in the same order
         return [item for item, entry in zip(items, entries, strict=True)
                 if entry.resource is None or self.reads(entry.resource)]
 
