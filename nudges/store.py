@@ -12,7 +12,7 @@ import hashlib
 import hmac
 import secrets
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -43,8 +43,10 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError
+from sqlalchemy.sql import ClauseElement
 
 from .clock import Clock
+from .prepared import Prepared
 
 T = TypeVar("T")
 
@@ -251,19 +253,24 @@ SUPPRESSION_KEY = ["patient_hash", "rule_id", "focus"]
 LEVELS = {"info": 0, "warning": 1, "critical": 2}
 
 
-def claim_statement(dialect: str) -> Any:
+CLAIM_COLUMNS = ("patient_hash", "rule_id", "focus", "card_uuid", "shown_at", "shown_until", "level")
+
+
+def claim_statement(dialect: str, rows: int = 0) -> Any:
     """May a card about this focus be shown at `shown_at`? One statement decides and records it: the row
     is inserted, or updated only while neither its display window nor its feedback lockout holds, and
     RETURNING says whether it was. A concurrent claim for the same key waits for this one's row lock and
-    then finds the window taken.
+    then finds the window taken. With `rows`, the statement claims that many keys at once, its binds
+    named `patient_hash_0`, `rule_id_0`, … (one round trip for all of a call's cards).
 
     A card more urgent than the last one shown for its focus (`escalate:`: a troponin warning that has
     become critical) is shown through the display window and through an accept (acted on, yet still no
     plan), never through an override: a clinician's explicit reason stands until its lockout ends."""
-    statement = _upsert(dialect).values(
-        patient_hash=bindparam("patient_hash"), rule_id=bindparam("rule_id"), focus=bindparam("focus"),
-        card_uuid=bindparam("card_uuid"), shown_at=bindparam("shown_at"), shown_until=bindparam("shown_until"),
-        level=bindparam("level"))
+    upsert = _upsert(dialect)
+    if rows:
+        statement = upsert.values([{c: bindparam(f"{c}_{i}") for c in CLAIM_COLUMNS} for i in range(rows)])
+    else:
+        statement = upsert.values(**{c: bindparam(c) for c in CLAIM_COLUMNS})
     now = statement.excluded.shown_at
     free = and_(suppressions.c.shown_until <= now,
                 or_(suppressions.c.feedback_until.is_(None), suppressions.c.feedback_until <= now))
@@ -312,6 +319,7 @@ class Store:
         self.engine = make_engine(url)
         self.clock = clock
         self._hash_key = hash_key
+        self._prepared: dict[Hashable, Prepared] = {}
 
     @property
     def dialect(self) -> str:
@@ -325,6 +333,13 @@ class Store:
         if self.dialect == "sqlite":
             return work(*args)
         return await anyio.to_thread.run_sync(work, *args, limiter=limiter)
+
+    def prepared(self, key: Hashable, statement: Callable[[], ClauseElement]) -> Prepared:
+        """A hot statement lowered to this database's driver (prepared.py), compiled on first use."""
+        found = self._prepared.get(key)
+        if found is None:
+            found = self._prepared[key] = Prepared(statement(), self.engine.dialect)
+        return found
 
     def migrate(self) -> None:
         from .migrations import upgrade
@@ -413,11 +428,12 @@ class Store:
         rows = [{"patient_hash": r.patient_hash, "rule_id": r.rule_id, "focus": key[1], "card_uuid": r.uuid,
                  "shown_at": r.issued_at, "shown_until": r.issued_at + window,
                  "level": LEVELS.get(r.indicator, 0)} for key, r in first.items()]
+        claim = self.prepared(("claim", len(rows)), lambda: claim_statement(self.dialect, len(rows)))
+        values = {f"{name}_{i}": value for i, row in enumerate(rows) for name, value in row.items()}
         with self.transaction(conn) as conn:
-            claimed = {(row.rule_id, row.focus) for row in conn.execute(CLAIM[self.dialect], rows)}
+            claimed = set(claim.rows(conn, values))
             shown = [r for key, r in first.items() if key in claimed]
-            if shown:
-                conn.execute(INSERT_CARDS, [r.row() for r in shown])
+            self.prepared("insert-cards", lambda: INSERT_CARDS).many(conn, [r.row() for r in shown])
         chosen = {id(r) for r in shown}
         return [r for r in records if id(r) in chosen]
 

@@ -387,3 +387,61 @@ def test_a_hook_call_survives_the_database_dropping_its_connections(
                     "acceptedSuggestions": [{"id": card["suggestions"][0]["uuid"]}]}
         feedback = {"feedback": [accepted]}
         assert client.post(f"{URL}/feedback", json=feedback).status_code == 200
+
+
+def test_the_hook_lane_takes_hook_calls_and_nothing_else(monkeypatch: pytest.MonkeyPatch) -> None:
+    """HookLane answers POST /cds-services/{id} ahead of FastAPI's router (under a root path too);
+    every other request, a service's feedback included, goes on to the app."""
+    import asyncio
+
+    from starlette.responses import Response
+
+    from nudges.api.routes import services
+
+    answered: list[str] = []
+
+    async def answer(_runtime: object, _request: object, service_id: str) -> Response:
+        answered.append(service_id)
+        return Response(b"{}", media_type="application/json")
+
+    async def app(scope: dict, _receive: object, _send: object) -> None:  # type: ignore[type-arg]
+        answered.append("app:" + scope["path"])
+
+    async def send(_message: object) -> None:
+        pass
+
+    monkeypatch.setattr(services, "answer_call", answer)
+    lane = services.HookLane(app)
+    state = type("State", (), {"runtime": None})
+
+    def request(method: str, path: str, root: str = "", kind: str = "http") -> None:
+        scope = {"type": kind, "method": method, "path": path, "root_path": root, "headers": [],
+                 "query_string": b"", "app": type("App", (), {"state": state})}
+        asyncio.run(lane(scope, None, send))  # type: ignore[arg-type]
+
+    request("POST", "/cds-services/nudges-patient-view")
+    request("POST", "/nudges/cds-services/nudges-order-sign", root="/nudges")
+    request("POST", "/cds-services/nudges-patient-view/feedback")
+    request("POST", "/cds-services/")
+    request("GET", "/cds-services/nudges-patient-view")
+    request("POST", "/fhir/notifications")
+    request("POST", "/cds-services/x", kind="websocket")
+    assert answered == ["nudges-patient-view", "nudges-order-sign", "app:/cds-services/nudges-patient-view/feedback",
+                        "app:/cds-services/", "app:/cds-services/nudges-patient-view", "app:/fhir/notifications",
+                        "app:/cds-services/x"]
+
+
+def test_a_crash_in_a_hook_call_is_a_500_outcome_and_the_service_goes_on(
+        client: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    def crash(*_args: object) -> None:
+        raise RuntimeError("PHI-looking detail pt-secret")
+
+    good = client.post(URL, json=patient_view("pt-1"))
+    monkeypatch.setattr(client.runtime, "evaluate", crash)
+    response = client.post(URL, json=patient_view("pt-1"))
+    assert response.status_code == 500 and outcome(response) == "internal error"
+    assert "pt-secret" not in response.text
+    monkeypatch.undo()
+    assert client.post(URL, json=patient_view("pt-2")).status_code == 200 == good.status_code
+    wrong = client.get(URL)  # not a hook call: FastAPI's router answers, with the same kind of error
+    assert wrong.status_code == 405 and outcome(wrong)

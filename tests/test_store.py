@@ -5,10 +5,22 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import timedelta
 
+import pytest
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
 from nudges.clock import FixedClock
-from nudges.store import Bucket, CardRecord, FeedbackRecord, Lockout, cards, feedback, suppressions
+from nudges.store import (
+    INSERT_CARDS,
+    Bucket,
+    CardRecord,
+    FeedbackRecord,
+    Lockout,
+    aware,
+    cards,
+    feedback,
+    suppressions,
+)
 
 
 def card(uuid: str, rule: str, patient_hash: str, clock: FixedClock, **bucket: str) -> CardRecord:
@@ -140,3 +152,25 @@ def test_inert_suppressions_are_purged(make_store, database_url: str, clock: Fix
     assert purged >= 1 and left == {"rule-locked", "rule-now"}
     assert store.suppressed(h, "rule-locked", "f") and not store.suppressed(h, "rule-old", "f")
     assert show(4, "rule-old")  # as free as before the purge
+
+
+def test_hot_statements_run_on_the_driver_as_sqlalchemy_would(make_store, database_url: str,  # type: ignore[no-untyped-def]
+                                                              clock: FixedClock) -> None:
+    """A hook call's claim and card insert go straight to the driver (prepared.py): what they write
+    reads back through SQLAlchemy as written (the datetimes in SQLite's stored format included), and a
+    driver error is SQLAlchemy's own exception, which callers catch."""
+    store = make_store()
+    h = store.patient_hash(f"pt-hot-{database_url[-6:]}")
+    tag = database_url[-6:].encode().hex()[:10]
+    record = replace(card(f"00000000-0000-4000-8003-{tag}01", "rule-hot", h, clock), focus="f", indicator="warning")
+    assert store.show_cards([record], timedelta(minutes=7)) == [record]
+    with store.engine.connect() as conn:
+        row = conn.execute(select(suppressions).where(suppressions.c.patient_hash == h)).mappings().one()
+        stored = conn.execute(select(cards).where(cards.c.uuid == record.uuid)).mappings().one()
+    assert aware(row["shown_until"]) == clock.now() + timedelta(minutes=7) and row["level"] == 1
+    assert aware(stored["issued_at"]) == clock.now() and stored["indicator"] == "warning"
+    insert_cards = store.prepared("insert-cards", lambda: INSERT_CARDS)
+    with pytest.raises(IntegrityError), store.transaction() as conn:  # the same card uuid twice
+        insert_cards.many(conn, [record.row()])
+    with pytest.raises(KeyError, match="focus"), store.transaction() as conn:
+        insert_cards.many(conn, [{k: v for k, v in record.row().items() if k != "focus"}])

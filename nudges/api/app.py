@@ -34,6 +34,7 @@ def create_app(settings: Settings, clock: Clock | None = None) -> FastAPI:
     app = FastAPI(title="nudges", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Health-equity decision support over CDS Hooks 2.0")
     app.state.runtime = runtime
+    app.add_middleware(services.HookLane)  # the innermost: inside every middleware below
     app.add_middleware(BodyLimit)
     app.add_middleware(KeepAliveLimit)
     app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_credentials=False,

@@ -31,6 +31,14 @@ def error_response(exc: NudgesError, request: Request | None = None) -> Response
     return Response(orjson.dumps(exc.outcome()), status_code=exc.status, media_type=FHIR_JSON)
 
 
+def unexpected_response(exc: Exception) -> Response:
+    """Anything the service did not raise on purpose: a 500 OperationOutcome naming nothing but the
+    exception's type (its message may hold request data)."""
+    log.error("unhandled error", extra={"error": type(exc).__name__})
+    return Response(orjson.dumps(operation_outcome("internal error", code="exception")), status_code=500,
+                    media_type=FHIR_JSON)
+
+
 def is_console(request: Request) -> bool:
     return request.url.path == "/console" or request.url.path.startswith("/console/")
 
@@ -61,6 +69,4 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> Response:
-        log.error("unhandled error", extra={"error": type(exc).__name__})
-        return Response(orjson.dumps(operation_outcome("internal error", code="exception")), status_code=500,
-                        media_type=FHIR_JSON)
+        return unexpected_response(exc)

@@ -279,7 +279,7 @@ def take_pending(store: Store, patient_hash: str, *, service_id: str, hook_insta
     oldest = now - max_age if max_age is not None else datetime.min.replace(tzinfo=UTC)
     params = {"who": patient_hash, "oldest": oldest}  # "who": a column's own name is reserved in UPDATE
     with store.transaction(conn) as conn:
-        if conn.execute(ANY_WAITING, params).first() is None:  # the common case: a read, nothing locked
+        if not store.prepared("any-waiting", lambda: ANY_WAITING).rows(conn, params):  # the common case: a read
             return []
         rows = conn.execute(
             update(pending_cards)
