@@ -113,8 +113,9 @@ def run(example: Example, base: Path) -> subprocess.CompletedProcess[str]:
 def outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict[Example, subprocess.CompletedProcess[str]]:
     """Every example at once (most of their time is a process starting and waiting for a server)."""
     found = examples()
+    bases = [tmp_path_factory.mktemp("readme") for _ in found]  # here: pytest's mktemp is not thread-safe
     with ThreadPoolExecutor(max_workers=len(found)) as pool:
-        done = pool.map(lambda e: run(e, tmp_path_factory.mktemp("readme")), found)
+        done = pool.map(run, found, bases)
         return dict(zip(found, done, strict=True))
 
 
