@@ -2,9 +2,9 @@
 run on the DBAPI cursor of the caller's SQLAlchemy connection, inside its transaction.
 
 Why: for these few small statements SQLAlchemy's work per execute (an execution context, parameters
-constructed and processed, a result wrapper) cost more than SQLite's own; a typical call's suppression
-claim, card insert and waiting-card check took 0.30 ms through `Connection.execute` and 0.19 ms here
-(README "Performance"). The statements themselves stay SQLAlchemy constructs defined once in store.py
+constructed and processed, a result wrapper) cost more than SQLite's own: a call's suppression claim
+and card insert for three cards, with their commit, took 0.30 ms through `Connection.execute` and 0.19 ms
+here (README "Performance"). The statements themselves stay SQLAlchemy constructs defined once in store.py
 for both databases; only how they are executed is lowered, with SQLAlchemy's own bind processors (the
 datetime format SQLite stores) and its error handling (a dropped connection is invalidated and raised as
 `DBAPIError` with `connection_invalidated`, which `Store.retrying` relies on).

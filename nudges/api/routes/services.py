@@ -30,8 +30,8 @@ async def discovery(runtime: RuntimeDep, caller: CallerDep) -> Response:
 @router.post("/cds-services/{service_id}", summary="Call a CDS service (a hook)",
              openapi_extra={"requestBody": CALL_SCHEMA}, responses=error_responses(400, 401, 404, 412, 413))
 async def call_service(service_id: str, request: Request, runtime: RuntimeDep) -> Response:
-    """The operation as OpenAPI documents it. Calls are answered by HookLane before routing, with the
-    same function; this route answers only in an app built without the lane."""
+    """The operation as OpenAPI (/docs) documents it. HookLane answers every such call before routing,
+    through the same function, so this endpoint runs only in an app assembled without the lane."""
     return await answer_call(runtime, request, service_id)
 
 
@@ -52,10 +52,10 @@ async def answer_call(runtime: Runtime, request: Request, service_id: str) -> Re
 
 class HookLane:
     """Pure ASGI middleware, the innermost: a hook call (POST /cds-services/{id}) goes straight to
-    answer_call, past FastAPI's routing, dependency solving and exception layers, which cost a fifth of
-    a small call's CPU (README "Performance"). The middleware outside it (metrics, CORS, body and
-    keep-alive limits) applies as to every route; errors become answers through the same mapping
-    (api/errors.py)."""
+    answer_call, past FastAPI's routing, dependency solving and exception layers (0.13 ms of a
+    50-resource call's 1.73 ms of server CPU, README "Performance"). The middleware outside it (metrics,
+    CORS, the body and keep-alive limits) applies as to every route; errors become answers through the
+    same mapping (api/errors.py)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
