@@ -625,7 +625,7 @@ def report_text(r: dict[str, Any]) -> str:
         f"p95 {wgc['p95_ms']:.2f} ms;")
     add(f"     GC pauses {ip['gc_ms_per_call']:.2f} ms per call on average, collections per call "
         f"(gen0/gen1/gen2) {'/'.join(f'{n:.2f}' for n in ip['gc_collections_per_call'])}")
-    add(f"   HTTP + uvicorn + FastAPI (HTTP median - pipeline-with-GC median): "
+    add(f"   HTTP, uvicorn and middleware (HTTP median - pipeline-with-GC median): "
         f"{ip['http_overhead_ms']:.2f} ms; min - min: {ip['http_overhead_min_ms']:.2f} ms")
     if "peer" in r:
         add("")
