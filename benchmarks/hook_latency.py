@@ -19,7 +19,8 @@ so HTTP overhead can be separated from rule work; and with `--peer DIR`,
 6. nudges beside the HL7 CDS Hooks reference services (cds-hooks/sandbox-cds-services, Node/Express) at
    50 and 2,000 resources: their patient-greeting parses the body and returns one card, the least a CDS
    service can do with a call, so the ratio says what nudges' rules cost over merely taking the call
-   (goal: nudges no slower at either size). Same bodies, same kind of client, blocks interleaved.
+   (goal: nudges no slower at either size). Same bodies, same kind of client, blocks interleaved; beside
+   them the stack's floor (Floor: a bare ASGI app under uvicorn), and each server's CPU per call.
 
     python benchmarks/hook_latency.py            # full run (about a minute on 2 cores)
     python benchmarks/hook_latency.py --quick    # smoke run (about 20 s)
@@ -253,6 +254,50 @@ class Peer(Endpoint):
                 "body_parser": version("node_modules/body-parser/package.json")}
 
 
+FLOOR_APP = """\
+import orjson
+
+CARD = orjson.dumps({"cards": [{"uuid": "00000000-0000-4000-8000-000000000000", "summary": "Hello",
+                                "indicator": "info", "source": {"label": "floor"}}]})
+
+
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    chunks = []
+    while True:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            break
+    body = b"".join(chunks)
+    if body:
+        orjson.loads(body)
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": CARD})
+"""
+
+
+class Floor(Endpoint):
+    """The least this stack can do with a call: a bare ASGI app under uvicorn, with the HTTP parser and
+    event loop `nudges serve` runs on (httptools, uvloop), that reads the body, parses all of it with
+    orjson and answers one fixed card. nudges' distance to it is what the service's own work costs
+    (rules, cards, suppression and its database write, middleware); its distance to the peer is the
+    stack's."""
+
+    hook_path = "/cds-services/floor"
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__(workdir)
+        (workdir / "floor_app.py").write_text(FLOOR_APP, encoding="utf-8")
+        self.launch([sys.executable, "-m", "uvicorn", "floor_app:app", "--host", "127.0.0.1", "--port",
+                     str(self.port), "--http", "httptools", "--loop", "uvloop", "--lifespan", "off",
+                     "--no-access-log", "--no-server-header", "--log-level", "warning"], dict(os.environ), workdir)
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        self.wait_for("/", timeout)
+
+
 # --------------------------------------------------------------------------------------------------
 # Measurement
 
@@ -275,21 +320,23 @@ def timed_loads(payload: bytes, *, gc_enabled: bool = True) -> float:
 class Series:
     """Samples for one (server, body): HTTP latency and in-process loads of the same payloads."""
 
-    server: Server
+    server: Endpoint
     body: Body
     http: list[float]
     loads: list[float]
     loads_nogc: list[float]
     cards: set[int]
+    cpu: float = 0.0  # the server process's CPU seconds over the recorded blocks
 
     @classmethod
-    def of(cls, server: Server, body: Body) -> Series:
+    def of(cls, server: Endpoint, body: Body) -> Series:
         return cls(server, body, [], [], [], set())
 
     def block(self, numbers: Numbers, size: int, *, record: bool = True, loads: bool = True) -> None:
         """`size` calls back to back (a closed loop, as a load generator drives a service), then `size`
         in-process loads of the same payloads, so both are measured in steady state."""
         payloads = []
+        cpu = self.server.cpu_seconds() if record else 0.0
         for _ in range(size):
             # Made just before its call (outside the timed region), as a client serializes a request just
             # before sending it: a body built long before is cold in the client's caches (+1.5 ms here).
@@ -299,6 +346,8 @@ class Series:
             self.cards.add(len(answer["cards"]))
             if record:
                 self.http.append(elapsed)
+        if record:
+            self.cpu += self.server.cpu_seconds() - cpu
         if record and loads:
             self.loads.extend(timed_loads(payload) for payload in payloads)
             self.loads_nogc.extend(timed_loads(payload, gc_enabled=False) for payload in payloads)
@@ -338,27 +387,29 @@ PEER_SIZES = (50, 2000)
 
 def compare_with_peer(server: Server, directory: Path, workdir: Path, calls: int, warmup: int,
                       numbers: Numbers) -> dict[str, Any]:
-    """nudges' patient-view and the peer's patient-greeting on the same bodies, in one interleaved run:
-    each size's two series take turns block by block with the other size's, so a slow spell on this
-    shared machine falls on both services alike and the ratio stays meaningful even when the
-    milliseconds drift."""
-    peer = Peer(directory, workdir)
+    """nudges' patient-view, the peer's patient-greeting and the stack's floor (Floor) on the same bodies,
+    in one interleaved run: each size's series take turns block by block with the other size's, so a slow
+    spell on this shared machine falls on every service alike and the ratios stay meaningful even when
+    the milliseconds drift. Each server's CPU per call is read from /proc around its blocks."""
+    peer, floor = Peer(directory, workdir), Floor(workdir / "floor")
     try:
         peer.wait_ready()
+        floor.wait_ready()
         bodies = [build_body(server.keys, *split(size)) for size in PEER_SIZES]
-        pairs = [(Series.of(server, body), Series.of(peer, body)) for body in bodies]
-        interleave([item for pair in pairs for item in pair], calls, warmup, numbers, loads=False)
+        trios = [(Series.of(server, body), Series.of(peer, body), Series.of(floor, body)) for body in bodies]
+        interleave([item for trio in trios for item in trio], calls, warmup, numbers, loads=False)
         description = peer.describe()
     finally:
         peer.stop()
+        floor.stop()
     rows = []
-    for body, (ours, theirs) in zip(bodies, pairs, strict=True):
-        mine, other = summary(ours.http), summary(theirs.http)
-        rows.append({"resources": body.resources, "bytes": len(body.template),
-                     "nudges": mine | {"cards_per_call": sorted(ours.cards)},
-                     "peer": other | {"cards_per_call": sorted(theirs.cards)},
-                     "ratio": mine["median_ms"] / other["median_ms"],
-                     "ratio_p95": mine["p95_ms"] / other["p95_ms"]})
+    for body, trio in zip(bodies, trios, strict=True):
+        mine, other, least = (summary(series.http) | {"cpu_ms": ms(series.cpu / len(series.http)),
+                                                      "cards_per_call": sorted(series.cards)} for series in trio)
+        rows.append({"resources": body.resources, "bytes": len(body.template), "nudges": mine, "peer": other,
+                     "floor": least, "ratio": mine["median_ms"] / other["median_ms"],
+                     "ratio_p95": mine["p95_ms"] / other["p95_ms"],
+                     "floor_ratio": least["median_ms"] / other["median_ms"]})
     return {"peer": description, "calls": calls, "warmup": warmup, "sizes": rows}
 
 
@@ -636,15 +687,19 @@ def report_text(r: dict[str, Any]) -> str:
 def peer_report(peer: dict[str, Any]) -> str:
     about = peer["peer"]
     lines = [f"6. Side by side with the HL7 reference services' {about['service']} (Node {about['node']}, express "
-             f"{about['express']}; its 100 kB body limit raised), same bodies, same kind of client, "
-             f"{peer['calls']} calls each, sizes and services interleaved",
-             f"   {'resources':>9}  {'body MB':>7}  {'nudges median':>13}  {'p95':>6}  {'peer median':>11}  "
-             f"{'p95':>6}  {'nudges / peer':>13}  cards (nudges, peer)"]
+             f"{about['express']}; its 100 kB body limit raised) and the stack's floor (a bare ASGI app under "
+             f"uvicorn that parses the body and answers one card), same bodies, same kind of client, "
+             f"{peer['calls']} calls each, sizes and services interleaved; CPU: the server process's per call",
+             f"   {'resources':>9}  {'body MB':>7}  {'nudges median':>13}  {'p95':>6}  {'CPU':>5}  "
+             f"{'peer median':>11}  {'p95':>6}  {'CPU':>5}  {'floor median':>12}  {'CPU':>5}  "
+             f"{'nudges / peer':>13}  {'floor / peer':>12}  cards (nudges, peer)"]
     for row in peer["sizes"]:
-        ours, theirs = row["nudges"], row["peer"]
+        ours, theirs, least = row["nudges"], row["peer"], row["floor"]
         lines.append(f"   {row['resources']:>9}  {row['bytes'] / 1e6:>7.2f}  {ours['median_ms']:>10.2f} ms  "
-                     f"{ours['p95_ms']:>6.2f}  {theirs['median_ms']:>8.2f} ms  {theirs['p95_ms']:>6.2f}  "
-                     f"{row['ratio']:>12.2f}x  {ours['cards_per_call']}, {theirs['cards_per_call']}")
+                     f"{ours['p95_ms']:>6.2f}  {ours['cpu_ms']:>5.2f}  {theirs['median_ms']:>8.2f} ms  "
+                     f"{theirs['p95_ms']:>6.2f}  {theirs['cpu_ms']:>5.2f}  {least['median_ms']:>9.2f} ms  "
+                     f"{least['cpu_ms']:>5.2f}  {row['ratio']:>12.2f}x  {row['floor_ratio']:>11.2f}x  "
+                     f"{ours['cards_per_call']}, {theirs['cards_per_call']}")
     slowest = max(row["ratio"] for row in peer["sizes"])
     lines.append(f"   nudges no slower than the peer at either size (median ratio <= 1.0; worst {slowest:.2f}x)   "
                  f"{verdict(slowest <= 1.0)}")

@@ -69,13 +69,13 @@ from harness import (
     patient_resource,
     percentile,
     progress,
+    read_stat,
     searchset,
     summary,
 )
 from sqlalchemy.engine import make_url
 
 DEFAULT_DATABASE = "postgresql://postgres@127.0.0.1:5432/test"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 PATIENT = f"Patient/{PID_PLACEHOLDER}"
 ENCOUNTER = "enc-0000"  # the id harness.observation() gives the encounter of the first results
 
@@ -292,16 +292,8 @@ def processes() -> dict[int, tuple[int, str, float]]:
     is in the postmaster's, so summing a set of live processes loses nothing that ended inside the set."""
     found = {}
     for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as handle:
-                raw = handle.read().decode(errors="replace")
-        except OSError:  # gone since the scan
-            continue
-        name = raw[raw.index("(") + 1:raw.rindex(")")]
-        rest = raw[raw.rindex(")") + 2:].split()
-        found[int(entry.name)] = (int(rest[1]), name, sum(int(v) for v in rest[11:15]) / CLK_TCK)
+        if entry.name.isdigit() and (stat := read_stat(entry.name)) is not None:  # None: gone since the scan
+            found[int(entry.name)] = stat
     return found
 
 
