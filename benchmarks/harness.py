@@ -363,6 +363,7 @@ class Endpoint:
                                    limits=httpx.Limits(max_connections=1, max_keepalive_connections=1))
 
     def launch(self, command: list[str], env: dict[str, str], cwd: Path) -> None:
+        self.command = command
         with self.log.open("wb") as out:
             self.process = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
 
@@ -373,7 +374,7 @@ class Endpoint:
         deadline = time.monotonic() + timeout
         while True:
             if self.process.poll() is not None:
-                raise SystemExit(f"{self.process.args[0]} exited with {self.process.returncode}:\n"
+                raise SystemExit(f"{self.command[0]} exited with {self.process.returncode}:\n"
                                  f"{self.log.read_text()[-3000:]}")
             if time.monotonic() > deadline:
                 raise SystemExit(f"{self.url} was not ready within {timeout:.0f} s:\n{self.log.read_text()[-3000:]}")

@@ -790,7 +790,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             series = [Series.of(s, build_body(s.keys, 2000, 50, 50)) for s in servers]
             interleave(series, rule_calls, max(2, warmup // 5), numbers, loads=False)
         rows = []
-        for extra, item in zip(extra_rules, series, strict=True):
+        for extra, item, server in zip(extra_rules, series, servers, strict=True):
             engine_only = rules_only = None
             if not quick:
                 measured = measure_in_process(rule_dirs[extra], item.body, max(10, engine_runs // 4),
@@ -798,12 +798,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 engine_only = measured["stages_median_ms"]["engine_only"]
                 rules_only = measured["stages_median_ms"]["engine_evaluate"]
             lat = summary(item.http)
-            rows.append({"extra_rules": extra, "rule_count": item.server.ready.get("rule_count"),
+            rows.append({"extra_rules": extra, "rule_count": server.ready.get("rule_count"),
                          "service_rules": in_process["rules"] + extra,  # every synthetic rule is patient-view
                          "median_ms": lat["median_ms"], "p95_ms": lat["p95_ms"], "min_ms": lat["min_ms"],
                          "engine_only_ms": engine_only, "rules_only_ms": rules_only,
                          "lint": lint_lines[extra].split(",")[0],
-                         "prefetch_keys": item.server.keys, "cards_per_call": sorted(item.cards)})
+                         "prefetch_keys": server.keys, "cards_per_call": sorted(item.cards)})
         base = rows[0]["median_ms"]
         for row in rows:
             row["vs_base"] = row["median_ms"] / base

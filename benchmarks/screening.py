@@ -52,14 +52,18 @@ RACES = [("2106-3", "White"), ("2054-5", "Black or African American"), ("2028-9"
          ("2131-1", "Other Race"), ("UNK", "Unknown")]
 ETHNICITIES = [("2186-5", "Not Hispanic or Latino"), ("2135-2", "Hispanic or Latino"), ("ASKU", "Asked but unknown")]
 LANGUAGES = ["en"] * 12 + ["es", "es", "es", "zh", "vi", "pt", "ht", "ru", "ar"]
-VITALS = [("8867-4", "Heart rate", "/min", 55, 110), ("8480-6", "Systolic blood pressure", "mm[Hg]", 95, 170),
-          ("8462-4", "Diastolic blood pressure", "mm[Hg]", 55, 100), ("29463-7", "Body weight", "kg", 45, 130),
-          ("9279-1", "Respiratory rate", "/min", 10, 24), ("8310-5", "Body temperature", "Cel", 36, 38.5),
-          ("39156-5", "Body mass index", "kg/m2", 17, 42)]
-LABS = [("2951-2", "Sodium", "mmol/L", 130, 148, "NA"), ("2823-3", "Potassium", "mmol/L", 3.2, 5.4, "K"),
-        ("2345-7", "Glucose", "mg/dL", 70, 220, "GLU"), ("718-7", "Hemoglobin", "g/dL", 9, 17, "HGB"),
-        ("6690-2", "Leukocytes", "10*3/uL", 3, 14, "WBC"), ("777-3", "Platelets", "10*3/uL", 120, 420, "PLT"),
-        ("2160-0", "Creatinine", "mg/dL", 0.6, 2.4, "CREAT")]
+Vital = tuple[str, str, str, float, float]  # LOINC, display, unit, low, high
+Lab = tuple[str, str, str, float, float, str]  # the same and the local code of a dual-coded result
+VITALS: list[Vital] = [
+    ("8867-4", "Heart rate", "/min", 55, 110), ("8480-6", "Systolic blood pressure", "mm[Hg]", 95, 170),
+    ("8462-4", "Diastolic blood pressure", "mm[Hg]", 55, 100), ("29463-7", "Body weight", "kg", 45, 130),
+    ("9279-1", "Respiratory rate", "/min", 10, 24), ("8310-5", "Body temperature", "Cel", 36, 38.5),
+    ("39156-5", "Body mass index", "kg/m2", 17, 42)]
+LABS: list[Lab] = [
+    ("2951-2", "Sodium", "mmol/L", 130, 148, "NA"), ("2823-3", "Potassium", "mmol/L", 3.2, 5.4, "K"),
+    ("2345-7", "Glucose", "mg/dL", 70, 220, "GLU"), ("718-7", "Hemoglobin", "g/dL", 9, 17, "HGB"),
+    ("6690-2", "Leukocytes", "10*3/uL", 3, 14, "WBC"), ("777-3", "Platelets", "10*3/uL", 120, 420, "PLT"),
+    ("2160-0", "Creatinine", "mg/dL", 0.6, 2.4, "CREAT")]
 PROBLEMS = [("I10", "Essential (primary) hypertension"), ("E78.5", "Hyperlipidemia, unspecified"),
             ("J45.909", "Unspecified asthma, uncomplicated"), ("M54.50", "Low back pain, unspecified"),
             ("K21.9", "Gastro-esophageal reflux disease without esophagitis"),
@@ -157,7 +161,7 @@ def synthetic_patient(index: int, rnd: random.Random, records: list[list[dict[st
         out.append({"resourceType": "Coverage", "id": f"{pid}-cov", "status": "active", "beneficiary": subject,
                     "payor": [{"display": "Payer"}], "type": {"coding": [
                         {"system": "urn:oid:2.16.840.1.113883.3.221.5", "code": rnd.choice("1125589")}]}})
-    encounters = []
+    encounters: list[dict[str, Any]] = []
     for n in range(rnd.randint(1, 5)):
         start = _when(rnd, now, 365)
         encounters.append({"resourceType": "Encounter", "id": f"{pid}-enc{n}", "status": "finished",
