@@ -438,6 +438,7 @@ class Server(Endpoint):
 
     def __init__(self, rules: Path, workdir: Path, *, database_url: str | None = None, workers: int = 1) -> None:
         super().__init__(workdir)
+        self.rules = rules
         env = {k: v for k, v in os.environ.items() if not k.startswith("NUDGES_")}
         env.update(NUDGES_NOW=NOW, NUDGES_RELOAD_INTERVAL_SECONDS="0", NUDGES_LOG_LEVEL="WARNING")
         command = [*nudges_command(), "serve", "--host", "127.0.0.1", "--port", str(self.port),

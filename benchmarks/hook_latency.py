@@ -20,7 +20,9 @@ so HTTP overhead can be separated from rule work; and with `--peer DIR`,
    50 and 2,000 resources: their patient-greeting parses the body and returns one card, the least a CDS
    service can do with a call, so the ratio says what nudges' rules cost over merely taking the call
    (goal: nudges no slower at either size). Same bodies, same kind of client, blocks interleaved; beside
-   them the stack's floor (Floor: a bare ASGI app under uvicorn), and each server's CPU per call.
+   them the stack's floor (Floor: a bare ASGI app under uvicorn), nudges without its database write
+   (Unwritten: what the write costs over HTTP, and how near the peer nudges would be without it), and
+   each server's CPU per call.
 
     python benchmarks/hook_latency.py            # full run (about a minute on 2 cores)
     python benchmarks/hook_latency.py --quick    # smoke run (about 20 s)
@@ -298,6 +300,32 @@ class Floor(Endpoint):
         self.wait_for("/", timeout)
 
 
+# `nudges serve` as it is, but for the two database steps of a hook call: every card is shown without its
+# suppression claim and its row, and no waiting follow-up card is looked for. Benchmark only (it breaks
+# suppression and the audit): it says what the database write costs in a call over HTTP, where its
+# share is larger than in-process (section 5), and how fast nudges would be without it.
+UNWRITTEN_LAUNCHER = """\
+import sys
+
+from nudges.cli import main
+from nudges.events import followups
+from nudges.store import Store
+
+Store.show_cards = lambda self, records, window, conn=None: list(records)
+followups.take_pending = lambda *args, **kwargs: []
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+class Unwritten(Server):
+    """nudges with its per-call database write left out (UNWRITTEN_LAUNCHER), on the same rules."""
+
+    def launch(self, command: list[str], env: dict[str, str], cwd: Path) -> None:
+        launcher = self.workdir / "unwritten.py"
+        launcher.write_text(UNWRITTEN_LAUNCHER, encoding="utf-8")
+        super().launch([sys.executable, str(launcher), *command[len(nudges_command()):]], env, cwd)
+
+
 # --------------------------------------------------------------------------------------------------
 # Measurement
 
@@ -387,29 +415,37 @@ PEER_SIZES = (50, 2000)
 
 def compare_with_peer(server: Server, directory: Path, workdir: Path, calls: int, warmup: int,
                       numbers: Numbers) -> dict[str, Any]:
-    """nudges' patient-view, the peer's patient-greeting and the stack's floor (Floor) on the same bodies,
-    in one interleaved run: each size's series take turns block by block with the other size's, so a slow
-    spell on this shared machine falls on every service alike and the ratios stay meaningful even when
-    the milliseconds drift. Each server's CPU per call is read from /proc around its blocks."""
+    """nudges' patient-view, the peer's patient-greeting, the stack's floor (Floor) and nudges without its
+    database write (Unwritten) on the same bodies, in one interleaved run: each size's series take turns
+    block by block with the other size's, so a slow spell on this shared machine falls on every service
+    alike and the ratios stay meaningful even when the milliseconds drift. Each server's CPU per call is
+    read from /proc around its blocks."""
+    # A nudges of its own, started with the others: the benchmark's main server has served sections 1 and
+    # 3 by now (a grown database and heap), which would weigh on it and not on the fresh ones beside it.
+    ours = Server(server.rules, workdir / "nudges")
     peer, floor = Peer(directory, workdir), Floor(workdir / "floor")
+    unwritten = Unwritten(server.rules, workdir / "unwritten")
+    endpoints = (ours, peer, floor, unwritten)
     try:
-        peer.wait_ready()
-        floor.wait_ready()
-        bodies = [build_body(server.keys, *split(size)) for size in PEER_SIZES]
-        trios = [(Series.of(server, body), Series.of(peer, body), Series.of(floor, body)) for body in bodies]
-        interleave([item for trio in trios for item in trio], calls, warmup, numbers, loads=False)
+        for endpoint in endpoints:
+            endpoint.wait_ready()
+        bodies = [build_body(ours.keys, *split(size)) for size in PEER_SIZES]
+        sets = [[Series.of(endpoint, body) for endpoint in endpoints] for body in bodies]
+        interleave([item for group in sets for item in group], calls, warmup, numbers, loads=False)
         description = peer.describe()
     finally:
-        peer.stop()
-        floor.stop()
+        for endpoint in endpoints:
+            endpoint.stop()
     rows = []
-    for body, trio in zip(bodies, trios, strict=True):
-        mine, other, least = (summary(series.http) | {"cpu_ms": ms(series.cpu / len(series.http)),
-                                                      "cards_per_call": sorted(series.cards)} for series in trio)
+    for body, group in zip(bodies, sets, strict=True):
+        mine, other, least, bound = (summary(series.http) | {"cpu_ms": ms(series.cpu / len(series.http)),
+                                                             "cards_per_call": sorted(series.cards)}
+                                     for series in group)
         rows.append({"resources": body.resources, "bytes": len(body.template), "nudges": mine, "peer": other,
-                     "floor": least, "ratio": mine["median_ms"] / other["median_ms"],
+                     "floor": least, "unwritten": bound, "ratio": mine["median_ms"] / other["median_ms"],
                      "ratio_p95": mine["p95_ms"] / other["p95_ms"],
-                     "floor_ratio": least["median_ms"] / other["median_ms"]})
+                     "floor_ratio": least["median_ms"] / other["median_ms"],
+                     "unwritten_ratio": bound["median_ms"] / other["median_ms"]})
     return {"peer": description, "calls": calls, "warmup": warmup, "sizes": rows}
 
 
@@ -700,6 +736,13 @@ def peer_report(peer: dict[str, Any]) -> str:
                      f"{theirs['p95_ms']:>6.2f}  {theirs['cpu_ms']:>5.2f}  {least['median_ms']:>9.2f} ms  "
                      f"{least['cpu_ms']:>5.2f}  {row['ratio']:>12.2f}x  {row['floor_ratio']:>11.2f}x  "
                      f"{ours['cards_per_call']}, {theirs['cards_per_call']}")
+    lines.append("   without its database write (suppression claims, card rows and the waiting-card check left out, "
+                 "benchmark only):")
+    for row in peer["sizes"]:
+        bound = row["unwritten"]
+        lines.append(f"   {row['resources']:>9}  {bound['median_ms']:.2f} ms, CPU {bound['cpu_ms']:.2f} ms "
+                     f"({bound['cpu_ms'] - row['nudges']['cpu_ms']:+.2f} ms against nudges'): "
+                     f"{row['unwritten_ratio']:.2f}x the peer")
     slowest = max(row["ratio"] for row in peer["sizes"])
     lines.append(f"   nudges no slower than the peer at either size (median ratio <= 1.0; worst {slowest:.2f}x)   "
                  f"{verdict(slowest <= 1.0)}")
