@@ -300,19 +300,17 @@ class Floor(Endpoint):
         self.wait_for("/", timeout)
 
 
-# `nudges serve` as it is, but for the two database steps of a hook call: every card is shown without its
-# suppression claim and its row, and no waiting follow-up card is looked for. Benchmark only (it breaks
+# `nudges serve` as it is, but for a hook call's database write (nudges/showing.py): every card is shown
+# without its suppression claim and its row, and no waiting follow-up card is looked for. Benchmark only (it breaks
 # suppression and the audit): it says what the database write costs in a call over HTTP, where its
 # share is larger than in-process (section 5), and how fast nudges would be without it.
 UNWRITTEN_LAUNCHER = """\
 import sys
 
+from nudges import showing
 from nudges.cli import main
-from nudges.events import followups
-from nudges.store import Store
 
-Store.show_cards = lambda self, records, window, conn=None: list(records)
-followups.take_pending = lambda *args, **kwargs: []
+showing.show = lambda store, records, window, patient_hash, oldest: (list(records), False)
 sys.exit(main(sys.argv[1:]))
 """
 

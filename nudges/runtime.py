@@ -14,7 +14,7 @@ from typing import Any
 
 import anyio
 
-from . import pipeline, suppression
+from . import pipeline, showing, suppression
 from .api.auth import Authenticator, Caller, check_startup_policy
 from .cards import IssuedCard
 from .clock import Clock, clock_for
@@ -138,9 +138,10 @@ class Runtime:
         return self.reloader.current
 
     def evaluate(self, call: pipeline.Call, caller: Caller) -> pipeline.Result:
-        """Through Store.run (a worker thread on PostgreSQL): engine, then suppression, the cards shown and
-        the waiting cards taken, all in one transaction (one checkout, one commit; once more on a new
-        connection when the database dropped the first)."""
+        """Through Store.run (a worker thread on PostgreSQL): engine, then the call's write (showing.py:
+        the cards claimed and stored, and whether follow-up cards wait, one statement on PostgreSQL),
+        then the waiting cards taken when there are any; each write once more on a new connection when
+        the database dropped the first."""
         services = self.services()
         now = self.clock.now()
         store = self.store
@@ -148,17 +149,15 @@ class Runtime:
         result = pipeline.evaluate(call, services, now, patient_hash=patient_hash, keyed=store.keyed,
                                    tenant=caller.tenant, why_base=self.settings.public_base_url)
         issued, records = result.issued, result.records
-
-        def store_cards() -> list[followups.PendingCard]:
-            with store.transaction() as conn:
-                shown = {id(r) for r in store.show_cards(records, self.settings.suppression.ignored_window, conn)}
-                result.issued = [i for i in issued if i.record is not None and id(i.record) in shown]
-                return followups.take_pending(store, patient_hash, service_id=call.service.id,
-                                              hook_instance=call.request.hookInstance,
-                                              live_rules={i.rule_id for i in result.issued}, now=now,
-                                              max_age=self.settings.pending_card_max_age, conn=conn)
-
-        pending = store.retrying(store_cards)
+        max_age = self.settings.pending_card_max_age
+        shown, waiting = store.retrying(lambda: showing.show(
+            store, records, self.settings.suppression.ignored_window, patient_hash,
+            followups.oldest_waiting(now, max_age)))
+        chosen = {id(r) for r in shown}
+        result.issued = [i for i in issued if i.record is not None and id(i.record) in chosen]
+        pending = store.retrying(lambda: followups.take_pending(
+            store, patient_hash, service_id=call.service.id, hook_instance=call.request.hookInstance,
+            live_rules={i.rule_id for i in result.issued}, now=now, max_age=max_age)) if waiting else []
         result.issued += [IssuedCard(p.rule_id, followups.fill_context(p.card, call.context)) for p in pending]
         for rule_id in result.failed:
             self.metrics.rule_errors.labels(rule_id).inc()

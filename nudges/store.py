@@ -16,7 +16,7 @@ from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -302,6 +302,21 @@ def feedback_statement(dialect: str) -> Any:
                                                 "reason_code")})
 
 
+def claims(records: Sequence[CardRecord], window: timedelta) -> tuple[dict[tuple[str, str], CardRecord],
+                                                                       dict[str, Any]]:
+    """The first card of each (rule, focus) key of a call, in key order, and the binds of the multi-row
+    claim_statement that claims them (row i is key i)."""
+    first: dict[tuple[str, str], CardRecord] = {}
+    for r in sorted(records, key=lambda r: (r.rule_id, r.focus or "")):
+        first.setdefault((r.rule_id, r.focus or ""), r)
+    values: dict[str, Any] = {}
+    for i, ((_, focus), r) in enumerate(first.items()):
+        values.update({f"patient_hash_{i}": r.patient_hash, f"rule_id_{i}": r.rule_id, f"focus_{i}": focus,
+                       f"card_uuid_{i}": r.uuid, f"shown_at_{i}": r.issued_at,
+                       f"shown_until_{i}": r.issued_at + window, f"level_{i}": LEVELS.get(r.indicator, 0)})
+    return first, values
+
+
 SUPPRESSION_RETENTION = timedelta(days=30)  # how long an inert suppression row is kept (purge_suppressions)
 
 # Statements on the path of every hook call, built once: constructing a SQLAlchemy statement costs more
@@ -324,6 +339,12 @@ class Store:
     @property
     def dialect(self) -> str:
         return self.engine.dialect.name
+
+    @cached_property
+    def autocommit(self) -> Engine:
+        """The same pool, each statement its own transaction: for work that is one statement (a statement
+        is atomic by itself), without the round trips of BEGIN and COMMIT on PostgreSQL."""
+        return self.engine.execution_options(isolation_level="AUTOCOMMIT")
 
     async def run(self, work: Callable[..., T], *args: Any, limiter: anyio.CapacityLimiter | None = None) -> T:
         """Database work asked for on the event loop. PostgreSQL answers over the network: the work goes to
@@ -422,14 +443,8 @@ class Store:
         in a later call."""
         if not records:
             return []
-        first: dict[tuple[str, str], CardRecord] = {}
-        for r in sorted(records, key=lambda r: (r.rule_id, r.focus or "")):
-            first.setdefault((r.rule_id, r.focus or ""), r)
-        rows = [{"patient_hash": r.patient_hash, "rule_id": r.rule_id, "focus": key[1], "card_uuid": r.uuid,
-                 "shown_at": r.issued_at, "shown_until": r.issued_at + window,
-                 "level": LEVELS.get(r.indicator, 0)} for key, r in first.items()]
-        claim = self.prepared(("claim", len(rows)), lambda: claim_statement(self.dialect, len(rows)))
-        values = {f"{name}_{i}": value for i, row in enumerate(rows) for name, value in row.items()}
+        first, values = claims(records, window)
+        claim = self.prepared(("claim", len(first)), lambda: claim_statement(self.dialect, len(first)))
         with self.transaction(conn) as conn:
             claimed = set(claim.rows(conn, values))
             shown = [r for key, r in first.items() if key in claimed]

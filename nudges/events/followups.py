@@ -267,6 +267,11 @@ def expire_pending(store: Store, max_age: timedelta, now: datetime | None = None
     return len(stale)
 
 
+def oldest_waiting(now: datetime, max_age: timedelta | None) -> datetime:
+    """The creation time from which a waiting card may still be shown (older ones are expire_pending's)."""
+    return now - max_age if max_age is not None else datetime.min.replace(tzinfo=UTC)
+
+
 def take_pending(store: Store, patient_hash: str, *, service_id: str, hook_instance: str,
                  live_rules: frozenset[str] | set[str] = frozenset(), now: datetime | None = None,
                  max_age: timedelta | None = None, conn: Connection | None = None) -> list[PendingCard]:
@@ -276,8 +281,8 @@ def take_pending(store: Store, patient_hash: str, *, service_id: str, hook_insta
     is dropped. The `cards` rows of those returned are attributed to the delivering service, where
     the EHR will send feedback. `conn`: the hook call's own transaction, if it has one."""
     now = now or store.clock.now()
-    oldest = now - max_age if max_age is not None else datetime.min.replace(tzinfo=UTC)
-    params = {"who": patient_hash, "oldest": oldest}  # "who": a column's own name is reserved in UPDATE
+    # "who": a column's own name is reserved in UPDATE
+    params = {"who": patient_hash, "oldest": oldest_waiting(now, max_age)}
     with store.transaction(conn) as conn:
         if not store.prepared("any-waiting", lambda: ANY_WAITING).rows(conn, params):  # the common case: a read
             return []

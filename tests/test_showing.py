@@ -1,0 +1,84 @@
+"""A hook call's write (nudges/showing.py) on both real databases: what it claims, stores and reports."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from nudges import showing
+from nudges.clock import FixedClock
+from nudges.events import followups
+from nudges.store import Bucket, CardRecord, aware, cards, suppressions
+
+WINDOW = timedelta(minutes=5)
+
+
+def card(uuid: str, rule: str, patient_hash: str, clock: FixedClock, focus: str | None) -> CardRecord:
+    return CardRecord(uuid=uuid, service_id="nudges-patient-view", rule_id=rule, rule_version="2.0.0",
+                      hook="patient-view", hook_instance="hook-instance-1", patient_hash=patient_hash,
+                      bucket=Bucket(race="2106-3", language="es"), indicator="warning", issued_at=clock.now(),
+                      tenant=None, focus=focus)
+
+
+def test_the_write_claims_stores_and_says_whether_cards_wait(make_store, database_url: str,  # type: ignore[no-untyped-def]
+                                                             clock: FixedClock) -> None:
+    """The keys held stay back, a second card for a key this call claims is not shown, each card shown
+    is stored as it was issued, and the waiting-card check answers with it (none, then one)."""
+    store = make_store()
+    tag = database_url[-6:].encode().hex()[:10]
+    h = store.patient_hash(f"pt-write-{tag}")
+    oldest = clock.now() - timedelta(days=1)
+
+    def record(n: int, rule: str, focus: str | None) -> CardRecord:
+        return card(f"00000000-0000-4000-8005-{tag}{n:02d}", rule, h, clock, focus)
+
+    assert showing.show(store, [], WINDOW, h, oldest) == ([], False)
+    first = record(1, "rule-b", "f1")
+    assert showing.show(store, [first], WINDOW, h, oldest) == ([first], False)
+    batch = [record(2, "rule-c", None), record(3, "rule-b", "f1"), record(4, "rule-a", "f2"),
+             record(5, "rule-a", "f2"), record(6, "rule-a", "f1")]
+    shown, waiting = showing.show(store, batch, WINDOW, h, oldest)
+    assert [r.uuid[-2:] for r in shown] == ["02", "04", "06"] and not waiting
+    with store.engine.connect() as conn:
+        stored = {row["uuid"]: dict(row) for row in conn.execute(
+            select(cards).where(cards.c.patient_hash == h)).mappings()}
+        held = conn.execute(select(suppressions.c.rule_id, suppressions.c.focus, suppressions.c.shown_until,
+                                   suppressions.c.level).where(suppressions.c.patient_hash == h)).all()
+    assert sorted(u[-2:] for u in stored) == ["01", "02", "04", "06"]
+    for r in (first, *shown):
+        row = stored[r.uuid]
+        assert {**row, "issued_at": aware(row["issued_at"])} == r.row()
+    assert sorted((rule, focus) for rule, focus, _, _ in held) == [
+        ("rule-a", "f1"), ("rule-a", "f2"), ("rule-b", "f1"), ("rule-c", "")]
+    assert {aware(until) for _, _, until, _ in held} == {clock.now() + WINDOW} and {lv for *_, lv in held} == {1}
+
+    later = replace(record(7, "troponin-without-cath-plan", None), service_id=followups.FOLLOWUP_SERVICE,
+                    hook=followups.FOLLOWUP_HOOK)
+    assert followups.store_pending(store, later, {"uuid": later.uuid, "summary": "waiting"}) == "stored"
+    assert showing.show(store, [], WINDOW, h, oldest) == ([], True)
+    assert showing.show(store, [record(8, "rule-d", None)], WINDOW, h, oldest)[1] is True
+    assert showing.show(store, [], WINDOW, h, clock.now() + timedelta(seconds=1)) == ([], False)  # too old
+    assert showing.show(store, [record(9, "rule-d", None)], WINDOW, h, oldest) == ([], True)  # held
+
+
+def test_the_write_keeps_no_claim_when_a_card_cannot_be_stored(make_store, database_url: str,  # type: ignore[no-untyped-def]
+                                                               clock: FixedClock) -> None:
+    """Claim and card rows go together or not at all (one statement on PostgreSQL, one transaction on
+    SQLite): a card that cannot be stored leaves no claim that would hold back the next call's card."""
+    store = make_store()
+    tag = database_url[-6:].encode().hex()[:10]
+    h = store.patient_hash(f"pt-atomic-{tag}")
+    taken = card(f"00000000-0000-4000-8006-{tag}01", "rule-a", h, clock, "f1")
+    assert showing.show(store, [taken], WINDOW, h, clock.now())[0] == [taken]
+    clash = card(taken.uuid, "rule-b", h, clock, "f2")  # the same card uuid: its row cannot be stored
+    with pytest.raises(IntegrityError):
+        showing.show(store, [clash, card(f"00000000-0000-4000-8006-{tag}02", "rule-c", h, clock, None)],
+                     WINDOW, h, clock.now())
+    with store.engine.connect() as conn:
+        keys = conn.execute(select(suppressions.c.rule_id).where(suppressions.c.patient_hash == h)).scalars().all()
+        rows = conn.execute(select(cards.c.uuid).where(cards.c.patient_hash == h)).scalars().all()
+    assert keys == ["rule-a"] and rows == [taken.uuid]
