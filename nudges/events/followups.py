@@ -274,17 +274,17 @@ def oldest_waiting(now: datetime, max_age: timedelta | None) -> datetime:
 
 def take_pending(store: Store, patient_hash: str, *, service_id: str, hook_instance: str,
                  live_rules: frozenset[str] | set[str] = frozenset(), now: datetime | None = None,
-                 max_age: timedelta | None = None, conn: Connection | None = None) -> list[PendingCard]:
+                 max_age: timedelta | None = None) -> list[PendingCard]:
     """The patient's waiting cards, marked delivered by the same statement that reads them, so each
     surfaces exactly once however many calls race; the stored JSON is emptied. A waiting card whose
     rule fired live in this call (`live_rules`: the live card is fresher), or a second one for a rule,
     is dropped. The `cards` rows of those returned are attributed to the delivering service, where
-    the EHR will send feedback. `conn`: the hook call's own transaction, if it has one."""
+    the EHR will send feedback. A hook call asks only when its write (showing.py) found cards waiting."""
     now = now or store.clock.now()
     # "who": a column's own name is reserved in UPDATE
     params = {"who": patient_hash, "oldest": oldest_waiting(now, max_age)}
-    with store.transaction(conn) as conn:
-        if not store.prepared("any-waiting", lambda: ANY_WAITING).rows(conn, params):  # the common case: a read
+    with store.transaction() as conn:
+        if not store.prepared("any-waiting", lambda: ANY_WAITING).rows(conn, params):  # another call took them
             return []
         rows = conn.execute(
             update(pending_cards)
