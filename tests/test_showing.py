@@ -82,3 +82,29 @@ def test_the_write_keeps_no_claim_when_a_card_cannot_be_stored(make_store, datab
         keys = conn.execute(select(suppressions.c.rule_id).where(suppressions.c.patient_hash == h)).scalars().all()
         rows = conn.execute(select(cards.c.uuid).where(cards.c.patient_hash == h)).scalars().all()
     assert keys == ["rule-a"] and rows == [taken.uuid]
+
+
+def test_the_statement_of_up_to_three_cards_stays_in_psycopgs_cache() -> None:
+    """psycopg converts a statement's placeholders afresh on every execution once it has more than 50
+    parameters or 4 kB of text (0.23 ms for a three-card write, 0.01 ms cached); a call's write of up to
+    three cards, nearly every call's, stays under both."""
+    from psycopg import _queries  # its limits live there (psycopg 3.1 to 3.3)
+    from sqlalchemy.dialects.postgresql import psycopg
+
+    from nudges.prepared import Prepared
+
+    for rows in (0, 1, 2, 3):
+        statement = Prepared(showing.one_statement(rows), psycopg.dialect())
+        assert len(statement.sql.encode()) <= _queries.MAX_CACHED_STATEMENT_LENGTH
+        assert len(statement.named) + len(statement.fixed) <= _queries.MAX_CACHED_STATEMENT_PARAMS
+
+
+def test_the_cards_of_one_write_come_from_one_call(make_store, clock: FixedClock) -> None:  # type: ignore[no-untyped-def]
+    store = make_store()
+    h = store.patient_hash("pt-one-call")
+    one = card("00000000-0000-4000-8007-000000000001", "rule-a", h, clock, None)
+    other = replace(card("00000000-0000-4000-8007-000000000002", "rule-b", h, clock, None), hook_instance="h-2")
+    with pytest.raises(ValueError, match="one call"):
+        showing.show(store, [one, other], WINDOW, h, clock.now())
+    with store.engine.connect() as conn:  # refused before anything was claimed
+        assert conn.execute(select(suppressions).where(suppressions.c.patient_hash == h)).first() is None
