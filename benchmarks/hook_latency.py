@@ -310,7 +310,12 @@ import sys
 from nudges import showing
 from nudges.cli import main
 
-showing.show = lambda store, records, window, patient_hash, oldest: (list(records), False)
+
+async def show(store, records, window, patient_hash, oldest):
+    return list(records), False
+
+
+showing.show = show
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -532,6 +537,7 @@ def measure_in_process(rules: Path, body: Body, runs: int, workdir: Path, *, lig
     heads = services.by_id[SERVICE].index.heads
     now = runtime.clock.now()
     db_cards = Timed(runtime.store, "show_cards")
+    loop = asyncio.new_event_loop()  # Runtime.evaluate is awaited on the service's loop
     samples: dict[str, list[float]] = {name: [] for name in STAGES}
     with_gc: list[float] = []
     gc_clock = GcClock()
@@ -556,7 +562,7 @@ def measure_in_process(rules: Path, body: Body, runs: int, workdir: Path, *, lig
                 engine.evaluate(call.service.rules, record, now)
                 t4 = time.perf_counter()
                 if not light:
-                    runtime.evaluate(call, caller)  # the worker thread's whole job, as the service runs it
+                    loop.run_until_complete(runtime.evaluate(call, caller))  # evaluation and write, as served
                 t5 = time.perf_counter()
             finally:
                 gc.enable()
@@ -580,7 +586,7 @@ def measure_in_process(rules: Path, body: Body, runs: int, workdir: Path, *, lig
             gc_clock.active = True
             t0 = time.perf_counter()
             data = parse_body(payload, heads)
-            runtime.evaluate(pipeline.parse_call(services, SERVICE, data), caller)
+            loop.run_until_complete(runtime.evaluate(pipeline.parse_call(services, SERVICE, data), caller))
             t1 = time.perf_counter()
             del data
             gc_clock.active = False
@@ -590,7 +596,8 @@ def measure_in_process(rules: Path, body: Body, runs: int, workdir: Path, *, lig
         if gc_clock in gc.callbacks:
             gc.callbacks.remove(gc_clock)
         runtime.store.dispose()
-        asyncio.run(runtime.fhir.close())
+        loop.run_until_complete(runtime.fhir.close())
+        loop.close()
     result: dict[str, Any] = {
         "rules": len(services.by_id[SERVICE].rules), "runs": runs, "tracked_objects": len(gc.get_objects()),
         "stages_median_ms": {k: ms(statistics.median(v)) for k, v in samples.items() if v},

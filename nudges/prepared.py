@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from psycopg import AsyncConnection
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql import ClauseElement
@@ -61,6 +62,19 @@ class Prepared:
         if rows:
             parameters = [self.parameters(row) for row in rows]
             self._run(conn, parameters, lambda cursor: cursor.executemany(self.sql, parameters))
+
+    async def rows_async(self, connection: AsyncConnection[Any], values: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+        """`rows` on a psycopg asyncio connection (Store.writer's), with SQLAlchemy's error for a driver
+        error: a connection the database dropped says `connection_invalidated` (Store.retrying_async), and
+        psycopg's pool replaces it when it comes back."""
+        parameters = self.parameters(values)
+        try:
+            cursor = await connection.execute(self.sql, parameters)
+            return [tuple(row) for row in await cursor.fetchall()] if cursor.description else []
+        except self.dialect.loaded_dbapi.Error as exc:
+            raise DBAPIError.instance(self.sql, parameters, exc, self.dialect.loaded_dbapi.Error,
+                                      connection_invalidated=connection.broken or connection.closed,
+                                      dialect=self.dialect) from exc
 
     def _run(self, conn: Connection, parameters: Any, execute: Callable[[Any], Any]) -> list[tuple[Any, ...]]:
         fairy = conn.connection  # the pooled DBAPI connection of this transaction

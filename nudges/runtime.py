@@ -12,8 +12,6 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-import anyio
-
 from . import pipeline, showing, suppression
 from .api.auth import Authenticator, Caller, check_startup_policy
 from .cards import IssuedCard
@@ -36,7 +34,6 @@ from .store import SUPPRESSION_RETENTION, FeedbackRecord, Store
 
 log = logging.getLogger("nudges.runtime")
 HOUSEKEEPING_SECONDS = 3600.0
-EVALUATIONS = 2
 
 
 @dataclass
@@ -54,13 +51,6 @@ class Runtime:
     deliveries: Deliveries = field(init=False)
     recovery: Recovery = field(init=False)
     loop: asyncio.AbstractEventLoop | None = None  # the app's event loop, once started
-    # Hook evaluations running at once in worker threads, on PostgreSQL (on SQLite they run on the event
-    # loop: Store.run). They hold the GIL but for their database round trips, so two keep the process busy
-    # while one waits; more only queue for the GIL, and every extra hand-over costs CPU (under 16
-    # concurrent clients, 2 gave more calls/s and a lower p99 than 1, 4, 8 or evaluation on the event
-    # loop: README "Performance"). Well under the pool (store.POOL_SIZE), so feedback, notifications and
-    # the scheduler's jobs never make it overflow.
-    evaluations: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(EVALUATIONS))
 
     def __post_init__(self) -> None:
         self.due = DueFollowups(self.settings, self.clock, self.store, self.reloader, self.fhir)
@@ -131,17 +121,18 @@ class Runtime:
     async def stop(self) -> None:
         self.scheduler.stop()
         await self.fhir.close()
+        await self.store.close_writer()
         self.store.dispose()
 
     def services(self) -> Services:
         assert self.reloader.current is not None, "runtime not started"
         return self.reloader.current
 
-    def evaluate(self, call: pipeline.Call, caller: Caller) -> pipeline.Result:
-        """Through Store.run (a worker thread on PostgreSQL): engine, then the call's write (showing.py:
-        the cards claimed and stored, and whether follow-up cards wait, one statement on PostgreSQL),
-        then the waiting cards taken when there are any; each write once more on a new connection when
-        the database dropped the first."""
+    async def evaluate(self, call: pipeline.Call, caller: Caller) -> pipeline.Result:
+        """On the event loop: the engine (CPU work, as the body's parse before it), then the call's write
+        (showing.py: the cards claimed and stored, and whether follow-up cards wait; one statement awaited
+        on PostgreSQL), then the waiting cards taken when there are any (Store.run); each write once more
+        on a new connection when the database dropped the first."""
         services = self.services()
         now = self.clock.now()
         store = self.store
@@ -150,12 +141,12 @@ class Runtime:
                                    tenant=caller.tenant, why_base=self.settings.public_base_url)
         issued, records = result.issued, result.records
         max_age = self.settings.pending_card_max_age
-        shown, waiting = store.retrying(lambda: showing.show(
+        shown, waiting = await store.retrying_async(lambda: showing.show(
             store, records, self.settings.suppression.ignored_window, patient_hash,
             followups.oldest_waiting(now, max_age)))
         chosen = {id(r) for r in shown}
         result.issued = [i for i in issued if i.record is not None and id(i.record) in chosen]
-        pending = store.retrying(lambda: followups.take_pending(
+        pending = await store.run(store.retrying, lambda: followups.take_pending(
             store, patient_hash, service_id=call.service.id, hook_instance=call.request.hookInstance,
             live_rules={i.rule_id for i in result.issued}, now=now, max_age=max_age)) if waiting else []
         result.issued += [IssuedCard(p.rule_id, followups.fill_context(p.card, call.context)) for p in pending]

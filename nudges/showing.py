@@ -1,13 +1,14 @@
 """A hook call's write, the one on the path of every call: each card's display claimed (suppression),
 the cards that got it recorded, and whether the patient has follow-up cards waiting, before the answer.
 
-On PostgreSQL it is one statement, run outside a transaction: a statement is atomic by itself, so the
-claim and the card rows go together or not at all. The three statements in a transaction were five
-round trips (BEGIN and COMMIT included), each one a worker thread going to sleep and waking and the GIL
-changing hands: under load (benchmarks/hook_load.py, 16 clients, two workers) one statement took the
-service's CPU per call from 2.5–2.7 ms to 2.2 ms and PostgreSQL's from 0.55 to 0.35 ms (README
-"Performance"). SQLite answers in-process, without round trips, and has no data-modifying WITH: there
-the three statements share one transaction.
+On PostgreSQL it is one statement, run outside a transaction (a statement is atomic by itself, so the
+claim and the card rows go together or not at all) and awaited on the event loop over psycopg's asyncio
+connection. The three statements in a transaction were five round trips (BEGIN and COMMIT included), in
+a worker thread that slept and woke for each one while the GIL changed hands: under load
+(benchmarks/hook_load.py, 16 clients, two workers) one statement took the service's CPU per call from
+2.5–2.7 ms to 2.2 ms and PostgreSQL's from 0.55 to 0.35 ms, and awaiting it instead of a thread another
+fifth off the service's CPU (README "Performance"). SQLite answers in-process, without round trips, and
+has no data-modifying WITH: there the three statements share one transaction.
 """
 
 from __future__ import annotations
@@ -57,10 +58,11 @@ def one_statement(rows: int) -> Any:
     return select(head.c.waiting, claimed.c.rule_id, claimed.c.focus).select_from(head.outerjoin(claimed, true()))
 
 
-def show(store: Store, records: Sequence[CardRecord], window: timedelta, patient_hash: str,
-         oldest: datetime) -> tuple[list[CardRecord], bool]:
+async def show(store: Store, records: Sequence[CardRecord], window: timedelta, patient_hash: str,
+               oldest: datetime) -> tuple[list[CardRecord], bool]:
     """The records whose cards may be shown, claimed and stored (Store.show_cards decides alike), and
-    whether `patient_hash` has waiting cards created since `oldest`."""
+    whether `patient_hash` has waiting cards created since `oldest`. On the event loop: SQLite's
+    transaction runs in-process, PostgreSQL's statement is awaited (Store.writer)."""
     waiting_binds = {"who": patient_hash, "oldest": oldest}
     rows = [record.row() for record in records]
     if any(row[name] != rows[0][name] for row in rows[1:] for name in CALL_COLUMNS):
@@ -76,8 +78,8 @@ def show(store: Store, records: Sequence[CardRecord], window: timedelta, patient
     for i, record in enumerate(first.values()):
         values.update({f"v_{i}": record.rule_version, f"ind_{i}": record.indicator, f"f_{i}": record.focus})
     statement = store.prepared(("one-statement", len(first)), lambda: one_statement(len(first)))
-    with store.autocommit.connect() as conn:
-        answer = statement.rows(conn, values | waiting_binds)
+    async with (await store.writer()).connection() as connection:
+        answer = await statement.rows_async(connection, values | waiting_binds)
     claimed = {(row[1], row[2]) for row in answer if len(row) > 1 and row[1] is not None}
     chosen = {id(r) for key, r in first.items() if key in claimed}
     return [r for r in records if id(r) in chosen], bool(answer and answer[0][0])

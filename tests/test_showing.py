@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import timedelta
 
@@ -12,9 +13,17 @@ from sqlalchemy.exc import IntegrityError
 from nudges import showing
 from nudges.clock import FixedClock
 from nudges.events import followups
-from nudges.store import Bucket, CardRecord, aware, cards, suppressions
+from nudges.store import Bucket, CardRecord, Store, aware, cards, suppressions
 
 WINDOW = timedelta(minutes=5)
+
+
+@pytest.fixture
+async def store(make_store) -> AsyncIterator[Store]:  # type: ignore[no-untyped-def]
+    """A migrated store on each database; its asyncio engine (PostgreSQL's write) closed on this loop."""
+    store = make_store()
+    yield store
+    await store.close_writer()
 
 
 def card(uuid: str, rule: str, patient_hash: str, clock: FixedClock, focus: str | None) -> CardRecord:
@@ -24,11 +33,10 @@ def card(uuid: str, rule: str, patient_hash: str, clock: FixedClock, focus: str 
                       tenant=None, focus=focus)
 
 
-def test_the_write_claims_stores_and_says_whether_cards_wait(make_store, database_url: str,  # type: ignore[no-untyped-def]
-                                                             clock: FixedClock) -> None:
+async def test_the_write_claims_stores_and_says_whether_cards_wait(store: Store, database_url: str,
+                                                                   clock: FixedClock) -> None:
     """The keys held stay back, a second card for a key this call claims is not shown, each card shown
     is stored as it was issued, and the waiting-card check answers with it (none, then one)."""
-    store = make_store()
     tag = database_url[-6:].encode().hex()[:10]
     h = store.patient_hash(f"pt-write-{tag}")
     oldest = clock.now() - timedelta(days=1)
@@ -36,12 +44,12 @@ def test_the_write_claims_stores_and_says_whether_cards_wait(make_store, databas
     def record(n: int, rule: str, focus: str | None) -> CardRecord:
         return card(f"00000000-0000-4000-8005-{tag}{n:02d}", rule, h, clock, focus)
 
-    assert showing.show(store, [], WINDOW, h, oldest) == ([], False)
+    assert await showing.show(store, [], WINDOW, h, oldest) == ([], False)
     first = record(1, "rule-b", "f1")
-    assert showing.show(store, [first], WINDOW, h, oldest) == ([first], False)
+    assert await showing.show(store, [first], WINDOW, h, oldest) == ([first], False)
     batch = [record(2, "rule-c", None), record(3, "rule-b", "f1"), record(4, "rule-a", "f2"),
              record(5, "rule-a", "f2"), record(6, "rule-a", "f1")]
-    shown, waiting = showing.show(store, batch, WINDOW, h, oldest)
+    shown, waiting = await showing.show(store, batch, WINDOW, h, oldest)
     assert [r.uuid[-2:] for r in shown] == ["02", "04", "06"] and not waiting
     with store.engine.connect() as conn:
         stored = {row["uuid"]: dict(row) for row in conn.execute(
@@ -59,24 +67,23 @@ def test_the_write_claims_stores_and_says_whether_cards_wait(make_store, databas
     later = replace(record(7, "troponin-without-cath-plan", None), service_id=followups.FOLLOWUP_SERVICE,
                     hook=followups.FOLLOWUP_HOOK)
     assert followups.store_pending(store, later, {"uuid": later.uuid, "summary": "waiting"}) == "stored"
-    assert showing.show(store, [], WINDOW, h, oldest) == ([], True)
-    assert showing.show(store, [record(8, "rule-d", None)], WINDOW, h, oldest)[1] is True
-    assert showing.show(store, [], WINDOW, h, clock.now() + timedelta(seconds=1)) == ([], False)  # too old
-    assert showing.show(store, [record(9, "rule-d", None)], WINDOW, h, oldest) == ([], True)  # held
+    assert await showing.show(store, [], WINDOW, h, oldest) == ([], True)
+    assert (await showing.show(store, [record(8, "rule-d", None)], WINDOW, h, oldest))[1] is True
+    assert await showing.show(store, [], WINDOW, h, clock.now() + timedelta(seconds=1)) == ([], False)  # too old
+    assert await showing.show(store, [record(9, "rule-d", None)], WINDOW, h, oldest) == ([], True)  # held
 
 
-def test_the_write_keeps_no_claim_when_a_card_cannot_be_stored(make_store, database_url: str,  # type: ignore[no-untyped-def]
-                                                               clock: FixedClock) -> None:
+async def test_the_write_keeps_no_claim_when_a_card_cannot_be_stored(store: Store, database_url: str,
+                                                                     clock: FixedClock) -> None:
     """Claim and card rows go together or not at all (one statement on PostgreSQL, one transaction on
     SQLite): a card that cannot be stored leaves no claim that would hold back the next call's card."""
-    store = make_store()
     tag = database_url[-6:].encode().hex()[:10]
     h = store.patient_hash(f"pt-atomic-{tag}")
     taken = card(f"00000000-0000-4000-8006-{tag}01", "rule-a", h, clock, "f1")
-    assert showing.show(store, [taken], WINDOW, h, clock.now())[0] == [taken]
+    assert (await showing.show(store, [taken], WINDOW, h, clock.now()))[0] == [taken]
     clash = card(taken.uuid, "rule-b", h, clock, "f2")  # the same card uuid: its row cannot be stored
     with pytest.raises(IntegrityError):
-        showing.show(store, [clash, card(f"00000000-0000-4000-8006-{tag}02", "rule-c", h, clock, None)],
+        await showing.show(store, [clash, card(f"00000000-0000-4000-8006-{tag}02", "rule-c", h, clock, None)],
                      WINDOW, h, clock.now())
     with store.engine.connect() as conn:
         keys = conn.execute(select(suppressions.c.rule_id).where(suppressions.c.patient_hash == h)).scalars().all()
@@ -99,12 +106,11 @@ def test_the_statement_of_up_to_three_cards_stays_in_psycopgs_cache() -> None:
         assert len(statement.named) + len(statement.fixed) <= _queries.MAX_CACHED_STATEMENT_PARAMS
 
 
-def test_the_cards_of_one_write_come_from_one_call(make_store, clock: FixedClock) -> None:  # type: ignore[no-untyped-def]
-    store = make_store()
+async def test_the_cards_of_one_write_come_from_one_call(store: Store, clock: FixedClock) -> None:
     h = store.patient_hash("pt-one-call")
     one = card("00000000-0000-4000-8007-000000000001", "rule-a", h, clock, None)
     other = replace(card("00000000-0000-4000-8007-000000000002", "rule-b", h, clock, None), hook_instance="h-2")
     with pytest.raises(ValueError, match="one call"):
-        showing.show(store, [one, other], WINDOW, h, clock.now())
+        await showing.show(store, [one, other], WINDOW, h, clock.now())
     with store.engine.connect() as conn:  # refused before anything was claimed
         assert conn.execute(select(suppressions).where(suppressions.c.patient_hash == h)).first() is None

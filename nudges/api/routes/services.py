@@ -44,7 +44,7 @@ async def answer_call(runtime: Runtime, request: Request, service_id: str) -> Re
     call = pipeline.parse_call(services, service_id, body)
     await pipeline.complete(call, runtime.fhir, runtime.settings,
                             caller.client.fhir_servers if caller.client else None)
-    result = await runtime.store.run(runtime.evaluate, call, caller, limiter=runtime.evaluations)
+    result = await runtime.evaluate(call, caller)
     response = json_response({"cards": result.cards})
     response.background = BackgroundTask(release, body, call, result)
     return response
