@@ -12,7 +12,6 @@ import hashlib
 import hmac
 import secrets
 import time
-import weakref
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -50,6 +49,7 @@ from sqlalchemy.sql import ClauseElement
 
 from .clock import Clock
 from .prepared import Prepared
+from .writers import Writers
 
 T = TypeVar("T")
 
@@ -208,9 +208,6 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 # Connections kept open per process by the threads' pool: an overflow connection is closed when
 # returned, and under load that meant a new PostgreSQL backend (a fork) for every few calls.
 POOL_SIZE = 8
-# The hook write's asyncio connections per process, and no more (a call waits its turn): with one per
-# call in flight, PostgreSQL's CPU per call doubled under 16 clients and the p99 rose.
-ASYNC_POOL_SIZE = 4
 
 
 def make_engine(url: str) -> Engine:
@@ -246,19 +243,6 @@ def _ping_if_idle(engine: Engine, dbapi_connection: Any, record: Any, _proxy: An
         engine.dialect.do_ping(dbapi_connection)
     except Exception as exc:  # the pool replaces the connection and checks out another
         raise DisconnectionError("the database dropped an idle pooled connection") from exc
-
-
-_IDLE_FROM: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()  # the writer pool's
-
-
-async def _idle_from_async(connection: Any) -> None:
-    _IDLE_FROM[connection] = time.monotonic()
-
-
-async def _ping_if_idle_async(connection: Any) -> None:  # psycopg_pool's check: the pool replaces a dead one
-    since = _IDLE_FROM.get(connection)
-    if since is not None and time.monotonic() - since >= PING_IDLE_SECONDS:
-        await connection.execute("SELECT 1")
 
 
 def _upsert(dialect: str) -> Any:
@@ -353,23 +337,15 @@ class Store:
         self.clock = clock
         self._hash_key = hash_key
         self._prepared: dict[Hashable, Prepared] = {}
-        self._writer: AsyncConnectionPool[AsyncConnection[Any]] | None = None
+        self.writers = Writers(self.engine.url, lambda: PING_IDLE_SECONDS)
 
     @property
     def dialect(self) -> str:
         return self.engine.dialect.name
 
     async def writer(self) -> AsyncConnectionPool[AsyncConnection[Any]]:
-        """psycopg's asyncio pool on PostgreSQL, in autocommit (a statement is atomic by itself): the hook
-        call's write, awaited on the event loop (showing.py). Opened on first use, on the loop that uses
-        it; a connection idle for a second is pinged before use, as in the other pool."""
-        if self._writer is None:
-            url = self.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
-            self._writer = AsyncConnectionPool(url, min_size=1, max_size=ASYNC_POOL_SIZE,
-                                               kwargs={"autocommit": True}, open=False, check=_ping_if_idle_async,
-                                               reset=_idle_from_async, name="nudges-hook-writes")
-            await self._writer.open()
-        return self._writer
+        """The hook call's write connections on PostgreSQL (writers.py), opened on first use."""
+        return await self.writers.pool()
 
     async def run(self, work: Callable[..., T], *args: Any) -> T:
         """Database work asked for on the event loop. PostgreSQL answers over the network: the work goes to
@@ -404,9 +380,7 @@ class Store:
         self.engine.dispose()
 
     async def close_writer(self) -> None:
-        if self._writer is not None:
-            await self._writer.close()
-            self._writer = None
+        await self.writers.close()
 
     # -- patient hashing -------------------------------------------------------------
     def hash_key(self) -> bytes:
@@ -458,8 +432,7 @@ class Store:
         except DBAPIError as exc:
             if not exc.connection_invalidated:
                 raise
-        if self._writer is not None:
-            await self._writer.check()
+        await self.writers.check()
         return await work()
 
     def retrying(self, work: Callable[[], T]) -> T:

@@ -1,0 +1,63 @@
+"""The hook call's write connections on PostgreSQL: psycopg's own asyncio pool, in autocommit.
+
+Why: the write is one statement (showing.py), atomic by itself, so BEGIN and COMMIT would only be two
+more round trips; and awaited on the event loop it needs no worker thread, which had slept and woken for
+each round trip while the GIL changed hands (README "Performance"). A pool of its own, opened on the loop
+that uses it, with at most SIZE connections per process: with one per call in flight (SQLAlchemy's
+asyncio engine gave each its own), PostgreSQL's CPU per call doubled under 16 clients and the p99 rose.
+A connection idle for longer than the store's ping threshold is pinged before use, as in the threads' pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
+from sqlalchemy.engine import URL
+
+SIZE = 4
+
+
+class Writers:
+    def __init__(self, url: URL, ping_after: Callable[[], float]) -> None:
+        self.conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self.ping_after = ping_after  # seconds idle, read at each checkout (tests change it)
+        self._pool: AsyncConnectionPool[AsyncConnection[Any]] | None = None
+        self._opening = asyncio.Lock()
+        self._idle_from: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+
+    async def pool(self) -> AsyncConnectionPool[AsyncConnection[Any]]:
+        if self._pool is not None:
+            return self._pool
+        async with self._opening:  # the first calls after a start arrive together
+            if self._pool is None:
+                pool = AsyncConnectionPool(self.conninfo, min_size=1, max_size=SIZE, kwargs={"autocommit": True},
+                                           open=False, check=self._ping_if_idle, reset=self._returned,
+                                           name="nudges-hook-writes")
+                await pool.open()
+                self._pool = pool
+        return self._pool
+
+    async def check(self) -> None:
+        """The idle connections checked and the dead ones replaced (after a dropped connection: seldom alone)."""
+        if self._pool is not None:
+            await self._pool.check()
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    async def _returned(self, connection: AsyncConnection[Any]) -> None:
+        self._idle_from[connection] = time.monotonic()
+
+    async def _ping_if_idle(self, connection: AsyncConnection[Any]) -> None:
+        """psycopg_pool's check: an error here makes the pool replace the connection."""
+        since = self._idle_from.get(connection)
+        if since is not None and time.monotonic() - since >= self.ping_after():
+            await connection.execute("SELECT 1")
