@@ -1,5 +1,6 @@
 """The statements on the path of every hook call, compiled once per dialect to the driver's own SQL and
-run on the DBAPI cursor of the caller's SQLAlchemy connection, inside its transaction.
+run on the DBAPI cursor of the caller's SQLAlchemy connection, inside its transaction (or, for the hook
+write on PostgreSQL, on a psycopg asyncio connection of writers.py).
 
 Why: for these few small statements SQLAlchemy's work per execute (an execution context, parameters
 constructed and processed, a result wrapper) cost more than SQLite's own: a call's suppression claim
