@@ -65,8 +65,8 @@ class Prepared:
             self._run(conn, parameters, lambda cursor: cursor.executemany(self.sql, parameters))
 
     async def rows_async(self, connection: AsyncConnection[Any], values: Mapping[str, Any]) -> list[tuple[Any, ...]]:
-        """`rows` on a psycopg asyncio connection (Store.writer's), with SQLAlchemy's error for a driver
-        error: a connection the database dropped says `connection_invalidated` (Store.retrying_async), and
+        """`rows` on a psycopg asyncio connection (writers.py), with SQLAlchemy's error for a driver
+        error: a connection the database dropped says `connection_invalidated` (Writers.retrying), and
         psycopg's pool replaces it when it comes back."""
         parameters = self.parameters(values)
         try:

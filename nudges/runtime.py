@@ -121,7 +121,7 @@ class Runtime:
     async def stop(self) -> None:
         self.scheduler.stop()
         await self.fhir.close()
-        await self.store.close_writer()
+        await self.store.writers.close()
         self.store.dispose()
 
     def services(self) -> Services:
@@ -141,7 +141,7 @@ class Runtime:
                                    tenant=caller.tenant, why_base=self.settings.public_base_url)
         issued, records = result.issued, result.records
         max_age = self.settings.pending_card_max_age
-        shown, waiting = await store.retrying_async(lambda: showing.show(
+        shown, waiting = await store.writers.retrying(lambda: showing.show(
             store, records, self.settings.suppression.ignored_window, patient_hash,
             followups.oldest_waiting(now, max_age)))
         chosen = {id(r) for r in shown}

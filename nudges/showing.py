@@ -62,7 +62,7 @@ async def show(store: Store, records: Sequence[CardRecord], window: timedelta, p
                oldest: datetime) -> tuple[list[CardRecord], bool]:
     """The records whose cards may be shown, claimed and stored (Store.show_cards decides alike), and
     whether `patient_hash` has waiting cards created since `oldest`. On the event loop: SQLite's
-    transaction runs in-process, PostgreSQL's statement is awaited (Store.writer)."""
+    transaction runs in-process, PostgreSQL's statement is awaited (writers.py)."""
     waiting_binds = {"who": patient_hash, "oldest": oldest}
     rows = [record.row() for record in records]
     if any(row[name] != rows[0][name] for row in rows[1:] for name in CALL_COLUMNS):
@@ -78,7 +78,7 @@ async def show(store: Store, records: Sequence[CardRecord], window: timedelta, p
     for i, record in enumerate(first.values()):
         values.update({f"v_{i}": record.rule_version, f"ind_{i}": record.indicator, f"f_{i}": record.focus})
     statement = store.prepared(("one-statement", len(first)), lambda: one_statement(len(first)))
-    async with (await store.writer()).connection() as connection:
+    async with (await store.writers.pool()).connection() as connection:
         answer = await statement.rows_async(connection, values | waiting_binds)
     claimed = {(row[1], row[2]) for row in answer if len(row) > 1 and row[1] is not None}
     chosen = {id(r) for key, r in first.items() if key in claimed}

@@ -12,7 +12,7 @@ import hashlib
 import hmac
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Hashable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -21,8 +21,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
-from psycopg import AsyncConnection
-from psycopg_pool import AsyncConnectionPool
 from sqlalchemy import (
     JSON,
     Boolean,
@@ -337,15 +335,11 @@ class Store:
         self.clock = clock
         self._hash_key = hash_key
         self._prepared: dict[Hashable, Prepared] = {}
-        self.writers = Writers(self.engine.url, lambda: PING_IDLE_SECONDS)
+        self.writers = Writers(self.engine.url, lambda: PING_IDLE_SECONDS)  # the hook write's, on PostgreSQL
 
     @property
     def dialect(self) -> str:
         return self.engine.dialect.name
-
-    async def writer(self) -> AsyncConnectionPool[AsyncConnection[Any]]:
-        """The hook call's write connections on PostgreSQL (writers.py), opened on first use."""
-        return await self.writers.pool()
 
     async def run(self, work: Callable[..., T], *args: Any) -> T:
         """Database work asked for on the event loop. PostgreSQL answers over the network: the work goes to
@@ -378,9 +372,6 @@ class Store:
 
     def dispose(self) -> None:
         self.engine.dispose()
-
-    async def close_writer(self) -> None:
-        await self.writers.close()
 
     # -- patient hashing -------------------------------------------------------------
     def hash_key(self) -> bytes:
@@ -423,17 +414,6 @@ class Store:
             return
         with self.engine.begin() as conn:
             yield conn
-
-    async def retrying_async(self, work: Callable[[], Awaitable[T]]) -> T:
-        """`retrying` for Store.writer's work: a connection seldom drops alone (a restart, a failover), so
-        the pool's idle connections are checked, the dead ones replaced, before the second try."""
-        try:
-            return await work()
-        except DBAPIError as exc:
-            if not exc.connection_invalidated:
-                raise
-        await self.writers.check()
-        return await work()
 
     def retrying(self, work: Callable[[], T]) -> T:
         """`work` (one transaction) once more when the database dropped its connection: the pool has

@@ -13,14 +13,16 @@ from __future__ import annotations
 import asyncio
 import time
 import weakref
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 from sqlalchemy.engine import URL
+from sqlalchemy.exc import DBAPIError
 
 SIZE = 4
+T = TypeVar("T")
 
 
 class Writers:
@@ -43,10 +45,18 @@ class Writers:
                 self._pool = pool
         return self._pool
 
-    async def check(self) -> None:
-        """The idle connections checked and the dead ones replaced (after a dropped connection: seldom alone)."""
+    async def retrying(self, work: Callable[[], Awaitable[T]]) -> T:
+        """Store.retrying for work on these connections: once more when the database dropped the one it
+        had. A connection seldom drops alone (a restart, a failover), so the pool's idle connections are
+        checked, the dead ones replaced, before the second try."""
+        try:
+            return await work()
+        except DBAPIError as exc:
+            if not exc.connection_invalidated:
+                raise
         if self._pool is not None:
             await self._pool.check()
+        return await work()
 
     async def close(self) -> None:
         if self._pool is not None:

@@ -23,7 +23,7 @@ async def store(make_store) -> AsyncIterator[Store]:  # type: ignore[no-untyped-
     """A migrated store on each database; its asyncio engine (PostgreSQL's write) closed on this loop."""
     store = make_store()
     yield store
-    await store.close_writer()
+    await store.writers.close()
 
 
 def card(uuid: str, rule: str, patient_hash: str, clock: FixedClock, focus: str | None) -> CardRecord:
