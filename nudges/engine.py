@@ -52,6 +52,7 @@ class Tracer(Protocol):
     def clause(self, clause: CompiledClause, hit: tuple[datetime | None, dict[str, Any]] | None,
                env: dict[str, Any], dates: dict[str, datetime | None]) -> None: ...
     def done(self, rule: CompiledRule, match: Match | None, error: Exception | None) -> None: ...
+    def deceased(self, rule: CompiledRule, patient: dict[str, Any]) -> None: ...
 
 
 def age_in_years(birth: date, today: date) -> int:
@@ -168,8 +169,25 @@ class _Evaluation:
             self.env[clause.bind] = resource
 
 
+def deceased(patient: dict[str, Any] | None, now: datetime) -> bool:
+    """Whether the Patient has died by `now` (deceasedBoolean true, or a deceasedDateTime not after now).
+    Every nudge is about the care of a living patient: a screening offer, a navigator's list or a
+    discharge leaflet for someone who has died hurts the family and the clinician's trust in the tool,
+    and US Core charts carry the fact. Read before any rule, for every rule."""
+    if not patient:
+        return False
+    if patient.get("deceasedBoolean") is True:
+        return True
+    when = parse_fhir_date(patient.get("deceasedDateTime"))
+    return when is not None and when <= now
+
+
 def _applies(rule: CompiledRule, record: PatientRecord, now: datetime, env: dict[str, Any],
              trace: Tracer | None = None) -> bool:
+    if deceased(record.patient, now):
+        if trace is not None:
+            trace.deceased(rule, record.patient or {})
+        return False
     if rule.age_min is not None or rule.age_max is not None:
         birth = parse_fhir_date((record.patient or {}).get("birthDate"))
         age = None if birth is None else age_in_years(birth.date(), now.date())

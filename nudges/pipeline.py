@@ -10,6 +10,7 @@ but for the FHIR fetch.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -26,12 +27,14 @@ from .fhir import FHIR_ID, RELATIVE_REFERENCE, flatten
 from .fhirserver.client import FhirClient, Found
 from .fhirserver.guard import check_server
 from .hooks import HOOKS
-from .prefetch import missing_keys, render, unobtainable
+from .prefetch import missing_keys, paged_keys, render, unobtainable
 from .record import IndexPlan, PatientRecord
 from .services import Service, Services
 from .settings import Settings
 from .store import Bucket, CardRecord
 from .suppression import focus_of
+
+log = logging.getLogger("nudges.pipeline")
 
 # The keyed hash a card's focus is stored as (Store.keyed); without one (offline runs) no focus is kept.
 Keyed = Callable[[str], str]
@@ -108,7 +111,7 @@ def selected(call: Call, draft: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def build_record(call: Call, index: IndexPlan | None = None) -> PatientRecord:
     """The call's record; with the service's index plan on the hot path, a full index without one."""
-    record = PatientRecord.from_prefetch(call.prefetch, index)
+    record = PatientRecord.from_prefetch(call.prefetch, index, call.context.get("patientId"))
     draft = drafts(call)
     if draft:
         record.add_all(draft, "draft")
@@ -131,24 +134,31 @@ async def complete(call: Call, fhir: FhirClient | None, settings: Settings, allo
     """Fetch what prefetch lacks from the call's fhirServer (SSRF-checked); 412 when required data
     cannot be had from either source."""
     missing = still_missing(call)
-    if not missing:
-        return
+    partial = paged_keys(call.service.plan, call.prefetch)  # one page of several: searched again, whole
     server = call.request.fhirServer
+    if partial and (not server or fhir is None):
+        log.warning("prefetch holds only the first page of a search and no fhirServer was given to read the "
+                    "rest: rules see that page alone", extra={"keys": partial})
+    if not missing and not (partial and server and fhir is not None):
+        return
     if not server or fhir is None:
         require(call, missing, "not in prefetch and no fhirServer given")
         return
     base = check_server(server, settings, allowed)
     auth = call.request.fhirAuthorization
     templates = call.service.plan.templates
-    queries = {key: render(templates[key], call.context) for key in missing}
+    queries = {key: render(templates[key], call.context) for key in missing + partial}
     fetched = await fhir.fetch_all(base, auth.access_token if auth else None, queries)
     failed, reasons = [], set()
     for key, outcome in fetched.items():
         if isinstance(outcome, Found):
             call.prefetch[key] = outcome.value
-        else:
+        elif key in missing:  # a page that could not be completed is still what the client sent
             failed.append(key)
             reasons.add(outcome.error.diagnostics)
+        else:
+            log.warning("the rest of a paged prefetch search could not be read: rules see its first page",
+                        extra={"keys": [key]})
     if failed:
         require(call, failed, "; ".join(sorted(reasons)))
 
@@ -202,7 +212,7 @@ def run_body(services: Services, settings: Settings, body: dict[str, Any], now: 
     hook = HOOKS.get(str(body.get("hook")))
     call = parse_call(services, hook.service_id if hook else str(body.get("hook")), body)
     missing = still_missing(call)
-    if missing and call.request.fhirServer:
+    if (missing or paged_keys(call.service.plan, call.prefetch)) and call.request.fhirServer:
         asyncio.run(_complete_offline(call, settings, call.request.fhirServer))
     elif missing:
         require(call, missing, "not in prefetch and no fhirServer given")

@@ -107,6 +107,19 @@ def missing_keys(plan: PrefetchPlan, prefetch: dict[str, Any]) -> list[str]:
     return [key for key in plan.templates if key not in prefetch or not usable(prefetch[key])]
 
 
+def paged(value: Any) -> bool:
+    """A Bundle with a `next` link: the first page of the search, not all of it. CDS clients send such
+    pages (the HL7 sandbox sends each search's first page of 20); taken as the whole answer, what is on a
+    later page looks absent, and a rule that fires on an absence (no screening test in ten years) fires
+    wrongly."""
+    return isinstance(value, dict) and value.get("resourceType") == "Bundle" and any(
+        isinstance(link, dict) and link.get("relation") == "next" for link in value.get("link") or ())
+
+
+def paged_keys(plan: PrefetchPlan, prefetch: dict[str, Any]) -> list[str]:
+    return [key for key in plan.templates if paged(prefetch.get(key))]
+
+
 def unobtainable(keys: list[str], plan: PrefetchPlan, why: str) -> PreconditionFailed | None:
     """The 412 for keys that could not be had, when any of them is required (the one place this is decided)."""
     required = [k for k in keys if k in plan.required]

@@ -19,6 +19,7 @@ from .fhir import (
     code_text_languages,
     codings,
     flatten,
+    patient_of,
     referenced_medication,
     resource_date,
     voided,
@@ -53,12 +54,13 @@ def _note(index: dict[Any, list[Resource]], key: Any, resource: Resource) -> Non
         members.append(resource)
 
 
-def _usable(resources: Iterable[Resource]) -> list[Resource]:
-    """Without entered-in-error or refuted resources, and each id once (the first seen wins)."""
+def _usable(resources: Iterable[Resource], patient: str | None = None) -> list[Resource]:
+    """Without entered-in-error or refuted resources, without those about a patient other than the call's
+    (`patient`, when known), and each id once (the first seen wins)."""
     kept: list[Resource] = []
     seen: set[str | int] = set()
     for resource in resources:
-        if voided(resource):
+        if voided(resource) or (patient is not None and elsewhere(resource, patient)):
             continue
         rid = resource.get("id")
         marker = rid if isinstance(rid, str) else id(resource)  # no id: the same object only
@@ -67,6 +69,16 @@ def _usable(resources: Iterable[Resource]) -> list[Resource]:
         seen.add(marker)
         kept.append(resource)
     return kept
+
+
+def elsewhere(resource: Resource, patient: str) -> bool:
+    """Whether a resource is about another patient than `patient` (the call's context.patientId): a
+    Patient of another id, or a subject, patient or beneficiary naming another Patient. An EHR's prefetch
+    or a FHIR search gone wrong (a missing patient filter, a merged chart) must not give this patient
+    another's troponin or age. A resource that names no Patient (a contained or urn:uuid subject, none at
+    all) is not judged."""
+    about = patient_of(resource)
+    return about is not None and about != patient
 
 
 class IndexPlan:
@@ -123,9 +135,11 @@ class PatientRecord:
     indexed, for callers that do not know in advance which rules will ask."""
 
     __slots__ = ("_by_code", "_by_reference", "_canonical", "_clean", "_dates", "_medications", "_plan", "_raw",
-                 "_text")
+                 "_text", "patient_id")
 
-    def __init__(self, plan: IndexPlan | None = None) -> None:
+    def __init__(self, plan: IndexPlan | None = None, patient_id: str | None = None) -> None:
+        # the call's patient (context.patientId, "Patient/" dropped): what is about another is set aside
+        self.patient_id = patient_id.removeprefix("Patient/") if isinstance(patient_id, str) and patient_id else None
         self._raw: dict[tuple[str, str], list[Resource]] = {}
         self._clean: dict[Any, list[Resource]] = {}
         self._by_code: dict[tuple[str, str, Any], list[Resource]] = {}
@@ -261,7 +275,7 @@ class PatientRecord:
         key = (source, kind)
         found = self._clean.get(key)
         if found is None:
-            found = self._clean[key] = _usable(self._raw.get(key, ()))
+            found = self._clean[key] = _usable(self._raw.get(key, ()), self.patient_id)
         return found
 
     def with_codes(self, source: str, kind: str, keys: frozenset[tuple[str, str]]) -> list[Resource]:
@@ -275,7 +289,7 @@ class PatientRecord:
             cache_key: Any = (source, kind, bucket)
             found = self._clean.get(cache_key)
             if found is None:
-                found = self._clean[cache_key] = _usable(self._by_code.get(cache_key, ()))
+                found = self._clean[cache_key] = _usable(self._by_code.get(cache_key, ()), self.patient_id)
             return found
         hits: set[int] = set()
         for system_code in keys:
@@ -289,8 +303,14 @@ class PatientRecord:
     def set_aside(self, source: str, kind: str) -> list[tuple[Resource, str]]:
         """What `of_type` leaves out of a type's list, and why: for `nudges explain`, never the hot path."""
         kept = {id(r) for r in self.of_type(source, kind)}
-        return [(r, "entered in error or refuted" if voided(r) else "an id seen before (a duplicate)")
-                for r in self._raw.get((source, kind), ()) if id(r) not in kept]
+        def why(r: Resource) -> str:
+            if voided(r):
+                return "entered in error or refuted"
+            if self.patient_id is not None and elsewhere(r, self.patient_id):
+                return f"about another patient (Patient/{patient_of(r)}, not the call's Patient/{self.patient_id})"
+            return "an id seen before (a duplicate)"
+
+        return [(r, why(r)) for r in self._raw.get((source, kind), ()) if id(r) not in kept]
 
     def inventory(self) -> dict[str, dict[str, int]]:
         """How many usable resources of each type each source holds (for `nudges explain`)."""
@@ -338,9 +358,11 @@ class PatientRecord:
         return self._dates[key]
 
     @classmethod
-    def from_prefetch(cls, prefetch: dict[str, Any], plan: IndexPlan | None = None) -> PatientRecord:
-        """The record from prefetch-shaped data (key -> resource, Bundle, null or OperationOutcome)."""
-        record = cls(plan)
+    def from_prefetch(cls, prefetch: dict[str, Any], plan: IndexPlan | None = None,
+                      patient_id: str | None = None) -> PatientRecord:
+        """The record from prefetch-shaped data (key -> resource, Bundle, null or OperationOutcome), of the
+        patient `patient_id` when known."""
+        record = cls(plan, patient_id)
         for value in prefetch.values():
             record.add_value(value, "record")
         return record

@@ -15,7 +15,7 @@ from typing import Any
 from . import pipeline, showing, suppression
 from .api.auth import Authenticator, Caller, check_startup_policy
 from .cards import IssuedCard
-from .clock import Clock, clock_for
+from .clock import Clock, SystemClock, clock_for
 from .errors import BadRequest, ConfigError
 from .events import followups, outbox, subscriptions
 from .events.delivery import Deliveries, check_settings
@@ -64,6 +64,7 @@ class Runtime:
         for message in check_startup_policy(settings):
             log.warning(message) if "WARNING" in message else log.info(message)
         check_settings(settings)
+        pinned = clock is None
         if clock is None:
             try:
                 clock = clock_for(settings.now)
@@ -82,7 +83,10 @@ class Runtime:
         reloader = Reloader(settings.rules, frozenset(settings.rule_statuses), settings.site_valuesets, clock,
                             targets)
         fhir = FhirClient(settings, BackendTokens(settings.fhir_backend_clients))
-        auth = Authenticator(settings.auth, store, clock, fhir.http)
+        # A CDS client signs its tokens at the real time: `now` pins what the rules see (a demonstration,
+        # a test of windows), not the token checks, or a pinned service would refuse every real client.
+        # A clock handed in by code (the tests') judges tokens too.
+        auth = Authenticator(settings.auth, store, SystemClock() if settings.now and pinned else clock, fhir.http)
         return cls(settings, clock, store, reloader, fhir, auth)
 
     async def start(self) -> None:

@@ -134,7 +134,7 @@ class _QuickServer(uvicorn.Server):
 class LiveServer(httpx.Client):
     """The real app under uvicorn on a loopback port, with an HTTP client pointed at it."""
 
-    def __init__(self, settings: Settings, clock: FixedClock, port: int = 0) -> None:
+    def __init__(self, settings: Settings, clock: FixedClock | None, port: int = 0) -> None:
         self.app = create_app(settings, clock)
         config = uvicorn.Config(self.app, host="127.0.0.1", port=port, log_config=None, access_log=False,
                                 lifespan="on")

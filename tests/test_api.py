@@ -193,6 +193,30 @@ def test_open_fhir_server_gets_no_authorization_and_pages_are_followed(client: L
     assert any("_offset=1" in p for p, _ in fhir_server.requests)
 
 
+def test_a_prefetch_of_one_page_is_read_whole_from_the_fhir_server(client: LiveServer, fhir_server) -> None:  # type: ignore[no-untyped-def]
+    """The HL7 sandbox prefetches each search's first page (20 entries) with a `next` link: what is on
+    a later page is not absent, so the service searches again, whole, when it may (fhirServer); without a
+    server it uses the page it has (the 200 below), as a client that sent nothing more allows."""
+    fhir_server.resources = [troponin("t-normal", value=5), troponin("t-high")]
+    first_page = {"resourceType": "Bundle", "type": "searchset", "total": 2,
+                  "link": [{"relation": "self", "url": f"{fhir_server.base}/Observation?patient=pt-9"},
+                           {"relation": "next", "url": f"{fhir_server.base}/Observation?patient=pt-9&_offset=1"}],
+                  "entry": [{"resource": troponin("t-normal", value=5)}]}
+    prefetch = full_prefetch("patient-view", patient("pt-9"))
+    prefetch["observation"] = first_page
+    body = patient_view("pt-9", prefetch=prefetch, fhirServer=fhir_server.base)
+    response = client.post(URL, json=body)
+    assert response.status_code == 200, response.text
+    assert [c["summary"] for c in response.json()["cards"] if c["summary"].startswith("Troponin")]
+    assert [p for p, _ in fhir_server.requests if p.startswith("/fhir/Observation?patient=pt-9")]
+    assert not any(p.startswith("/fhir/Patient") for p, _ in fhir_server.requests)  # whole: not asked again
+
+    alone = patient_view("pt-8", prefetch={**prefetch, "patient": patient("pt-8")})
+    response = client.post(URL, json=alone)
+    assert response.status_code == 200, response.text
+    assert not [c for c in response.json()["cards"] if c["summary"].startswith("Troponin")]
+
+
 def test_requests_to_one_fhir_server_are_bounded_and_reuse_connections(make_client, fhir_server) -> None:  # type: ignore[no-untyped-def]
     """A modest FHIR server with a small accept queue drops a dozen connections opened at once: the
     service queues them on a few keep-alive connections instead, within the same budget."""

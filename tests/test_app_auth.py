@@ -16,6 +16,7 @@ from helpers import patient_view, troponin
 from jwt.algorithms import ECAlgorithm
 from sqlalchemy import select
 
+from nudges.settings import Settings
 from nudges.store import cards
 
 ISS = "https://ehr.example.org"
@@ -151,3 +152,39 @@ def test_logs_carry_no_tokens_or_patient_ids(client: LiveServer, capfd: pytest.C
     text = caplog.text + "".join(capfd.readouterr())
     assert "answered 412" in text and "unreachable" in text  # the call was logged, so absence below means something
     assert "tok-SECRET-123" not in text and "pt-secret-id-42" not in text
+
+
+def test_a_pinned_clock_pins_the_rules_not_the_token_checks(tmp_path: Path, rules_dir: Path,
+                                                            key: ec.EllipticCurvePrivateKey) -> None:
+    """`now` (NUDGES_NOW) pins what the rules see, as in the README's quick start; a real CDS client
+    (the HL7 sandbox, an EHR) signs its tokens at the real time, and a token of the pinned instant,
+    months off, is refused."""
+    jwk = ECAlgorithm.to_jwk(key.public_key(), as_dict=True)
+    jwk.update(kid=KID, alg="ES384", use="sig")
+    (tmp_path / "jwks.json").write_bytes(orjson.dumps({"keys": [jwk]}))
+    settings = Settings(rules=rules_dir, database_url=f"sqlite:///{tmp_path}/pinned.db", reload_interval_seconds=0,
+                        now="2026-03-02T12:00:00Z",
+                        auth={"clients": [{"iss": ISS, "jwks_file": str(tmp_path / "jwks.json"), "tenant": "north"}]})
+    server = LiveServer(settings, None)
+    try:
+        url = str(server.base_url) + "/cds-services/nudges-patient-view"
+        response = server.post("/cds-services/nudges-patient-view", json=patient_view("pt-p", troponin()),
+                               headers={"Authorization": f"Bearer {token(key, url, time.time())}"})
+        assert response.status_code == 200, response.text
+        assert any(c["summary"].startswith("Troponin") for c in response.json()["cards"])  # the pinned windows
+        pinned = server.runtime.clock.now().timestamp()
+        stale = server.post("/cds-services/nudges-patient-view", json=patient_view("pt-p", troponin()),
+                            headers={"Authorization": f"Bearer {token(key, url, pinned)}"})
+        assert stale.status_code == 401
+    finally:
+        server.stop()
+
+
+def test_discovery_with_a_trailing_slash_is_answered_where_it_was_asked(secured: LiveServer,
+                                                                        key: ec.EllipticCurvePrivateKey) -> None:
+    """The HL7 sandbox calls the discovery URL exactly as typed; `/cds-services/` was redirected, and the
+    second request's token (addressed to the URL with the slash) then refused."""
+    url = str(secured.base_url) + "/cds-services/"
+    response = secured.get("/cds-services/", headers={"Authorization": f"Bearer {token(key, url, now_of(secured))}"})
+    assert response.status_code == 200, response.text
+    assert len(response.json()["services"]) == 6

@@ -97,3 +97,21 @@ def test_readme_catalog_is_generated_from_the_rules(shipped: RuleSet) -> None:
 ])
 def test_an_undated_source_reads_n_d_never_none(publisher: object, year: object, title: object, shown: str) -> None:
     assert label(publisher, year, title) == shown
+
+
+@pytest.mark.parametrize("deceased", [{"deceasedBoolean": True}, {"deceasedDateTime": "2026-02-27"}])
+@pytest.mark.parametrize("call", CALLS, ids=[p.stem for p in CALLS])
+def test_no_card_for_a_patient_who_has_died(shipped: RuleSet, call: Path, deceased: dict[str, Any]) -> None:
+    """Every shipped call raises cards; the same call for a patient recorded as deceased raises none (a
+    screening offer or a navigator's call to a family in mourning), and a death after `now` changes nothing."""
+    catalog = Services.build(shipped, frozenset({"active"}))
+    body = orjson.loads(call.read_bytes())
+    now = parse_instant(orjson.loads(call.with_suffix(".golden.json").read_bytes())["now"])
+    patient = (body.get("prefetch") or {}).get("patient")
+    assert isinstance(patient, dict), call.name
+    assert run_body(catalog, Settings(), body, now).issued
+    assert not run_body(catalog, Settings(), {**body, "prefetch": {
+        **body["prefetch"], "patient": {**patient, **deceased}}}, now).issued
+    later = {**patient, "deceasedDateTime": "2099-01-01"}
+    assert summarize(run_body(catalog, Settings(), {**body, "prefetch": {**body["prefetch"], "patient": later}},
+                              now)) == summarize(run_body(catalog, Settings(), body, now))

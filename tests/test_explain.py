@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 import pytest
-from helpers import bundle, patient, patient_view, troponin
+from helpers import bundle, full_prefetch, patient, patient_view, troponin
 
 from nudges import engine, pipeline
 from nudges.cli import main
@@ -171,6 +171,24 @@ def test_a_rule_that_raises_is_reported_with_its_error(services: Services) -> No
     trace = recorder.traces[TROPONIN].to_dict()
     assert trace["error"] == "ZeroDivisionError: division by zero" and not trace["fired"]
     assert "raised ZeroDivisionError" in trace["reason"]
+    # what the broken rule had set aside when it raised is not the next rule's
+    old = troponin("trop-old", when="2020-01-01T00:00:00Z")  # out of the window: a drop of the clause
+    call = pipeline.parse_call(services, service.id, patient_view("pt-1", troponin("trop-1"), old))
+    record = pipeline.build_record(call, service.index)
+    engine.evaluate((bad, dataclasses.replace(rule, id="after")), record, NOW, call.context, "patient-view",
+                    recorder)
+    after = recorder.traces["after"].to_dict()["steps"][0]
+    assert after["candidates"] == 2 and after["chosen"] == "Observation/trop-1", after
+
+
+def test_no_rule_fires_for_a_deceased_patient_and_explain_says_why(services: Services) -> None:
+    prefetch = full_prefetch("patient-view", patient("pt-1", deceasedDateTime="2026-02-27T08:00:00Z"),
+                             troponin("trop-1"))
+    explanation = explain(services, patient_view("pt-1", prefetch=prefetch), NOW)
+    rules = explanation.to_dict()["rules"]
+    assert rules and not any(r["fired"] for r in rules)
+    assert all("Patient/pt-1 has died (2026-02-27T08:00:00Z): no nudge is raised for a deceased patient"
+               in r["reason"] for r in rules if r["served"]), rules
 
 
 def test_nested_groups_have_their_paths_and_modes(rules_dir: Path) -> None:

@@ -437,3 +437,41 @@ def test_official_suite() -> None:
     assert stats["cases"] >= 700
     assert stats["agree"] == stats["in_subset"] >= 690
     assert stats["compiled_expected"] == stats["fhirpathpy_expected"] >= 650
+
+
+# -- primitive extensions (`_element`) ---------------------------------------------------------------
+
+TWINNED = {
+    "resourceType": "Patient", "id": "twins", "birthDate": "2026-02-20",
+    "_birthDate": {"extension": [{"url": "http://hl7.org/fhir/StructureDefinition/patient-birthTime",
+                                  "valueDateTime": "2026-02-20T10:00:00Z"}]},
+    "name": [{"given": ["Ana", "Luz"], "_given": [None, {"extension": [{"url": "http://example.org/x",
+                                                                         "valueString": "x"}]}]}],
+    "_gender": {"extension": [{"url": "http://hl7.org/fhir/StructureDefinition/data-absent-reason",
+                               "valueCode": "asked-declined"}]},
+    "communication": [{"language": {"coding": [{"system": "urn:ietf:bcp:47", "code": "es",
+                                                "_code": {"extension": [{"url": "http://example.org/x",
+                                                                         "valueString": "x"}]}}]}}],
+}
+
+
+@pytest.mark.parametrize(("expression", "expected"), [
+    ("birthDate.toDate() = @2026-02-20", [True]),  # one item, not the value and its extensions
+    ("birthDate.count()", [1]),
+    ("name.given.count()", [2]),
+    ("name.given.first().startsWith('An')", [True]),
+    ("communication.language.coding.code = 'es'", [True]),
+    ("birthDate.extension('http://hl7.org/fhir/StructureDefinition/patient-birthTime').exists()", [True]),
+    ("birthDate.extension.value.ofType(dateTime).exists()", [True]),
+    ("name.given.extension.url", ["http://example.org/x"]),
+    ("gender.exists()", [True]),  # only extensions (data-absent-reason): an item of its own, as before
+    ("gender.extension.value", ["asked-declined"]),
+])
+def test_a_primitive_and_its_twin_are_one_element(expression: str, expected: list[Any]) -> None:
+    """US Core sends `_questionnaire`, `_birthDate` (a birth time), `coding._code`: fhirpathpy 2.2.4 made
+    each twin a second item, so `birthDate.toDate()` or `.contains()` raised and the rule failed. Both
+    forms now read one element, and its extensions in the twin (rules/fastpath/ops.py add_element)."""
+    for fn in (corpus.reference(expression, VALUESETS), corpus.compiled(expression, VALUESETS)):
+        assert fn is not None
+        assert corpus.outcome(fn, copy.deepcopy(TWINNED), dict(corpus.ENV)) == ("ok", corpus.canon(expected)), \
+            (expression, fn)

@@ -162,7 +162,42 @@ def systems_as_oids(resources: Resources, record: bool) -> bool:
     return changed
 
 
+# An extension as an EHR adds beside a primitive value (FHIR JSON's `_element`: the primitive's id and
+# extensions); US Core's own examples carry such twins (`_questionnaire`, `_birthDate` with a birth time).
+TWIN = {"extension": [{"url": "http://example.org/fhir/StructureDefinition/source-system", "valueString": "ehr"}]}
+NOT_ELEMENTS = frozenset({"resourceType", "url", "div"})  # not FHIR elements with a twin in JSON
+
+
+def _twin_primitives(node: Any) -> bool:
+    changed = False
+    if isinstance(node, list):
+        for item in node:
+            changed |= _twin_primitives(item)
+        return changed
+    if not isinstance(node, dict):
+        return False
+    for key, value in list(node.items()):
+        if key.startswith("_") or key in NOT_ELEMENTS or f"_{key}" in node:
+            continue
+        if isinstance(value, (str, bool, int, float)):
+            node[f"_{key}"] = copy.deepcopy(TWIN)
+            changed = True
+        elif isinstance(value, list) and value and all(isinstance(v, (str, bool, int, float)) for v in value):
+            node[f"_{key}"] = [copy.deepcopy(TWIN) for _ in value]
+            changed = True
+        else:
+            changed |= _twin_primitives(value)
+    return changed
+
+
+def primitive_extensions(resources: Resources, record: bool) -> bool:
+    """Every primitive value of every resource with an extension beside it (`_status`, `_birthDate`,
+    `coding[]._code`, `valueQuantity._value`, `_given` as a list...): the same facts, one more extension."""
+    return _twin_primitives(resources)
+
+
 TRANSFORMS: dict[str, Callable[[Resources, bool], bool]] = {
+    "primitive-extensions": primitive_extensions,
     "systems-as-oids": systems_as_oids,
     "medication-contained": medication_contained,
     "medication-referenced": medication_referenced,

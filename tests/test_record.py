@@ -166,3 +166,60 @@ def test_a_prefetch_value_is_read_like_its_flattened_resources(value: Any) -> No
     for kind in ("Observation", "Patient", "Condition", "OperationOutcome"):
         assert whole.of_type("record", kind) == flat.of_type("record", kind)
     assert whole.with_codes("record", "Observation", TROPONIN) == flat.with_codes("record", "Observation", TROPONIN)
+
+
+@pytest.mark.parametrize("planned", [True, False])
+def test_what_is_about_another_patient_is_set_aside(planned: bool) -> None:
+    """A prefetch search that lost its patient filter, or a merged chart: another patient's troponin must
+    not raise this patient's card, nor another Patient give this one an age. What names no Patient (a
+    contained or urn:uuid subject, none at all) is kept, not judged."""
+    code = {"system": LOINC, "code": "89579-7"}
+    resources = [
+        {"resourceType": "Patient", "id": "someone-else", "birthDate": "1940-01-01"},
+        {"resourceType": "Patient", "id": "p1", "birthDate": "1970-01-01"},
+        obs("mine", code, subject={"reference": "Patient/p1"}),
+        obs("absolute", code, subject={"reference": "https://ehr.example.org/fhir/Patient/p1/_history/2"}),
+        obs("theirs", code, subject={"reference": "Patient/someone-else"}),
+        obs("theirs-absolute", code, subject={"reference": "https://ehr.example.org/fhir/Patient/p2"}),
+        obs("unnamed", code, subject={"reference": "urn:uuid:0f4c"}),
+        obs("nobody", code),
+    ]
+    plan = IndexPlan(KEYSETS) if planned else None
+    record = PatientRecord(plan, "Patient/p1")  # context.patientId, with or without "Patient/"
+    record.add_all(resources)
+    assert [r["id"] for r in record.with_codes("record", "Observation", TROPONIN)] == [
+        "mine", "absolute", "unnamed", "nobody"]
+    assert record.patient is not None and record.patient["id"] == "p1"
+    reasons = dict((r["id"], why) for r, why in record.set_aside("record", "Observation"))
+    assert reasons == {"theirs": "about another patient (Patient/someone-else, not the call's Patient/p1)",
+                       "theirs-absolute": "about another patient (Patient/p2, not the call's Patient/p1)"}
+    unknown = PatientRecord(plan)  # no patient known (a tool's record): nothing judged
+    unknown.add_all(resources)
+    assert len(unknown.with_codes("record", "Observation", TROPONIN)) == 6
+
+
+def test_a_call_does_not_read_another_patients_data() -> None:
+    """Through the pipeline, as a hook call: the troponin of the patient in the next bed gives no card."""
+    ruleset = load_ruleset(ROOT / "rules").ruleset
+    assert ruleset is not None
+    services = Services.build(ruleset, frozenset({"active"}))
+    now = parse_instant("2026-03-02T12:00:00Z")
+
+    def cards(subject: str) -> list[str]:
+        troponin = {"resourceType": "Observation", "id": "t1", "status": "final",
+                    "code": {"coding": [{"system": LOINC, "code": "89579-7"}]}, "subject": {"reference": subject},
+                    "effectiveDateTime": "2026-03-01T22:00:00Z", "valueQuantity": {"value": 212, "unit": "ng/L"},
+                    "referenceRange": [{"high": {"value": 34, "unit": "ng/L"}}]}
+        body = {"hook": "patient-view", "hookInstance": "d1c1a5b0-8a3e-4c47-9d7e-1f2a3b4c5d6e",
+                "context": {"userId": "Practitioner/1", "patientId": "p1"},
+                "prefetch": {key: {"resourceType": "Bundle", "type": "searchset", "entry": []}
+                             for key in services.by_id["nudges-patient-view"].plan.templates}}
+        body["prefetch"]["patient"] = {"resourceType": "Patient", "id": "p1", "birthDate": "1970-01-01"}
+        body["prefetch"]["observation"] = {"resourceType": "Bundle", "type": "searchset",
+                                           "entry": [{"resource": troponin}]}
+        call = pipeline.parse_call(services, "nudges-patient-view", body)
+        result = pipeline.evaluate(call, services, now, patient_hash="h")
+        return [i.rule_id for i in result.issued]
+
+    assert "troponin-without-cath-plan" in cards("Patient/p1")
+    assert "troponin-without-cath-plan" not in cards("Patient/p2")

@@ -18,7 +18,7 @@ from .. import pipeline
 from ..clock import parse_instant
 from ..engine import Tracer
 from ..errors import NudgesError
-from ..fhir import bundle
+from ..fhir import bundle, patient_of
 from ..hooks import HOOKS
 from ..planned import parse_body
 from ..rules.compiled import CompiledRule, RuleSet
@@ -75,8 +75,9 @@ def case_request(case: Case, folder: Path, fixture_dirs: tuple[Path, ...] = ()) 
     resources += case.resources
     patient = next((r for r in resources if r.get("resourceType") == "Patient"), None)
     encounter = next((r for r in resources if r.get("resourceType") == "Encounter"), None)
-    context: dict[str, Any] = {"userId": "Practitioner/example",
-                               "patientId": (patient or {}).get("id", "example")}
+    # the case's patient: its Patient, else the one its resources are about
+    about = (patient or {}).get("id") or next((p for r in resources if (p := patient_of(r))), "example")
+    context: dict[str, Any] = {"userId": "Practitioner/example", "patientId": about}
     if case.hook in ("encounter-start", "encounter-discharge"):
         context["encounterId"] = (encounter or {}).get("id", "example-encounter")
     if case.hook in ("order-select", "order-sign"):

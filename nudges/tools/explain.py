@@ -177,6 +177,13 @@ class Recorder:
                   else f"`patient` {'held' if held else 'did not hold'} on {reference(patient)}")
         self._trace.steps.append(step)
 
+    def deceased(self, rule: CompiledRule, patient: dict[str, Any]) -> None:
+        step = Step("when", "deceased", resource="Patient", held=False, candidates=1, chosen=reference(patient))
+        when = patient.get("deceasedDateTime")
+        step.note(f"{reference(patient)} has died{f' ({when})' if isinstance(when, str) else ''}: "
+                  "no nudge is raised for a deceased patient")
+        self._trace.steps.append(step)
+
     def enter(self, mode: str, items: tuple[CompiledItem, ...]) -> None:
         if not self._stack:
             assert self._rule is not None
@@ -226,8 +233,10 @@ class Recorder:
         trace = self._trace
         if error is not None:
             trace.error = f"{type(error).__name__}: {error}"
-        why = "the age range did not hold" if trace.steps and trace.steps[-1].kind == "age" and not \
-            trace.steps[-1].held else "an earlier part did not hold"
+        last = trace.steps[-1] if trace.steps else None
+        why = ("the age range did not hold" if last.kind == "age" else "the patient is deceased"
+               if last.kind == "deceased" else "an earlier part did not hold") if last and not last.held \
+            else "an earlier part did not hold"
         for mode, items in (("all", rule.all), ("any", rule.any), ("none", rule.none)):
             if items and mode not in self._entered and error is None:
                 models = list(getattr(rule.model.when, mode))
@@ -239,7 +248,8 @@ class Recorder:
                                      "date": instant(d) if (d := match.dates.get(name)) else None}
                               for name, resource in match.bindings.items()}
         trace.reason = reason(trace)
-        self._rule, self._stack = None, []
+        # a rule that raised mid-clause leaves its candidates behind: the next rule starts clean
+        self._rule, self._stack, self._drops, self._found = None, [], [], None
 
     # -- what the counts and notes say ----------------------------------------------------------------
     def _counts(self, step: Step, clause: CompiledClause, model: Clause | None,
@@ -463,7 +473,7 @@ def _what(step: Step) -> str:
 
 def why_not(step: Step) -> str:
     """Why a clause or group did not hold (for a `none` item: that it matched)."""
-    if step.kind == "age" or step.kind == "patient":
+    if step.kind in ("age", "patient", "deceased"):
         return step.notes[0] if step.notes else f"{step.kind} did not hold"
     if step.kind == "group":
         evaluated = [s for s in step.steps if s.evaluated]
@@ -505,7 +515,7 @@ def reason(trace: RuleTrace) -> str:
         bound = "; ".join(f"{name} = {b['reference']}" for name, b in trace.bindings.items())
         return "fired: " + (", ".join(parts) or "its conditions held") + (f" ({bound})" if bound else "")
     for step in steps:
-        if step.kind in ("age", "patient") and not step.held:
+        if step.kind in ("age", "patient", "deceased") and not step.held:
             return f"{step.where}: {why_not(step)}"
         if step.under == "all" and not step.held:
             return f"{step.where}: {why_not(step)}"

@@ -21,6 +21,8 @@ RELEASE_SLICE = 250  # resources freed between two turns of the event loop (abou
 
 
 @router.get("/cds-services", summary="CDS Hooks discovery")
+@router.get("/cds-services/", include_in_schema=False)  # as many a client is configured: answered, not
+# redirected (a redirect's second request carries the same token, addressed to the URL with the slash: 401)
 async def discovery(runtime: RuntimeDep, caller: CallerDep) -> Response:
     services = runtime.services()
     version = services.ruleset.version

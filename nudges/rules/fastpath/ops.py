@@ -110,6 +110,119 @@ def _add(acc: list[Any], got: Any, path: str) -> None:
         acc.append(got if isinstance(got, ResourceNode) else _Node(got, path))
 
 
+def add_element(acc: list[Any], value: Any, extra: Any, path: str) -> None:
+    """An element found under `key` and its `_key` twin (the primitive's id and extensions, FHIR JSON's
+    representation of one element in two properties) as one node each, the twin kept as the node's `_data`.
+
+    fhirpathpy 2.2.4 adds the twin as a second item: `questionnaire` beside `_questionnaire` is two
+    items, and `questionnaire.contains('x')`, `birthDate.toDate()` or a comparison with the value then
+    raise on data as US Core sends it (its examples carry such extensions), and the rule fails. FHIRPath
+    (and fhirpath.js) see one element; so do both forms here (patched into fhirpathpy below). A twin
+    without a value (an element that is only extensions, such as a data-absent-reason) stays an item of
+    its own, as before."""
+    if value is None:
+        _add(acc, extra, path)
+    elif extra is None:
+        _add(acc, value, path)
+    elif isinstance(value, list):
+        twins = extra if isinstance(extra, list) else []
+        for i, item in enumerate(value):
+            twin = twins[i] if i < len(twins) else None
+            if item is None:
+                _add(acc, twin, path)
+            elif isinstance(item, ResourceNode):
+                acc.append(item)
+            else:
+                node = _Node(item, path)
+                if twin is not None:
+                    node._data = twin
+                acc.append(node)
+    elif isinstance(value, ResourceNode):
+        acc.append(value)
+    else:
+        node = _Node(value, path)
+        node._data = extra
+        acc.append(node)
+
+
+def twin_member(node: Any, key: str) -> Any:
+    """A member of a primitive's twin (`birthDate.extension`, `code.id`): what FHIRPath reads on the
+    primitive itself."""
+    twin = getattr(node, "_data", None)
+    return twin.get(key) if isinstance(twin, Mapping) else None
+
+
+def _member_reduction(model: Any, key: str) -> Callable[[list[Any], Any], list[Any]]:
+    """fhirpathpy's create_reduce_member_invocation with an element and its `_` twin as one node
+    (add_element); its model look-ups as fhirpathpy makes them. Installed in fhirpathpy below, so both
+    FHIRPath forms navigate alike."""
+
+    def reduce(acc: list[Any], res: Any) -> list[Any]:
+        res = ResourceNode.create_node(res)
+        child = f"{res.path}.{key}" if res.path else f"_.{key}"
+        choices = None
+        if isinstance(model, dict):
+            child = model["pathsDefinedElsewhere"].get(child, child)
+            choices = model["choiceTypePaths"].get(child)
+        data = res.data
+        value = extra = None
+        if isinstance(data, FP_Quantity):
+            value = data.value
+        if choices and isinstance(data, Mapping):
+            for choice in choices:
+                value, extra = data.get(key + choice), data.get("_" + key + choice)
+                if value is not None or extra is not None:
+                    child += choice
+                    break
+        elif isinstance(data, Mapping):
+            value, extra = data.get(key), data.get("_" + key)
+            if key == "extension":
+                child = "Extension"
+        elif key == "length":
+            value = len(data)
+        elif not isinstance(data, FP_Quantity):
+            value = twin_member(res, key)
+            if key == "extension":
+                child = "Extension"
+        if isinstance(model, dict) and "path2Type" in model:
+            child = model["path2Type"].get(child, child)
+        add_element(acc, value, extra, child)
+        return acc
+
+    return reduce
+
+
+def _extension(ctx: Ctx, data: list[Any], url: str) -> list[Any]:
+    """fhirpathpy's extension(url) (the first extension with that url, per element), reading a
+    primitive's extensions in its twin (add_element)."""
+    found = []
+    for item in data:
+        element = util.get_data(item)
+        if not isinstance(element, Mapping):
+            element = getattr(item, "_data", None)
+        if isinstance(element, Mapping):
+            matching = [e for e in element.get("extension", []) if e["url"] == url]
+            if matching:
+                found.append(ResourceNode.create_node(matching[0], "Extension"))
+    return found
+
+
+def _install() -> None:
+    """The two changes above, made once in fhirpathpy itself, so the interpreted form (rules/fhirpath.py)
+    and the compiled one navigate alike; another fhirpathpy version is left as it is."""
+    import fhirpathpy
+
+    evaluators: Any = ev
+    if fhirpathpy.__version__ != FHIRPATHPY_VERSION or getattr(evaluators, "nudges_elements", False):
+        return
+    evaluators.create_reduce_member_invocation = _member_reduction
+    invocation_registry["extension"]["fn"] = _extension
+    evaluators.nudges_elements = True
+
+
+_install()
+
+
 # -- would after util.arraify, handing anything but the common cases to that function.
 
 def _and(ctx: Ctx, a: Any, b: Any) -> list[Any]:

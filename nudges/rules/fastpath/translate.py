@@ -48,7 +48,6 @@ from .ops import (
     Types,
     Unsupported,
     ValueSets,
-    _add,
     _and,
     _arraify,
     _comparison,
@@ -63,8 +62,10 @@ from .ops import (
     _type_test,
     _unequal,
     _union,
+    add_element,
     ev,
     invocation_registry,
+    twin_member,
 )
 
 __all__ = ["SUPPORTED_FUNCTIONS", "compile_fast"]
@@ -253,13 +254,13 @@ class _Compiler:
                     choices, child, in_mapping = plan(path, keep=False)
                 if type(data) is dict and choices is None:  # the common case, in short
                     value = data.get(key)
-                    if value is not None:
+                    if underscored in data:  # with its twin (add_element)
+                        add_element(acc, value, data[underscored], in_mapping)
+                    elif value is not None:
                         if type(value) is list:
                             acc += [x if isinstance(x, ResourceNode) else _Node(x, in_mapping) for x in value]
                         else:
                             acc.append(value if isinstance(value, ResourceNode) else _Node(value, in_mapping))
-                    if underscored in data:
-                        _add(acc, data[underscored], in_mapping)
                     continue
                 value = extra = None
                 if isinstance(data, FP_Quantity):
@@ -277,8 +278,10 @@ class _Compiler:
                     child = in_mapping
                 elif key == "length":
                     value = len(data)
-                _add(acc, value, child)
-                _add(acc, extra, child)
+                elif not isinstance(data, FP_Quantity):  # a primitive: its twin's members (add_element)
+                    value = twin_member(res, key)
+                    child = in_mapping
+                add_element(acc, value, extra, child)
             return acc
 
         return navigate
