@@ -254,6 +254,9 @@ def words(resource: Resource, medications: dict[str, Resource] | None = None) ->
             yield note["text"]
     if isinstance(resource.get("valueString"), str):
         yield resource["valueString"]
+    reference = resource.get("medicationReference")
+    if isinstance(reference, dict) and isinstance(reference.get("display"), str):
+        yield reference["display"]  # the order's drug by name, when the Medication itself was not sent
 
 
 # -- languages --------------------------------------------------------------------------------------------

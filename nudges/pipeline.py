@@ -187,6 +187,7 @@ def evaluate(call: Call, services: Services, now: datetime, *, patient_hash: str
     this nudge" link to the console when `why_base`, the service's public URL, is known; a tracer, for
     `nudges explain`, hears every step of the evaluation)."""
     record = build_record(call, call.service.index)
+    record.date_current_encounters(call.context.get("encounterId"), now)
     hook = call.service.hook
     outcome = engine.evaluate(call.service.rules, record, now, call.context, hook.name, trace)
     who: Bucket = bucket(record.patient, list(flatten(call.prefetch.get("coverage"))))

@@ -71,6 +71,9 @@ def _usable(resources: Iterable[Resource], patient: str | None = None) -> list[R
     return kept
 
 
+CURRENT_ENCOUNTER = frozenset({"in-progress", "arrived", "triaged", "onleave"})  # R4 Encounter.status under way
+
+
 def elsewhere(resource: Resource, patient: str) -> bool:
     """Whether a resource is about another patient than `patient` (the call's context.patientId): a
     Patient of another id, or a subject, patient or beneficiary naming another Patient. An EHR's prefetch
@@ -350,6 +353,17 @@ class PatientRecord:
             medications = self.medications() if "medicationReference" in resource else None
             texts = self._text[key] = tuple(words(resource, medications))
         return any(pattern.search(text) for text in texts)
+
+    def date_current_encounters(self, encounter_id: Any, now: datetime) -> None:
+        """An Encounter without a `period.start` that is under way (the call's own encounter, or one
+        in progress, arrived, triaged or on leave) is dated `now`: it is happening as the call is made.
+        US Core's in-progress inpatient example has no period; undated, it counted in no time window (an
+        interpreter at discharge was not asked for, colorectal screening was offered during the stay)."""
+        for source in ("record", "draft"):
+            for encounter in self.of_type(source, "Encounter"):
+                if (encounter.get("id") == encounter_id or encounter.get("status") in CURRENT_ENCOUNTER) \
+                        and self.date_of(encounter) is None:
+                    self._dates[id(encounter)] = now
 
     def date_of(self, resource: dict[str, Any]) -> datetime | None:
         key = id(resource)
