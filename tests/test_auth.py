@@ -223,6 +223,17 @@ async def test_a_jku_that_is_not_allow_listed_is_ignored_not_fatal(env: Env) -> 
     await env.rejects(forged, "bad signature")  # the kid is known, the key is not: every other check holds
 
 
+async def test_an_ignored_jku_is_logged_once_per_client_and_jku(env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    """Sent on every call, an ignored jku would be a log line per call."""
+    jku = "https://sandbox.cds-hooks.org/.well-known/jwks.json"
+    with caplog.at_level(logging.INFO, logger="nudges.auth"):
+        for _ in range(3):
+            assert (await env.check(env.token(h_jku=jku))).iss == ISS
+        assert (await env.check(env.token(h_jku=jku + "?v=2"))).iss == ISS
+    said = [r.getMessage() for r in caplog.records if "ignored a jku" in r.getMessage()]
+    assert len(said) == 2 and jku in said[0] and "v=2" in said[1]
+
+
 async def test_key_rotation_refetches_once_per_interval(env: Env) -> None:
     assert (await env.check(env.token())).authenticated
     env.server.docs["/jwks"] = {"keys": [_public_jwk(env.keys["ec_new"], "ec-2", "ES384")]}

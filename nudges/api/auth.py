@@ -73,6 +73,7 @@ class Authenticator:
         self.settings = settings
         self.store = store
         self.clock = clock
+        self._ignored_jku: set[tuple[str, str]] = set()  # (iss, jku) already logged as ignored
         self.http = http
         self._clients = {client.iss: client for client in settings.clients}
         self._cache: dict[Source, _KeySet] = {}
@@ -172,6 +173,15 @@ class Authenticator:
                                f"{self.settings.max_token_lifetime_seconds}]")
         return exp
 
+    def _first_ignored(self, iss: str, jku: Any) -> bool:
+        key = (iss, jku if isinstance(jku, str) else repr(type(jku)))
+        if key in self._ignored_jku:
+            return False
+        if len(self._ignored_jku) >= 1000:  # a bound: a client inventing a jku per call is logged anew
+            self._ignored_jku.clear()
+        self._ignored_jku.add(key)
+        return True
+
     def _sources(self, client: ClientSettings, jku: Any) -> list[Source]:
         """Where this client's keys may come from, in order: its configured key set (jwks_url, jwks_file),
         then an allow-listed `jku`. A `jku` that is not allow-listed is never fetched (it would let anyone
@@ -186,9 +196,10 @@ class Authenticator:
         if jku is not None:
             if isinstance(jku, str) and jku in client.jku_allowlist and jku != client.jwks_url:
                 sources.append(("url", jku))
-            elif not (isinstance(jku, str) and jku == client.jwks_url):
+            elif not (isinstance(jku, str) and jku == client.jwks_url) and self._first_ignored(client.iss, jku):
+                # once per client and jku: the HL7 sandbox and Epic send theirs on every call
                 log.info("ignored a jku that is not allow-listed; verifying against the configured keys "
-                         "(iss=%s jku=%s)", _safe(client.iss), _safe(jku))
+                         "(iss=%s jku=%s; said once per client and jku)", _safe(client.iss), _safe(jku))
         if not sources:
             raise Unauthorized(f"jku {_safe(jku)} is not allow-listed and the client has no configured keys"
                                if jku is not None else "client has no jwks_url/jwks_file and the token has no jku")
