@@ -173,7 +173,7 @@ def deceased(patient: dict[str, Any] | None, now: datetime) -> bool:
     """Whether the Patient has died by `now` (deceasedBoolean true, or a deceasedDateTime not after now).
     Every nudge is about the care of a living patient: a screening offer, a navigator's list or a
     discharge leaflet for someone who has died hurts the family and the clinician's trust in the tool,
-    and US Core charts carry the fact. Read before any rule, for every rule."""
+    and US Core charts carry the fact. Read once per evaluation, before any rule."""
     if not patient:
         return False
     if patient.get("deceasedBoolean") is True:
@@ -184,10 +184,6 @@ def deceased(patient: dict[str, Any] | None, now: datetime) -> bool:
 
 def _applies(rule: CompiledRule, record: PatientRecord, now: datetime, env: dict[str, Any],
              trace: Tracer | None = None) -> bool:
-    if deceased(record.patient, now):
-        if trace is not None:
-            trace.deceased(rule, record.patient or {})
-        return False
     if rule.age_min is not None or rule.age_max is not None:
         birth = parse_fhir_date((record.patient or {}).get("birthDate"))
         age = None if birth is None else age_in_years(birth.date(), now.date())
@@ -307,7 +303,16 @@ def evaluate(rules: tuple[CompiledRule, ...], record: PatientRecord, now: dateti
              trace: Tracer | None = None) -> Outcome:
     """FHIRPath sees the one environment (rules.fhirpath.environment) plus each rule's bound names.
     With a tracer, every step of every rule is reported to it (nudges explain); without, nothing is."""
-    env = environment(now, context, hook, record.patient)
+    patient = record.patient
+    if deceased(patient, now):  # no rule for a patient who has died (see deceased)
+        if trace is not None:
+            trace.begin(record, now)
+            for rule in rules:
+                trace.rule(rule)
+                trace.deceased(rule, patient or {})
+                trace.done(rule, None, None)
+        return Outcome()
+    env = environment(now, context, hook, patient)
     if trace is not None:
         return _traced(rules, record, now, env, trace)
     outcome = Outcome()

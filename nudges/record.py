@@ -80,6 +80,9 @@ def elsewhere(resource: Resource, patient: str) -> bool:
     or a FHIR search gone wrong (a missing patient filter, a merged chart) must not give this patient
     another's troponin or age. A resource that names no Patient (a contained or urn:uuid subject, none at
     all) is not judged."""
+    subject = resource.get("subject")
+    if type(subject) is dict and subject.get("reference") == "Patient/" + patient:  # the common case, in short
+        return False
     about = patient_of(resource)
     return about is not None and about != patient
 
