@@ -188,3 +188,14 @@ def test_discovery_with_a_trailing_slash_is_answered_where_it_was_asked(secured:
     response = secured.get("/cds-services/", headers={"Authorization": f"Bearer {token(key, url, now_of(secured))}"})
     assert response.status_code == 200, response.text
     assert len(response.json()["services"]) == 6
+
+
+def test_a_hook_url_with_a_trailing_slash_is_answered_where_it_was_asked(secured: LiveServer,
+                                                                         key: ec.EllipticCurvePrivateKey) -> None:
+    """An EHR configured with `/cds-services/{id}/` gets the call answered there (its token is addressed to
+    that URL), not a redirect its POST would not survive."""
+    url = str(secured.base_url) + "/cds-services/nudges-patient-view/"
+    response = secured.post("/cds-services/nudges-patient-view/", json=patient_view("pt-s", troponin()),
+                            headers={"Authorization": f"Bearer {token(key, url, now_of(secured))}"})
+    assert response.status_code == 200, response.text
+    assert response.json()["cards"]

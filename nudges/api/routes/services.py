@@ -71,6 +71,7 @@ class HookLane:
         if root and path.startswith(root + "/"):
             path = path[len(root):]
         service_id = path[len(PREFIX):] if path.startswith(PREFIX) else ""
+        service_id = service_id[:-1] if service_id.endswith("/") else service_id  # as configured, not redirected
         if not service_id or "/" in service_id:
             await self.app(scope, receive, send)
             return
