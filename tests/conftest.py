@@ -422,9 +422,10 @@ def loopback_only(context: Any) -> list[str]:
 
 
 @contextlib.contextmanager
-def watched_page(browser: Any, base_url: str, **options: Any) -> Iterator[Any]:
+def watched_page(browser: Any, base_url: str, allow: tuple[str, ...] = (), **options: Any) -> Iterator[Any]:
     """A page in its own browser context with every request off loopback aborted; when the block ends,
-    nothing may have been blocked and the browser may have logged no error (CSP violations show there)."""
+    nothing may have been blocked and the browser may have logged no error (CSP violations show there)
+    but those containing one of `allow` (a test's own expected 4xx, which Chromium logs)."""
     context = browser.new_context(base_url=base_url, **options)
     blocked = loopback_only(context)
     page = context.new_page()
@@ -437,4 +438,5 @@ def watched_page(browser: Any, base_url: str, **options: Any) -> Iterator[Any]:
     finally:
         context.close()
     assert not blocked, f"requests off loopback: {blocked}"
+    problems = [p for p in problems if not any(a in p for a in allow)]
     assert not problems, f"browser errors (CSP violations show here): {problems}"

@@ -97,6 +97,16 @@ def test_a_relayed_request_is_not_a_local_user(console: LiveServer) -> None:
     assert console.get("/console/").status_code == 200
 
 
+@pytest.mark.parametrize(("host", "status"), [
+    ("evil.example", 403), ("evil.example:8080", 403), ("127.0.0.1.nip.io", 403), ("attacker.localhost.evil", 403),
+    ("localhost", 200), ("localhost:8080", 200), ("127.0.0.1:8080", 200), ("[::1]:8080", 200),
+    ("app.localhost", 200)])
+def test_dns_rebinding_is_refused(console: LiveServer, host: str, status: int) -> None:
+    """A site whose name was re-pointed at 127.0.0.1 reaches the loopback console from the user's own
+    browser; its requests name that site in Host, which a console without sign-in refuses."""
+    assert console.get("/console/audit.csv", headers={"Host": host}).status_code == status
+
+
 @pytest.fixture
 def proxied(make_client: Callable[..., LiveServer]) -> LiveServer:
     return make_client(console={"proxy_auth": {"trusted_proxies": ["127.0.0.1/32"], "allowed_users": ["ana"],
@@ -255,6 +265,29 @@ def test_dashboard_withholds_a_small_group_everywhere(make_client: Callable[...,
     csv = server.get("/console/audit.csv")
     assert csv.headers["content-disposition"].startswith("attachment")
     assert f"{rule},race,asian,<11,<11," in csv.text and f"{rule},race,black,hidden," in csv.text
+    # No time window: all cards and the cards since a date, each withheld on its own, would subtract to
+    # the cards between (a group too small to show among them).
+    for path in ("/console/audit", "/console/audit.csv"):
+        refused = server.get(path, params={"rule": rule, "since": "2026-02-01"})
+        assert refused.status_code == 400 and "subtracted" in refused.text, refused.text
+    assert 'name="since"' not in page.text
+
+
+def test_a_pasted_record_over_a_megabyte_is_run(make_client: Callable[..., LiveServer]) -> None:
+    """Starlette holds a form field to 1 MB by default; a pasted record is one field, held to
+    `max_body_bytes` instead."""
+    console = make_client(rules=ROOT / "rules")
+    bundle = orjson.loads((ROOT / "fhir_fixtures/patients/troponin-without-cath-plan-fires.json").read_bytes())
+    bundle["entry"] += [{"resource": {"resourceType": "Observation", "id": f"hr{i}", "status": "final",
+                                      "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+                                      "valueQuantity": {"value": 70, "unit": "/min"},
+                                      "effectiveDateTime": "2026-03-01T10:00:00Z"}} for i in range(6000)]
+    text = orjson.dumps(bundle).decode()
+    assert len(text) > 1_100_000
+    response = console.post("/console/try", data={"csrf": token(console), "hook": "patient-view", "bundle": text,
+                                                  "now": "2026-03-02T12:00:00Z"})
+    assert response.status_code == 200, re.findall(r'role="alert">([^<]*)', response.text)
+    assert 'data-rule="troponin-without-cath-plan"' in response.text
 
 
 def test_a_form_is_held_to_the_body_limit(make_client: Callable[..., LiveServer]) -> None:

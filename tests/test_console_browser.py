@@ -130,6 +130,30 @@ def test_pasted_bundle_and_dismiss_with_a_reason_sends_feedback(page: Any) -> No
     card.locator(".feedback-sent pre", has_text="acceptedSuggestions").wait_for()
 
 
+def test_a_refused_run_shows_why_where_the_cards_go(browser: Any, server: LiveServer) -> None:
+    """htmx 2 swaps no 4xx answer by default: a bad paste showed nothing at all (only the browser's
+    console said 400). And order-select from a patient's bundle names what it lacks; draft orders given
+    as a list (as rule cases write them) are taken."""
+    with watched_page(browser, str(server.base_url), allow=("status of 400",)) as page:
+        page.goto("/console/try")
+        page.select_option("#hook", "patient-view")
+        page.fill("#bundle", '{"resourceType": "Bundle", "entry": [')
+        page.click("#run")
+        error = page.wait_for_selector("#result [role=alert]")
+        assert "400" in (error.text_content() or "") and "JSON" in (error.text_content() or "")
+        bundle = (ROOT / "fhir_fixtures" / "patients" / "race-free-egfr-fires.json").read_text()
+        page.select_option("#hook", "order-select")
+        page.fill("#bundle", bundle)
+        page.click("#run")
+        page.wait_for_selector("#result [role=alert]:has-text('draftOrders')")
+        order = {"resourceType": "ServiceRequest", "id": "egfr-order", "status": "draft", "intent": "order",
+                 "subject": {"reference": "Patient/pt-egfr-fires"},
+                 "code": {"coding": [{"system": "http://loinc.org", "code": "48643-1"}]}}
+        page.fill("#context", json.dumps({"draftOrders": [order]}))
+        page.click("#run")  # and the form still works after an error
+        page.wait_for_selector("#try-summary")
+
+
 def test_explain_tab(page: Any) -> None:
     page.goto("/console/try?fixture=patient-view-troponin")
     page.click("#run")

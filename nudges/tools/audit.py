@@ -236,7 +236,9 @@ def override_rows(conn: Connection, since: datetime | None = None) -> list[dict[
     overridden, override_rate = overridden / shown), then a row per reason given (overridden with that
     reason, its override_rate among cards shown and its share of the group's overrides). Counts are of
     each card's latest feedback; cells covering fewer than MIN_PATIENTS patients show "<11", their
-    complements "hidden", and rates are None wherever a count is withheld."""
+    complements "hidden", and rates are None wherever a count is withheld. A withheld group has no reason
+    rows at all: listing them (even withheld) would tell which reasons its few patients' cards were
+    overridden with, and listing none that there were none."""
     cells = query_cells(conn, since)
     hidden = complements(cells)
     withheld = {(c.rule, c.dimension, c.group) for c in cells if c.patients < MIN_PATIENTS or c in hidden}
@@ -249,9 +251,11 @@ def override_rows(conn: Connection, since: datetime | None = None) -> list[dict[
     for c in cells:
         key = (c.rule, c.dimension, c.group)
         row: dict[str, Any] = {"rule": c.rule, "dimension": c.dimension, "group": c.group, "reason": ALL_REASONS}
-        if key in withheld:
-            mark = SUPPRESSED if c.patients < MIN_PATIENTS else HIDDEN
+        if key in withheld:  # and none of its reasons: which reasons a small group gave, or that it gave none, is
+            mark = SUPPRESSED if c.patients < MIN_PATIENTS else HIDDEN  # a fact about a few patients
             row.update(shown=mark, overridden=mark, override_rate=None, share=None)
+            report.append(row)
+            continue
         else:
             row.update(shown=c.shown, overridden=c.overridden,
                        override_rate=round(c.overridden / c.shown, 4) if c.shown else None, share=None)

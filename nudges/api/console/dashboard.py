@@ -9,7 +9,6 @@ from typing import Any
 import anyio
 from fastapi import APIRouter, Request, Response
 
-from ...clock import parse_instant
 from ...errors import BadRequest
 from ...runtime import Runtime
 from ...tools import equity
@@ -22,14 +21,21 @@ from .security import ViewerDep
 router = APIRouter(prefix="/console", tags=["console"], include_in_schema=False)
 
 
+NO_WINDOW = ("the dashboard shows all cards, with the trend by month: a table for a time window would "
+             "let two windows be subtracted to give the counts of a group too small to show (the trend's "
+             "months are checked against that; `nudges audit --since`, for the database's operators, "
+             "reads the database directly)")
+
+
 def _report(runtime: Runtime, since: str) -> tuple[equity.Report, list[dict[str, Any]]]:
-    """The statistics and the override reasons (tools/audit.override_rows), withheld as the audit decides."""
-    try:
-        start = parse_instant(since) if since.strip() else None
-    except ValueError:
-        raise BadRequest(f"since: '{since}' is not a date or instant (e.g. 2026-01-01)") from None
+    """The statistics and the override reasons (tools/audit.override_rows), withheld as the audit decides,
+    over every card. A `since` window is refused: each window withheld on its own, two of them (all cards
+    and the cards since a date, or two dates a second apart) subtract to the cards between, a group too
+    small to show among them."""
+    if since.strip():
+        raise BadRequest(f"since: {NO_WINDOW}")
     with runtime.store.engine.connect() as conn:
-        return equity.load(conn, start), override_rows(conn, start)
+        return equity.load(conn, None), override_rows(conn, None)
 
 
 def reasons_of(overrides: list[dict[str, Any]], rule: str, dimension: str) -> list[dict[str, Any]]:
@@ -77,8 +83,7 @@ async def audit_page(request: Request, runtime: RuntimeDep, viewer: ViewerDep, r
                      dimension: str = "", since: str = "") -> Response:
     report, overrides = await anyio.to_thread.run_sync(_report, runtime, since)
     return page(request, runtime, viewer, "audit.html", sections=sections(report, rule, dimension, overrides),
-                rules=report.rules(), dimensions=DIMENSIONS, chosen={"rule": rule, "dimension": dimension,
-                                                                      "since": since},
+                rules=report.rules(), dimensions=DIMENSIONS, chosen={"rule": rule, "dimension": dimension},
                 test=equity.TEST, min_patients=MIN_PATIENTS)
 
 

@@ -107,9 +107,16 @@ def request_body(services: Services, hook: str, fixture: Fixture | None, bundle_
     context.update({k: v for k, v in extra.items()})
     drafts = HOOKS[hook].drafts
     if drafts is not None:
+        if isinstance(context.get(drafts), list):  # resources as rule cases list them: the Bundle CDS Hooks sends
+            context[drafts] = bundle([r for r in context[drafts] if isinstance(r, dict)])
         context.setdefault(drafts, bundle([]))
         if hook == "order-select" and "selections" not in context:
-            context["selections"] = [f"{r.get('resourceType')}/{r.get('id')}" for r in flatten(context[drafts])]
+            chosen = [f"{r.get('resourceType')}/{r.get('id')}" for r in flatten(context[drafts])]
+            if not chosen:
+                raise BadRequest("order-select is about the orders being selected: give them in the context as "
+                                 'draftOrders, a Bundle or a list of resources ({"draftOrders": [{"resourceType": '
+                                 '"ServiceRequest", ...}]}); selections default to all of them')
+            context["selections"] = chosen
     instance = hashlib.sha256(orjson.dumps([hook, context.get("patientId")])).hexdigest()[:32]
     service = services.for_hook(hook)
     return {"hook": hook, "hookInstance": instance, "context": context, "prefetch": fill(service.plan, resources)}
@@ -154,10 +161,15 @@ async def try_form(request: Request, runtime: RuntimeDep, viewer: ViewerDep, fix
 
 
 @router.post("/try")
-async def try_call(request: Request, runtime: RuntimeDep, viewer: ViewerDep, csrf: str = Form(""),
-                   hook: str = Form(""), fixture: str = Form(""), bundle: str = Form(""),
-                   context: str = Form(""), now: str = Form("")) -> Response:
-    check_form(request, runtime, csrf)
+async def try_call(request: Request, runtime: RuntimeDep, viewer: ViewerDep) -> Response:
+    """Read as a form here, not by FastAPI's Form parameters: Starlette holds each field to 1 MB by
+    default, and a pasted record is one field; the service's own `max_body_bytes` is the limit (BodyLimit
+    holds the whole body to it as it arrives)."""
+    form = await request.form(max_part_size=runtime.settings.max_body_bytes)
+    fields = {name: value if isinstance(value := form.get(name, ""), str) else ""
+              for name in ("csrf", "hook", "fixture", "bundle", "context", "now")}
+    check_form(request, runtime, fields["csrf"])
+    hook, fixture, bundle, context, now = (fields[k] for k in ("hook", "fixture", "bundle", "context", "now"))
     values = {"hook": hook, "fixture": fixture, "bundle": bundle, "context": context, "now": now}
     services = runtime.services()
     try:

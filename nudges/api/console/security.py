@@ -92,7 +92,26 @@ async def viewer(request: Request, runtime: RuntimeDep) -> Viewer:
         log.warning("console refused: not loopback and no console sign-in configured", extra={"peer": peer})
         raise Forbidden("the console is served without sign-in only on loopback; configure console.proxy_auth "
                         "(sign-in through a reverse proxy, see the README) to reach it from elsewhere")
+    if not loopback_name(request.headers.get("host", "")):
+        # DNS rebinding: a page of another site, its name re-pointed at 127.0.0.1, reaches the loopback
+        # console from the user's own browser; its requests carry that site's name as Host
+        log.warning("console refused: a Host that is not a loopback name on a loopback-only console")
+        raise Forbidden("the console without sign-in answers only to a loopback name (localhost, 127.0.0.1, [::1]) "
+                        "in the Host header")
     return Viewer(None, "loopback")
+
+
+def loopback_name(host: str) -> bool:
+    """Whether a Host header names this machine: localhost (or a name under .localhost, RFC 6761), or a
+    loopback address, with or without a port."""
+    name = host.strip().lower()
+    if name.startswith("["):
+        name = name[1:name.find("]")] if "]" in name else name
+    elif name.count(":") == 1:
+        name = name.rsplit(":", 1)[0]
+    if name in ("localhost", "localhost.") or name.endswith(".localhost"):
+        return True
+    return is_loopback(name)
 
 
 ViewerDep = Annotated[Viewer, Depends(viewer)]
