@@ -64,6 +64,10 @@ def payer_class(coverages: Iterable[dict[str, Any]]) -> str:
     active = [c for c in coverages if c.get("resourceType") == "Coverage" and c.get("status", "active") == "active"]
     if not active:
         return "uninsured-or-unknown"
+    # the primary coverage decides (Coverage.order, 1 first), then the lowest id: never the order resources
+    # arrived in, which a prefetch or an export's files do not fix (the equity view moved with file order)
+    active.sort(key=lambda c: (c["order"] if isinstance(c.get("order"), int) and not isinstance(c["order"], bool)
+                               else 1 << 30, str(c.get("id", ""))))
     for coverage in active:
         kind = coverage.get("type")
         for coding in (kind.get("coding") or () if isinstance(kind, dict) else ()):

@@ -115,3 +115,19 @@ def test_no_card_for_a_patient_who_has_died(shipped: RuleSet, call: Path, deceas
     later = {**patient, "deceasedDateTime": "2099-01-01"}
     assert summarize(run_body(catalog, Settings(), {**body, "prefetch": {**body["prefetch"], "patient": later}},
                               now)) == summarize(run_body(catalog, Settings(), body, now))
+
+
+def test_the_payer_class_is_the_primary_coverages_whatever_the_order_they_came_in() -> None:
+    """A patient with Medicaid and a private plan was classed by whichever Coverage came first: the
+    equity view of a screen moved with the export's file order."""
+    from nudges.demographics import payer_class
+
+    def plan(cid: str, code: str, **extra: Any) -> dict[str, Any]:
+        return {"resourceType": "Coverage", "id": cid, "status": "active",
+                "type": {"coding": [{"system": "urn:oid:2.16.840.1.113883.3.221.5", "code": code}]}, **extra}
+
+    medicaid, private = plan("cov-b", "2"), plan("cov-a", "5")
+    assert payer_class([medicaid, private]) == payer_class([private, medicaid])
+    primary = [plan("cov-b", "2", order=1), plan("cov-a", "5", order=2)]
+    assert payer_class(primary) == payer_class(primary[::-1]) == payer_class([medicaid, private, *primary][::-1]) \
+        == "medicaid"

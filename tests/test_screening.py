@@ -8,6 +8,10 @@ import csv
 import io
 import logging
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -160,7 +164,8 @@ def test_one_worker_and_two_give_byte_identical_outputs(capsys: pytest.CaptureFi
                                                   ("arni-order", "race-free-egfr", "troponin-without-cath-plan")
                                                   for kind in ("csv", "parquet"))]
     assert one == two
-    assert "300 patient(s) screened" in out and ".nudges-screen-" not in str(list((tmp_path / "one").iterdir()))
+    assert "297 patient(s) screened, 3 skipped" in out  # 3 appear only through references (no Patient)
+    assert ".nudges-screen-" not in str(list((tmp_path / "one").iterdir()))
 
 
 def test_worklists_hold_the_cards_each_patients_hook_call_gives(two_workers: Path, export: Path,
@@ -189,6 +194,8 @@ def test_worklists_hold_the_cards_each_patients_hook_call_gives(two_workers: Pat
     medications = [orjson.loads(line) for line in (export / "Medication.ndjson").read_bytes().splitlines()]
     expected = set()
     for pid, resources in per_patient.items():
+        if not any(r["resourceType"] == "Patient" for r in resources):
+            continue  # no EHR calls for a patient it does not have: skipped (NO_PATIENT)
         body = request_for(service, pid, resources + medications)  # as an EHR that _includes Medications
         assert body is not None
         for issued in run_body(services, settings, body, parse_instant(NOW)).issued:
@@ -201,7 +208,7 @@ def test_worklists_hold_the_cards_each_patients_hook_call_gives(two_workers: Pat
         table = pq.read_table(path.with_suffix(".parquet")).to_pylist()
         assert [(t["patient_id"], t["rule"], t["summary"]) for t in table] == \
             [(r["patient_id"], r["rule"], r["summary"]) for r in rows]
-    assert found == expected and len(found) == 50 + 4
+    assert found == expected and len(found) == 49 + 4  # bulk-0099 (no Patient) skipped
     trop = csv_rows(two_workers / "worklists" / "troponin-without-cath-plan.csv")
     assert trop[0]["patient_id"] == "bulk-0003" and trop[0]["indicator"] == "warning"
     assert trop[0]["evidence"].startswith("troponin = Observation/trop-3 (2026-03-01T22:00:00Z;")
@@ -227,11 +234,14 @@ def test_every_line_and_patient_is_accounted_for(two_workers: Path, capsys: pyte
         f"{export / 'Encounter.ndjson'}:4: not a FHIR resource (no resourceType)",
         f"{export / 'Observation.002.ndjson'}:151: not JSON (unexpected character, expected a string key: "
         "line 1 column 2 (char 1))"]
-    assert summary["without_patient"] == 4 and summary["patients"] == summary["screened"] == 300
+    assert summary["without_patient"] == 4 and summary["patients"] == 300 and summary["screened"] == 297
+    # the three that appear only through their references are not people the export knows: skipped
+    no_patient = [r for r in csv_rows(two_workers / "skipped.csv") if r["reason"].startswith("no Patient resource")]
+    assert [r["patient_id"] for r in no_patient] == ["bulk-0099", "bulk-0199", "bulk-0299"]
     code, out, err = screen(capsys, str(export), "--now", NOW, "--rules", str(rules), "--scheduler", cluster,
                             "--hook", "encounter-start", "--out", str(tmp_path / "enc"))
     assert code == 0, err
-    assert "3 patient(s) screened, 297 skipped" in out and "skipped 297: no Encounter (the hook needs one)" in out
+    assert "3 patient(s) screened, 297 skipped" in out and "skipped 294: no Encounter (the hook needs one)" in out
     skipped = csv_rows(tmp_path / "enc" / "skipped.csv")
     assert len(skipped) == 297 and skipped[0] == {"patient_id": "bulk-0000", "reason": "no Encounter (the hook "
                                                                                        "needs one)"}
@@ -259,9 +269,9 @@ def test_equity_view_suppresses_small_cells_and_their_complements(two_workers: P
     assert "bulk-" not in text
     trop = {(r["dimension"], r["group"]): r for r in rows if r["rule"] == "troponin-without-cath-plan"}
     # every third patient has a raised troponin, every sixth also a cath order: the 50 are all odd (medicaid)
-    assert trop[("overall", "all")] == {**trop[("overall", "all")], "screened": "300", "fired": "50",
-                                        "rate": "0.1667"}
-    assert trop[("payer_class", "medicaid")]["fired"] == "50" and trop[("payer_class", "private")]["fired"] == "0"
+    assert trop[("overall", "all")] == {**trop[("overall", "all")], "screened": "297", "fired": "49",
+                                        "rate": "0.165"}  # bulk-0099 has no Patient: skipped
+    assert trop[("payer_class", "medicaid")]["fired"] == "49" and trop[("payer_class", "private")]["fired"] == "0"
     arni = {(r["dimension"], r["group"]): r for r in rows if r["rule"] == "arni-order"}
     assert arni[("overall", "all")]["fired"] == "<11"  # 4 patients
     payer = [arni[("payer_class", g)]["fired"] for g in ("medicaid", "private")]
@@ -286,6 +296,12 @@ def test_chunks_split_at_line_ends_and_count_lines_per_file(tmp_path: Path) -> N
         assert tally.invalid[0].startswith(f"{path}:18: not JSON (")
         written = sorted(line for part in work.rglob("*.part") for line in part.read_bytes().splitlines())
         assert len(written) == 39
+    bom = tmp_path / "bom" / "Coverage.ndjson"  # as a Windows editor saves it: the first line is a resource too
+    bom.parent.mkdir()
+    bom.write_bytes(b"\xef\xbb\xbf" + b"\n".join(lines[:3]))
+    tally = Tally()
+    tally.add_chunks([split_chunk(chunk, 3, tmp_path / "work-bom") for chunk in plan_chunks([bom])])
+    assert (tally.resources, tally.invalid) == (3, [])
 
 
 def test_a_worker_refuses_a_rule_set_that_changed(rules: Path) -> None:
@@ -368,3 +384,47 @@ def test_leaving_out_what_no_rule_reads_changes_no_card_of_the_shipped_catalog()
             fired += len(whole.fired)
             left_out += len(resources) - len(kept)
     assert compared >= 90 and fired >= 20 and left_out >= 20  # the check is not vacuous
+
+
+def test_a_stopped_screen_leaves_no_patient_data_behind(rules: Path, tmp_path: Path) -> None:
+    """SIGTERM (a batch scheduler's or a container's stop) mid-run: the shards, which hold the whole
+    export, are removed, and the exit status says it was stopped (143, as the shell reports a SIGTERM)."""
+    export = tmp_path / "export"
+    bulk_export(export, 3000)
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "-m", "nudges.cli", "screen", str(export), "--now", NOW, "--rules",
+                                str(rules), "--workers", "1", "--out", str(out)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not (out.exists() and any(p.name.startswith(".nudges-screen-") for p in out.iterdir())):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 143, err.decode()
+    assert b"stopped (SIGTERM)" in err
+    assert not [p for p in out.iterdir() if p.name.startswith(".nudges-screen-")]
+
+
+def test_a_small_groups_size_is_withheld_alike_under_every_rule() -> None:
+    """A group's size (`screened`) is the same under every rule: its complements chosen per rule, one rule
+    hid a group's size that another showed, and the overall count less the shown sizes gave the small
+    group's (a patient with unknown ethnicity, alone). Chosen once per dimension now."""
+    from nudges.screening.outputs import Firing, equity_rows
+
+    sizes = {"hispanic-latino": 120, "not-hispanic-latino": 169, "unknown": 1}
+    fired = {"a": {"hispanic-latino": 3, "not-hispanic-latino": 40, "unknown": 0},
+             "b": {"hispanic-latino": 60, "not-hispanic-latino": 0, "unknown": 1},
+             "c": {"hispanic-latino": 20, "not-hispanic-latino": 30, "unknown": 0}}
+    cells = []
+    for rule, counts in fired.items():
+        cells.append(Firing(rule, "overall", "all", sum(sizes.values()), sum(counts.values())))
+        cells += [Firing(rule, "ethnicity", g, n, counts[g]) for g, n in sizes.items()]
+    rows = equity_rows(cells)
+    shown = {rule: {r["group"]: r["screened"] for r in rows if r["rule"] == rule and r["dimension"] == "ethnicity"
+                    and isinstance(r["screened"], int)} for rule in fired}
+    assert shown["a"] == shown["b"] == shown["c"]  # the same sizes under every rule
+    withheld = set(sizes) - set(shown["a"])
+    assert "unknown" in withheld and len(withheld) >= 2 and sum(sizes[g] for g in withheld) >= 11
+    everyone = {r["screened"] for r in rows if r["dimension"] == "overall"}
+    assert everyone == {290}  # the population, as summary.json says it

@@ -232,7 +232,64 @@ def test_worklists_are_written_as_fhir_lists_once(server: Sekmet, config: Path, 
     trop = lists[TROPONIN]
     FhirList.model_validate({k: v for k, v in trop.items() if k != "meta"})
     assert [e["item"]["reference"] for e in trop["entry"]] == [f"Patient/scr-{i:03d}" for i in (3, 9, 15, 21)]
-    assert trop["identifier"][0]["value"] == f"{TROPONIN}/patient-view/{NOW}" and trop["mode"] == "working"
+    assert trop["identifier"][0]["value"] == f"{TROPONIN}/patient-view/{NOW}/patient" and trop["mode"] == "working"
     assert "entry" not in lists["race-free-egfr"] and lists["race-free-egfr"]["emptyReason"]["coding"][0]["code"] \
         == "nilknown"
     shutil.rmtree(tmp_path / "out")
+
+
+class JunkStatus(BaseHTTPRequestHandler):
+    """A kick-off answered, then a status URL that answers 200 with a web page (a wrong base URL, a portal)."""
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        if "bulk-status" in self.path:
+            body = b"<html>Sign in</html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        self.send_response(202)
+        self.send_header("Content-Location", "/fhir/bulk-status/1")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+def test_bad_answers_and_unwritable_folders_are_explained_not_tracebacks(tmp_path: Path) -> None:
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), JunkStatus)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        code, _, err = screen(f"http://127.0.0.1:{httpd.server_address[1]}/fhir", download=tmp_path / "junk")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert code == 1 and "answered 200 with something that is not a JSON manifest (text/html)" in err, err
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    code, _, err = screen(str(tmp_path), out=afile)
+    assert code == 1 and "cannot write the work folder" in err and "Traceback" not in err, err
+
+
+def test_a_screens_lists_are_those_of_its_population() -> None:
+    """A Group's screen must replace that Group's List, never the population's (same rule, hook, now)."""
+    from nudges.screening.command import partial_notes
+    from nudges.screening.lists import export_scope, list_id
+
+    scopes = {export_scope("system", None, None, ()), export_scope("group", "navigated", None, ()),
+              export_scope("patient", None, None, ()), export_scope("patient", None, "2026-02-01T00:00:00Z", ()),
+              export_scope("patient", None, None, ("Patient", "Observation"))}
+    assert len(scopes) == 5 and "group=navigated" in scopes
+    assert len({list_id(f"{TROPONIN}/patient-view/{NOW}/{scope}") for scope in scopes}) == 5
+    request = ExportRequest("https://ehr.example/fhir", "group", "navigated", ("Patient", "Observation"),
+                            "2026-02-01T00:00:00Z")
+    notes = partial_notes(request, ("Coverage", "Observation", "Patient", "Procedure"))
+    assert notes[0].startswith("--type leaves out Coverage, Procedure, which the rules read")
+    assert notes[1].startswith("--since 2026-02-01T00:00:00Z: only what changed since then")
+    medication = ExportRequest("https://ehr.example/fhir", "patient", None, ("Medication", "Patient"))
+    assert "holds no Medication" in partial_notes(medication, ("Medication", "Patient"))[0]
+    assert partial_notes(ExportRequest("https://ehr.example/fhir", "system", None, ("Medication", "Patient")),
+                         ("Medication", "Patient")) == []

@@ -24,6 +24,7 @@ from ..store import Bucket
 log = logging.getLogger("nudges.screening")
 USER = "Practitioner/population-screening"
 NO_ENCOUNTER = "no Encounter (the hook needs one)"
+NO_PATIENT = "no Patient resource in the export (resources name a patient the export does not have)"
 
 
 def request_for(service: Service, pid: str, resources: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -89,6 +90,10 @@ def screen_patient(services: Services, service: Service, pid: str, resources: li
                    now: datetime) -> Screened:
     """The patient's call through the pipeline; a call the service would refuse is skipped with the
     reason it would give."""
+    if not any(r.get("resourceType") == "Patient" for r in resources):
+        # an EHR's call always has its patient; a shard of resources naming an absent Patient is not one
+        # (age rules cannot hold, the equity view would count a person it knows nothing of)
+        return Screened(skipped=NO_PATIENT)
     try:
         body = request_for(service, pid, resources)
         if body is None:

@@ -12,11 +12,13 @@ import csv
 import os
 import re
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import orjson
 
@@ -103,7 +105,27 @@ def _files(options: Options, settings: Settings, service: Service, err: TextIO) 
                             options.types or export_types(service), since)
     exporter = Exporter(settings, folder, err, options.export_timeout)
     files = exporter.run(request, options.fresh)
-    return files, exporter.notes
+    return files, exporter.notes + partial_notes(request, export_types(service))
+
+
+def partial_notes(request: Any, read: tuple[str, ...]) -> list[str]:
+    """What an export leaves out of the records the rules read, said where the counts are (stdout and
+    summary.json): a rule that fires on an absence (no screening test, no referral) fires wrongly on a
+    record cut short, and nothing in the data shows it."""
+    notes = []
+    left_out = sorted(set(read) - set(request.types))
+    if left_out:
+        notes.append(f"--type leaves out {', '.join(left_out)}, which the rules read: the records are incomplete, "
+                     "and a rule that fires when something is absent may fire wrongly")
+    if request.since:
+        notes.append(f"--since {request.since}: only what changed since then, so each patient's record is partial "
+                     "(a rule that looks back further sees an absence)")
+    if request.level != "system" and "Medication" in request.types:
+        notes.append("a Patient or Group export carries each patient's compartment, which holds no Medication: an "
+                     "order naming its Medication by reference is matched only when the server adds the Medications "
+                     "it references (see 'reference(s) to a Medication the export does not have'); --export system "
+                     "exports them all")
+    return notes
 
 
 def _write_outputs(tally: Tally, services: Services, service: Service, options: Options, out: Path,
@@ -125,13 +147,14 @@ def _write_outputs(tally: Tally, services: Services, service: Service, options: 
 
 def _lists(tally: Tally, services: Services, service: Service, settings: Settings, options: Options,
            out: TextIO) -> None:
-    from .lists import worklist, write_lists
+    from .lists import export_scope, worklist, write_lists
 
     patients: dict[str, list[str]] = {r.id: [] for r in service.rules}
     for row in merged(tally.rows):
         patients.setdefault(row[0], []).append(row[1])
     now = parse_instant(options.now)
-    resources = [worklist(rule, service.hook.name, now, services.ruleset.version, patients[rule.id])
+    scope = export_scope(options.level, options.group, options.since, options.types)
+    resources = [worklist(rule, service.hook.name, now, services.ruleset.version, patients[rule.id], scope)
                  for rule in sorted(service.rules, key=lambda r: r.id)]
     written = write_lists(settings, options.source, resources)
     out.write(f"FHIR List resources written: {len(written)} (one per rule, replaced on a re-run)\n")
@@ -156,9 +179,15 @@ def run(options: Options, out: TextIO, err: TextIO) -> int:
     service = services.for_hook(options.hook)
     runner: Runner | None = None
     base = options.work or options.out
-    if base is not None:
-        base.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".nudges-screen-", dir=base))
+    try:
+        if base is not None:
+            base.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=".nudges-screen-", dir=base))
+    except OSError as exc:
+        err.write(f"nudges screen: cannot write the work folder in {base or tempfile.gettempdir()}: "
+                  f"{exc.strerror or exc} (--out and --work must be folders you can write)\n")
+        return 1
+    previous = _stop_on_sigterm()
     try:
         files, notes = _files(options, settings, service, err)
         started = time.perf_counter()
@@ -191,7 +220,29 @@ def run(options: Options, out: TextIO, err: TextIO) -> int:
         message = exc.diagnostics if isinstance(exc, NudgesError) else str(exc)
         err.write(f"nudges screen: {message}\n")
         return 1
+    except Terminated:
+        err.write("nudges screen: stopped (SIGTERM); the work folder and its shards were removed; a server "
+                  "export resumes where it stopped on the next run\n")
+        return 143
     finally:
         if runner is not None:
             runner.close()
-        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)  # the shards hold the whole export: never left behind
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(Exception):
+    """SIGTERM (a scheduler's or a container's stop) as an exception, so the shards are removed."""
+
+
+def _stop_on_sigterm() -> Any:
+    """SIGTERM raises Terminated in the main thread (its default would end the process with the whole
+    export left in the shards); the previous handler is given back after the run."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, stop)

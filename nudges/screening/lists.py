@@ -34,18 +34,22 @@ class ListWriteError(Exception):
     pass
 
 
-def worklist(rule: CompiledRule, hook: str, now: Any, ruleset_version: str, patients: list[str]) -> dict[str, Any]:
-    """The List for one rule: its patients in id order, or empty with the reason `nilknown` (none found)."""
+def worklist(rule: CompiledRule, hook: str, now: Any, ruleset_version: str, patients: list[str],
+             scope: str = "system") -> dict[str, Any]:
+    """The List for one rule: its patients in id order, or empty with the reason `nilknown` (none found).
+    `scope` (export_scope) is part of its identity: a Group's screen replaces that Group's List, never the
+    whole population's."""
     when = instant(now)
     resource: dict[str, Any] = {
         "resourceType": "List", "status": "current", "mode": "working",
-        "id": list_id(identifier(rule.id, hook, when)),
-        "identifier": [{"system": IDENTIFIER_SYSTEM, "value": identifier(rule.id, hook, when)}],
+        "id": list_id(identifier(rule.id, hook, when, scope)),
+        "identifier": [{"system": IDENTIFIER_SYSTEM, "value": identifier(rule.id, hook, when, scope)}],
         "title": f"nudges worklist: {rule.title}",
         "code": {"coding": [{"system": RULE_SYSTEM, "code": rule.id, "display": rule.title}], "text": rule.title},
         "date": when,
         "note": [{"text": f"Patients for whom the rule {rule.id} (version {rule.version}) would raise a card on "
-                          f"{hook} at {when}, from a population screen with rule set {ruleset_version}."}]}
+                          f"{hook} at {when}, from a population screen ({scope}) with rule set "
+                          f"{ruleset_version}."}]}
     if patients:
         resource["entry"] = [{"item": {"reference": f"Patient/{pid}"}} for pid in patients]
     else:
@@ -53,8 +57,18 @@ def worklist(rule: CompiledRule, hook: str, now: Any, ruleset_version: str, pati
     return resource
 
 
-def identifier(rule: str, hook: str, when: str) -> str:
-    return f"{rule}/{hook}/{when}"
+def identifier(rule: str, hook: str, when: str, scope: str = "system") -> str:
+    return f"{rule}/{hook}/{when}/{scope}"
+
+
+def export_scope(level: str, group: str | None, since: str | None, types: tuple[str, ...]) -> str:
+    """Which population a screen covered: the export's level (and Group), `_since` and `_type`."""
+    parts = [f"group={group}" if level == "group" and group else level]
+    if since:
+        parts.append(f"since={since}")
+    if types:
+        parts.append("types=" + ",".join(sorted(types)))
+    return ";".join(parts)
 
 
 def list_id(value: str) -> str:

@@ -163,16 +163,52 @@ def firings(tally: Tally, rules: list[str]) -> list[Firing]:
     return cells
 
 
+@dataclass(frozen=True)
+class Population:
+    """A group's size, the same under every rule (what the `screened` column shows)."""
+
+    rule: str  # "" : one table per dimension, whatever the rule
+    dimension: str
+    group: str
+    patients: int
+
+
+def withheld_groups(cells: list[Firing]) -> tuple[set[tuple[str, str]], set[tuple[str, str]]]:
+    """The groups whose size is withheld under every rule: those under MIN_PATIENTS, and their complements,
+    chosen once per dimension. Chosen per rule (as a rule's own small cells are), a complement hidden under
+    one rule was shown under another, and the small group's size was the overall count less the others."""
+    sizes = sorted({Population("", c.dimension, c.group, c.screened) for c in cells if c.dimension != OVERALL[0]},
+                   key=lambda p: (p.dimension, p.group))
+    tiny = {(p.dimension, p.group) for p in sizes if p.patients < MIN_PATIENTS}
+    hidden = complements(sizes, lambda p: p.patients < MIN_PATIENTS)
+    return tiny, {(p.dimension, p.group) for p in hidden}
+
+
 def equity_rows(cells: list[Firing]) -> list[dict[str, Any]]:
-    """The audit's suppression: a small cell (see `small`) shows "<11", and enough other groups of its rule
-    and dimension are "hidden" (audit.complements) that it cannot be worked out by subtraction."""
+    """The audit's suppression: a group too small to show (under MIN_PATIENTS, or its complement: the same
+    under every rule, see withheld_groups) shows "<11" ("hidden"), and so does a cell with 1 to 10 patients
+    on either side of the rule, with enough other groups of its rule and dimension "hidden"
+    (audit.complements) that it cannot be worked out by subtraction; the group's size stays shown then (it
+    is the same under every rule). The overall row's `screened` is the population, shown as summary.json
+    shows it."""
     overall = {c.rule: c.fired / c.screened for c in cells if c.dimension == OVERALL[0] and c.screened}
-    hidden = complements(cells, small)
+    tiny, sized = withheld_groups(cells)
+
+    def withheld(c: Firing) -> bool:
+        return (c.dimension, c.group) in tiny or (c.dimension, c.group) in sized or small(c)
+
+    hidden = complements(cells, withheld)
     rows: list[dict[str, Any]] = []
     for c in cells:
-        if small(c) or c in hidden:
-            mark = SUPPRESSED if small(c) else HIDDEN
-            rows.append({"rule": c.rule, "dimension": c.dimension, "group": c.group, "screened": mark,
+        if c.dimension == OVERALL[0] and (withheld(c) or c in hidden):
+            rows.append({"rule": c.rule, "dimension": c.dimension, "group": c.group, "screened": c.screened,
+                         "fired": SUPPRESSED, "rate": None, "rate_ratio": None})
+            continue
+        key = (c.dimension, c.group)
+        size: Any = SUPPRESSED if key in tiny else HIDDEN if key in sized else c.screened  # alike under every rule
+        if withheld(c) or c in hidden:
+            mark = SUPPRESSED if key in tiny or (small(c) and key not in sized) else HIDDEN
+            rows.append({"rule": c.rule, "dimension": c.dimension, "group": c.group, "screened": size,
                          "fired": mark, "rate": None, "rate_ratio": None})
             continue
         rate = c.fired / c.screened if c.screened else None

@@ -154,6 +154,9 @@ def _lines(chunk: Chunk) -> list[bytes]:
     return lines
 
 
+BOM = b"\xef\xbb\xbf"
+
+
 def split_chunk(chunk: Chunk, shards: int, work: Path,
                 keep: Callable[[dict[str, Any]], bool] | None = None) -> ChunkTally:
     """Read one chunk and append each resource's line to its patient's shard (one part file per shard,
@@ -167,6 +170,8 @@ def split_chunk(chunk: Chunk, shards: int, work: Path,
     for number, raw in enumerate(_lines(chunk), 1):
         tally.lines = number
         line = raw.strip()
+        if line.startswith(BOM):  # a byte-order mark, as some Windows tools write: not part of the JSON
+            line = line[len(BOM):].strip()
         if not line:
             continue
         try:

@@ -188,7 +188,12 @@ class Exporter:
             response = await self._send(http, "GET", self.state["status_url"], {"Accept": "application/json"},
                                         "export status")
             if response.status_code == 200:
-                manifest = orjson.loads(response.content)
+                try:
+                    manifest = orjson.loads(response.content)
+                except orjson.JSONDecodeError:
+                    raise ExportFailed(f"the export's status URL answered 200 with something that is not a JSON "
+                                       f"manifest ({response.headers.get('content-type', 'no content type')}): "
+                                       "is SOURCE the FHIR base URL?") from None
                 if not isinstance(manifest, dict) or not isinstance(manifest.get("output"), list):
                     raise ExportFailed("the export's manifest has no output list")
                 return manifest
