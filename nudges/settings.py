@@ -64,6 +64,11 @@ class ProxyAuthSettings(BaseModel):
                                                                        "anyone the proxy signed in, unless "
                                                                        "allowed_groups is set)")
     allowed_groups: list[str] = Field(default_factory=list, description="groups whose members may use it")
+    reader_users: list[str] = Field(default_factory=list, description="who may read the rule pages only (what a "
+                                                                      "card's 'Why this nudge' link opens), "
+                                                                      "e.g. clinicians")
+    reader_groups: list[str] = Field(default_factory=list, description="groups whose members may read the rule "
+                                                                       "pages only")
 
 
 class ConsoleSettings(BaseModel):

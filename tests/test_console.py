@@ -110,7 +110,8 @@ def test_dns_rebinding_is_refused(console: LiveServer, host: str, status: int) -
 @pytest.fixture
 def proxied(make_client: Callable[..., LiveServer]) -> LiveServer:
     return make_client(console={"proxy_auth": {"trusted_proxies": ["127.0.0.1/32"], "allowed_users": ["ana"],
-                                               "allowed_groups": ["equity-leads"]}})
+                                               "allowed_groups": ["equity-leads"],
+                                               "reader_groups": ["clinicians"]}})
 
 
 def test_sign_in_through_a_trusted_proxy(proxied: LiveServer) -> None:
@@ -120,6 +121,22 @@ def test_sign_in_through_a_trusted_proxy(proxied: LiveServer) -> None:
     assert grouped.status_code == 200
     assert proxied.get("/console/", headers={"X-Forwarded-User": "eve", "X-Forwarded-Groups": "x"}).status_code == 403
     assert proxied.get("/console/").status_code == 401  # through the proxy but not signed in
+    as_written = {"X-Forwarded-User": "cy", "X-Forwarded-Groups": "Equity-Leads"}  # identity providers' spelling
+    assert proxied.get("/console/audit", headers=as_written).status_code == 200
+
+
+def test_a_clinician_may_open_why_this_nudge_and_nothing_else(proxied: LiveServer) -> None:
+    """Cards link to the rule's page ("Why this nudge") for the clinician who sees them; a reader may open
+    the rule pages (no patient data) but not the dashboard, the playground or replay."""
+    clinician = {"X-Forwarded-User": "dr.jones", "X-Forwarded-Groups": "staff, Clinicians"}
+    page = proxied.get("/console/rules/troponin-without-cath-plan", headers=clinician)
+    assert page.status_code == 200, page.text
+    assert proxied.get("/console/rules", headers=clinician).status_code == 200
+    css = next(m for m in re.findall(r'href="(/console/static/[^"]+)"', page.text))
+    assert proxied.get(css, headers=clinician).status_code == 200
+    for path in ("/console/", "/console/audit", "/console/audit.csv", "/console/try", "/console/replay"):
+        refused = proxied.get(path, headers=clinician)
+        assert refused.status_code == 403 and "rule pages only" in refused.text, path
 
 
 async def test_the_user_header_from_an_untrusted_address_is_refused(proxied: LiveServer) -> None:
@@ -306,3 +323,13 @@ def test_a_form_is_held_to_the_body_limit(make_client: Callable[..., LiveServer]
     streamed = console.post("/console/try", content=chunks(),
                             headers={"Content-Type": "application/x-www-form-urlencoded"})
     assert streamed.status_code == 413
+
+
+def test_small_things_a_new_user_noticed(console: LiveServer) -> None:
+    """A skip link, an icon (a 404 on every page before), and an unknown rule on the dashboard said so."""
+    page = console.get("/console/")
+    assert 'class="skip" href="#main"' in page.text and 'id="main"' in page.text
+    icon = console.get("/console/static/favicon.svg")
+    assert icon.status_code == 200 and icon.headers["content-type"].startswith("image/svg+xml")
+    unknown = console.get("/console/audit", params={"rule": "nope"})
+    assert unknown.status_code == 200 and "No cards of a rule named <code>nope</code>" in unknown.text

@@ -16,7 +16,7 @@ from .security import ViewerDep
 
 router = APIRouter(prefix="/console", tags=["console"], include_in_schema=False)
 STATIC = {"htmx-2.0.11.min.js": "text/javascript", "console.css": "text/css",
-          "htmx-LICENSE.txt": "text/plain; charset=utf-8"}
+          "htmx-LICENSE.txt": "text/plain; charset=utf-8", "favicon.svg": "image/svg+xml"}
 
 
 @router.get("/")

@@ -69,13 +69,30 @@ def _proxy_viewer(request: Request, peer: str, proxy: ProxyAuthSettings) -> View
     user = (request.headers.get(proxy.user_header) or "").strip()
     if not user:
         raise Unauthorized("console: the proxy sent no user header")
-    groups = {g.strip() for g in (request.headers.get(proxy.groups_header) or "").split(",")} \
+    groups = {g.strip().casefold() for g in (request.headers.get(proxy.groups_header) or "").split(",")} \
         if proxy.groups_header else set()
-    if (proxy.allowed_users or proxy.allowed_groups) and not (
-            user in proxy.allowed_users or groups & set(proxy.allowed_groups)):
-        log.warning("console refused: user not allowed", extra={"user": user})
-        raise Forbidden(f"{user} may not use the console (console.proxy_auth.allowed_users / allowed_groups)")
-    return Viewer(user, "proxy")
+
+    def member(users: list[str], named: list[str]) -> bool:  # as identity providers compare: case aside
+        return user.casefold() in {u.casefold() for u in users} or bool(groups & {g.casefold() for g in named})
+
+    if not (proxy.allowed_users or proxy.allowed_groups) or member(proxy.allowed_users, proxy.allowed_groups):
+        return Viewer(user, "proxy")
+    if member(proxy.reader_users, proxy.reader_groups):
+        if readable(request.url.path):
+            return Viewer(user, "proxy-reader")
+        raise Forbidden(f"{user} may read the rule pages only (what a card's 'Why this nudge' link opens; "
+                        "console.proxy_auth.reader_users / reader_groups)")
+    log.warning("console refused: user not allowed", extra={"user": user})
+    raise Forbidden(f"{user} may not use the console (console.proxy_auth.allowed_users / allowed_groups)")
+
+
+READABLE = ("/console/rules", "/console/static/")
+
+
+def readable(path: str) -> bool:
+    """What a reader may open: the rule list and pages (no patient data, no audit, no playground) and the
+    files they draw with."""
+    return path == READABLE[0] or path.startswith(READABLE[0] + "/") or path.startswith(READABLE[1])
 
 
 async def viewer(request: Request, runtime: RuntimeDep) -> Viewer:
