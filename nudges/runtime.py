@@ -64,7 +64,10 @@ class Runtime:
         for message in check_startup_policy(settings):
             log.warning(message) if "WARNING" in message else log.info(message)
         check_settings(settings)
-        pinned = clock is None
+        # With `now` pinned by the settings, what happens in the real world keeps the real time: the checks
+        # of a client's tokens (a CDS client signs them at the real time, or a pinned service refuses every
+        # real client) and when the rule set was loaded. A clock handed in by code (the tests') is used for all.
+        wall: Clock | None = SystemClock() if settings.now and clock is None else None
         if clock is None:
             try:
                 clock = clock_for(settings.now)
@@ -80,13 +83,10 @@ class Runtime:
         store = Store(settings.database_url, clock, hash_key=key)
         names = settings.delivery  # an unconfigured name is a warning here, not a refusal: see rules/delivery.py
         targets = Targets(frozenset(names.pools), frozenset(names.webhooks), strict=False)
-        reloader = Reloader(settings.rules, frozenset(settings.rule_statuses), settings.site_valuesets, clock,
-                            targets)
+        reloader = Reloader(settings.rules, frozenset(settings.rule_statuses), settings.site_valuesets,
+                            wall or clock, targets)
         fhir = FhirClient(settings, BackendTokens(settings.fhir_backend_clients))
-        # A CDS client signs its tokens at the real time: `now` pins what the rules see (a demonstration,
-        # a test of windows), not the token checks, or a pinned service would refuse every real client.
-        # A clock handed in by code (the tests') judges tokens too.
-        auth = Authenticator(settings.auth, store, SystemClock() if settings.now and pinned else clock, fhir.http)
+        auth = Authenticator(settings.auth, store, wall or clock, fhir.http)
         return cls(settings, clock, store, reloader, fhir, auth)
 
     async def start(self) -> None:
