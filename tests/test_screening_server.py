@@ -293,3 +293,45 @@ def test_a_screens_lists_are_those_of_its_population() -> None:
     assert "holds no Medication" in partial_notes(medication, ("Medication", "Patient"))[0]
     assert partial_notes(ExportRequest("https://ehr.example/fhir", "system", None, ("Medication", "Patient")),
                          ("Medication", "Patient")) == []
+
+
+class TwiceListed(BaseHTTPRequestHandler):
+    """An export whose manifest names the same file twice."""
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def _send(self, status: int, body: bytes, kind: str, **headers: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        for name, value in headers.items():
+            self.send_header(name.replace("_", "-"), value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        base = f"http://127.0.0.1:{self.server.server_address[1]}/fhir"
+        if self.path.startswith("/fhir/status"):
+            output = [{"type": "Patient", "url": f"{base}/files/p.ndjson"}] * 2
+            self._send(200, orjson.dumps({"transactionTime": "2026-03-02T12:00:00Z", "request": base,
+                                          "requiresAccessToken": False, "output": output, "error": []}),
+                       "application/json")
+        elif self.path.startswith("/fhir/files/"):
+            self._send(200, b"".join(orjson.dumps(patient(f"tw-{i}")) + b"\n" for i in range(2)),
+                       "application/fhir+ndjson")
+        else:
+            self._send(202, b"", "application/json", Content_Location=f"{base}/status")
+
+
+def test_a_file_the_manifest_lists_twice_is_read_once(tmp_path: Path) -> None:
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), TwiceListed)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        code, out, err = screen(f"http://127.0.0.1:{httpd.server_address[1]}/fhir", out=tmp_path / "out")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert code == 0, err
+    summary = orjson.loads((tmp_path / "out" / "summary.json").read_bytes())
+    assert summary["patients"] == 2 and any("more than once" in note for note in summary["notes"]), summary

@@ -218,11 +218,16 @@ class Exporter:
 
     def _plan(self, manifest: dict[str, Any]) -> None:
         files: dict[str, dict[str, Any]] = self.state.setdefault("files", {})
+        listed = {entry["url"] for entry in files.values()}
         for number, entry in enumerate(manifest.get("output") or [], 1):
             kind = str(entry.get("type") or "Resource")
             name = f"{number:04d}.{kind}.ndjson"
-            files.setdefault(name, {"url": urljoin(self.state["status_url"], str(entry.get("url"))),
-                                    "count": entry.get("count"), "done": False})
+            url = urljoin(self.state["status_url"], str(entry.get("url")))
+            if name not in files and url in listed:  # a manifest naming one file twice: read once, not counted twice
+                self.notes.append(f"the export's manifest lists {url} more than once: downloaded once")
+                continue
+            listed.add(url)
+            files.setdefault(name, {"url": url, "count": entry.get("count"), "done": False})
         errors: dict[str, dict[str, Any]] = self.state.setdefault("errors", {})
         for number, entry in enumerate(manifest.get("error") or [], 1):
             errors.setdefault(f"errors/{number:04d}.OperationOutcome.ndjson", {
