@@ -10,6 +10,7 @@ import json
 import shutil
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -190,6 +191,18 @@ def test_refusals_and_failures_are_explained(server: Sekmet, config: Path, tmp_p
     assert code == 1 and "unreachable after 5 attempts" in err
 
 
+@contextmanager
+def fake_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """A FHIR base URL served by `handler` on a free loopback port, for the length of the block."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/fhir"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
 class NeverDone(BaseHTTPRequestHandler):
     """A server whose export never completes: what a timeout looks like."""
 
@@ -206,14 +219,8 @@ class NeverDone(BaseHTTPRequestHandler):
 
 
 def test_an_export_that_does_not_finish_in_time_says_how_to_go_on(tmp_path: Path) -> None:
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), NeverDone)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        base = f"http://127.0.0.1:{httpd.server_address[1]}/fhir"
+    with fake_server(NeverDone) as base:
         code, _, err = screen(base, download=tmp_path / "slow", export_timeout=0.5)
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
     assert code == 1 and "export: still collecting" in err
     assert f"did not complete within 0.5 s; it may still be running at {base}/bulk-status/forever: run the same " \
            "command again to keep waiting for it" in err
@@ -238,35 +245,33 @@ def test_worklists_are_written_as_fhir_lists_once(server: Sekmet, config: Path, 
     shutil.rmtree(tmp_path / "out")
 
 
-class JunkStatus(BaseHTTPRequestHandler):
-    """A kick-off answered, then a status URL that answers 200 with a web page (a wrong base URL, a portal)."""
-
+class Quiet(BaseHTTPRequestHandler):
     def log_message(self, *args: Any) -> None:
         pass
 
+    def answer(self, status: int, body: bytes, kind: str, **headers: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        for name, value in headers.items():
+            self.send_header(name.replace("_", "-"), value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+class JunkStatus(Quiet):
+    """A kick-off answered, then a status URL that answers 200 with a web page (a wrong base URL, a portal)."""
+
     def do_GET(self) -> None:
         if "bulk-status" in self.path:
-            body = b"<html>Sign in</html>"
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-            return
-        self.send_response(202)
-        self.send_header("Content-Location", "/fhir/bulk-status/1")
-        self.send_header("Content-Length", "0")
-        self.end_headers()
+            self.answer(200, b"<html>Sign in</html>", "text/html")
+        else:
+            self.answer(202, b"", "application/json", Content_Location="/fhir/bulk-status/1")
 
 
 def test_bad_answers_and_unwritable_folders_are_explained_not_tracebacks(tmp_path: Path) -> None:
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), JunkStatus)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        code, _, err = screen(f"http://127.0.0.1:{httpd.server_address[1]}/fhir", download=tmp_path / "junk")
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with fake_server(JunkStatus) as base:
+        code, _, err = screen(base, download=tmp_path / "junk")
     assert code == 1 and "answered 200 with something that is not a JSON manifest (text/html)" in err, err
     afile = tmp_path / "afile"
     afile.write_text("")
@@ -295,43 +300,26 @@ def test_a_screens_lists_are_those_of_its_population() -> None:
                          ("Medication", "Patient")) == []
 
 
-class TwiceListed(BaseHTTPRequestHandler):
+class TwiceListed(Quiet):
     """An export whose manifest names the same file twice."""
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-    def _send(self, status: int, body: bytes, kind: str, **headers: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", kind)
-        for name, value in headers.items():
-            self.send_header(name.replace("_", "-"), value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
 
     def do_GET(self) -> None:
         base = f"http://127.0.0.1:{self.server.server_address[1]}/fhir"
         if self.path.startswith("/fhir/status"):
             output = [{"type": "Patient", "url": f"{base}/files/p.ndjson"}] * 2
-            self._send(200, orjson.dumps({"transactionTime": "2026-03-02T12:00:00Z", "request": base,
+            self.answer(200, orjson.dumps({"transactionTime": "2026-03-02T12:00:00Z", "request": base,
                                           "requiresAccessToken": False, "output": output, "error": []}),
                        "application/json")
         elif self.path.startswith("/fhir/files/"):
-            self._send(200, b"".join(orjson.dumps(patient(f"tw-{i}")) + b"\n" for i in range(2)),
+            self.answer(200, b"".join(orjson.dumps(patient(f"tw-{i}")) + b"\n" for i in range(2)),
                        "application/fhir+ndjson")
         else:
-            self._send(202, b"", "application/json", Content_Location=f"{base}/status")
+            self.answer(202, b"", "application/json", Content_Location=f"{base}/status")
 
 
 def test_a_file_the_manifest_lists_twice_is_read_once(tmp_path: Path) -> None:
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), TwiceListed)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        code, out, err = screen(f"http://127.0.0.1:{httpd.server_address[1]}/fhir", out=tmp_path / "out")
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with fake_server(TwiceListed) as base:
+        code, _, err = screen(base, out=tmp_path / "out")
     assert code == 0, err
     summary = orjson.loads((tmp_path / "out" / "summary.json").read_bytes())
     assert summary["patients"] == 2 and any("more than once" in note for note in summary["notes"]), summary
