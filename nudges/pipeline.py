@@ -190,7 +190,7 @@ def evaluate(call: Call, services: Services, now: datetime, *, patient_hash: str
     record.date_current_encounters(call.context.get("encounterId"), now)
     hook = call.service.hook
     outcome = engine.evaluate(call.service.rules, record, now, call.context, hook.name, trace)
-    who: Bucket = bucket(record.patient, list(flatten(call.prefetch.get("coverage"))))
+    who: Bucket = bucket(record.patient, record.of_type("record", "Coverage"))  # the patient's own (elsewhere)
     result = Result(failed=outcome.failed, bucket=who)
     draft = selected(call, drafts(call)) if hook.drafts else []
     medications = record.medications() if hook.focus == "order" else None  # an order's identity may be its Medication
