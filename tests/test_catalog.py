@@ -36,6 +36,11 @@ def shipped() -> RuleSet:
     return result.ruleset
 
 
+@pytest.fixture(scope="module")
+def catalog(shipped: RuleSet) -> Services:
+    return Services.build(shipped, frozenset({"active"}))
+
+
 def test_shipped_rules_cases_pass(shipped: RuleSet) -> None:
     reports = run_all(shipped)
     assert [r.rule for r in reports if not r.ok] == []
@@ -61,8 +66,7 @@ def with_race(body: dict[str, Any], race: tuple[str, str] | None) -> dict[str, A
 
 
 @pytest.mark.parametrize("call", CALLS, ids=[p.stem for p in CALLS])
-def test_same_cards_whatever_the_race(shipped: RuleSet, call: Path) -> None:
-    catalog = Services.build(shipped, frozenset({"active"}))
+def test_same_cards_whatever_the_race(catalog: Services, call: Path) -> None:
     body = orjson.loads(call.read_bytes())
     now = parse_instant(orjson.loads(call.with_suffix(".golden.json").read_bytes())["now"])
     outcomes = [summarize(run_body(catalog, Settings(), with_race(body, race), now)) for race in RACES]
@@ -99,22 +103,23 @@ def test_an_undated_source_reads_n_d_never_none(publisher: object, year: object,
     assert label(publisher, year, title) == shown
 
 
-@pytest.mark.parametrize("deceased", [{"deceasedBoolean": True}, {"deceasedDateTime": "2026-02-27"}])
 @pytest.mark.parametrize("call", CALLS, ids=[p.stem for p in CALLS])
-def test_no_card_for_a_patient_who_has_died(shipped: RuleSet, call: Path, deceased: dict[str, Any]) -> None:
+def test_no_card_for_a_patient_who_has_died(catalog: Services, call: Path) -> None:
     """Every shipped call raises cards; the same call for a patient recorded as deceased raises none (a
     screening offer or a navigator's call to a family in mourning), and a death after `now` changes nothing."""
-    catalog = Services.build(shipped, frozenset({"active"}))
     body = orjson.loads(call.read_bytes())
     now = parse_instant(orjson.loads(call.with_suffix(".golden.json").read_bytes())["now"])
     patient = (body.get("prefetch") or {}).get("patient")
     assert isinstance(patient, dict), call.name
-    assert run_body(catalog, Settings(), body, now).issued
-    assert not run_body(catalog, Settings(), {**body, "prefetch": {
-        **body["prefetch"], "patient": {**patient, **deceased}}}, now).issued
-    later = {**patient, "deceasedDateTime": "2099-01-01"}
-    assert summarize(run_body(catalog, Settings(), {**body, "prefetch": {**body["prefetch"], "patient": later}},
-                              now)) == summarize(run_body(catalog, Settings(), body, now))
+
+    def with_patient(**changes: Any) -> dict[str, Any]:
+        return {**body, "prefetch": {**body["prefetch"], "patient": {**patient, **changes}}}
+
+    alive = summarize(run_body(catalog, Settings(), body, now))
+    assert alive
+    for deceased in ({"deceasedBoolean": True}, {"deceasedDateTime": "2026-02-27"}):
+        assert not run_body(catalog, Settings(), with_patient(**deceased), now).issued, deceased
+    assert summarize(run_body(catalog, Settings(), with_patient(deceasedDateTime="2099-01-01"), now)) == alive
 
 
 def test_the_payer_class_is_the_primary_coverages_whatever_the_order_they_came_in() -> None:

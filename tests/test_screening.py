@@ -390,7 +390,7 @@ def test_a_stopped_screen_leaves_no_patient_data_behind(rules: Path, tmp_path: P
     """SIGTERM (a batch scheduler's or a container's stop) mid-run: the shards, which hold the whole
     export, are removed, and the exit status says it was stopped (143, as the shell reports a SIGTERM)."""
     export = tmp_path / "export"
-    bulk_export(export, 3000)
+    bulk_export(export, 300)
     out = tmp_path / "out"
     process = subprocess.Popen([sys.executable, "-m", "nudges.cli", "screen", str(export), "--now", NOW, "--rules",
                                 str(rules), "--workers", "1", "--out", str(out)],
