@@ -186,3 +186,21 @@ def test_cli_equity_formats(database_url: str, clock: FixedClock, store: Store,
     assert ethnicity["share"] == 1.0
     assert main(["audit", "--database-url", database_url, "--format", "equity"]) == 0
     assert "two-proportion z-test" in capsys.readouterr().out
+
+
+def test_a_trend_gap_does_not_say_whether_a_month_was_withheld_or_empty() -> None:
+    """A group's months without cards have no point; withheld ones had cards. Drawn differently (a line
+    across an empty month, a break at a withheld one, "n withheld" in the legend), the chart told in which
+    months a small group had cards."""
+    from nudges.api.console.charts import trend_lines
+    from nudges.tools.equity import Point
+
+    def point(group: str, month: str, rate: float | None) -> Point:
+        return Point("r", "race", group, month, None if rate is None else 20, rate,
+                     None if rate is None else rate - 0.1, None if rate is None else rate + 0.1)
+
+    empty = [point("a", "2026-01", 0.5), point("a", "2026-03", 0.6)]  # no cards in February
+    withheld = [point("a", "2026-01", 0.5), point("a", "2026-02", None), point("a", "2026-03", 0.6)]
+    overall = [Point("r", "overall", "all", m, 40, 0.5, 0.4, 0.6) for m in ("2026-01", "2026-02", "2026-03")]
+    assert str(trend_lines(overall + empty, "t")) == str(trend_lines(overall + withheld, "t"))
+    assert "withheld" not in str(trend_lines(overall + withheld, "t"))

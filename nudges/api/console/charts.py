@@ -60,7 +60,8 @@ def rate_bars(stats: list[Stat], overall: Stat | None, title: str) -> Markup:
 
 
 def trend_lines(points: list[Point], title: str) -> Markup:
-    """Acceptance rate by month: one line per series (the overall first), broken where a month is withheld."""
+    """Acceptance rate by month: one line per series (the overall first), broken where a month is withheld
+    or has no cards, alike."""
     months = sorted({p.month for p in points})
     series: dict[str, list[Point]] = {}
     for p in sorted(points, key=lambda p: (p.dimension != "overall", p.group, p.month)):
@@ -83,8 +84,12 @@ def trend_lines(points: list[Point], title: str) -> Markup:
         parts.append(_text(x_of[m], bottom + 16, m, "middle", 10, "#666"))
     for i, (name, pts) in enumerate(series.items()):
         colour = "#111" if name == "overall" else PALETTE[i % len(PALETTE)]
+        # A month without cards and a withheld month look alike (a gap, nothing in the legend): told apart,
+        # the gaps would say in which months a small group had cards.
+        by_month = {p.month: p for p in pts}
         run: list[str] = []
-        for q in [*pts, None]:
+        for month in [*months, None]:
+            q = by_month.get(month) if month is not None else None
             if q is not None and q.acceptance_rate is not None:
                 run.append(f"{x_of[q.month]:.1f},{y_of(q.acceptance_rate):.1f}")
                 continue
@@ -99,7 +104,6 @@ def trend_lines(points: list[Point], title: str) -> Markup:
                          f"(95% CI {p.ci_low:.0%}–{p.ci_high:.0%}, {p.shown} shown)</title></circle>")
         y = top + 16 * i
         parts.append(f'<rect x="{right + 12}" y="{y}" width="10" height="10" fill="{colour}"/>')
-        withheld = sum(p.acceptance_rate is None for p in pts)
-        parts.append(_text(right + 28, y + 9, name + (f" ({withheld} withheld)" if withheld else ""), size=11))
+        parts.append(_text(right + 28, y + 9, name, size=11))
     parts.append("</svg>")
     return Markup("".join(parts))  # every text above is escaped
