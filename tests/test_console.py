@@ -233,6 +233,11 @@ def test_overview_shows_the_last_refused_reload_with_file_and_line(client: LiveS
     detail = client.get("/console/rules/troponin-without-cath-plan")
     assert 'class="lint-error"' in detail.text  # the problem beside its line of the file on disk
     assert "not stated" in detail.text  # the test rule set has no source attributes: defaults, not blanks
+    # the page says the file on disk is not what is served, and an error's line is marked as one
+    assert 'id="not-served"' in detail.text and "still serves the last good version" in detail.text
+    assert 'class="has-message has-error"' in detail.text
+    other = client.get("/console/rules/race-free-egfr")
+    assert other.status_code == 200 and 'id="not-served"' not in other.text  # only the file refused
 
 
 def test_rule_page_shows_source_attributes_and_cases(console: LiveServer) -> None:

@@ -76,13 +76,15 @@ async def rule_page(rule_id: str, request: Request, runtime: RuntimeDep, viewer:
     path = rule_file(ruleset, rule)
     lines = path.read_text(encoding="utf-8").splitlines() if path else []
     messages: dict[int, list[tuple[str, str]]] = {}
-    if path is not None:
-        for severity, problems in (("error", reloader.last_problems), ("warning", reloader.warnings)):
-            for p in problems:
-                if _same(p, path):
-                    messages.setdefault(p.line, []).append((severity, f"{p.line}:{p.column}: {p.message}"))
+    pending = [p for p in reloader.last_problems if path is not None and _same(p, path)]
+    # The file on disk is shown. The served set's warnings are about the version it loaded, so while the
+    # file on disk is refused their line numbers are another file's: they are left out then (the banner says).
+    warnings = [] if pending else [p for p in reloader.warnings if path is not None and _same(p, path)]
+    for severity, problems in (("error", pending), ("warning", warnings)):
+        for p in problems:
+            messages.setdefault(p.line, []).append((severity, f"{p.line}:{p.column}: {p.message}"))
     return page(request, runtime, viewer, "rule.html", rule=rule, model=rule.model, ruleset=ruleset,
                 attributes=ruleset.source_attributes(rule), sources=citations(ruleset, rule),
-                report=reports.get(rule.id), lines=lines, messages=messages, file=path,
+                report=reports.get(rule.id), lines=lines, messages=messages, file=path, pending=len(pending),
                 served=rule.status in runtime.settings.rule_statuses,
                 topic=ruleset.manifest.topics.get(rule.topic, rule.topic))
