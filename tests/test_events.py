@@ -221,6 +221,28 @@ MALFORMED: list[tuple[dict[str, Any], str]] = [
     (notification("event-notification", "Observation/x", subscription="Subscription/unknown"),
      "which FHIR server"),
     (notification("event-notification", "http://10.1.2.3/fhir/Observation/x"), "https"),
+    # shapes a careless or hostile sender gives: a 400, not a 500 (or a replica hung on a count)
+    ({"resourceType": "Bundle", "type": "history", "entry": [{"resource": {
+        "resourceType": "Parameters", "parameter": [{"name": "subscription", "valueReference": SUBSCRIPTION},
+                                                    {"name": "type", "valueCode": "heartbeat"}]}}]}, "subscription"),
+    ({"resourceType": "Bundle", "type": "history", "entry": [{"resource": {
+        "resourceType": "Parameters", "parameter": [
+            {"name": "subscription", "valueReference": {"reference": SUBSCRIPTION}},
+            {"name": "type", "valueCode": "event-notification"},
+            {"name": "notification-event", "part": [{"name": "focus", "valueReference": "Observation/x"}]}]}}]},
+     "focus needs a reference"),
+    ({"resourceType": "Bundle", "type": "history", "entry": [{"resource": {
+        "resourceType": "Parameters", "parameter": [
+            {"name": "subscription", "valueReference": {"reference": SUBSCRIPTION}},
+            {"name": "type", "valueCode": "heartbeat"},
+            {"name": "events-since-subscription-start", "valueString": "99999999999999999999999999"}]}}]},
+     "is not an event number"),
+    ({"resourceType": "Bundle", "type": "history", "entry": [{"resource": {
+        "resourceType": "Parameters", "parameter": [
+            {"name": "subscription", "valueReference": {"reference": SUBSCRIPTION}},
+            {"name": "type", "valueCode": "heartbeat"},
+            {"name": "events-since-subscription-start", "valueString": "2147483648"}]}}]},  # past INTEGER
+     "is not an event number"),
 ]
 
 

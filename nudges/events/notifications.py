@@ -44,14 +44,24 @@ class Notification:
     heard: Heard  # event numbers and counts, for missed-event detection
 
 
+MAX_EVENT_NUMBER = 2**31 - 1  # the subscriptions table's INTEGER columns; no real subscription counts more
+
+
 def _number(value: Any, expression: str) -> int | None:
-    """The IG's counts are strings in R4 (`valueString`); integer forms are read too."""
+    """The IG's counts are strings in R4 (`valueString`); integer forms are read too. A number past any
+    real server's count is refused, not stored (it would stand as the count the subscription must reach)."""
     if value is None:
         return None
     text = str(value).strip()
-    if not text.isdigit():
+    if not text.isdigit() or len(text) > 10 or int(text) > MAX_EVENT_NUMBER:
         raise BadRequest(f"'{text[:20]}' is not an event number", expression=expression)
     return int(text)
+
+
+def _reference(parameter: dict[str, Any]) -> Any:
+    """A parameter's `valueReference.reference`, or None when it has none or is not shaped as a Reference."""
+    value = parameter.get("valueReference")
+    return value.get("reference") if isinstance(value, dict) else None
 
 
 def _value(parameter: dict[str, Any]) -> Any:
@@ -81,7 +91,7 @@ def parse_notification(body: dict[str, Any], kinds: tuple[str, ...] = (*QUIET_TY
     for parameter in parameters:
         name = parameter.get("name")
         if name == "subscription":
-            subscription = (parameter.get("valueReference") or {}).get("reference")
+            subscription = _reference(parameter)
         elif name == "type":
             kind = parameter.get("valueCode")
         elif name == "status":
@@ -97,7 +107,7 @@ def parse_notification(body: dict[str, Any], kinds: tuple[str, ...] = (*QUIET_TY
                 if not isinstance(part, dict):
                     continue
                 if part.get("name") == "focus":
-                    reference = (part.get("valueReference") or {}).get("reference")
+                    reference = _reference(part)
                     if not isinstance(reference, str) or not reference:
                         raise BadRequest("a notification-event focus needs a reference",
                                          expression="Parameters.parameter.part.valueReference")

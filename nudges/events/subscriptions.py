@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from itertools import islice
+from typing import Any, overload
 
 from sqlalchemy import JSON, Column, DateTime, Integer, String, Table, delete, insert, or_, select, update
 
@@ -86,14 +88,56 @@ class Managed:
         return f"{self.server}/Subscription/{self.resource_id}" if self.resource_id else None
 
     @property
-    def missing(self) -> list[int]:
+    def missing(self) -> Missing:
         """Event numbers the server has sent (or counted) that have not arrived."""
         return missing(self.last_event, self.above, self.server_events)
 
 
-def missing(last_event: int, above: dict[int, str], server_events: int | None) -> list[int]:
+def missing(last_event: int, above: dict[int, str], server_events: int | None) -> Missing:
     top = max([server_events or 0, *above])
-    return [n for n in range(last_event + 1, top + 1) if n not in above]
+    return Missing(last_event, above, top)
+
+
+class Missing(Sequence[int]):
+    """The event numbers after `last_event` up to `top` that have not arrived (those in `above` have),
+    without listing them: a server's count can run millions ahead after an outage, or be absurd in a
+    hostile heartbeat, and a list of them was built while the request waited (gigabytes, a hung replica).
+    Read as a sequence: its length, its first and last, a short slice."""
+
+    def __init__(self, last_event: int, above: Iterable[int], top: int) -> None:
+        self._span = range(last_event + 1, max(top, last_event) + 1)
+        self._above = sorted(n for n in above if last_event < n <= top)
+
+    def __len__(self) -> int:
+        return len(self._span) - len(self._above)
+
+    def __eq__(self, other: object) -> bool:
+        return list(self) == list(other) if isinstance(other, list | tuple | Missing) else NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # a view of changing numbers, compared by value
+
+    def __iter__(self) -> Iterator[int]:
+        held = set(self._above)
+        return (n for n in self._span if n not in held)
+
+    def __reversed__(self) -> Iterator[int]:
+        held = set(self._above)
+        return (n for n in reversed(self._span) if n not in held)
+
+    @overload
+    def __getitem__(self, index: int) -> int: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[int]: ...
+
+    def __getitem__(self, index: int | slice) -> int | list[int]:
+        if isinstance(index, slice):  # a short head ([:20]) is all anyone reads
+            start, stop, step = index.indices(len(self))
+            return list(islice(iter(self), start, stop, step))
+        size = len(self)
+        if not -size <= index < size:
+            raise IndexError(index)
+        return next(islice(iter(self), index, None)) if index >= 0 else next(islice(reversed(self), -index - 1, None))
 
 
 def _managed(row: Any) -> Managed:
@@ -233,8 +277,10 @@ def caught_up(store: Store, row_id: int, through: int, last_event_at: str | None
         row = conn.execute(select(subscriptions).where(subscriptions.c.id == row_id)).one()
         top = max(through, row.last_event)
         above = {k: v for k, v in (row.above or {}).items() if int(k) > top}
+        # the count caught up to is the server's own ($status): a higher one heard before (a stray or
+        # hostile notification) would otherwise keep the subscription degraded for good
         conn.execute(update(subscriptions).where(subscriptions.c.id == row_id).values(
-            last_event=top, above=above, server_events=max(row.server_events or 0, top),
+            last_event=top, above=above, server_events=top,
             last_event_at=last_event_at or row.last_event_at, gap_since=None, status="active", reason=None))
 
 
