@@ -35,7 +35,7 @@ class ListWriteError(Exception):
 
 
 def worklist(rule: CompiledRule, hook: str, now: Any, ruleset_version: str, patients: list[str],
-             scope: str = "system") -> dict[str, Any]:
+             scope: str) -> dict[str, Any]:
     """The List for one rule: its patients in id order, or empty with the reason `nilknown` (none found).
     `scope` (export_scope) is part of its identity: a Group's screen replaces that Group's List, never the
     whole population's."""
@@ -57,7 +57,7 @@ def worklist(rule: CompiledRule, hook: str, now: Any, ruleset_version: str, pati
     return resource
 
 
-def identifier(rule: str, hook: str, when: str, scope: str = "system") -> str:
+def identifier(rule: str, hook: str, when: str, scope: str) -> str:
     return f"{rule}/{hook}/{when}/{scope}"
 
 

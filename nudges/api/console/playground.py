@@ -166,11 +166,11 @@ async def try_call(request: Request, runtime: RuntimeDep, viewer: ViewerDep) -> 
     default, and a pasted record is one field; the service's own `max_body_bytes` is the limit (BodyLimit
     holds the whole body to it as it arrives)."""
     form = await request.form(max_part_size=runtime.settings.max_body_bytes)
-    fields = {name: value if isinstance(value := form.get(name, ""), str) else ""
-              for name in ("csrf", "hook", "fixture", "bundle", "context", "now")}
-    check_form(request, runtime, fields["csrf"])
-    hook, fixture, bundle, context, now = (fields[k] for k in ("hook", "fixture", "bundle", "context", "now"))
-    values = {"hook": hook, "fixture": fixture, "bundle": bundle, "context": context, "now": now}
+    csrf = form.get("csrf", "")
+    check_form(request, runtime, csrf if isinstance(csrf, str) else "")
+    values = {name: value if isinstance(value := form.get(name, ""), str) else ""
+              for name in ("hook", "fixture", "bundle", "context", "now")}
+    hook, fixture, bundle, context, now = values.values()
     services = runtime.services()
     try:
         known = fixtures(services.ruleset)
