@@ -12,7 +12,7 @@ import orjson
 from .engine import Match, age_in_years
 from .fhir import codings, instant, parse_fhir_date, referenced_medication
 from .rules.compiled import RuleSet
-from .rules.templates import PLACEHOLDER, SECTION
+from .rules.templates import pieces, shown_sections
 from .rules.valuesets import REMIND_LATER
 from .store import CardRecord
 
@@ -119,34 +119,26 @@ class Renderer:
 
     def sections(self, template: str) -> str:
         """Keep {{#name}} sections when `name` was bound in this match, {{^name}} ones when not."""
-        out: list[str] = []
-        stack: list[bool] = []
-        showing, position = True, 0
-        for token in SECTION.finditer(template):
-            if showing:
-                out.append(template[position:token.start()])
-            position = token.end()
-            kind, name = token.groups()
-            if kind == "/":
-                showing = stack.pop() if stack else showing
-            else:
-                stack.append(showing)
-                showing = showing and ((name in self.match.bindings) == (kind == "#"))
-        if showing:
-            out.append(template[position:])
-        return "".join(out)
+        return shown_sections(template, self.match.bindings.__contains__)
 
     def text(self, template: str) -> str:
         if "{{" not in template:
             return template
-        return PLACEHOLDER.sub(lambda m: self.value(m.group(1)), self.sections(template))
+        parts = pieces(self.sections(template))
+        if len(parts) == 1:
+            return parts[0]
+        out = list(parts)
+        for i in range(1, len(out), 2):
+            out[i] = self.value(out[i])
+        return "".join(out)
 
     def json(self, template: bytes) -> Any:
         if b"{{" not in template:
             return orjson.loads(template)
-        text = PLACEHOLDER.sub(lambda m: orjson.dumps(self.value(m.group(1))).decode()[1:-1],
-                               template.decode())
-        return orjson.loads(text)
+        out = list(pieces(template.decode()))
+        for i in range(1, len(out), 2):
+            out[i] = orjson.dumps(self.value(out[i])).decode()[1:-1]
+        return orjson.loads("".join(out))
 
 
 def indicator(match: Match, now: datetime) -> str:

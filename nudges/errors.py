@@ -10,13 +10,16 @@ recommends). Diagnostics never include tokens, request bodies or patient identif
     ├── Forbidden (403 forbidden)            known, or not asked, but not allowed here (the console off loopback)
     ├── NotFound (404 not-found)
     ├── PayloadTooLarge (413 too-long)
+    ├── UnsupportedMediaType (415 not-supported)  a body that is not JSON, or compressed
     ├── PreconditionFailed (412 incomplete)  data in neither prefetch nor the FHIR server
     │   └── FhirServerError                  the FHIR server could not supply it (transient: retried)
     ├── DeliveryError (502 transient)        a push could not be delivered (retried from the outbox)
+    ├── Unavailable (503 transient)          the database is out of reach: try again shortly
     └── ConfigError                          unsafe or inconsistent settings: the process must not start
 
 Foreign exceptions are mapped where they arise, once: httpx and JSON errors of a FHIR fetch in
-`fhirserver/client.py`, JWT errors in `api/auth.py`, pydantic errors in `pipeline.validation_error`.
+`fhirserver/client.py`, JWT errors in `api/auth.py`, pydantic errors in `pipeline.validation_error`,
+the database out of reach (no connection within `store.DATABASE_WAIT_SECONDS`) in `api/errors.py`.
 Anything else is a programming error: answered 500 and logged, never retried as if transient.
 """
 
@@ -90,6 +93,11 @@ class PayloadTooLarge(NudgesError):
     code = "too-long"
 
 
+class UnsupportedMediaType(NudgesError):
+    status = 415
+    code = "not-supported"
+
+
 class PreconditionFailed(NudgesError):
     """412: data the service needs is in neither prefetch nor the FHIR server (CDS Hooks 2.0)."""
 
@@ -118,6 +126,14 @@ class DeliveryError(NudgesError):
         self.retry = retry
         self.upstream_status = upstream_status
         self.retry_after = retry_after  # seconds the receiver asked us to wait (Retry-After)
+
+
+class Unavailable(NudgesError):
+    """503: the service cannot answer now but will again (the database is out of reach). Answered at once
+    rather than after a long wait: an EHR that waits for its CDS services holds the chart open meanwhile."""
+
+    status = 503
+    code = "transient"
 
 
 class ConfigError(NudgesError):

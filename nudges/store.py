@@ -215,10 +215,18 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    engine = create_engine(url, pool_size=POOL_SIZE, max_overflow=POOL_SIZE)
+    engine = create_engine(url, pool_size=POOL_SIZE, max_overflow=POOL_SIZE, pool_timeout=DATABASE_WAIT_SECONDS,
+                           connect_args={"connect_timeout": CONNECT_TIMEOUT_SECONDS})
     event.listen(engine, "checkin", _idle_from)
     event.listen(engine, "checkout", partial(_ping_if_idle, engine))
     return engine
+
+
+# How long a request waits for a database connection (a free one from the pool, or a new one) before it is
+# answered 503 (api/errors.py): the pools' own default, 30 s, held a hook call, and the chart behind it,
+# for 30 s whenever PostgreSQL was down.
+DATABASE_WAIT_SECONDS = 2.0
+CONNECT_TIMEOUT_SECONDS = 2  # libpq's connect_timeout: whole seconds
 
 
 # A pooled connection idle for longer than this is pinged before use (one round trip), so that one the
@@ -334,6 +342,7 @@ class Store:
         self.engine = make_engine(url)
         self.clock = clock
         self._hash_key = hash_key
+        self._keyed: hmac.HMAC | None = None
         self._prepared: dict[Hashable, Prepared] = {}
         self.writers = Writers(self.engine.url, lambda: PING_IDLE_SECONDS)  # the hook write's, on PostgreSQL
 
@@ -397,7 +406,12 @@ class Store:
 
     def keyed(self, text: str) -> str:
         """HMAC of an identifier (a patient id, what a card is about) under the service's key."""
-        return hmac.new(self.hash_key(), text.encode(), hashlib.sha256).hexdigest()
+        keyed = self._keyed
+        if keyed is None:  # the key's padded blocks hashed once, not on each of a call's several ids
+            keyed = self._keyed = hmac.new(self.hash_key(), digestmod=hashlib.sha256)
+        mac = keyed.copy()
+        mac.update(text.encode())
+        return mac.hexdigest()
 
     # -- cards ---------------------------------------------------------------------------
     def record_cards(self, records: Sequence[CardRecord]) -> None:
@@ -518,7 +532,9 @@ class Store:
                     continue
                 if lockout is not None:
                     conn.execute(lock, {"patient_hash": lockout.patient_hash, "rule_id": lockout.rule_id,
-                                        "focus": lockout.focus, "feedback_at": r.outcome_timestamp,
+                                        # as the lockout's start: a clock running ahead in the EHR must
+                                        # not make this outcome the latest for good (Policy.of)
+                                        "focus": lockout.focus, "feedback_at": min(r.outcome_timestamp, now),
                                         "feedback_key": fingerprint, "feedback_until": lockout.until,
                                         "outcome": r.outcome, "reason_code": lockout.reason_code})
                 stored.append(True)

@@ -38,9 +38,12 @@ class Writers:
             return self._pool
         async with self._opening:  # the first calls after a start arrive together
             if self._pool is None:
-                pool = AsyncConnectionPool(self.conninfo, min_size=1, max_size=SIZE, kwargs={"autocommit": True},
+                from .store import CONNECT_TIMEOUT_SECONDS, DATABASE_WAIT_SECONDS
+
+                pool = AsyncConnectionPool(self.conninfo, min_size=1, max_size=SIZE,
+                                           kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT_SECONDS},
                                            open=False, check=self._ping_if_idle, reset=self._returned,
-                                           name="nudges-hook-writes")
+                                           name="nudges-hook-writes", timeout=DATABASE_WAIT_SECONDS)
                 await pool.open()
                 self._pool = pool
         return self._pool

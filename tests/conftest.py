@@ -208,6 +208,7 @@ class FhirServer:
         self.requests: list[tuple[str, str | None]] = []
         self.delay = 0.0
         self.page_size = 1000
+        self.next_base: str | None = None  # where `next` links point (another server's base), else this one
         # SMART Backend Services: with `token` set, reads need `Bearer <token>`, which POST /token hands
         # out for a client assertion signed by `client_key` (public) for `client_id`.
         self.token: str | None = None
@@ -347,8 +348,8 @@ class FhirServer:
         bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset", "total": len(matches),
                                   "entry": [{"resource": r} for r in page]}
         if offset + self.page_size < len(matches):
-            bundle["link"] = [{"relation": "next",
-                               "url": f"{self.base}/{kind}?{parts.query}&_offset={offset + self.page_size}"}]
+            after = f"{self.next_base or self.base}/{kind}?{parts.query}&_offset={offset + self.page_size}"
+            bundle["link"] = [{"relation": "next", "url": after}]
         return 200, bundle
 
     def close(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from urllib.parse import parse_qsl, urlsplit
@@ -191,6 +192,20 @@ def test_open_fhir_server_gets_no_authorization_and_pages_are_followed(client: L
     assert len(response.json()["cards"]) == 1  # the elevated result was on page 2
     assert all(auth is None for _, auth in fhir_server.requests)
     assert any("_offset=1" in p for p, _ in fhir_server.requests)
+
+
+def test_a_search_continued_on_another_server_is_a_412_not_a_partial_record(client: LiveServer, fhir_server) -> None:  # type: ignore[no-untyped-def]
+    """A `next` link to another origin is not followed (the call's token is for its own server), and the
+    first page is not used as if it were all: a result on the pages left out reads as absent."""
+    fhir_server.page_size = 1
+    fhir_server.next_base = "http://127.0.0.2:9/fhir"
+    fhir_server.resources = [troponin("t-old", value=5), troponin("t-high")]
+    body = patient_view("pt-9", prefetch={"patient": patient("pt-9")})
+    body["fhirServer"] = fhir_server.base
+    response = client.post(URL, json=body)
+    assert response.status_code == 412, response.text
+    assert "continues on another server (http://127.0.0.2:9)" in response.text
+    assert not any("_offset" in p for p, _ in fhir_server.requests)
 
 
 def test_a_prefetch_of_one_page_is_read_whole_from_the_fhir_server(client: LiveServer, fhir_server) -> None:  # type: ignore[no-untyped-def]
@@ -468,4 +483,77 @@ def test_a_crash_in_a_hook_call_is_a_500_outcome_and_the_service_goes_on(
     monkeypatch.undo()
     assert client.post(URL, json=patient_view("pt-2")).status_code == 200 == good.status_code
     wrong = client.get(URL)  # not a hook call: FastAPI's router answers, with the same kind of error
-    assert wrong.status_code == 405 and outcome(wrong)
+    assert wrong.status_code == 405 and outcome(wrong) and wrong.headers["allow"] == "POST"
+
+
+def test_a_call_is_answered_503_at_once_while_the_database_is_out_of_reach(
+        make_client, pg_schema_url: str, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """PostgreSQL refusing the service's connections (down, failing over, its role locked): a hook call
+    and feedback are a 503 OperationOutcome within DATABASE_WAIT_SECONDS (the pools' default had held
+    each for 30 s, then answered 500), and the service answers again once the database is back."""
+    import secrets
+
+    import psycopg
+    from conftest import PG_BASE
+
+    from nudges import store
+
+    monkeypatch.setattr(store, "DATABASE_WAIT_SECONDS", 0.5)
+    role = f"nudges_outage_{secrets.token_hex(3)}"  # the service's own role, locked out alone
+    admin = functools.partial(psycopg.connect, PG_BASE, autocommit=True)
+    with admin() as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+        conn.execute(f"CREATE SCHEMA {role} AUTHORIZATION {role}")
+    parts = urlsplit(PG_BASE)
+    url = parts._replace(scheme="postgresql+psycopg", netloc=f"{role}@{parts.hostname}:{parts.port or 5432}",
+                         query=f"options=-csearch_path%3D{role}").geturl()
+    client = make_client(database_url=url)
+    try:
+        first = client.post(URL, json=patient_view("pt-outage-1", troponin()))
+        assert first.status_code == 200 and first.json()["cards"], first.text
+        card = first.json()["cards"][0]
+        with admin() as conn:
+            conn.execute(f"ALTER ROLE {role} NOLOGIN")
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (role,))
+        for path, body in ((URL, patient_view("pt-outage-2", troponin())),
+                           (f"{URL}/feedback", {"feedback": [{
+                               "card": card["uuid"], "outcome": "accepted", "outcomeTimestamp": "2026-03-02T12:00:00Z",
+                               "acceptedSuggestions": [{"id": card["suggestions"][0]["uuid"]}]}]})):
+            start = time.monotonic()
+            down = client.post(path, json=body)
+            assert down.status_code == 503 and time.monotonic() - start < 5, (path, down.status_code, down.text)
+            assert down.headers["retry-after"] == "5"
+            assert down.json()["issue"][0]["code"] == "transient" and "try again" in down.text
+        with admin() as conn:
+            conn.execute(f"ALTER ROLE {role} LOGIN")
+        back = client.post(URL, json=patient_view("pt-outage-3", troponin()))
+        assert back.status_code == 200 and back.json()["cards"], back.text
+    finally:
+        client.stop()
+        with admin() as conn:
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (role,))
+            conn.execute(f"DROP SCHEMA {role} CASCADE")
+            conn.execute(f"DROP ROLE {role}")
+
+
+@pytest.mark.parametrize(("headers", "refused"), [
+    ({"Content-Type": "text/plain;charset=UTF-8"}, "'text/plain' is not JSON"),  # a cross-site fetch()
+    ({"Content-Type": "application/x-www-form-urlencoded"}, "'application/x-www-form-urlencoded' is not JSON"),
+    ({"Content-Type": "multipart/form-data; boundary=x"}, "'multipart/form-data' is not JSON"),
+    ({"Content-Type": "application/json", "Content-Encoding": "gzip"}, "send the body uncompressed"),
+    ({"Content-Type": "application/fhir+json; charset=utf-8"}, None), ({"Content-Type": "Application/JSON"}, None),
+    ({}, None),  # no type at all: a script's request, not a browser's
+])
+def test_bodies_that_are_not_json_are_a_415(client: LiveServer, headers: dict[str, str], refused: str | None) -> None:
+    """Hook calls and feedback take JSON only: a form or text/plain is what any web page can POST across
+    sites without a CORS preflight (feedback had been stored so), and gzip was read as malformed JSON."""
+    call = orjson.dumps(patient_view(f"pt-media-{len(headers)}-{len(refused or '')}", troponin()))
+    feedback = orjson.dumps({"feedback": [{"card": "c", "outcome": "overridden", "overrideReason": {"userComment": "-"},
+                                           "outcomeTimestamp": "2026-03-02T12:00:00Z"}]})
+    for path, body in ((URL, call), (f"{URL}/feedback", feedback)):
+        answer = client.post(path, content=body, headers=headers)
+        if refused is None:
+            assert answer.status_code in (200, 400), answer.text  # read as JSON (the feedback's card is unknown)
+            assert "is not JSON" not in answer.text
+        else:
+            assert answer.status_code == 415 and refused in answer.json()["issue"][0]["diagnostics"], answer.text

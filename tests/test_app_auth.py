@@ -200,3 +200,22 @@ def test_a_hook_url_with_a_trailing_slash_is_answered_where_it_was_asked(secured
                             headers={"Authorization": f"Bearer {token(key, url, now_of(secured))}"})
     assert response.status_code == 200, response.text
     assert response.json()["cards"]
+
+
+def test_feedback_with_a_trailing_slash_is_answered_where_it_was_asked(secured: LiveServer,
+                                                                       key: ec.EllipticCurvePrivateKey) -> None:
+    """`/cds-services/{id}/feedback/` was a 307 to the URL without the slash, whose token check then failed;
+    feedback entries may carry the spec's `extension` member, as every CDS Hooks object may."""
+    url = str(secured.base_url) + "/cds-services/nudges-patient-view"
+    called = secured.post("/cds-services/nudges-patient-view", json=patient_view("pt-fs", troponin()),
+                          headers={"Authorization": f"Bearer {token(key, url, now_of(secured))}"})
+    card = called.json()["cards"][0]
+    entry = {"card": card["uuid"], "outcome": "accepted", "outcomeTimestamp": "2026-03-02T12:00:00Z",
+             "acceptedSuggestions": [{"id": card["suggestions"][0]["uuid"], "extension": {"org.example.x": 1}}],
+             "extension": {"org.example.ehr-user-role": "nurse"}}
+    url += "/feedback/"
+    response = secured.post("/cds-services/nudges-patient-view/feedback/",
+                            json={"feedback": [entry], "extension": {"org.example.batch": "7"}},
+                            headers={"Authorization": f"Bearer {token(key, url, now_of(secured))}"})
+    assert response.status_code == 200, response.text
+    assert response.json() == {"stored": 1, "duplicates": 0}

@@ -458,10 +458,16 @@ def test_an_unreachable_server_is_retried_then_dead_listed_and_requeued(
     listed = capsys.readouterr().out
     assert f"{TROPONIN_RULE} -> communication  after 2 attempt(s): attempt 2: FHIR server unreachable" in listed
     assert pid not in listed
-    assert main(["deliveries", "retry", "--database-url", database]) == 0
+    dead_id = delivery(service, card).id
+    assert main(["deliveries", "retry", "--database-url", database, "--id", "999999"]) == 1  # a typo'd id
+    answer = capsys.readouterr()
+    assert "0 dead deliveries" in answer.out and "#999999 (no such delivery)" in answer.err
+    assert main(["deliveries", "retry", "--database-url", database, "--id", str(dead_id)]) == 0
     assert "1 dead deliveries back in the outbox" in capsys.readouterr().out
     row = delivery(service, card)
     assert (row.status, row.attempts) == ("pending", 0)
+    assert main(["deliveries", "retry", "--database-url", database, "--id", str(dead_id)]) == 1  # not dead now
+    assert f"#{dead_id} (pending)" in capsys.readouterr().err
 
 
 # -- exactly once across workers ---------------------------------------------------------------------------

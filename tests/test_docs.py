@@ -110,7 +110,8 @@ def test_docs_work_in_a_real_browser_with_the_network_blocked(browser: Any, clie
 def test_error_answers_are_documented_as_operation_outcomes(client: LiveServer) -> None:
     document = client.get("/openapi.json").json()
     call = document["paths"]["/cds-services/{service_id}"]["post"]["responses"]
-    assert {"200", "400", "401", "404", "412", "413"} == set(call)  # no 422: the service never answers one
+    # no 422: the service never answers one
+    assert {"200", "400", "401", "404", "412", "413", "415", "503"} == set(call)
     for status in ("400", "412"):
         schema = call[status]["content"]["application/fhir+json"]["schema"]
         assert schema["properties"]["resourceType"] == {"const": "OperationOutcome"}

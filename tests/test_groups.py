@@ -205,3 +205,19 @@ def test_card_section_lint(rules_dir: Path, capsys: pytest.CaptureFixture[str], 
     code, out = lint(rules_dir, capsys)
     line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if text.startswith("  summary:"))
     assert code == 1 and any(message in entry and f":{line}:" in entry for entry in out), out
+
+
+@pytest.mark.parametrize(("template", "bound", "shown"), [
+    ("a{{#x}}b{{/x}}c", {"x"}, "abc"), ("a{{#x}}b{{/x}}c", set(), "ac"),
+    ("a{{^x}}b{{/x}}c", set(), "abc"), ("a{{^x}}b{{/x}}c", {"x"}, "ac"),
+    ("{{#x}}{{^y}}n{{/y}}{{#y}}y{{/y}}{{/x}}.", {"x"}, "n."),
+    ("{{#x}}{{^y}}n{{/y}}{{#y}}y{{/y}}{{/x}}.", {"x", "y"}, "y."),
+    ("a{{/x}}b", set(), "ab"), ("a{{#x}}b", set(), "a"),  # links are not linted: a stray tag as before
+    ("{{ #x }}b{{ /x }}", {"x"}, "b"), ("no sections {{now}}", set(), "no sections {{now}}"),
+])
+def test_sections_are_cut_alike_from_the_plan(template: str, bound: set[str], shown: str) -> None:
+    from nudges.rules.templates import pieces, shown_sections
+
+    for _ in range(2):  # the second time from the rendering plan
+        assert shown_sections(template, bound.__contains__) == shown
+    assert pieces("x {{a.value}} y {{ now }}") == ("x ", "a.value", " y ", "now", "")

@@ -279,6 +279,21 @@ def test_the_latest_outcome_wins_whatever_order_feedback_arrives_in(svc: LiveSer
     assert all(encounter_start(svc, pid) is not None for pid in pids)
 
 
+def test_an_outcome_stamped_ahead_of_time_does_not_stay_the_latest(svc: LiveServer) -> None:
+    """An EHR clock three days fast: its "remind me later" counts from its arrival, and the next outcome,
+    stamped correctly, is later than it (it had stayed "the latest" for three days, so a 30-day refusal
+    was ignored and the card came back after the 2 h snooze)."""
+    pid = new_pid()
+    card = encounter_start(svc, pid)
+    send(svc, "encounter-start", card, "overridden", why=dict(REMIND_LATER), at=timedelta(days=3))
+    later(svc, minutes=1)
+    send(svc, "encounter-start", card, "overridden", why=reason("patient-refuses"))  # 30 d from now
+    later(svc, hours=3)
+    assert encounter_start(svc, pid) is None
+    later(svc, days=30)
+    assert encounter_start(svc, pid) is not None
+
+
 def test_bad_feedback_is_refused_and_nothing_is_stored(svc: LiveServer) -> None:
     pid = new_pid()
     card = encounter_start(svc, pid)

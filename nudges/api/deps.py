@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import orjson
 from fastapi import Depends, Request, Response
 
-from ..errors import BadRequest, PayloadTooLarge
+from ..errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 from ..planned import parse_body
 from ..runtime import Runtime
 from .auth import Caller
@@ -47,15 +47,31 @@ CallerDep = Annotated[Caller, Depends(authenticate)]
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """A declared Content-Length over the limit is refused before anything is read; what streams in is
-    counted by middleware.BodyLimit."""
-    declared = request.headers.get("content-length")
+    """A JSON body (hook calls, feedback, notifications). A declared Content-Length over the limit is refused
+    before anything is read; what streams in is counted by middleware.BodyLimit."""
+    headers = request.headers
+    kind = headers.get("content-type")
+    if kind is not None and not json_media(kind):
+        # A form or text/plain is what a web page can POST cross-site without asking first (no CORS
+        # preflight): refused, so no page a clinician visits can send feedback or calls in their name.
+        raise UnsupportedMediaType(f"Content-Type '{kind.split(';')[0].strip()[:60]}' is not JSON; send "
+                                   "'Content-Type: application/json' (or application/fhir+json)")
+    encoding = headers.get("content-encoding")
+    if encoding is not None and encoding.strip().lower() != "identity":
+        raise UnsupportedMediaType(f"Content-Encoding '{encoding[:30]}' is not accepted; send the body uncompressed")
+    declared = headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
             raise BadRequest("invalid Content-Length")
         if int(declared) > limit:
             raise PayloadTooLarge(f"request body exceeds {limit} bytes")
     return await request.body()
+
+
+def json_media(content_type: str) -> bool:
+    """application/json, application/fhir+json or another +json type, whatever its parameters."""
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
 async def json_body(request: Request, runtime: RuntimeDep) -> dict[str, Any]:

@@ -7,20 +7,28 @@ import logging
 import orjson
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
+from psycopg_pool import PoolTimeout
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as QueueTimeout
 from starlette.exceptions import HTTPException
 
-from ..errors import BadRequest, NotFound, NudgesError
+from ..errors import BadRequest, NotFound, NudgesError, Unavailable
 from ..fhir import operation_outcome
 
 log = logging.getLogger("nudges.api")
 FHIR_JSON = "application/fhir+json"
+# The database out of reach: no connection within store.DATABASE_WAIT_SECONDS (either pool), refused or
+# dropped connections (OperationalError, after Store.retrying's second try), SQLite locked past its
+# busy_timeout. A 503 the EHR may retry, not a 500 that reads as a fault in the service.
+DATABASE_DOWN = (PoolTimeout, QueueTimeout, OperationalError)
+RETRY_AFTER_SECONDS = 5
 
 
 def error_response(exc: NudgesError, request: Request | None = None) -> Response:
     """The answer, and a log line an operator can act on: diagnostics never carry PHI or tokens, and a
     refusal (401) logs its reason where it is decided (api/auth.py). Under /console the answer is a page
     for a person (the same status and message), not an OperationOutcome."""
-    if exc.status >= 500:
+    if exc.status >= 500 and exc.status != 503:  # 503: logged where the outage is recognised
         log.error("internal error", extra={"error": type(exc).__name__})
     elif exc.status in (412, 413):
         log.info(f"answered {exc.status}: {exc.diagnostics}", extra={"status": exc.status})
@@ -28,12 +36,16 @@ def error_response(exc: NudgesError, request: Request | None = None) -> Response
         from .console.render import error_page
 
         return error_page(exc.status, exc.diagnostics)
-    return Response(orjson.dumps(exc.outcome()), status_code=exc.status, media_type=FHIR_JSON)
+    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if exc.status == 503 else None
+    return Response(orjson.dumps(exc.outcome()), status_code=exc.status, media_type=FHIR_JSON, headers=headers)
 
 
 def unexpected_response(exc: Exception) -> Response:
     """Anything the service did not raise on purpose: a 500 OperationOutcome naming nothing but the
-    exception's type (its message may hold request data)."""
+    exception's type (its message may hold request data); the database out of reach, a 503."""
+    if isinstance(exc, DATABASE_DOWN):
+        log.warning("database unavailable", extra={"error": type(exc).__name__})
+        return error_response(Unavailable("the service's database is out of reach; try again shortly"))
     log.error("unhandled error", extra={"error": type(exc).__name__})
     return Response(orjson.dumps(operation_outcome("internal error", code="exception")), status_code=500,
                     media_type=FHIR_JSON)
@@ -58,7 +70,9 @@ def install(app: FastAPI) -> None:
             return error_response(exc.__cause__, request)
         err = NudgesError(str(exc.detail))
         err.status, err.code = exc.status_code, "not-supported" if exc.status_code == 405 else "processing"
-        return error_response(err, request)
+        response = error_response(err, request)
+        response.headers.update(exc.headers or {})  # a 405's Allow (RFC 9110 requires it)
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
@@ -67,6 +81,13 @@ def install(app: FastAPI) -> None:
         return error_response(BadRequest(f"{where}: {first.get('msg', 'invalid request')}" if where
                                          else "invalid request", expression=where or None), request)
 
+    for down in DATABASE_DOWN:  # answered inside the app, not re-raised to the server as a fault
+        app.add_exception_handler(down, _database_down)
+
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> Response:
         return unexpected_response(exc)
+
+
+async def _database_down(_: Request, exc: Exception) -> Response:
+    return unexpected_response(exc)

@@ -1,4 +1,6 @@
-"""CDS Hooks 2.0 request/feedback bodies as pydantic models, named after the spec.
+"""CDS Hooks 2.0 request/feedback bodies as pydantic models, named after the spec. Every object takes the
+spec's `extension` member (CDS Hooks 2.0 "Extensions": any object of the spec may carry one); other
+unknown members are refused, so a misspelt field is a 400 that names it, not silently ignored.
 
 Prefetch values and context Bundles stay plain dicts: validating every FHIR resource with models on
 each call would dominate latency.
@@ -54,6 +56,7 @@ class OverrideReason(BaseModel):
 
     reason: Coding | None = None
     userComment: str | None = None
+    extension: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _one_of(self) -> OverrideReason:
@@ -66,6 +69,7 @@ class AcceptedSuggestion(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: str = Field(min_length=1)
+    extension: dict[str, Any] | None = None
 
 
 class Feedback(BaseModel):
@@ -76,6 +80,7 @@ class Feedback(BaseModel):
     acceptedSuggestions: list[AcceptedSuggestion] | None = None
     overrideReason: OverrideReason | None = None
     outcomeTimestamp: datetime
+    extension: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _outcome_fields(self) -> Feedback:
@@ -94,6 +99,7 @@ class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     feedback: list[Feedback] = Field(min_length=1, max_length=500)
+    extension: dict[str, Any] | None = None
 
 
 class NotificationParameter(BaseModel):
@@ -153,7 +159,9 @@ _WHY = {400: "malformed JSON, a body that is not an object, a missing or invalid
         401: "a missing or refused bearer token (when auth.clients are configured)",
         404: "no such CDS service",
         412: "data the rules need is in neither prefetch nor the FHIR server",
-        413: "the body is larger than max_body_bytes"}
+        413: "the body is larger than max_body_bytes",
+        415: "a body sent as something other than JSON (a form, text/plain) or compressed",
+        503: "the service's database is out of reach; try again (Retry-After)"}
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:

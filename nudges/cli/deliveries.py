@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         store.migrate()
         if args.action == "retry":
+            statuses = outbox.statuses(store, args.id) if args.id else {}
             print(f"{outbox.requeue_dead(store, store.clock.now(), args.id)} dead deliveries back in the outbox")
+            refused = [f"#{i} ({statuses[i]})" if i in statuses else f"#{i} (no such delivery)"
+                       for i in dict.fromkeys(args.id) if statuses.get(i) != "dead"]
+            if refused:  # a typed id that did nothing must not look like success to a script or an operator
+                print(f"not retried, as only dead deliveries are: {', '.join(refused)} "
+                      "(`nudges deliveries list` shows the dead ones)", file=sys.stderr)
+                return 1
             return 0
         counts = outbox.counts(store)
         print(", ".join(f"{status} {n}" for status, n in counts.items()))

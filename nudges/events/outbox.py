@@ -149,6 +149,13 @@ def requeue_dead(store: Store, now: datetime, ids: list[int] | None = None) -> i
     return int(result.rowcount)
 
 
+def statuses(store: Store, ids: list[int]) -> dict[int, str]:
+    """The status of each of these deliveries that exists."""
+    with store.engine.connect() as conn:
+        rows = conn.execute(select(deliveries.c.id, deliveries.c.status).where(deliveries.c.id.in_(ids))).all()
+    return {int(row[0]): str(row[1]) for row in rows}
+
+
 def counts(store: Store) -> dict[str, int]:
     """Deliveries per status (every status present, 0 when none)."""
     with store.engine.connect() as conn:

@@ -162,8 +162,11 @@ class FhirClient:
             nxt = urljoin(url, link)
             parts = urlsplit(nxt)
             if (parts.scheme, parts.netloc) != (origin.scheme, origin.netloc):
-                log.warning("ignored a next link to another server")
-                break
+                # not followed (the call's token is for its own server alone), and not used as if it were
+                # all: a result on the missing pages would read as absent ("due for screening")
+                log.warning("refused a next link to another server")
+                raise FhirServerError(f"the FHIR server's search continues on another server ({parts.scheme}://"
+                                      f"{parts.netloc}), which the service does not follow: the search is incomplete")
             page = await self._get(nxt, token)
             if not isinstance(page, dict):
                 break

@@ -6,6 +6,8 @@ Checked at load against the names a rule binds, so a card can never render an un
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from typing import Any
 
 PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][\w.]*)\s*\}\}")
 # Sections in card text: {{#name}}...{{/name}} only when `name` was bound in this match, {{^name}}...{{/name}}
@@ -47,3 +49,62 @@ def known_placeholder(name: str, bound: set[str]) -> bool:
         return True
     head, _, tail = name.partition(".")
     return head in bound and tail in BINDING_FIELDS
+
+
+# -- rendering plans ------------------------------------------------------------------------------------
+# A card's text is rendered on every call that raises it; the regular expressions run once per template (and
+# per combination of its sections' names bound or not) instead, and a call only joins literal pieces with
+# values (a third of a card's cost on a small record, README "Performance"). Templates come from the loaded
+# rule sets, so the caches hold a few hundred entries; they are emptied past PLAN_CACHE (rules reloaded
+# many times over), never evicted one by one.
+PLAN_CACHE = 4096
+_sections: dict[str, tuple[str, ...]] = {}
+_shown: dict[tuple[str, tuple[bool, ...]], str] = {}
+_pieces: dict[str, tuple[str, ...]] = {}
+
+
+def _remember(cache: dict[Any, Any], key: Any, value: Any) -> Any:
+    if len(cache) >= PLAN_CACHE:
+        cache.clear()
+    cache[key] = value
+    return value
+
+
+def pieces(text: str) -> tuple[str, ...]:
+    """`text` split at its placeholders: literal text at even positions, a placeholder's name at odd ones."""
+    found = _pieces.get(text)
+    return found if found is not None else _remember(_pieces, text, tuple(PLACEHOLDER.split(text)))
+
+
+def shown_sections(template: str, bound: Callable[[str], bool]) -> str:
+    """The template with {{#name}} sections kept when `bound(name)`, {{^name}} ones when not (Mustache's
+    rules; an unmatched close tag is dropped, an unclosed section runs to the end)."""
+    names = _sections.get(template)
+    if names is None:
+        names = _remember(_sections, template, tuple(dict.fromkeys(m.group(2) for m in SECTION.finditer(template))))
+    if not names:
+        return template
+    held = tuple(bound(name) for name in names)
+    found = _shown.get((template, held))
+    if found is None:
+        found = _remember(_shown, (template, held), _cut_sections(template, dict(zip(names, held, strict=True))))
+    return found
+
+
+def _cut_sections(template: str, bound: dict[str, bool]) -> str:
+    out: list[str] = []
+    stack: list[bool] = []
+    showing, position = True, 0
+    for token in SECTION.finditer(template):
+        if showing:
+            out.append(template[position:token.start()])
+        position = token.end()
+        kind, name = token.groups()
+        if kind == "/":
+            showing = stack.pop() if stack else showing
+        else:
+            stack.append(showing)
+            showing = showing and (bound[name] == (kind == "#"))
+    if showing:
+        out.append(template[position:])
+    return "".join(out)

@@ -15,7 +15,9 @@ router = APIRouter(tags=["CDS Hooks"])
 
 
 @router.post("/cds-services/{service_id}/feedback", summary="Feedback on cards",
-             openapi_extra={"requestBody": FEEDBACK_SCHEMA}, responses=error_responses(400, 401, 404, 413))
+             openapi_extra={"requestBody": FEEDBACK_SCHEMA}, responses=error_responses(400, 401, 404, 413, 415, 503))
+@router.post("/cds-services/{service_id}/feedback/", include_in_schema=False)  # answered, not redirected: a
+# redirected request's token is addressed to the first URL (as discovery and hook calls, routes/services.py)
 async def feedback(service_id: str, runtime: RuntimeDep, caller: CallerDep, body: BodyDep) -> Response:
     if service_id not in runtime.services().by_id:
         raise NotFound(f"no CDS service '{service_id}'")

@@ -62,7 +62,7 @@ def _own(managed: Managed, note: Notification) -> str:
 
 
 @router.post("/fhir/notifications", summary="FHIR Subscriptions (R4 Backport IG) notifications",
-             openapi_extra={"requestBody": NOTIFICATION_SCHEMA}, responses=error_responses(400, 401, 413))
+             openapi_extra={"requestBody": NOTIFICATION_SCHEMA}, responses=error_responses(400, 401, 413, 415, 503))
 async def notifications(runtime: RuntimeDep, who: NotifierDep, body: BodyDep) -> Response:
     note = parse_notification(body)
     store = runtime.store

@@ -30,7 +30,7 @@ async def discovery(runtime: RuntimeDep, caller: CallerDep) -> Response:
 
 
 @router.post("/cds-services/{service_id}", summary="Call a CDS service (a hook)",
-             openapi_extra={"requestBody": CALL_SCHEMA}, responses=error_responses(400, 401, 404, 412, 413))
+             openapi_extra={"requestBody": CALL_SCHEMA}, responses=error_responses(400, 401, 404, 412, 413, 415, 503))
 async def call_service(service_id: str, request: Request, runtime: RuntimeDep) -> Response:
     """The operation as OpenAPI (/docs) documents it. HookLane answers every such call before routing,
     through the same function, so this endpoint runs only in an app assembled without the lane."""
