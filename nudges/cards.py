@@ -154,8 +154,9 @@ def indicator(match: Match, now: datetime) -> str:
 
 def build_card(match: Match, ruleset: RuleSet, context: dict[str, Any], patient: dict[str, Any] | None,
                now: datetime, medications: dict[str, dict[str, Any]] | None = None,
-               why_base: str | None = None) -> dict[str, Any]:
-    """The card; with `why_base` (settings.public_base_url) its links end with "Why this nudge"."""
+               why_base: str | None = None, card_id: str | None = None) -> dict[str, Any]:
+    """The card; with `why_base` (settings.public_base_url) its links end with "Why this nudge"; its uuid
+    `card_id` when the caller derives one (pipeline.card_uuid), else a random one."""
     rule, template = match.rule, match.rule.card
     render = Renderer(match, context, patient, now, medications)
     summary = render.text(template.summary)
@@ -167,7 +168,7 @@ def build_card(match: Match, ruleset: RuleSet, context: dict[str, Any], patient:
                                         "display": manifest.topics.get(rule.topic, rule.topic)}}
     if rule.source_url:
         source["url"] = rule.source_url
-    card: dict[str, Any] = {"uuid": str(uuid.uuid4()), "summary": summary,
+    card: dict[str, Any] = {"uuid": card_id or str(uuid.uuid4()), "summary": summary,
                             "indicator": indicator(match, now), "source": source}
     if template.detail:
         card["detail"] = render.text(template.detail)

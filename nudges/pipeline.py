@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -195,14 +196,24 @@ def evaluate(call: Call, services: Services, now: datetime, *, patient_hash: str
     draft = selected(call, drafts(call)) if hook.drafts else []
     medications = record.medications() if hook.focus == "order" else None  # an order's identity may be its Medication
     for match in outcome.matches:
-        card = build_card(match, services.ruleset, call.context, record.patient, now, record.medications(),
-                          why_base=why_base)
         focus = keyed(focus_of(hook, call.context, match.drafts, draft, medications)) if keyed else None
+        card = build_card(match, services.ruleset, call.context, record.patient, now, record.medications(),
+                          why_base=why_base, card_id=card_uuid(keyed, call, patient_hash, match.rule.id, focus)
+                          if keyed and focus else None)
         result.issued.append(IssuedCard(match.rule.id, card, match=match, record=CardRecord(
             uuid=card["uuid"], service_id=call.service.id, rule_id=match.rule.id, rule_version=match.rule.version,
             hook=hook.name, hook_instance=call.request.hookInstance, patient_hash=patient_hash,
             bucket=who, indicator=card["indicator"], issued_at=now, tenant=tenant, focus=focus)))
     return result
+
+
+def card_uuid(keyed: Keyed, call: Call, patient_hash: str, rule_id: str, focus: str) -> str:
+    """A card's uuid, the same each time one call (service, hookInstance) raises it for this patient and
+    focus: a call sent again, as an EHR that timed out retries, then claims its own card again and stores
+    it once (store.claim_statement, store.insert_cards) instead of finding it shown and answering nothing.
+    Keyed under the service's secret, so no one can derive another call's card uuid and send feedback on it."""
+    digest = keyed("\x1f".join(("card", call.service.id, call.request.hookInstance, patient_hash, rule_id, focus)))
+    return str(uuid.UUID(hex=digest[:32], version=4))
 
 
 def run_body(services: Services, settings: Settings, body: dict[str, Any], now: datetime,

@@ -280,13 +280,15 @@ def claim_statement(dialect: str, rows: int = 0) -> Any:
     else:
         statement = upsert.values(**{c: bindparam(c) for c in CLAIM_COLUMNS})
     now = statement.excluded.shown_at
-    free = and_(suppressions.c.shown_until <= now,
-                or_(suppressions.c.feedback_until.is_(None), suppressions.c.feedback_until <= now))
+    unlocked = or_(suppressions.c.feedback_until.is_(None), suppressions.c.feedback_until <= now)
+    free = and_(suppressions.c.shown_until <= now, unlocked)
     escalated = and_(suppressions.c.level < statement.excluded.level,
-                     or_(suppressions.c.outcome.is_(None), suppressions.c.outcome == "accepted",
-                         suppressions.c.feedback_until.is_(None), suppressions.c.feedback_until <= now))
+                     or_(suppressions.c.outcome.is_(None), suppressions.c.outcome == "accepted", unlocked))
+    # The same call sent again (its hookInstance: an EHR that timed out and retried) claims the same card
+    # uuid (pipeline.card_uuid) and gets its card again, unless feedback on it has come in since.
+    retried = and_(suppressions.c.card_uuid == statement.excluded.card_uuid, unlocked)
     return statement.on_conflict_do_update(
-        index_elements=SUPPRESSION_KEY, where=or_(free, escalated),
+        index_elements=SUPPRESSION_KEY, where=or_(free, escalated, retried),
         set_={"card_uuid": statement.excluded.card_uuid, "shown_at": now,
               "shown_until": statement.excluded.shown_until, "level": statement.excluded.level},
     ).returning(suppressions.c.rule_id, suppressions.c.focus)
@@ -334,6 +336,12 @@ LOCK = {dialect: feedback_statement(dialect) for dialect in ("sqlite", "postgres
 INSERT_CARDS = insert(cards)
 
 
+def insert_cards(dialect: str) -> Any:
+    """A hook call's card rows: a call sent again stores its cards once (their uuids are the call's own)."""
+    statement = postgresql.insert(cards) if dialect == "postgresql" else sqlite.insert(cards)
+    return statement.on_conflict_do_nothing(index_elements=["uuid"])
+
+
 class Store:
     """Repository over one SQLAlchemy engine; every method is a short transaction."""
 
@@ -344,7 +352,8 @@ class Store:
         self._hash_key = hash_key
         self._keyed: hmac.HMAC | None = None
         self._prepared: dict[Hashable, Prepared] = {}
-        self.writers = Writers(self.engine.url, lambda: PING_IDLE_SECONDS)  # the hook write's, on PostgreSQL
+        self.writers = Writers(self.engine.url, lambda: PING_IDLE_SECONDS, lambda: DATABASE_WAIT_SECONDS,
+                               CONNECT_TIMEOUT_SECONDS)  # the hook write's, on PostgreSQL
 
     @property
     def dialect(self) -> str:
@@ -457,7 +466,7 @@ class Store:
         with self.transaction(conn) as conn:
             claimed = set(claim.rows(conn, values))
             shown = [r for key, r in first.items() if key in claimed]
-            self.prepared("insert-cards", lambda: INSERT_CARDS).many(conn, [r.row() for r in shown])
+            self.prepared("insert-cards-once", lambda: insert_cards(self.dialect)).many(conn, [r.row() for r in shown])
         chosen = {id(r) for r in shown}
         return [r for r in records if id(r) in chosen]
 

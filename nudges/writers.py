@@ -26,9 +26,12 @@ T = TypeVar("T")
 
 
 class Writers:
-    def __init__(self, url: URL, ping_after: Callable[[], float]) -> None:
+    def __init__(self, url: URL, ping_after: Callable[[], float], wait: Callable[[], float],
+                 connect_timeout: int) -> None:
         self.conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
         self.ping_after = ping_after  # seconds idle, read at each checkout (tests change it)
+        self.wait = wait  # seconds a call waits for a connection before it is a 503 (read when the pool opens)
+        self.connect_timeout = connect_timeout
         self._pool: AsyncConnectionPool[AsyncConnection[Any]] | None = None
         self._opening = asyncio.Lock()
         self._idle_from: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
@@ -38,12 +41,10 @@ class Writers:
             return self._pool
         async with self._opening:  # the first calls after a start arrive together
             if self._pool is None:
-                from .store import CONNECT_TIMEOUT_SECONDS, DATABASE_WAIT_SECONDS
-
                 pool = AsyncConnectionPool(self.conninfo, min_size=1, max_size=SIZE,
-                                           kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT_SECONDS},
+                                           kwargs={"autocommit": True, "connect_timeout": self.connect_timeout},
                                            open=False, check=self._ping_if_idle, reset=self._returned,
-                                           name="nudges-hook-writes", timeout=DATABASE_WAIT_SECONDS)
+                                           name="nudges-hook-writes", timeout=self.wait())
                 await pool.open()
                 self._pool = pool
         return self._pool

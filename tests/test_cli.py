@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -130,11 +131,12 @@ def test_serve_with_workers_runs_replicas_on_one_port(tmp_path: Path) -> None:
             return len(children) >= 2
 
         wait_ready(f"http://127.0.0.1:{port}", proc, also=two_workers)
-        body = (ROOT / "fhir_fixtures/calls/patient-view-troponin.json").read_bytes()
+        fixture = orjson.loads((ROOT / "fhir_fixtures/calls/patient-view-troponin.json").read_bytes())
 
         def call() -> httpx.Response:
             """One hook call; a connection the kernel handed to a worker still starting up (ready is
             answered by the first worker up) may be reset: that call is made again, never counted."""
+            body = orjson.dumps({**fixture, "hookInstance": str(uuid.uuid4())})  # each a call of its own
             for attempt in range(5):
                 try:
                     return httpx.post(f"http://127.0.0.1:{port}/cds-services/nudges-patient-view", content=body,

@@ -81,7 +81,8 @@ async def test_the_write_keeps_no_claim_when_a_card_cannot_be_stored(store: Stor
     h = store.patient_hash(f"pt-atomic-{tag}")
     taken = card(f"00000000-0000-4000-8006-{tag}01", "rule-a", h, clock, "f1")
     assert (await showing.show(store, [taken], WINDOW, h, clock.now()))[0] == [taken]
-    clash = card(taken.uuid, "rule-b", h, clock, "f2")  # the same card uuid: its row cannot be stored
+    clash = replace(card(f"00000000-0000-4000-8006-{tag}03", "rule-b", h, clock, "f2"),
+                    rule_version=None)  # NOT NULL: its row cannot be stored
     with pytest.raises(IntegrityError):
         await showing.show(store, [clash, card(f"00000000-0000-4000-8006-{tag}02", "rule-c", h, clock, None)],
                      WINDOW, h, clock.now())

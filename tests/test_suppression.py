@@ -22,7 +22,7 @@ from nudges.cli import main
 from nudges.clock import FixedClock, parse_instant
 from nudges.rules.valuesets import NON_ADHERENCE_SYSTEM, REMIND_LATER
 from nudges.settings import Settings
-from nudges.store import Bucket, CardRecord, Store, feedback
+from nudges.store import Bucket, CardRecord, Store, cards, feedback
 from nudges.suppression import appointment_identity, order_identity
 
 INTERPRETER = "Needs an interpreter"
@@ -277,6 +277,28 @@ def test_the_latest_outcome_wins_whatever_order_feedback_arrives_in(svc: LiveSer
     assert [encounter_start(svc, pid) for pid in pids] == [None, None]
     later(svc, minutes=1)
     assert all(encounter_start(svc, pid) is not None for pid in pids)
+
+
+def test_a_call_sent_again_gets_its_cards_again_and_stores_them_once(svc: LiveServer) -> None:
+    """The same hookInstance is the same call (an EHR that timed out before reading the answer, then
+    retried): it had been answered with no cards, its first answer's cards counted as shown. Now it gets
+    the same cards (same uuids), stored once; another call meanwhile is held back as before, and a card
+    with feedback since is not shown again."""
+    pid = new_pid()
+    body = patient_view(pid, recent_troponin(svc))
+    first = svc.post("/cds-services/nudges-patient-view", json=body).json()["cards"]
+    assert one(first, TROPONIN) is not None
+    later(svc, minutes=1)
+    again = svc.post("/cds-services/nudges-patient-view", json=body).json()["cards"]
+    assert [(c["uuid"], c["summary"]) for c in again] == [(c["uuid"], c["summary"]) for c in first]
+    with svc.runtime.store.engine.connect() as conn:
+        stored = conn.execute(select(cards.c.uuid).where(cards.c.hook_instance == body["hookInstance"])).scalars()
+        assert sorted(stored) == sorted(c["uuid"] for c in first)
+    assert chart(svc, pid, recent_troponin(svc)) is None  # another call: the display window holds
+    troponin_card = one(first, TROPONIN)
+    send(svc, "patient-view", troponin_card, "overridden", why=reason("patient-ineligible"))
+    after_feedback = svc.post("/cds-services/nudges-patient-view", json=body).json()["cards"]
+    assert [c["uuid"] for c in after_feedback] == [c["uuid"] for c in first if c is not troponin_card]
 
 
 def test_an_outcome_stamped_ahead_of_time_does_not_stay_the_latest(svc: LiveServer) -> None:
