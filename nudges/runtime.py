@@ -150,6 +150,8 @@ class Runtime:
             followups.oldest_waiting(now, max_age)))
         chosen = {id(r) for r in shown}
         result.issued = [i for i in issued if i.record is not None and id(i.record) in chosen]
+        for held in (i for i in issued if i.record is not None and id(i.record) not in chosen):
+            self.metrics.suppressed.labels(held.rule_id).inc()  # raised, not shown: nudges explain says "fired"
         pending = await store.run(store.retrying, lambda: followups.take_pending(
             store, patient_hash, service_id=call.service.id, hook_instance=call.request.hookInstance,
             live_rules={i.rule_id for i in result.issued}, now=now, max_age=max_age)) if waiting else []

@@ -151,6 +151,12 @@ def test_serve_with_workers_runs_replicas_on_one_port(tmp_path: Path) -> None:
         assert [a.status_code for a in answers] == [200] * 6
         assert answers[0].json()["cards"] and not answers[-1].json()["cards"]  # suppression is shared
         assert len(children) == 2
+        # each scrape, on a connection of its own (whichever worker takes it), counts every worker's calls
+        counted = 'nudges_requests_total{service="nudges-patient-view",status="200"} 6.0'
+        for _ in range(6):
+            scrape = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+            assert counted in scrape, [line for line in scrape.splitlines() if "requests_total" in line]
+        assert 'nudges_rules_loaded' in scrape
     finally:
         proc.terminate()
         proc.communicate(timeout=20)

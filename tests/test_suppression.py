@@ -295,6 +295,9 @@ def test_a_call_sent_again_gets_its_cards_again_and_stores_them_once(svc: LiveSe
         stored = conn.execute(select(cards.c.uuid).where(cards.c.hook_instance == body["hookInstance"])).scalars()
         assert sorted(stored) == sorted(c["uuid"] for c in first)
     assert chart(svc, pid, recent_troponin(svc)) is None  # another call: the display window holds
+    metric = r'nudges_cards_suppressed_total\{rule="troponin-without-cath-plan"\} (\d+)'
+    held = re.search(metric, svc.get("/metrics").text)
+    assert held and int(held.group(1)) >= 1
     troponin_card = one(first, TROPONIN)
     send(svc, "patient-view", troponin_card, "overridden", why=reason("patient-ineligible"))
     after_feedback = svc.post("/cds-services/nudges-patient-view", json=body).json()["cards"]

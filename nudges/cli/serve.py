@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -86,5 +90,26 @@ def run(args: argparse.Namespace) -> int:
     import orjson
 
     os.environ[WORKER_ARGS] = orjson.dumps(flags).decode()
-    uvicorn.run("nudges.cli.serve:worker_app", factory=True, workers=args.workers, **options)
+    with metrics_folder():
+        uvicorn.run("nudges.cli.serve:worker_app", factory=True, workers=args.workers, **options)
     return 0
+
+
+@contextmanager
+def metrics_folder() -> Iterator[None]:
+    """The workers' metrics files (metrics.py), in a folder of this run's: set before they start, so each
+    imports prometheus_client in multiprocess mode; emptied first when the operator names one, as
+    prometheus_client asks (files left by an earlier run would add to this one's counts)."""
+    from ..metrics import MULTIPROCESS_DIR
+
+    given = os.environ.get(MULTIPROCESS_DIR)
+    folder = Path(given) if given else Path(tempfile.mkdtemp(prefix="nudges-metrics-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    for leftover in folder.glob("*.db"):
+        leftover.unlink()
+    os.environ[MULTIPROCESS_DIR] = str(folder)
+    try:
+        yield
+    finally:
+        if not given:
+            shutil.rmtree(folder, ignore_errors=True)

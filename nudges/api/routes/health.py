@@ -5,7 +5,7 @@ from __future__ import annotations
 import anyio
 import orjson
 from fastapi import APIRouter, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from ...fhir import operation_outcome
 from ..deps import RuntimeDep, json_response
@@ -33,4 +33,4 @@ async def readyz(runtime: RuntimeDep) -> Response:
 async def metrics(runtime: RuntimeDep) -> Response:
     if await anyio.to_thread.run_sync(runtime.store.ping):
         await anyio.to_thread.run_sync(runtime.between_visits)  # the outbox and subscription gauges, fresh
-    return Response(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(runtime.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
