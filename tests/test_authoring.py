@@ -111,6 +111,12 @@ def test_nudges_test_one_rule_verbose_with_counts_that_add_up(rules_dir: Path,
     (RULE, ".exists()\"", ".exsts()\"", "unknown FHIRPath function 'exsts()' (did you mean 'exists'?)"),
     (RULE, ".exists()\"", ".memberof('troponin')\"",
      "unknown FHIRPath function 'memberof()' (did you mean 'memberOf'?)"),
+    # a variable that is never defined had linted clean, and the rule raised on every call
+    (RULE, ".exists()\"", ".exists() and %encounterID.exists()\"",
+     "%encounterID is not defined here (did you mean %encounterId?)"),
+    (RULE, "where: \"(value", "where: \"%troponin.id = id or (value", "%troponin is not defined here"),
+    (RULE, "      since: troponin\n", "      since: troponin\n      where: \"status = %finalStatus\"\n",
+     "%finalStatus is not defined here: an expression reads %now"),
 ])
 def test_did_you_mean_for_fields_values_and_fhirpath_functions(rules_dir: Path, capsys: pytest.CaptureFixture[str],
                                                                 where: Path, old: str, new: str, message: str) -> None:
@@ -212,3 +218,30 @@ def test_a_rule_load_is_cached_by_content(rules_dir: Path, tmp_path: Path, monke
     assert edited is not None and edited.digest != first.digest
     rule = next(r for r in edited.rules if r.id == TROPONIN)
     assert str(rule.all[0].within) == "2 days, 0:00:00"  # type: ignore[union-attr]  # the edit, not the cache
+
+
+def test_files_too_large_to_read_or_expand_are_refused_quickly(rules_dir: Path, capsys: pytest.CaptureFixture[str],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A few hundred bytes of nested YAML aliases (each anchor ten times the one before) had lint, and each
+    reload of the service, expand them for minutes; a file of many megabytes held every reload; a file in
+    another encoding said only where its first bad byte was, in bytes."""
+    import time
+
+    from nudges.rules import yamlfiles
+
+    bomb = rules_dir / "local" / "bomb.yaml"
+    bomb.parent.mkdir(exist_ok=True)
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    bomb.write_text("\n".join(levels) + "\nfalsepositives: *a8\n")
+    start = time.monotonic()
+    code, out, _ = run(capsys, "lint", str(rules_dir))
+    assert code == 1 and "bomb.yaml:1:1: the file expands to more than 250,000 values" in out, out
+    assert time.monotonic() - start < 30
+    bomb.unlink()
+    monkeypatch.setattr(yamlfiles, "MAX_FILE_BYTES", 2**20)
+    (rules_dir / "local" / "huge.yaml").write_text("notes: |\n" + "  x\n" * 2**19)
+    (rules_dir / "local" / "latin.yaml").write_bytes("id: a\ntitle: caf\u00e9\n".encode("cp1252"))
+    code, out, _ = run(capsys, "lint", str(rules_dir))
+    assert code == 1 and "huge.yaml:1:1: the file is 2.0 MB, over the 1 MB" in out, out
+    assert "latin.yaml:2:1: the file is not UTF-8 text" in out and "save it as UTF-8" in out, out

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -350,7 +350,8 @@ class _RuleChecker:
         line, col = yamlfiles.position(self.data, loc, value=value)
         self.problems.append(Problem(self.display, line, col + offset, message))
 
-    def expression(self, loc: tuple[Any, ...], text: str | None, resource: str | None) -> Compiled | None:
+    def expression(self, loc: tuple[Any, ...], text: str | None, resource: str | None,
+                   bound: Collection[str] = ()) -> Compiled | None:
         if text is None:
             return None
         if RACE_READ.search(text) and not self.rule.race_correction_removal:
@@ -362,7 +363,7 @@ class _RuleChecker:
                 self.problem(loc, f"memberOf('{name[0]}'): value set holds race/ethnicity codes: triggers "
                                   "must be universal", value=True)
         try:
-            return compile_expression(text, resource, self.value_set_keys)
+            return compile_expression(text, resource, self.value_set_keys, bound)
         except FhirPathSyntaxError as exc:
             quoted = 1 if _is_quoted(yamlfiles.node_at(self.data, loc)) else 0
             self.problem(loc, str(exc), value=True, offset=exc.column + quoted)
@@ -436,8 +437,8 @@ class _RuleChecker:
                 text = re.compile(clause.text, re.IGNORECASE)
             except re.error as exc:
                 self.problem((*loc, "text"), f"bad regular expression: {exc}", value=True)
-        where = self.expression((*loc, "where"), clause.where, clause.resource)
-        date = self.expression((*loc, "date"), clause.date, clause.resource)
+        where = self.expression((*loc, "where"), clause.where, clause.resource, bound)
+        date = self.expression((*loc, "date"), clause.date, clause.resource, bound)
         sources = {"any": ("record", "draft")}.get(clause.source, (clause.source,))
         return CompiledClause(
             clause.bind, clause.resource, codes, displays or {}, where, text,

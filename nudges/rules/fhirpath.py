@@ -4,8 +4,9 @@ hook and its context ids)."""
 
 from __future__ import annotations
 
+import difflib
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -175,9 +176,10 @@ def interpreted(tree: Any, member: Callable[[list[Any], str], list[bool]]) -> Co
 
 
 def compile_expression(expression: str, resource_type: str | None = None,
-                       valuesets: ValueSets | None = None) -> Compiled:
-    """Parse strictly, check function names, then dry-run on an empty resource so wrong arity and the
-    like surface at load time rather than on a patient's record."""
+                       valuesets: ValueSets | None = None, bound: Collection[str] = ()) -> Compiled:
+    """Parse strictly, check function names, then dry-run on an empty resource so wrong arity, a variable
+    that is never defined (`%encounterID`, a clause's own name) and the like surface at load time rather
+    than as a rule that raises on every patient's record. `bound`: the names earlier clauses bind."""
     if _CLOCK_FUNCTIONS.search(expression):
         raise FhirPathSyntaxError("use %now or %today instead of now()/today(): the clock is injected", 0)
     function_names(expression)
@@ -188,13 +190,34 @@ def compile_expression(expression: str, resource_type: str | None = None,
     # catalog; identical results, errors included: tests/test_fastpath.py), else fhirpathpy's interpreter.
     compiled = compile_fast(tree, valuesets or {}, member) or interpreted(tree, member)
     probe = {"resourceType": resource_type} if resource_type else {}
+    env = dict(SAMPLE_ENVIRONMENT) | {name: {} for name in bound}
     try:
-        compiled(probe, dict(SAMPLE_ENVIRONMENT))
+        compiled(probe, env)
     except Exception as exc:  # fhirpathpy raises bare Exception for semantic errors
         message = str(exc)
         if "Not implemented" in message or "arity" in message or "not supported" in message.lower():
             raise FhirPathSyntaxError(f"FHIRPath error: {message}", 0) from exc
+        undefined = _UNDEFINED.search(message)
+        if undefined:
+            name = undefined.group(1)
+            known = sorted({*SAMPLE_ENVIRONMENT, *bound})
+            hint = close_matches(name, known)
+            raise FhirPathSyntaxError(
+                f"%{name} is not defined here{hint}: an expression reads %now, %today, %hook, %patient, "
+                f"%patientId, %encounterId, %userId and the names of earlier clauses "
+                f"({', '.join('%' + b for b in sorted(bound)) or 'none'}); a clause's own name is bound only "
+                "once it has matched", max(expression.find("%" + name), 0)) from exc
     return compiled
+
+
+_UNDEFINED = re.compile(r"undefined environment variable:?\s*%?([A-Za-z_][\w]*)")
+
+
+def close_matches(name: str, known: Collection[str]) -> str:
+    """ " (did you mean %x?)" when a known name is near `name` (case included: %encounterID)."""
+    by_case = [k for k in known if k.lower() == name.lower()]
+    near = by_case or difflib.get_close_matches(name, list(known), n=1, cutoff=0.75)
+    return f" (did you mean %{near[0]}?)" if near else ""
 
 
 def truthy(result: list[Any]) -> bool:

@@ -64,9 +64,19 @@ def _parse(text: str) -> Any:
 def load(path: Path, display: str, *, mapping: bool = True) -> tuple[Document | None, list[Problem]]:
     """Read and parse a file (a mapping, unless `mapping` is False); syntax errors become problems."""
     try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:  # read by every reload: a huge file would stall the service's reloads
+            return None, [Problem(display, 1, 1, f"the file is {size / 2**20:.1f} MB, over the "
+                                                 f"{MAX_FILE_BYTES // 2**20} MB a rule, case or value set file may "
+                                                 "be: split it, or move bulk "
+                                                 "data to a fixture")]
         raw = path.read_bytes()
         text = raw.decode("utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        return None, [Problem(display, line, 1, "the file is not UTF-8 text (a byte the UTF-8 encoding does not "
+                                                "allow): save it as UTF-8")]
+    except OSError as exc:
         return None, [Problem(display, 1, 1, f"cannot read file: {exc}")]
     entry = cache.key("yaml", CACHE_FORMAT, raw)
     plain_values = cache.lookup(entry)
@@ -77,7 +87,12 @@ def load(path: Path, display: str, *, mapping: bool = True) -> tuple[Document | 
             mark = exc.problem_mark or exc.context_mark
             line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
             return None, [Problem(display, line, col, advice(str(exc.problem or exc.context or "")))]
-        document = Document(text, plain(tree), tree)
+        try:
+            document = Document(text, plain(tree, [MAX_VALUES]), tree)
+        except TooManyValues:
+            return None, [Problem(display, 1, 1, f"the file expands to more than {MAX_VALUES:,} values: an alias "
+                                                 "(*name) repeats all its anchor (&name) holds, and aliases of "
+                                                 "aliases multiply; write the values out or use fewer aliases")]
         cache.store(entry, document.plain)
     else:
         document = Document(text, plain_values)
@@ -198,12 +213,26 @@ def _models_in(annotation: Any) -> list[type[BaseModel]]:
     return found
 
 
-def plain(value: Any) -> Any:
-    """ruamel's commented containers and scalar subclasses as plain JSON-able Python values."""
+MAX_FILE_BYTES = 5 * 2**20  # the largest shipped file (a value set) is 0.3 MB
+MAX_VALUES = 250_000  # values a file may expand to, its aliases repeated (the largest shipped: about 20,000)
+
+
+class TooManyValues(ValueError):
+    """A file whose aliases expand past MAX_VALUES (a "billion laughs" file: a few hundred bytes whose
+    anchors nest tenfold had a lint run for minutes and would have taken the service's memory)."""
+
+
+def plain(value: Any, budget: list[int] | None = None) -> Any:
+    """ruamel's commented containers and scalar subclasses as plain JSON-able Python values; with a
+    `budget` ([values left]), TooManyValues once more values than that have been made."""
+    if budget is not None:
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise TooManyValues
     if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
+        return {str(k): plain(v, budget) for k, v in value.items()}
     if isinstance(value, list):
-        return [plain(v) for v in value]
+        return [plain(v, budget) for v in value]
     if isinstance(value, bool):
         return bool(value)
     if isinstance(value, int):

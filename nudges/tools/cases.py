@@ -110,8 +110,26 @@ def case_result(rule: CompiledRule, ruleset: RuleSet, case: Case, folder: Path, 
 def run_case(rule: CompiledRule, ruleset: RuleSet, case: Case, folder: Path, now: str) -> list[dict[str, Any]]:
     result = case_result(rule, ruleset, case, folder, now)
     if result.failed:
-        raise RuntimeError(f"rule {rule.id} raised while evaluating")
+        caught = _Raised()  # again, to say why: a case's data is its author's, not a patient's
+        case_result(rule, ruleset, case, folder, now, trace=caught)
+        why = f": {type(caught.error).__name__}: {caught.error}" if caught.error is not None else ""
+        raise RuntimeError(f"rule {rule.id} raised while evaluating{why}")
     return result.cards
+
+
+class _Raised:
+    """A tracer that hears only what made a rule raise (the service logs the exception's type alone)."""
+
+    def __init__(self) -> None:
+        self.error: Exception | None = None
+
+    def done(self, rule: CompiledRule, match: Any, error: Exception | None) -> None:
+        self.error = error or self.error
+
+    def _ignore(self, *_: Any) -> None:
+        return None
+
+    begin = rule = age = patient = enter = leave = drop = windowed = clause = deceased = _ignore
 
 
 def mismatches(expected: CaseExpectation, card: dict[str, Any]) -> list[str]:
