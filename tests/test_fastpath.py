@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import os
 import random
+import re
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -23,7 +24,7 @@ import pytest
 
 from nudges.rules.fastpath import SUPPORTED_FUNCTIONS, compile_fast
 from nudges.rules.fastpath.ops import Types as TypeInfo
-from nudges.rules.fhirpath import FhirPathSyntaxError, compile_expression, member_of
+from nudges.rules.fhirpath import SAMPLE_ENVIRONMENT, FhirPathSyntaxError, compile_expression, member_of
 
 SHIPPED = corpus.shipped()
 VALUESETS = corpus.value_sets()
@@ -79,7 +80,8 @@ def test_catalog_found() -> None:
 @pytest.mark.parametrize("shipped", SHIPPED, ids=_ids)
 def test_shipped_expression_is_compiled_in_service(shipped: corpus.Shipped) -> None:
     """What the service runs for a shipped expression is the compiled form, not the fallback."""
-    fn = compile_expression(shipped.expression, shipped.resource_type or None, VALUESETS)
+    bound = set(re.findall(r"%([A-Za-z_]\w*)", shipped.expression)) - set(SAMPLE_ENVIRONMENT)  # earlier clauses'
+    fn = compile_expression(shipped.expression, shipped.resource_type or None, VALUESETS, bound)
     assert fn.__module__ == "nudges.rules.fastpath.translate", shipped.expression
 
 
