@@ -91,7 +91,8 @@ def test_retired_rules_cases_only_warn(rules_dir: Path, capsys: pytest.CaptureFi
 
 def test_nudges_test_one_rule_verbose_with_counts_that_add_up(rules_dir: Path,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
-    edit(rules_dir / CASES, "    hook: encounter-start\n", "    hook: encounter-start\n    now: \"yesterday\"\n")
+    edit(rules_dir / CASES, "    hook: encounter-start\n",  # a call the service would refuse: the case cannot run
+         "    hook: encounter-start\n    context: {encounterId: \"not an id!\"}\n")
     for argv in (["test", str(rules_dir), "--rule", TROPONIN, "-v"], ["test", str(rules_dir / CASES), "-v"],
                  ["test", str(rules_dir / RULE), "-v"]):
         code, out, _ = run(capsys, *argv)
@@ -245,3 +246,24 @@ def test_files_too_large_to_read_or_expand_are_refused_quickly(rules_dir: Path, 
     code, out, _ = run(capsys, "lint", str(rules_dir))
     assert code == 1 and "huge.yaml:1:1: the file is 2.0 MB, over the 1 MB" in out, out
     assert "latin.yaml:2:1: the file is not UTF-8 text" in out and "save it as UTF-8" in out, out
+
+
+@pytest.mark.parametrize(("old", "new", "message"), [
+    # a case on a hook the rule is never served on had run (and counted towards "a firing and a quiet case")
+    ("  - name: near miss - value within this assay's reference range\n    hook: encounter-start\n",
+     "  - name: near miss - value within this assay's reference range\n    hook: order-sign\n",
+     "case 'near miss - value within this assay's reference range' calls order-sign, a hook "
+     "troponin-without-cath-plan is not served on (hooks: patient-view, encounter-start, encounter-discharge)"),
+    ("  - name: near miss - result only 2 h old, still inside the window\n",
+     "  - name: elevated hs-troponin 14 h ago, nothing ordered\n",
+     "case name 'elevated hs-troponin 14 h ago, nothing ordered' is also case 1's"),
+    ("    hook: patient-view\n", "    hook: patient-view\n    now: \"yesterday\"\n",
+     "'yesterday' is not an ISO 8601 instant: write it as 2026-03-02T12:00:00Z"),
+])
+def test_cases_lint_against_their_rule(rules_dir: Path, capsys: pytest.CaptureFixture[str], old: str, new: str,
+                                       message: str) -> None:
+    edit(rules_dir / CASES, old, new)
+    code, out, _ = run(capsys, "lint", str(rules_dir))
+    line = max(i for i, text in enumerate((rules_dir / CASES).read_text().splitlines(), 1)
+               if new.splitlines()[-1] in text)
+    assert code == 1 and any(message in p and f"cases.yaml:{line}:" in p for p in out.splitlines()), out

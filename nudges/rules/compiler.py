@@ -173,9 +173,21 @@ def load_ruleset(directory: Path, site: Path | None = None, targets: Targets | N
         cases_entry = case_docs.get(rule.id)
         if cases_entry is not None and cases_entry[0].parent != path.parent:
             problems.append(Problem(_show(cases_entry[0]), 1, 1, "cases must sit beside their rule file"))
+        served = []  # the cases on a hook the rule is served on: the others test a call that never reaches it
+        if cases_entry is not None:
+            cases_path, cases_doc, rule_cases = cases_entry
+            for i, case in enumerate(rule_cases.cases):
+                if case.hook in rule.hooks:
+                    served.append(case)
+                    continue
+                problems.append(Problem(_show(cases_path), *yamlfiles.position(cases_doc, ("cases", i, "hook"),
+                                                                               value=True),
+                                        f"case '{case.name}' calls {case.hook}, a hook {rule.id} is not served on "
+                                        f"(hooks: {', '.join(rule.hooks)}): use one of those"))
+            problems += case_names(cases_path, cases_doc, rule_cases)
         if rule.status == "active":
-            firing = cases_entry is not None and any(c.expect for c in cases_entry[2].cases)
-            quiet = cases_entry is not None and any(not c.expect for c in cases_entry[2].cases)
+            firing = any(c.expect for c in served)
+            quiet = any(not c.expect for c in served)
             if not (firing and quiet):
                 problems.append(Problem(_show(path), *yamlfiles.position(document, ("status",)),
                                         "an active rule needs at least one firing and one non-firing case "
@@ -253,6 +265,18 @@ def _yaml_valueset(path: Path, display: str) -> tuple[CompiledValueSet | None, l
     if digest and len(_VALUESETS) < 2000:
         _VALUESETS[(display, digest)] = (compiled, problems, warnings)
     return compiled, problems, warnings
+
+
+def case_names(path: Path, document: yamlfiles.Document, cases: Cases) -> list[Problem]:
+    """A case is named in `nudges test` output and picked by `--case NAME`: two of one name are one too many."""
+    seen: dict[str, int] = {}
+    found = []
+    for i, case in enumerate(cases.cases):
+        if case.name in seen:
+            found.append(Problem(_show(path), *yamlfiles.position(document, ("cases", i, "name"), value=True),
+                                 f"case name '{case.name}' is also case {seen[case.name] + 1}'s: name each case apart"))
+        seen.setdefault(case.name, i)
+    return found
 
 
 def load_valuesets(files: list[Path], site_files: list[Path],
