@@ -101,9 +101,33 @@ def _inner_model(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
+# fhir.resources takes its code lists from each element's short text, where the spec ends an abridged list
+# with '+' ("registered | preliminary | final | amended +"); these are the required bindings' whole value
+# sets (FHIR R4), so that `status: finalised` is refused on an Observation as on a Procedure.
+_ABRIDGED = {
+    ("Observation", "status"): "registered preliminary final amended corrected cancelled entered-in-error unknown",
+    ("DetectedIssue", "status"): "registered preliminary final amended corrected cancelled entered-in-error unknown",
+    ("RiskAssessment", "status"): "registered preliminary final amended corrected cancelled entered-in-error unknown",
+    ("DiagnosticReport", "status"): "registered partial preliminary final amended corrected appended cancelled "
+                                    "entered-in-error unknown",
+    ("Encounter", "status"): "planned arrived triaged in-progress onleave finished cancelled entered-in-error unknown",
+    ("EncounterStatusHistory", "status"): "planned arrived triaged in-progress onleave finished cancelled "
+                                          "entered-in-error unknown",
+    ("DeviceUseStatement", "status"): "active completed entered-in-error intended stopped on-hold",
+    ("DeviceUdiCarrier", "entryType"): "barcode rfid manual card self-reported unknown",
+    ("QuestionnaireItem", "type"): "group display question boolean decimal integer date dateTime time string text "
+                                   "url choice open-choice attachment reference quantity",
+    ("SupplyRequest", "status"): "draft active suspended cancelled completed entered-in-error unknown",
+    ("Task", "status"): "draft requested received accepted rejected ready cancelled in-progress on-hold failed "
+                        "completed entered-in-error",
+    ("StructureMapGroupRuleTarget", "transform"): "create copy truncate escape cast append translate reference "
+                                                  "dateOp uuid pointer evaluate cc c qty id cp",
+}
+
+
 def _codes(instance: BaseModel, location: tuple[str | int, ...]) -> Iterator[ResourceProblem]:
-    """Codes outside a required binding's closed list (fhir.resources knows the lists, '+' marks an
-    extensible one, which is not checked)."""
+    """Codes outside a required binding's list (fhir.resources knows the lists; an abridged one, ending
+    with '+', is completed from _ABRIDGED, or not checked)."""
     for name, info in type(instance).model_fields.items():
         value = getattr(instance, name, None)
         if value is None:
@@ -112,6 +136,9 @@ def _codes(instance: BaseModel, location: tuple[str | int, ...]) -> Iterator[Res
         extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
         listed = extra.get("enum_values")
         allowed = [str(v) for v in listed] if isinstance(listed, list) else None
+        if allowed is not None and "+" in allowed:
+            whole = _ABRIDGED.get((type(instance).__name__, name))
+            allowed = whole.split() if whole else allowed
         values = value if isinstance(value, list) else [value]
         for i, item in enumerate(values):
             at = (*location, element, i) if isinstance(value, list) else (*location, element)
