@@ -75,7 +75,8 @@ def test_a_rule_set_elsewhere_works_with_its_own_seeds_and_fixtures(lone_rules: 
      "authoredOnn"),
     # fhir.resources' list for Observation.status ends with '+' (abridged): it had not been checked at all
     (CASES, "        status: final\n", "        status: finalised\n", "'finalised' is not a code of status (one of: "
-     "registered, preliminary, final, amended, corrected, cancelled, entered-in-error, unknown) (did you mean 'final'?)"),
+     "registered, preliminary, final, amended, corrected, cancelled, entered-in-error, unknown) "
+     "(did you mean 'final'?)"),
 ])
 def test_fhir_in_rule_files_is_checked_like_a_server_would(rules_dir: Path, capsys: pytest.CaptureFixture[str],
                                                            where: Path, old: str, new: str, message: str) -> None:
