@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -271,3 +272,31 @@ def test_cases_lint_against_their_rule(rules_dir: Path, capsys: pytest.CaptureFi
     line = max(i for i, text in enumerate((rules_dir / CASES).read_text().splitlines(), 1)
                if new.splitlines()[-1] in text)
     assert code == 1 and any(message in p and f"cases.yaml:{line}:" in p for p in out.splitlines()), out
+
+
+@pytest.mark.parametrize(("where", "old", "new", "cause", "knock_on"), [
+    (RULE, "status: active", "statuss: active", "unknown field 'statuss'", "which no rule file defines"),
+    (CASES, "    expect: []\n", "    expected: []\n", "unknown field 'expected'", "needs at least one firing"),
+])
+def test_a_refused_file_is_the_one_problem_not_its_knock_ons(rules_dir: Path, capsys: pytest.CaptureFixture[str],
+                                                             where: Path, old: str, new: str, cause: str,
+                                                             knock_on: str) -> None:
+    """A rule file refused had also made its cases "cases for a rule no file defines (delete this file?)",
+    and a cases file refused its rule "an active rule needs a firing and a non-firing case"."""
+    edit(rules_dir / where, old, new)
+    code, out, _ = run(capsys, "lint", str(rules_dir))
+    assert code == 1 and cause in out and knock_on not in out, out
+
+
+def test_an_active_rule_may_not_keep_the_scaffolds_example_codes(rules_dir: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """The scaffold's REPLACE marks in the rule file stopped an active rule, but its value set's example
+    code (urn:nudges:replace-me) and its cases' placeholders were only warned about: it would be served."""
+    code, _, _ = run(capsys, "new", "rule", "half-done", "--area", "drafts", "--rules", str(rules_dir))
+    assert code == 0
+    rule = rules_dir / "drafts" / "half-done.yaml"
+    text = rule.read_text().replace("status: experimental", "status: active", 1)
+    rule.write_text(re.sub(r"REPLACE[\w-]*", "filled", text))  # the rule file's own marks filled in
+    code, out, _ = run(capsys, "lint", str(rules_dir))
+    assert code == 1 and "matches codes that are the scaffold's example (urn:nudges:replace-me)" in out, out
+    assert "half-done.cases.yaml" in out and "the cases of an active rule keep" in out, out

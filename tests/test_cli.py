@@ -169,3 +169,10 @@ def test_serve_takes_the_log_format_as_a_flag() -> None:
     args = parser().parse_args(["serve", "--log-format", "text"])
     assert settings_from({"log_format": args.log_format}).log_format == "text"
     assert settings_from({}).log_format == "json"
+
+
+def test_every_file_the_commands_help_names_exists() -> None:
+    """A new user copies the examples of `--help`: `nudges explain`'s named a fixture that does not exist."""
+    named = {match for path in (ROOT / "nudges" / "cli").glob("*.py")
+             for match in re.findall(r"\b(?:fhir_fixtures|rules)/[\w./-]+\.(?:json|yaml)", path.read_text())}
+    assert named and not [name for name in sorted(named) if not (ROOT / name).is_file()]

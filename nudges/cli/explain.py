@@ -10,8 +10,8 @@ from typing import Any, TextIO
 import orjson
 
 USAGE = """examples:
-  nudges explain fhir_fixtures/calls/patient-view-troponin-without-cath-plan.json
-  nudges explain fhir_fixtures/calls/patient-view-troponin-without-cath-plan.json --rule troponin-without-cath-plan
+  nudges explain fhir_fixtures/calls/patient-view-troponin.json
+  nudges explain fhir_fixtures/calls/patient-view-troponin.json --rule troponin-without-cath-plan
   nudges explain rules/cardiology/troponin-without-cath-plan.cases.yaml --case "2 h old"
   nudges explain rules/cardiology/troponin-without-cath-plan.yaml --json
 """

@@ -127,6 +127,8 @@ def load_ruleset(directory: Path, site: Path | None = None, targets: Targets | N
     case_docs: dict[str, tuple[Path, yamlfiles.Document, Cases]] = {}
     # every file is parsed, then each rule compiled and each cases file checked: two steps for those
     documents = [p for p in files if p != manifest_path and p.parent.name != "valuesets" and p not in site_files]
+    unread_rules: set[str] = set()  # file stems of rule and cases files refused before they said their rule
+    unread_cases: set[str] = set()
     steps = Steps(progress, len(files) + len(documents))
     for path in files:
         steps.advance()
@@ -134,18 +136,21 @@ def load_ruleset(directory: Path, site: Path | None = None, targets: Targets | N
             continue
         document, found = yamlfiles.load(path, _show(path))
         problems += found
-        if document is None:
-            continue
-        if path.name.endswith(".cases.yaml"):
+        is_cases = path.name.endswith(".cases.yaml")
+        if document is not None and is_cases:
             cases, found = yamlfiles.validate(Cases, document, _show(path))
             problems += found
             if cases is not None:
                 case_docs[cases.rule] = (path, document, cases)
-        else:
+                continue
+        elif document is not None:
             rule, found = yamlfiles.validate(Rule, document, _show(path))
             problems += found
             if rule is not None:
                 rule_docs.append((path, document, rule))
+                continue
+        # refused, and said so: what depends on it is not reported again as missing
+        (unread_cases if is_cases else unread_rules).add(path.name.removesuffix(".cases.yaml").removesuffix(".yaml"))
 
     seeds_dir = (manifest_path.parent / (manifest.seeds if manifest else "../seeds")).resolve()
     fixture_dirs = tuple((manifest_path.parent / f).resolve() for f in (manifest.fixtures if manifest else ()))
@@ -188,12 +193,14 @@ def load_ruleset(directory: Path, site: Path | None = None, targets: Targets | N
         if rule.status == "active":
             firing = any(c.expect for c in served)
             quiet = any(not c.expect for c in served)
-            if not (firing and quiet):
+            if not (firing and quiet) and rule.id not in unread_cases:
                 problems.append(Problem(_show(path), *yamlfiles.position(document, ("status",)),
                                         "an active rule needs at least one firing and one non-firing case "
                                         f"in {rule.id}.cases.yaml"))
         if result is not None:
             compiled.append(result)
+            if rule.status == "active":
+                problems += _scaffold_left(result, _show(path), document, case_docs.get(rule.id))
         unsourced += bare_minutes(_show(path), document.text)
         left = placeholders(document.text)
         if left is not None:
@@ -207,6 +214,8 @@ def load_ruleset(directory: Path, site: Path | None = None, targets: Targets | N
     warnings = [*unsourced, *unconfigured]
     for rule_id, (path, document, cases) in case_docs.items():
         steps.advance()
+        if rule_id not in seen_ids and rule_id in unread_rules:
+            continue  # its rule file was refused: that is the problem to fix, not these cases
         if rule_id not in seen_ids:  # a retired rule's cases: harmless, but worth deleting
             warnings.append(Problem(_show(path), *yamlfiles.position(document, ("rule",)),
                                     f"cases for '{rule_id}', which no rule file defines (retired? delete this "
@@ -265,6 +274,23 @@ def _yaml_valueset(path: Path, display: str) -> tuple[CompiledValueSet | None, l
     if digest and len(_VALUESETS) < 2000:
         _VALUESETS[(display, digest)] = (compiled, problems, warnings)
     return compiled, problems, warnings
+
+
+def _scaffold_left(rule: CompiledRule, display: str, document: yamlfiles.Document,
+                   cases: tuple[Path, yamlfiles.Document, Cases] | None) -> list[Problem]:
+    """An active rule is served: its value sets and cases may no more keep the scaffold's example code
+    (`urn:nudges:replace-me|…`) than its own file may (a warning there let it be served matching nothing)."""
+    found = []
+    for i, clause in enumerate(rule.clauses()):
+        if clause.codes and any("replace-me" in system for system, _ in clause.codes):
+            found.append(Problem(display, *yamlfiles.position(document, ("when",)), f"an active rule's clause {i + 1} "
+                                 f"({clause.resource}) matches codes that are the scaffold's example "
+                                 "(urn:nudges:replace-me): put the real codes in its value set first"))
+    left = placeholders(cases[1].text) if cases is not None else None
+    if cases is not None and left is not None:
+        found.append(Problem(_show(cases[0]), left[0], left[1], f"the cases of an active rule keep {left[2]} "
+                             "placeholder(s) from `nudges new rule` (REPLACE, replace-me): fill them in first"))
+    return found
 
 
 def case_names(path: Path, document: yamlfiles.Document, cases: Cases) -> list[Problem]:
