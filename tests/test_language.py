@@ -169,6 +169,9 @@ def test_valueset_import_and_export_round_trip(rules_dir: Path, tmp_path: Path,
     assert {c["code"] for c in again["expansion"]["contains"]} == {"89579-7", "67151-1"}
     yaml_one = orjson.loads((exported / "troponin.json").read_bytes())
     assert yaml_one["compose"]["include"][0]["system"] == "http://loinc.org"
+    # the author's description kept (it had been replaced by the provenance line), the provenance after it
+    assert yaml_one["description"].startswith("Conventional and high-sensitivity troponin I and T assays;")
+    assert "\n\nSource: " in yaml_one["description"]
 
 
 MORPHINE = ("http://www.nlm.nih.gov/research/umls/rxnorm", "1732136")  # an SCD product code, for the test's own set

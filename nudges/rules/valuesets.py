@@ -68,12 +68,13 @@ class CompiledValueSet:
     date: str = ""
     url: str | None = None  # the canonical URL of an imported FHIR ValueSet
     site: tuple[str, ...] = ()  # sources of site codes added to the shipped list
+    description: str = ""  # what the list is for, in its author's words
 
     @classmethod
     def of(cls, model: ValueSet) -> CompiledValueSet:
         displays = {(c.system, c.code): c.display for c in model.codes}
         return cls(model.name, frozenset(displays), displays, model.title, model.source or "", model.version or "",
-                   model.date or "")
+                   model.date or "", description=(model.description or "").strip())
 
     def with_site(self, codes: SiteCodes) -> CompiledValueSet:
         displays = {**self.displays, **{(c.system, c.code): c.display for c in codes.codes}}
@@ -142,12 +143,12 @@ def from_fhir(name: str, data: Any) -> CompiledValueSet:
     if not displays:
         raise FhirValueSetError("", "the value set holds no codes")
     text: dict[str, str] = {k: v if isinstance(v := data.get(k), str) else ""
-                            for k in ("title", "name", "publisher", "version", "date", "url")}
+                            for k in ("title", "name", "publisher", "version", "date", "url", "description")}
     source = " ".join(p for p in (text["publisher"], text["url"]) if p) or "imported FHIR ValueSet"
     if isinstance(expansion, dict) and isinstance(expansion.get("timestamp"), str):
         source += f" (expansion {expansion['timestamp']})"
     return CompiledValueSet(name, frozenset(displays), displays, text["title"] or text["name"] or name, source,
-                            text["version"], text["date"][:10], text["url"] or None)
+                            text["version"], text["date"][:10], text["url"] or None, description=text["description"])
 
 
 def to_fhir(valueset: CompiledValueSet, base: str = "urn:nudges:valueset") -> dict[str, Any]:
@@ -168,6 +169,7 @@ def to_fhir(valueset: CompiledValueSet, base: str = "urn:nudges:valueset") -> di
         resource["version"] = valueset.version
     if valueset.date:
         resource["date"] = valueset.date
-    description = f"Source: {valueset.source}" + (f". Site codes: {'; '.join(valueset.site)}" if valueset.site else "")
-    resource["description"] = description
+    provenance = f"Source: {valueset.source}" + (f". Site codes: {'; '.join(valueset.site)}" if valueset.site else "")
+    # the author's description first (it had been replaced by the provenance line), then where the codes came from
+    resource["description"] = f"{valueset.description}\n\n{provenance}" if valueset.description else provenance
     return resource
