@@ -217,5 +217,8 @@ class Runtime:
         state = {"problems": problems, "database": "ok" if database else "unreachable",
                  "rules": current.ruleset.version if current else None,
                  "rule_count": len(current.ruleset.rules) if current else 0,
-                 "refused_reloads": self.reloader.refused}
+                 "refused_reloads": self.reloader.refused,
+                 # whether the files on disk are refused now (the count never goes down once fixed)
+                 "rules_on_disk": "refused" if self.reloader.last_problems else "served",
+                 "on_disk_problems": len(self.reloader.last_problems)}
         return state | (self.between_visits() if database else {})

@@ -172,13 +172,15 @@ def test_hot_reload_refuses_broken_rules_and_keeps_last_good(make_client, rules_
     while client.runtime.reloader.refused == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert client.runtime.reloader.refused >= 1
-    assert client.get("/readyz").json()["rules"] == before
+    ready = client.get("/readyz").json()
+    assert ready["rules"] == before and ready["rules_on_disk"] == "refused" and ready["on_disk_problems"] >= 1
     assert len(client.post(URL, json=patient_view("pt-hr", troponin())).json()["cards"]) == 1  # still served
     edit(path, "codes: no-such-set\n", "codes: troponin\n")
     edit(path, 'summary: "Troponin above', 'summary: "Reloaded: troponin above')
     while client.get("/readyz").json()["rules"] == before and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert client.get("/readyz").json()["rules"] != before
+    ready = client.get("/readyz").json()
+    assert ready["rules"] != before and ready["rules_on_disk"] == "served" and ready["refused_reloads"] >= 1
     card = client.post(URL, json=patient_view("pt-hr2", troponin())).json()["cards"][0]
     assert card["summary"].startswith("Reloaded")
     services = client.get("/cds-services").json()["services"]
