@@ -123,6 +123,14 @@ def test_nudges_test_one_rule_verbose_with_counts_that_add_up(rules_dir: Path,
     (RULE, "where: \"(value", "where: \"%troponin.id = id or (value", "%troponin is not defined here"),
     (RULE, "      since: troponin\n", "      since: troponin\n      where: \"status = %finalStatus\"\n",
      "%finalStatus is not defined here: an expression reads %now"),
+    # a misspelt element is always empty, never an error: the clause never held (or never blocked)
+    (RULE, "(value as Quantity).value >", "(value as Quantity).valeu >",
+     "'valeu' is not an element of Quantity (did you mean 'value'?) (FHIR R4)"),
+    (RULE, "interpretation.coding.where(code", "interpretation.codng.where(code",
+     "'codng' is not an element of CodeableConcept (did you mean 'coding'?)"),
+    (RULE, "(value as Quantity)", "(value as Quantiy)", "'Quantiy' is not a FHIR R4 type (did you mean 'Quantity'?)"),
+    (RULE, "      since: troponin\n", "      since: troponin\n      where: \"status = active\"\n",
+     "'active' is not an element of ServiceRequest"),
 ])
 def test_did_you_mean_for_fields_values_and_fhirpath_functions(rules_dir: Path, capsys: pytest.CaptureFixture[str],
                                                                 where: Path, old: str, new: str, message: str) -> None:

@@ -20,10 +20,17 @@ from . import yamlfiles
 from .compiled import CardTemplate, CompiledClause, CompiledGroup, CompiledItem, CompiledRule, RuleSet
 from .delivery import Targets, compile_deliveries
 from .fhirpath import MEMBER_OF, RACE_READ, Compiled, FhirPathSyntaxError, compile_expression
-from .folders import check_cases, missing_folders, seed_passages
+from .folders import (
+    bare_minutes,
+    case_names,
+    check_cases,
+    missing_folders,
+    placeholders,
+    scaffold_left,
+    seed_passages,
+)
 from .resources import did_you_mean
 from .schema import (
-    PLACEHOLDER_MARKS,
     Card,
     Cases,
     Clause,
@@ -200,7 +207,7 @@ def load_ruleset(directory: Path, site: Path | None = None, targets: Targets | N
         if result is not None:
             compiled.append(result)
             if rule.status == "active":
-                problems += _scaffold_left(result, _show(path), document, case_docs.get(rule.id))
+                problems += scaffold_left(result, _show(path), document, case_docs.get(rule.id))
         unsourced += bare_minutes(_show(path), document.text)
         left = placeholders(document.text)
         if left is not None:
@@ -276,35 +283,6 @@ def _yaml_valueset(path: Path, display: str) -> tuple[CompiledValueSet | None, l
     return compiled, problems, warnings
 
 
-def _scaffold_left(rule: CompiledRule, display: str, document: yamlfiles.Document,
-                   cases: tuple[Path, yamlfiles.Document, Cases] | None) -> list[Problem]:
-    """An active rule is served: its value sets and cases may no more keep the scaffold's example code
-    (`urn:nudges:replace-me|…`) than its own file may (a warning there let it be served matching nothing)."""
-    found = []
-    for i, clause in enumerate(rule.clauses()):
-        if clause.codes and any("replace-me" in system for system, _ in clause.codes):
-            found.append(Problem(display, *yamlfiles.position(document, ("when",)), f"an active rule's clause {i + 1} "
-                                 f"({clause.resource}) matches codes that are the scaffold's example "
-                                 "(urn:nudges:replace-me): put the real codes in its value set first"))
-    left = placeholders(cases[1].text) if cases is not None else None
-    if cases is not None and left is not None:
-        found.append(Problem(_show(cases[0]), left[0], left[1], f"the cases of an active rule keep {left[2]} "
-                             "placeholder(s) from `nudges new rule` (REPLACE, replace-me): fill them in first"))
-    return found
-
-
-def case_names(path: Path, document: yamlfiles.Document, cases: Cases) -> list[Problem]:
-    """A case is named in `nudges test` output and picked by `--case NAME`: two of one name are one too many."""
-    seen: dict[str, int] = {}
-    found = []
-    for i, case in enumerate(cases.cases):
-        if case.name in seen:
-            found.append(Problem(_show(path), *yamlfiles.position(document, ("cases", i, "name"), value=True),
-                                 f"case name '{case.name}' is also case {seen[case.name] + 1}'s: name each case apart"))
-        seen.setdefault(case.name, i)
-    return found
-
-
 def load_valuesets(files: list[Path], site_files: list[Path],
                    show: Any = _show) -> tuple[dict[str, CompiledValueSet], list[Problem], list[Problem]]:
     """The rule set's value sets (YAML or FHIR ValueSet JSON, named by their file), then a site's codes
@@ -353,32 +331,6 @@ def load_valuesets(files: list[Path], site_files: list[Path],
                 continue
         valuesets[path.stem] = valuesets[path.stem].with_site(codes)
     return valuesets, problems, unsourced
-
-
-BARE_MINUTES = re.compile(r":\s+(\d+)\s*m\s*(?=$|[,}\]#])")
-
-
-def bare_minutes(display: str, text: str) -> list[Problem]:
-    """`6m` means six minutes, and an author thinking of months gets a window that almost never matches,
-    silently. So a bare `m` is worth a warning that says which it is (read from the text: parsing the
-    file's positions for every load would cost more than the check)."""
-    found = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.lstrip().startswith("#"):
-            continue
-        for match in BARE_MINUTES.finditer(line):
-            amount = match.group(1)
-            found.append(Problem(display, n, match.start(1) + 1, f"'{amount}m' is {amount} minutes: write "
-                                 f"'{amount}min' to say so, or '{amount}mo' for months (30 days each)"))
-    return found
-
-
-def placeholders(text: str) -> tuple[int, int, int] | None:
-    """Line and column of the first placeholder `nudges new rule` left in a file, and how many lines hold one."""
-    found = [(n, min(i for i in (line.find(m) for m in PLACEHOLDER_MARKS) if i >= 0) + 1)
-             for n, line in enumerate(text.splitlines(), 1) if any(m in line for m in PLACEHOLDER_MARKS)
-             and not line.lstrip().startswith("#")]
-    return (*found[0], len(found)) if found else None
 
 
 class _RuleChecker:

@@ -4,10 +4,12 @@ ruleset.yaml says (once, at ruleset.yaml, before the knock-on errors)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from . import cache, yamlfiles
-from .schema import Cases
+from .compiled import CompiledRule
+from .schema import PLACEHOLDER_MARKS, Cases
 from .yamlfiles import Problem
 
 
@@ -98,3 +100,58 @@ def find_file(start: Path, relative: str, also: tuple[Path, ...] = ()) -> Path:
     places = [f"{start} and its parents", *(str(p) for p in also)]
     raise FileNotFoundError(f"bundle '{relative}' not found in {', '.join(places)}: add the folder that holds it "
                             "to `fixtures:` in ruleset.yaml, or give a path relative to this file")
+
+
+def placeholders(text: str) -> tuple[int, int, int] | None:
+    """Line and column of the first placeholder `nudges new rule` left in a file, and how many lines hold one."""
+    found = [(n, min(i for i in (line.find(m) for m in PLACEHOLDER_MARKS) if i >= 0) + 1)
+             for n, line in enumerate(text.splitlines(), 1) if any(m in line for m in PLACEHOLDER_MARKS)
+             and not line.lstrip().startswith("#")]
+    return (*found[0], len(found)) if found else None
+
+
+def scaffold_left(rule: CompiledRule, display: str, document: yamlfiles.Document,
+                   cases: tuple[Path, yamlfiles.Document, Cases] | None) -> list[Problem]:
+    """An active rule is served: its value sets and cases may no more keep the scaffold's example code
+    (`urn:nudges:replace-me|…`) than its own file may (a warning there let it be served matching nothing)."""
+    found = []
+    for i, clause in enumerate(rule.clauses()):
+        if clause.codes and any("replace-me" in system for system, _ in clause.codes):
+            found.append(Problem(display, *yamlfiles.position(document, ("when",)), f"an active rule's clause {i + 1} "
+                                 f"({clause.resource}) matches codes that are the scaffold's example "
+                                 "(urn:nudges:replace-me): put the real codes in its value set first"))
+    left = placeholders(cases[1].text) if cases is not None else None
+    if cases is not None and left is not None:
+        found.append(Problem(_show(cases[0]), left[0], left[1], f"the cases of an active rule keep {left[2]} "
+                             "placeholder(s) from `nudges new rule` (REPLACE, replace-me): fill them in first"))
+    return found
+
+
+def case_names(path: Path, document: yamlfiles.Document, cases: Cases) -> list[Problem]:
+    """A case is named in `nudges test` output and picked by `--case NAME`: two of one name are one too many."""
+    seen: dict[str, int] = {}
+    found = []
+    for i, case in enumerate(cases.cases):
+        if case.name in seen:
+            found.append(Problem(_show(path), *yamlfiles.position(document, ("cases", i, "name"), value=True),
+                                 f"case name '{case.name}' is also case {seen[case.name] + 1}'s: name each case apart"))
+        seen.setdefault(case.name, i)
+    return found
+
+
+BARE_MINUTES = re.compile(r":\s+(\d+)\s*m\s*(?=$|[,}\]#])")
+
+
+def bare_minutes(display: str, text: str) -> list[Problem]:
+    """`6m` means six minutes, and an author thinking of months gets a window that almost never matches,
+    silently. So a bare `m` is worth a warning that says which it is (read from the text: parsing the
+    file's positions for every load would cost more than the check)."""
+    found = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.lstrip().startswith("#"):
+            continue
+        for match in BARE_MINUTES.finditer(line):
+            amount = match.group(1)
+            found.append(Problem(display, n, match.start(1) + 1, f"'{amount}m' is {amount} minutes: write "
+                                 f"'{amount}min' to say so, or '{amount}mo' for months (30 days each)"))
+    return found
