@@ -308,3 +308,20 @@ def test_an_active_rule_may_not_keep_the_scaffolds_example_codes(rules_dir: Path
     code, out, _ = run(capsys, "lint", str(rules_dir))
     assert code == 1 and "matches codes that are the scaffold's example (urn:nudges:replace-me)" in out, out
     assert "half-done.cases.yaml" in out and "the cases of an active rule keep" in out, out
+
+
+@pytest.mark.parametrize(("old", "new", "message"), [
+    ("version: 1.0.0", "version: 1.0", 'version: Input should be a valid string: YAML read 1.0 as a number; write the '
+                                       'version as three numbers in quotes, "1.0.0"'),
+    ("version: 1.0.0", "version: banana", 'a version is three numbers, major.minor.patch, as in "1.0.0"'),
+    ("      within: 72h\n", "      within: 72\n", "YAML read 72 as a number; give the unit, as in 72d, 12h"),
+    ("hooks: [patient-view, encounter-start, encounter-discharge]", "hooks: patient-view",
+     "write it as a list, [patient-view]"),
+])
+def test_schema_errors_say_what_to_write(rules_dir: Path, capsys: pytest.CaptureFixture[str], old: str, new: str,
+                                         message: str) -> None:
+    """pydantic's words alone ("Input should be a valid string") left an author to guess that YAML had read
+    `1.0` as a number."""
+    edit(rules_dir / RULE, old, new)
+    code, out, _ = run(capsys, "lint", str(rules_dir))
+    assert code == 1 and message in out, out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -147,6 +148,9 @@ def test_schema_is_json_schema_of_the_rule_model(capsys: pytest.CaptureFixture[s
     schema = orjson.loads(capsys.readouterr().out)
     assert schema["title"] == "nudges rule" and schema["additionalProperties"] is False
     assert {"id", "status", "when", "card", "citations", "falsepositives"} <= set(schema["required"])
+    durations = re.compile(schema["$defs"]["Clause"]["properties"]["within"]["anyOf"][0]["pattern"])
+    assert all(durations.match(d) for d in ("72h", "30min", "6mo", "10y", "5 d"))  # what lint takes, an editor takes
+    assert not any(durations.match(d) for d in ("1 year", "30 days", "12", "h"))  # and what lint refuses it refuses
 
 
 def test_rule_tests_pass_and_catch_a_wrong_expectation(rules_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:

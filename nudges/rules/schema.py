@@ -36,7 +36,9 @@ def _check_duration(text: str) -> str:
 
 Duration = Annotated[str, AfterValidator(_check_duration),
                      Field(description="a number and a unit: min (or m), h, d, w, mo (30 days) or y (365 days), "
-                           "e.g. 30min, 12h, 6mo, 10y")]
+                           "e.g. 30min, 12h, 6mo, 10y",
+                           # the exported JSON Schema refuses what lint refuses ("1 year", "30 days")
+                           json_schema_extra={"pattern": r"^\s*\d+\s*(min|mo|m|h|d|w|y)\s*$"})]
 FhirPath = Annotated[str, Field(min_length=1, description="a FHIRPath expression (use %now / %today)")]
 
 

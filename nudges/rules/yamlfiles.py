@@ -182,9 +182,30 @@ def validate(model: type[BaseModel], document: Document, display: str) -> tuple[
                     continue
                 message = f"missing required field '{where}'"
             else:
-                message = f"{where}: {error['msg']}" if where else error["msg"]
+                message = f"{where}: {error['msg']}{_how(kind, error.get('input'), loc)}" if where else error["msg"]
             problems.append(Problem(display, line, col, message))
         return None, problems
+
+
+def _how(kind: str, given: Any, loc: tuple[Any, ...]) -> str:
+    """What to write instead, where pydantic only says what is wrong (YAML reads `1.0` as a number)."""
+    name = str(loc[-1]) if loc else ""
+    if kind == "string_type" and isinstance(given, int | float) and not isinstance(given, bool):
+        shown = str(given)
+        if name == "version":
+            return f": YAML read {shown} as a number; write the version as three numbers in quotes, \"1.0.0\""
+        if name in DURATIONS:
+            return f": YAML read {shown} as a number; give the unit, as in {shown}d, 12h, 30min or 6mo"
+        return f": YAML read {shown} as a number; put it in quotes (\"{shown}\")"
+    if kind == "string_pattern_mismatch" and name == "version":
+        return ": a version is three numbers, major.minor.patch, as in \"1.0.0\""
+    if kind == "list_type" and isinstance(given, str):
+        return f": write it as a list, [{given}] (or one `- {given}` item a line)"
+    return ""
+
+
+# Fields whose values are durations (rules/schema.py Duration): a bare number there lacks its unit.
+DURATIONS = frozenset({"within", "older_than", "suppress", "after", "lockout", "due"})
 
 
 def field_names(model: type[BaseModel], loc: tuple[Any, ...]) -> set[str]:
