@@ -330,7 +330,8 @@ def test_cors_preflight_allows_authorization_on_post(make_client) -> None:  # ty
     response = client.post(URL, json=patient_view("pt-1"), headers={"Origin": "https://ehr.example.org"})
     assert response.headers["access-control-allow-origin"] == "https://ehr.example.org"
     denied = client.options(URL, headers={"Origin": "https://other.example", "Access-Control-Request-Method": "POST"})
-    assert denied.status_code == 400
+    assert denied.status_code == 400 and denied.headers["content-type"] == "application/fhir+json"  # as every 4xx
+    assert denied.json()["issue"][0]["diagnostics"].startswith("Disallowed CORS origin: the service's cors_origins")
 
 
 def test_order_sign_and_appointment_book(client: LiveServer) -> None:

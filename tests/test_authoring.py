@@ -325,3 +325,24 @@ def test_schema_errors_say_what_to_write(rules_dir: Path, capsys: pytest.Capture
     edit(rules_dir / RULE, old, new)
     code, out, _ = run(capsys, "lint", str(rules_dir))
     assert code == 1 and message in out, out
+
+
+def test_a_misspelt_resource_type_or_topic_gets_did_you_mean_and_no_knock_on(
+        rules_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    edit(rules_dir / RULE, "      resource: Observation\n", "      resource: Observaton\n")
+    topic = next(line for line in (rules_dir / RULE).read_text().splitlines() if line.startswith("topic: "))
+    edit(rules_dir / RULE, topic, topic[:-2])
+    code, out, _ = run(capsys, "lint", str(rules_dir))
+    assert code == 1 and "'Observaton' is not a FHIR R4 resource type (did you mean 'Observation'?)" in out, out
+    assert f"topic '{topic[7:-2]}' is not listed in ruleset.yaml topics (did you mean '{topic[7:]}'?)" in out, out
+    assert "has no indexed code element" not in out  # the type is unknown: said once
+
+
+def test_new_rule_goes_where_nudges_rules_points(rules_dir: Path, capsys: pytest.CaptureFixture[str],
+                                                 monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Every other command reads NUDGES_RULES; `nudges new rule` wrote into ./rules whatever it said."""
+    monkeypatch.setenv("NUDGES_RULES", str(rules_dir))
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, "new", "rule", "env-placed", "--area", "drafts")
+    assert code == 0, out + err
+    assert (rules_dir / "drafts" / "env-placed.yaml").is_file() and not (tmp_path / "rules").exists()

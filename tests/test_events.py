@@ -707,3 +707,17 @@ def test_expiry_drops_only_stale_waiting_cards(make_store: Callable[..., Store],
     shown = followups.take_pending(store, patient_hash, service_id="nudges-patient-view", hook_instance="h",
                                    max_age=timedelta(days=30))
     assert [p.uuid for p in shown] == [fresh]
+
+
+def test_a_long_run_making_the_next_wait_is_not_logged_as_a_warning() -> None:
+    """apscheduler warned "skipped: maximum number of running instances reached" at every interval while
+    a large rule set reloaded: meant (one run at a time), and the warning read as a fault."""
+    import logging
+
+    from nudges.events.scheduler import _still_running
+
+    def record(message: str) -> logging.LogRecord:
+        return logging.LogRecord("apscheduler.scheduler", logging.WARNING, __file__, 1, message, None, None)
+
+    assert not _still_running(record('Execution of job "x" skipped: maximum number of running instances reached (1)'))
+    assert _still_running(record('Run time of job "x" was missed by 0:00:03'))

@@ -196,7 +196,9 @@ def test_card_sections_show_what_was_bound(rules_dir: Path, capsys: pytest.Captu
     ("{{#visit}} {{visit.date}}", "never closed"),
     ("{{/visit}}", "closes no open section"),
     ("{{#nobody}}x{{/nobody}}", "which no clause binds"),
-    ("{{^visit}} {{visit.date}}{{/visit}}", "unknown placeholder '{{visit.date}}'"),
+    ("{{^visit}} {{visit.date}}{{/visit}}", "'{{visit.date}}' inside {{^visit}}, where 'visit' is not bound"),
+    ("{{visit.date}}", "'{{visit.date}}': 'visit' is bound only sometimes (under `any`): put it inside {{#visit}}"),
+    ("{{visti.date}}", "unknown placeholder '{{visti.date}}'"),
 ])
 def test_card_section_lint(rules_dir: Path, capsys: pytest.CaptureFixture[str], section: str, message: str) -> None:
     path = nest(rules_dir)

@@ -7,7 +7,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.middleware.cors import CORSMiddleware
 
 from .. import __version__
 from ..clock import Clock
@@ -16,7 +15,7 @@ from ..settings import Settings
 from . import errors
 from .console import ROUTERS as CONSOLE
 from .console.security import ConsoleHeaders
-from .middleware import BodyLimit, Instrumentation, KeepAliveLimit
+from .middleware import BodyLimit, Cors, Instrumentation, KeepAliveLimit
 from .routes import docs, feedback, health, notifications, services
 
 
@@ -37,7 +36,7 @@ def create_app(settings: Settings, clock: Clock | None = None) -> FastAPI:
     app.add_middleware(services.HookLane)  # the innermost: inside every middleware below
     app.add_middleware(BodyLimit)
     app.add_middleware(KeepAliveLimit)
-    app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_credentials=False,
+    app.add_middleware(Cors, allow_origins=settings.cors_origins, allow_credentials=False,
                        allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["Authorization", "Content-Type"],
                        max_age=600)
     app.add_middleware(ConsoleHeaders)

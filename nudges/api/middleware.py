@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import time
 
+import orjson
+from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import PayloadTooLarge
+from ..fhir import operation_outcome
 from ..hooks import service_hook
 
 MAX_TRACKED = 10_000  # client connections KeepAliveLimit counts at once
@@ -115,3 +120,18 @@ class KeepAliveLimit:
 
         await self.app(scope, receive, closing if count >= limit else send)
 
+
+class Cors(CORSMiddleware):
+    """Starlette's CORS, but a refused preflight (an origin, method or header not allowed) is answered as
+    every other 4xx is, an OperationOutcome that says what was refused, not a line of plain text."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        answer = super().preflight_response(request_headers)
+        if answer.status_code < 400:
+            return answer
+        said = bytes(answer.body).decode(errors="replace")  # "Disallowed CORS origin, headers"
+        outcome = operation_outcome(f"{said}: the service's cors_origins and its allowed methods and headers "
+                                    "decide what a browser page may call", code="forbidden")
+        headers = {k: v for k, v in answer.headers.items() if k.lower() not in ("content-length", "content-type")}
+        return Response(orjson.dumps(outcome), status_code=answer.status_code, headers=headers,
+                        media_type="application/fhir+json")

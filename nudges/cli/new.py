@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -30,8 +31,8 @@ def register(sub: Any) -> None:
     rule.add_argument("--area", type=kebab, default="local", help="folder under the rules folder (default: local)")
     rule.add_argument("--hook", choices=HOOK_NAMES, default="patient-view", help="default: patient-view")
     rule.add_argument("--topic", help="one of ruleset.yaml's topics (default: its first)")
-    rule.add_argument("--rules", type=Path, default=Path("rules"), metavar="DIR",
-                      help="rules folder (default: ./rules)")
+    rule.add_argument("--rules", type=Path, default=Path(os.environ.get("NUDGES_RULES") or "rules"), metavar="DIR",
+                      help="rules folder (default: NUDGES_RULES, as the other commands, else ./rules)")
     rule.set_defaults(run=run)
 
 

@@ -19,6 +19,7 @@ from ..fhir import CODE_ELEMENTS
 from . import yamlfiles
 from .compiled import CardTemplate, CompiledClause, CompiledGroup, CompiledItem, CompiledRule, RuleSet
 from .delivery import Targets, compile_deliveries
+from .elements import type_names
 from .fhirpath import MEMBER_OF, RACE_READ, Compiled, FhirPathSyntaxError, compile_expression
 from .folders import (
     bare_minutes,
@@ -28,6 +29,9 @@ from .folders import (
     placeholders,
     scaffold_left,
     seed_passages,
+)
+from .folders import (
+    display as _show,
 )
 from .resources import did_you_mean
 from .schema import (
@@ -77,13 +81,6 @@ class LoadResult:
     files: int = 0
     warnings: list[Problem] = field(default_factory=list)  # worth fixing, but the set still loads
     unconfigured: list[Problem] = field(default_factory=list)  # deliveries naming what the site has not set up
-
-
-def _show(path: Path) -> str:
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
 
 
 def rule_files(directory: Path, site: Path | None = None) -> list[Path]:
@@ -404,9 +401,11 @@ class _RuleChecker:
 
         try:
             get_fhir_model_class(clause.resource)
+            known_type = True
         except (ValueError, KeyError):
-            self.problem((*loc, "resource"), f"'{clause.resource}' is not a FHIR R4 resource type",
-                         value=True)
+            known_type = False
+            self.problem((*loc, "resource"), f"'{clause.resource}' is not a FHIR R4 resource type"
+                         f"{did_you_mean(clause.resource, type_names())}", value=True)
         if clause.pick != "latest" and not clause.bind:
             self.problem((*loc, "pick"), "`pick` chooses which match a name binds: give the clause `as:` too",
                          value=True)
@@ -424,7 +423,7 @@ class _RuleChecker:
                     self.problem((*loc, "codes"), "value set holds race/ethnicity codes: triggers must be "
                                                   "universal", value=True)
                 codes, displays = vs.keys, vs.displays
-            if clause.resource not in CODE_ELEMENTS or not CODE_ELEMENTS[clause.resource]:
+            if known_type and not CODE_ELEMENTS.get(clause.resource):  # (an unknown type is said once, above)
                 self.problem((*loc, "codes"), f"{clause.resource} has no indexed code element: "
                                               "match it with `where` instead", value=True)
         if clause.since is not None and clause.since not in bound:
@@ -543,7 +542,8 @@ class _RuleChecker:
         rule = self.rule
         before = len(self.problems)
         if self.manifest is not None and rule.topic not in self.manifest.topics:
-            self.problem(("topic",), f"topic '{rule.topic}' is not listed in ruleset.yaml topics", value=True)
+            self.problem(("topic",), f"topic '{rule.topic}' is not listed in ruleset.yaml topics"
+                         f"{did_you_mean(rule.topic, set(self.manifest.topics))}", value=True)
         for i, citation in enumerate(rule.citations):
             if not citation.seed:
                 continue

@@ -13,7 +13,8 @@ from .schema import PLACEHOLDER_MARKS, Cases
 from .yamlfiles import Problem
 
 
-def _show(path: Path) -> str:
+def display(path: Path) -> str:
+    """A path as problems name it: relative to the working folder when under it."""
     try:
         return str(path.relative_to(Path.cwd()))
     except ValueError:
@@ -32,8 +33,8 @@ def check_cases(path: Path, document: yamlfiles.Document, cases: Cases,
             try:
                 find_file(path.parent, case.bundle, fixture_dirs)
             except FileNotFoundError as exc:
-                problems.append(Problem(_show(path), *yamlfiles.position(document, ("cases", i, "bundle"), value=True),
-                                        str(exc)))
+                where = yamlfiles.position(document, ("cases", i, "bundle"), value=True)
+                problems.append(Problem(display(path), *where, str(exc)))
     entry = cache.key("cases-clean", path.read_bytes())
     if cache.lookup(entry) is True:
         return problems
@@ -43,7 +44,7 @@ def check_cases(path: Path, document: yamlfiles.Document, cases: Cases,
             for j, resource in enumerate(getattr(case, part)):
                 for problem in check(resource):
                     loc = ("cases", i, part, j, *problem.location)
-                    found.append(Problem(_show(path), *yamlfiles.position(document, loc),
+                    found.append(Problem(display(path), *yamlfiles.position(document, loc),
                                          f"case '{case.name}': {part}[{j}] is not valid FHIR R4: {problem.message}"))
     if not found:
         cache.store(entry, True)
@@ -56,7 +57,7 @@ def missing_folders(manifest_path: Path, document: yamlfiles.Document | None, se
     (instead of an error at every `seed:` citation), a fixtures folder that does not exist (before the
     bundles not found in it)."""
     found = []
-    show = _show(manifest_path)
+    show = display(manifest_path)
     if unchecked:
         found.append(Problem(show, *(yamlfiles.position(document, ("seeds",)) if document else (1, 1)),
                              f"no seeds folder at {seeds_dir}, so the `seed:` citations of {len(unchecked)} rule(s) "
@@ -110,19 +111,19 @@ def placeholders(text: str) -> tuple[int, int, int] | None:
     return (*found[0], len(found)) if found else None
 
 
-def scaffold_left(rule: CompiledRule, display: str, document: yamlfiles.Document,
+def scaffold_left(rule: CompiledRule, shown: str, document: yamlfiles.Document,
                    cases: tuple[Path, yamlfiles.Document, Cases] | None) -> list[Problem]:
     """An active rule is served: its value sets and cases may no more keep the scaffold's example code
     (`urn:nudges:replace-me|…`) than its own file may (a warning there let it be served matching nothing)."""
     found = []
     for i, clause in enumerate(rule.clauses()):
         if clause.codes and any("replace-me" in system for system, _ in clause.codes):
-            found.append(Problem(display, *yamlfiles.position(document, ("when",)), f"an active rule's clause {i + 1} "
+            found.append(Problem(shown, *yamlfiles.position(document, ("when",)), f"an active rule's clause {i + 1} "
                                  f"({clause.resource}) matches codes that are the scaffold's example "
                                  "(urn:nudges:replace-me): put the real codes in its value set first"))
     left = placeholders(cases[1].text) if cases is not None else None
     if cases is not None and left is not None:
-        found.append(Problem(_show(cases[0]), left[0], left[1], f"the cases of an active rule keep {left[2]} "
+        found.append(Problem(display(cases[0]), left[0], left[1], f"the cases of an active rule keep {left[2]} "
                              "placeholder(s) from `nudges new rule` (REPLACE, replace-me): fill them in first"))
     return found
 
@@ -133,7 +134,7 @@ def case_names(path: Path, document: yamlfiles.Document, cases: Cases) -> list[P
     found = []
     for i, case in enumerate(cases.cases):
         if case.name in seen:
-            found.append(Problem(_show(path), *yamlfiles.position(document, ("cases", i, "name"), value=True),
+            found.append(Problem(display(path), *yamlfiles.position(document, ("cases", i, "name"), value=True),
                                  f"case name '{case.name}' is also case {seen[case.name] + 1}'s: name each case apart"))
         seen.setdefault(case.name, i)
     return found
@@ -142,7 +143,7 @@ def case_names(path: Path, document: yamlfiles.Document, cases: Cases) -> list[P
 BARE_MINUTES = re.compile(r":\s+(\d+)\s*m\s*(?=$|[,}\]#])")
 
 
-def bare_minutes(display: str, text: str) -> list[Problem]:
+def bare_minutes(shown: str, text: str) -> list[Problem]:
     """`6m` means six minutes, and an author thinking of months gets a window that almost never matches,
     silently. So a bare `m` is worth a warning that says which it is (read from the text: parsing the
     file's positions for every load would cost more than the check)."""
@@ -152,6 +153,6 @@ def bare_minutes(display: str, text: str) -> list[Problem]:
             continue
         for match in BARE_MINUTES.finditer(line):
             amount = match.group(1)
-            found.append(Problem(display, n, match.start(1) + 1, f"'{amount}m' is {amount} minutes: write "
+            found.append(Problem(shown, n, match.start(1) + 1, f"'{amount}m' is {amount} minutes: write "
                                  f"'{amount}min' to say so, or '{amount}mo' for months (30 days each)"))
     return found

@@ -39,7 +39,14 @@ def template_problems(text: str, certain: set[str], seen: set[str]) -> list[str]
             else:
                 stack.pop()
         elif not known_placeholder(name, certain | {s for k, s in stack if k == "#"}):
-            problems.append(f"unknown placeholder '{{{{{name}}}}}'")
+            head = name.partition(".")[0]
+            if ("^", head) in stack:
+                problems.append(f"'{{{{{name}}}}}' inside {{{{^{head}}}}}, where '{head}' is not bound: move it out")
+            elif head in seen and known_placeholder(name, {head}):
+                problems.append(f"'{{{{{name}}}}}': '{head}' is bound only sometimes (under `any`): put it inside "
+                                f"{{{{#{head}}}}}...{{{{/{head}}}}}, shown when it is bound")
+            else:
+                problems.append(f"unknown placeholder '{{{{{name}}}}}'")
     problems += [f"section '{{{{{k}{s}}}}}' is never closed with '{{{{/{s}}}}}'" for k, s in stack]
     return problems
 

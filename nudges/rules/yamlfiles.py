@@ -97,7 +97,9 @@ def load(path: Path, display: str, *, mapping: bool = True) -> tuple[Document | 
     else:
         document = Document(text, plain_values)
     if mapping and not isinstance(document.plain, dict):
-        return None, [Problem(display, 1, 1, "the file must be a YAML mapping")]
+        what = "the file is empty" if document.plain is None else "the file is not a YAML mapping"
+        return None, [Problem(display, 1, 1, f"{what}: it must be `key: value` lines (`nudges new rule` writes "
+                                             "a rule to start from)")]
     return document, []
 
 

@@ -43,7 +43,7 @@ when:                                # every part given must hold: age, patient,
     - as: finding                    # bind the latest match: card text can say {{finding.elapsed}}
       resource: Observation          # a FHIR R4 resource type
       codes: __ID__                  # a value set: valuesets/__ID__.yaml (replace its example code)
-      within: 30d                    # dated no earlier than 30 days ago (units m, h, d, w, y)
+      within: 30d                    # dated no earlier than 30 days ago (units min, h, d, w, mo, y)
       # where: "(value as Quantity).value > referenceRange.high.value"   # FHIRPath on each candidate
   none:                              # absence: no item may match
     - resource: ServiceRequest
@@ -65,7 +65,7 @@ when:                                # every part given must hold: age, patient,
   none:                              # absence: no item may match
     - resource: Observation
       codes: __ID__                  # a result of the same test
-      within: 30d                    # dated no earlier than 30 days ago (units m, h, d, w, y)
+      within: 30d                    # dated no earlier than 30 days ago (units min, h, d, w, mo, y)
 card:
   summary: "REPLACE: {{order.display}} ordered with no result in the past 30 days"   # under 140 characters
 """
