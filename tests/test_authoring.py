@@ -317,6 +317,8 @@ def test_an_active_rule_may_not_keep_the_scaffolds_example_codes(rules_dir: Path
     ("      within: 72h\n", "      within: 72\n", "YAML read 72 as a number; give the unit, as in 72d, 12h"),
     ("hooks: [patient-view, encounter-start, encounter-discharge]", "hooks: patient-view",
      "write it as a list, [patient-view]"),
+    ("hooks: [patient-view, encounter-start, encounter-discharge]", "hooks: [patient-view, patient-view]",
+     "patient-view listed twice: name each hook once"),
 ])
 def test_schema_errors_say_what_to_write(rules_dir: Path, capsys: pytest.CaptureFixture[str], old: str, new: str,
                                          message: str) -> None:
@@ -346,3 +348,10 @@ def test_new_rule_goes_where_nudges_rules_points(rules_dir: Path, capsys: pytest
     code, out, err = run(capsys, "new", "rule", "env-placed", "--area", "drafts")
     assert code == 0, out + err
     assert (rules_dir / "drafts" / "env-placed.yaml").is_file() and not (tmp_path / "rules").exists()
+
+
+def test_a_value_set_date_must_be_a_day(rules_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = rules_dir / "valuesets" / "troponin.yaml"
+    path.write_text(path.read_text().replace("title:", "date: \"2026-13-45\"\ntitle:", 1))
+    code, out, _ = run(capsys, "lint", str(rules_dir))
+    assert code == 1 and "'2026-13-45' is not a day of the calendar: write it as YYYY-MM-DD" in out, out

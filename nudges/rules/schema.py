@@ -4,7 +4,7 @@ exports them as JSON Schema for editors, and the loader validates every rule fil
 from __future__ import annotations
 
 import re
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
@@ -330,8 +330,16 @@ class Rule(Strict):
     title: str = Field(min_length=1)
     status: Status
     version: str = Field(pattern=r"^\d+\.\d+\.\d+$")
-    hooks: list[Hook] = Field(min_length=1)
+    hooks: list[Hook] = Field(min_length=1, json_schema_extra={"uniqueItems": True})
     topic: str = Field(pattern=ID_PATTERN, description="equity topic; shown as the card's source.topic")
+
+    @field_validator("hooks")
+    @classmethod
+    def _hooks_once(cls, value: list[str]) -> list[str]:
+        twice = sorted({h for h in value if value.count(h) > 1})
+        if twice:
+            raise ValueError(f"{', '.join(twice)} listed twice: name each hook once")
+        return value
     owner: str = Field(min_length=1)
     when: When
     card: Card
@@ -362,6 +370,16 @@ class ValueSet(Strict):
     date: str | None = Field(None, pattern=r"^\d{4}-\d{2}-\d{2}$",
                              description="when the codes were last checked (YYYY-MM-DD)")
     codes: list[Coding] = Field(min_length=1)
+
+    @field_validator("date")
+    @classmethod
+    def _a_day(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                date.fromisoformat(value)
+            except ValueError:
+                raise ValueError(f"'{value}' is not a day of the calendar: write it as YYYY-MM-DD") from None
+        return value
 
 
 class SiteCodes(Strict):
