@@ -300,3 +300,19 @@ def test_cli_brief_is_one_line_per_rule(tmp_path: Path, capsys: pytest.CaptureFi
     ours = [line for line in lines if line.startswith(f"{TROPONIN}: ")]
     assert len(ours) == 1 and ours[0].startswith(f"{TROPONIN}: not fired: when.none[0]: ServiceRequest/cath-1")
     assert not any("✓" in line or "✗" in line for line in lines)
+
+
+def test_the_values_compared_inside_parenthesised_groups_are_shown() -> None:
+    """An 8.9 % HbA1c excluded by `status != 'cancelled' and ((unit = '%' and value > 9) or ...)` was
+    explained by `status = ["final"]` alone, the one comparison at the top level, which held."""
+
+
+    where = ("status != 'cancelled' and (((value as Quantity).code = '%' and (value as Quantity).value > 9) "
+             "or ((value as Quantity).code = 'mmol/mol' and (value as Quantity).value > 75))")
+    assert [c[0] for c in comparisons(where)] == ["status", "(value as Quantity).code", "(value as Quantity).value",
+                                                  "(value as Quantity).code", "(value as Quantity).value"]
+    assert comparisons("(a = 1) or (b = 2)") == [("a", "=", "1"), ("b", "=", "2")]
+    a1c = {"resourceType": "Observation", "status": "final", "code": {"text": "HbA1c"},
+           "valueQuantity": {"value": 8.9, "unit": "%", "system": "http://unitsofmeasure.org", "code": "%"}}
+    shown = where_values(where, a1c, {})
+    assert 'status = ["final"]' in shown and '(value as Quantity).value = ["8.9"]' in shown, shown

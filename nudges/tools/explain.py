@@ -404,6 +404,10 @@ def comparisons(expression: str) -> list[tuple[str, str, str]]:
     parts.append((start, expression[start:]))
     found = []
     for offset, part in parts:
+        inner = part.strip()
+        if _encloses(inner):  # a parenthesised group: the comparisons inside it
+            found += comparisons(inner[1:-1])
+            continue
         for i in sorted(p - offset for p in top if offset <= p < offset + len(part)):
             operator = next((op for op in COMPARISONS if part.startswith(op, i)), None)
             if operator is not None:
@@ -412,6 +416,11 @@ def comparisons(expression: str) -> list[tuple[str, str, str]]:
                     found.append((left, operator, right))
                 break
     return found
+
+
+def _encloses(text: str) -> bool:
+    """Whether the parenthesis that opens `text` is the one that closes it: `(a or b)`, not `(a) or (b)`."""
+    return text.startswith("(") and text.endswith(")") and not _top_level(text)
 
 
 @functools.lru_cache(maxsize=256)
