@@ -316,3 +316,24 @@ def test_the_values_compared_inside_parenthesised_groups_are_shown() -> None:
            "valueQuantity": {"value": 8.9, "unit": "%", "system": "http://unitsofmeasure.org", "code": "%"}}
     shown = where_values(where, a1c, {})
     assert 'status = ["final"]' in shown and '(value as Quantity).value = ["8.9"]' in shown, shown
+
+
+def test_an_order_whose_medication_the_call_does_not_hold_is_named() -> None:
+    """A MedicationRequest naming `Medication/met500`, which the call did not include, showed "0
+    candidates" and nothing more: its codes cannot be read, and explain now says so and what to prefetch."""
+    ruleset = load_ruleset(ROOT / "rules").ruleset
+    assert ruleset is not None
+    services = Services.build(ruleset, frozenset({"active"}))
+    order = {"resourceType": "MedicationRequest", "id": "mr-1", "status": "active", "intent": "order",
+             "subject": {"reference": "Patient/pt-1"}, "authoredOn": "2026-02-01",
+             "medicationReference": {"reference": "Medication/met500"}}
+    prefetch: dict[str, Any] = {key: None for key in services.for_hook("order-sign").plan.templates}
+    prefetch["patient"] = {"resourceType": "Patient", "id": "pt-1"}
+    prefetch["medicationRequest"] = {"resourceType": "Bundle", "type": "searchset", "entry": [{"resource": order}]}
+    body = {"hook": "order-sign", "hookInstance": "h-1", "prefetch": prefetch, "context": {
+        "userId": "Practitioner/dr-1", "patientId": "pt-1",
+        "draftOrders": {"resourceType": "Bundle", "type": "collection", "entry": []}}}
+    explanation = explain(services, body, NOW, rule_ids={"guideline-drug-deescalated-after-coverage-change"})
+    rule = rule_of(explanation, "guideline-drug-deescalated-after-coverage-change")
+    notes = [n for step in steps_by_where(rule).values() for n in step["notes"]]
+    assert any("MedicationRequest/mr-1 names its medication by reference (Medication/met500)" in n for n in notes), notes

@@ -30,7 +30,7 @@ import orjson
 from .. import pipeline
 from ..clock import parse_instant
 from ..engine import Match
-from ..fhir import canonicalize, concepts, instant
+from ..fhir import canonicalize, concepts, instant, referenced_medication
 from ..record import PatientRecord
 from ..rules.compiled import CompiledClause, CompiledGroup, CompiledItem, CompiledRule, RuleSet
 from ..rules.fhirpath import compile_expression, truthy
@@ -303,6 +303,14 @@ class Recorder:
             return
         if clause.codes is None:
             return
+        medications = record.medications()
+        for resource in present:  # coded only through a Medication the call does not hold: nothing to match
+            named = resource.get("medicationReference")
+            if isinstance(named, dict) and referenced_medication(resource, medications) is None:
+                target = str(named.get("reference") or named.get("display") or "a Medication")
+                step.note(f"{reference(resource)} names its medication by reference ({target}), which the call "
+                          "does not hold: its codes cannot be read (prefetch the Medication, e.g. with "
+                          "`_include=MedicationRequest:medication`)")
         by_code: dict[str, set[str]] = {}
         for system, code in clause.codes:
             by_code.setdefault(code, set()).add(system)
