@@ -336,4 +336,5 @@ def test_an_order_whose_medication_the_call_does_not_hold_is_named() -> None:
     explanation = explain(services, body, NOW, rule_ids={"guideline-drug-deescalated-after-coverage-change"})
     rule = rule_of(explanation, "guideline-drug-deescalated-after-coverage-change")
     notes = [n for step in steps_by_where(rule).values() for n in step["notes"]]
-    assert any("MedicationRequest/mr-1 names its medication by reference (Medication/met500)" in n for n in notes), notes
+    named = "MedicationRequest/mr-1 names its medication by reference (Medication/met500)"
+    assert any(named in n for n in notes), notes
