@@ -64,9 +64,10 @@ class _Evaluation:
 
     __slots__ = ("bindings", "dates", "drafts", "env", "now", "record")
 
-    def __init__(self, record: PatientRecord, now: datetime, env: dict[str, Any]) -> None:
+    def __init__(self, record: PatientRecord, now: datetime, env: dict[str, Any],
+                 unbound: dict[str, Any] | None = None) -> None:
         self.record, self.now = record, now
-        self.env = dict(env)
+        self.env = {**unbound, **env} if unbound else dict(env)  # the rule's names, empty until bound
         self.bindings: dict[str, dict[str, Any]] = {}
         self.dates: dict[str, datetime | None] = {}
         self.drafts: tuple[dict[str, Any], ...] = ()  # what the card is about, on order and booking hooks
@@ -206,8 +207,9 @@ class _Traced(_Evaluation):
 
     __slots__ = ("trace",)
 
-    def __init__(self, record: PatientRecord, now: datetime, env: dict[str, Any], trace: Tracer) -> None:
-        super().__init__(record, now, env)
+    def __init__(self, record: PatientRecord, now: datetime, env: dict[str, Any], trace: Tracer,
+                 unbound: dict[str, Any] | None = None) -> None:
+        super().__init__(record, now, env, unbound)
         self.trace = trace
 
 
@@ -273,7 +275,7 @@ def evaluate_rule(rule: CompiledRule, record: PatientRecord, now: datetime,
                   env: dict[str, Any]) -> Match | None:
     if not _applies(rule, record, now, env):
         return None
-    state = _Evaluation(record, now, env)
+    state = _Evaluation(record, now, env, rule.unbound)
     if not _group(state, "all", rule.all):
         return None
     if rule.any and not _group(state, "any", rule.any):
@@ -288,7 +290,7 @@ def _traced_rule(rule: CompiledRule, record: PatientRecord, now: datetime, env: 
     """evaluate_rule, step for step, each part reported as a group."""
     if not _applies(rule, record, now, env, trace):
         return None
-    state = _Traced(record, now, env, trace)
+    state = _Traced(record, now, env, trace, rule.unbound)
     if not _traced_group(state, trace, "all", rule.all):
         return None
     if rule.any and not _traced_group(state, trace, "any", rule.any):

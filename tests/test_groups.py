@@ -223,3 +223,18 @@ def test_sections_are_cut_alike_from_the_plan(template: str, bound: set[str], sh
     for _ in range(2):  # the second time from the rendering plan
         assert shown_sections(template, bound.__contains__) == shown
     assert pieces("x {{a.value}} y {{ now }}") == ("x ", "a.value", " y ", "now", "")
+
+
+def test_a_name_bound_only_under_any_is_empty_where_it_is_unbound(rules_dir: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """`%visit` read after an `any` whose Condition branch matched instead: lint took it (visit is bound by
+    an earlier clause), and the rule raised on every such record (an undefined variable), its card lost."""
+    reading = NESTED.replace("          since: troponin\n", "          since: troponin\n"
+                             "          where: \"%visit.exists().not() or status != 'revoked'\"\n", 1)
+    nest(rules_dir, reading)
+    code, out = lint(rules_dir, capsys)
+    assert code == 0, out
+    pain = {"resourceType": "Condition", "id": "c1", "code": {"text": "Chest pain"}}
+    cath = {"resourceType": "ServiceRequest", "id": "sr1", "status": "active", "intent": "order", "code": CATH,
+            "subject": {"reference": "Patient/pt-1"}, "authoredOn": "2026-03-02T08:00:00Z"}
+    assert fired(rules_dir, troponin(), pain, cath)  # the order alone does not block (the `all` wants both)

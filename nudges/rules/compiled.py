@@ -93,6 +93,13 @@ class CompiledRule:
     followup_start: str | None = None  # bound name of the `all` clause an event must match
     followup_after: timedelta | None = None  # check the rule again this long after that event
     deliver: tuple[CompiledDelivery, ...] = ()  # where the follow-up card is pushed when it fires
+    # Every name the rule binds, empty until its clause matches (engine._Evaluation): a name bound under
+    # `any`, or in a branch that failed, is then empty where a later expression reads it, as a value a
+    # record lacks is in FHIRPath, instead of an undefined variable that made the whole rule raise.
+    unbound: dict[str, list[Any]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "unbound", {c.bind: [] for c in self.clauses() if c.bind})
 
     def clauses(self) -> tuple[CompiledClause, ...]:
         """Every clause, nested ones included, in evaluation order."""
