@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from psycopg import AsyncConnection
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 
@@ -33,13 +33,23 @@ class Writers:
         self.wait = wait  # seconds a call waits for a connection before it is a 503 (read when the pool opens)
         self.connect_timeout = connect_timeout
         self._pool: AsyncConnectionPool[AsyncConnection[Any]] | None = None
+        self._stale = False  # a call found no connection: the next call opens a fresh pool
+        self._closing: set[asyncio.Future[None]] = set()  # pools replaced so, closing in the background
         self._opening = asyncio.Lock()
         self._idle_from: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
 
     async def pool(self) -> AsyncConnectionPool[AsyncConnection[Any]]:
-        if self._pool is not None:
+        if self._pool is not None and not self._stale:
             return self._pool
-        async with self._opening:  # the first calls after a start arrive together
+        async with self._opening:  # the first calls after a start (or an outage) arrive together
+            if self._stale and self._pool is not None:
+                # psycopg_pool retries a lost server with a doubling pause (1, 2, 4 … s): after a
+                # minute's outage the database had been back for half a minute before hook calls were
+                # (while /readyz, on the other pool, said ready). A fresh pool connects at once.
+                old, self._pool, self._stale = self._pool, None, False
+                closing = asyncio.ensure_future(old.close())  # connections in use close as they come back
+                self._closing.add(closing)
+                closing.add_done_callback(self._closing.discard)
             if self._pool is None:
                 pool = AsyncConnectionPool(self.conninfo, min_size=1, max_size=SIZE,
                                            kwargs={"autocommit": True, "connect_timeout": self.connect_timeout},
@@ -55,17 +65,26 @@ class Writers:
         checked, the dead ones replaced, before the second try."""
         try:
             return await work()
+        except PoolTimeout:
+            self._stale = True
+            raise
         except DBAPIError as exc:
             if not exc.connection_invalidated:
                 raise
         if self._pool is not None:
             await self._pool.check()
-        return await work()
+        try:
+            return await work()
+        except PoolTimeout:
+            self._stale = True
+            raise
 
     async def close(self) -> None:
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
+        for closing in list(self._closing):
+            await closing
 
     async def _returned(self, connection: AsyncConnection[Any]) -> None:
         self._idle_from[connection] = time.monotonic()
