@@ -120,7 +120,7 @@ class Runtime:
         if ok:
             settle_heap()
         if self.reloader.current:
-            self.metrics.rules_loaded.set(len(self.reloader.current.ruleset.rules))
+            self.metrics.rules_loaded.set(len(self.reloader.current.rules()))  # served: active, by default
 
     async def stop(self) -> None:
         self.scheduler.stop()
@@ -216,7 +216,7 @@ class Runtime:
             problems.append("no rule set")
         state = {"problems": problems, "database": "ok" if database else "unreachable",
                  "rules": current.ruleset.version if current else None,
-                 "rule_count": len(current.ruleset.rules) if current else 0,
+                 "rule_count": len(current.rules()) if current else 0,  # served (rule_statuses), not all loaded
                  "refused_reloads": self.reloader.refused,
                  # whether the files on disk are refused now (the count never goes down once fixed)
                  "rules_on_disk": "refused" if self.reloader.last_problems else "served",

@@ -313,6 +313,10 @@ def test_health_ready_and_metrics(client: LiveServer) -> None:
     assert client.get("/healthz").json() == {"status": "alive"}
     ready = client.get("/readyz").json()
     assert ready["status"] == "ready" and ready["rules"] and ready["database"] == "ok"
+    assert ready["rule_count"] == len(client.runtime.services().rules())  # the served ones
+    for path in ("/healthz", "/readyz"):  # a load balancer's check may be a HEAD
+        head = client.head(path)
+        assert head.status_code == 200 and head.content == b"", (path, head.status_code)
     client.post(URL, json=patient_view("pt-1", troponin()))
     text = client.get("/metrics").text
     assert 'nudges_requests_total{service="nudges-patient-view",status="200"}' in text

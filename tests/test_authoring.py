@@ -355,3 +355,18 @@ def test_a_value_set_date_must_be_a_day(rules_dir: Path, capsys: pytest.CaptureF
     path.write_text(path.read_text().replace("title:", "date: \"2026-13-45\"\ntitle:", 1))
     code, out, _ = run(capsys, "lint", str(rules_dir))
     assert code == 1 and "'2026-13-45' is not a day of the calendar: write it as YYYY-MM-DD" in out, out
+
+
+@pytest.mark.parametrize("style", [">-", "|"])
+def test_an_error_inside_a_block_expression_is_marked_on_its_own_line(rules_dir: Path, style: str,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """Most shipped rules write `where: >-` over several lines: an error was put on the `where:` line at
+    the column it had in the joined text (13:80 for one at 16:35), and the console marked that line."""
+    old = ("      where: \"(value as Quantity).value > referenceRange.high.value or interpretation.coding.where("
+           "code = 'H' or code = 'HH' or code = 'A').exists()\"\n")
+    new = (f"      where: {style}\n        (value as Quantity).value > referenceRange.high.value\n"
+           "        or interpretation.codng.where(code = 'H' or code = 'HH' or code = 'A').exists()\n")
+    edit(rules_dir / RULE, old, new)
+    code, out, _ = run(capsys, "lint", str(rules_dir))
+    line = next(i for i, text in enumerate((rules_dir / RULE).read_text().splitlines(), 1) if "codng" in text)
+    assert code == 1 and f"{RULE.name}:{line}:27: 'codng' is not an element of CodeableConcept" in out, out

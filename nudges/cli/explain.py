@@ -147,7 +147,9 @@ MARK = {True: "✓", False: "✗", None: "·"}
 
 def render(data: dict[str, Any], *, brief: bool = False) -> str:
     """The trace for people: the call's cards, then per rule its verdict, reason and (unless brief) steps."""
-    lines = [f"{data['hook']} at {data['now']} ({data['service']}): {len(data['cards'])} card(s)"]
+    lines = [f"{data['hook']} at {data['now']} ({data['service']}): {len(data['cards'])} card(s)"
+             + (" as the rules raise them (the service may hold some back: suppression is not applied here)"
+                if data["cards"] else "")]
     raised = {r["card"]["uuid"]: r["rule"] for r in data["rules"] if r.get("card")}
     for card in data["cards"]:
         rule = raised.get(card.get("uuid"), "")

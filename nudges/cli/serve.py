@@ -75,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
                 print(problem, file=sys.stderr)
             print(f"refusing to start: the rule set in {settings.rules} has problems", file=sys.stderr)
             return 1
+        empty_metrics_folder()  # before any metric opens its file there
         app = create_app(settings)  # every check a worker would make, made once here where it can be reported
     except ConfigError as exc:
         print(f"refusing to start: {exc.diagnostics}", file=sys.stderr)
@@ -95,6 +96,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def empty_metrics_folder() -> None:
+    """The metrics files an earlier run left in the operator's PROMETHEUS_MULTIPROC_DIR, removed (one
+    worker or several): kept, they add to this run's counts, as prometheus_client warns."""
+    from ..metrics import MULTIPROCESS_DIR
+
+    folder = os.environ.get(MULTIPROCESS_DIR)
+    for leftover in Path(folder).glob("*.db") if folder else ():
+        leftover.unlink(missing_ok=True)
+
+
 @contextmanager
 def metrics_folder() -> Iterator[None]:
     """The workers' metrics files (metrics.py), in a folder of this run's: set before they start, so each
@@ -105,9 +116,8 @@ def metrics_folder() -> Iterator[None]:
     given = os.environ.get(MULTIPROCESS_DIR)
     folder = Path(given) if given else Path(tempfile.mkdtemp(prefix="nudges-metrics-"))
     folder.mkdir(parents=True, exist_ok=True)
-    for leftover in folder.glob("*.db"):
-        leftover.unlink()
     os.environ[MULTIPROCESS_DIR] = str(folder)
+    empty_metrics_folder()
     try:
         yield
     finally:

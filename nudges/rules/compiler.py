@@ -346,8 +346,8 @@ class _RuleChecker:
         self.value_set_keys = {name: vs.keys for name, vs in valuesets.items()}  # what memberOf tests
 
     def problem(self, loc: tuple[Any, ...], message: str, *, value: bool = False, offset: int = 0) -> None:
-        line, col = yamlfiles.position(self.data, loc, value=value)
-        self.problems.append(Problem(self.display, line, col + offset, message))
+        line, col = yamlfiles.position(self.data, loc, value=value, offset=offset)
+        self.problems.append(Problem(self.display, line, col, message))
 
     def expression(self, loc: tuple[Any, ...], text: str | None, resource: str | None,
                    bound: Collection[str] = ()) -> Compiled | None:

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError
+from ruamel.yaml.scalarstring import FoldedScalarString, LiteralScalarString
 
 from . import cache
 from .resources import did_you_mean
@@ -128,8 +129,10 @@ def advice(problem: str) -> str:
     return f"YAML syntax: {problem.strip()}"
 
 
-def position(document: Document | Any, loc: Sequence[Any], *, value: bool = False) -> tuple[int, int]:
-    """1-based line/column of the deepest node of `loc` that exists (the key, or its value)."""
+def position(document: Document | Any, loc: Sequence[Any], *, value: bool = False,
+             offset: int = 0) -> tuple[int, int]:
+    """1-based line/column of the deepest node of `loc` that exists (the key, or its value); with `offset`,
+    of that character of the value, found on its own line when the value is a block (`>-`, `|`)."""
     node = document.tree if isinstance(document, Document) else document
     line, col = 1, 1
     for part in loc:
@@ -143,7 +146,24 @@ def position(document: Document | Any, loc: Sequence[Any], *, value: bool = Fals
             break
         if pos and pos[0] is not None:
             line, col = pos[0] + 1, pos[1] + 1
-    return line, col
+    if offset and isinstance(node, FoldedScalarString | LiteralScalarString) and isinstance(document, Document):
+        return _in_block(document.text.splitlines(), line, offset) or (line, col + offset)
+    return line, col + offset
+
+
+def _in_block(lines: list[str], indicator_line: int, offset: int) -> tuple[int, int] | None:
+    """Where character `offset` of a block scalar's text lies: its lines follow the indicator's line, each
+    given back as the text's line (joined by one newline, or one space when folded)."""
+    content = [(n, text) for n, text in enumerate(lines[indicator_line:], indicator_line + 1)]
+    indent = next((len(t) - len(t.lstrip()) for _, t in content if t.strip()), 0)
+    for n, text in content:
+        if text.strip() and len(text) - len(text.lstrip()) < indent:
+            break  # the block has ended
+        body = text[indent:]
+        if offset <= len(body):
+            return n, indent + offset + 1
+        offset -= len(body) + 1
+    return None
 
 
 def node_at(document: Document, loc: Sequence[Any]) -> Any:

@@ -14,12 +14,12 @@ from ..errors import FHIR_JSON
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/healthz", summary="Liveness")
+@router.api_route("/healthz", methods=["GET", "HEAD"], summary="Liveness")  # HEAD: load balancers' checks
 async def healthz() -> Response:
     return json_response({"status": "alive"})
 
 
-@router.get("/readyz", summary="Readiness: database reachable and rules loaded")
+@router.api_route("/readyz", methods=["GET", "HEAD"], summary="Readiness: database reachable and rules loaded")
 async def readyz(runtime: RuntimeDep) -> Response:
     state = await runtime.store.run(runtime.readiness)
     problems = state["problems"]
