@@ -176,3 +176,14 @@ def test_every_file_the_commands_help_names_exists() -> None:
     named = {match for path in (ROOT / "nudges" / "cli").glob("*.py")
              for match in re.findall(r"\b(?:fhir_fixtures|rules)/[\w./-]+\.(?:json|yaml)", path.read_text())}
     assert named and not [name for name in sorted(named) if not (ROOT / name).is_file()]
+
+
+def test_an_operators_metrics_folder_is_emptied_before_a_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With PROMETHEUS_MULTIPROC_DIR set and one worker, a run had added the last run's counts to its own."""
+    from nudges.cli.serve import empty_metrics_folder
+
+    (tmp_path / "counter_123.db").write_bytes(b"old counts")
+    (tmp_path / "keep.txt").write_text("not a metrics file")
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    empty_metrics_folder()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
