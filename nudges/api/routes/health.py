@@ -14,12 +14,14 @@ from ..errors import FHIR_JSON
 router = APIRouter(tags=["operations"])
 
 
-@router.api_route("/healthz", methods=["GET", "HEAD"], summary="Liveness")  # HEAD: load balancers' checks
+@router.get("/healthz", summary="Liveness")
+@router.head("/healthz", include_in_schema=False)  # load balancers' checks may be a HEAD
 async def healthz() -> Response:
     return json_response({"status": "alive"})
 
 
-@router.api_route("/readyz", methods=["GET", "HEAD"], summary="Readiness: database reachable and rules loaded")
+@router.get("/readyz", summary="Readiness: database reachable and rules loaded")
+@router.head("/readyz", include_in_schema=False)
 async def readyz(runtime: RuntimeDep) -> Response:
     state = await runtime.store.run(runtime.readiness)
     problems = state["problems"]
