@@ -131,6 +131,8 @@ def test_nudges_test_one_rule_verbose_with_counts_that_add_up(rules_dir: Path,
     (RULE, "(value as Quantity)", "(value as Quantiy)", "'Quantiy' is not a FHIR R4 type (did you mean 'Quantity'?)"),
     (RULE, "      since: troponin\n", "      since: troponin\n      where: \"status = active\"\n",
      "'active' is not an element of ServiceRequest"),
+    (RULE, "      since: troponin\n", "      since: troponin\n      where: \"%troponin.issud < authoredOn\"\n",
+     "'issud' is not an element of Observation (did you mean 'issued'?)"),  # through a bound name
 ])
 def test_did_you_mean_for_fields_values_and_fhirpath_functions(rules_dir: Path, capsys: pytest.CaptureFixture[str],
                                                                 where: Path, old: str, new: str, message: str) -> None:

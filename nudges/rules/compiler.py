@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -350,7 +350,7 @@ class _RuleChecker:
         self.problems.append(Problem(self.display, line, col, message))
 
     def expression(self, loc: tuple[Any, ...], text: str | None, resource: str | None,
-                   bound: Collection[str] = ()) -> Compiled | None:
+                   bound: Mapping[str, str] | None = None) -> Compiled | None:
         if text is None:
             return None
         if RACE_READ.search(text) and not self.rule.race_correction_removal:
@@ -362,7 +362,7 @@ class _RuleChecker:
                 self.problem(loc, f"memberOf('{name[0]}'): value set holds race/ethnicity codes: triggers "
                                   "must be universal", value=True)
         try:
-            return compile_expression(text, resource, self.value_set_keys, bound)
+            return compile_expression(text, resource, self.value_set_keys, bound or {})
         except FhirPathSyntaxError as exc:
             quoted = 1 if _is_quoted(yamlfiles.node_at(self.data, loc)) else 0
             self.problem(loc, str(exc), value=True, offset=exc.column + quoted)
@@ -389,14 +389,14 @@ class _RuleChecker:
                     self.problem((*at, "as"), f"'{item.bind}' is already bound by another clause", value=True)
             clause = self.clause(at, item, names.seen)
             if item.bind and not negated:
-                names.seen.add(item.bind)
+                names.seen[item.bind] = item.resource
                 if certain:
                     names.certain.add(item.bind)
             if clause is not None:
                 compiled.append(clause)
         return tuple(compiled)
 
-    def clause(self, loc: tuple[Any, ...], clause: Clause, bound: set[str]) -> CompiledClause | None:
+    def clause(self, loc: tuple[Any, ...], clause: Clause, bound: Mapping[str, str]) -> CompiledClause | None:
         from fhir.resources.R4B import get_fhir_model_class
 
         try:
@@ -589,7 +589,7 @@ class _RuleChecker:
 
 @dataclass
 class _Names:
-    seen: set[str] = field(default_factory=set)  # bound by some clause evaluated earlier
+    seen: dict[str, str] = field(default_factory=dict)  # bound by some clause evaluated earlier -> its type
     certain: set[str] = field(default_factory=set)  # bound whenever the rule fires
 
 

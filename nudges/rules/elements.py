@@ -11,7 +11,7 @@ input) and stops, saying nothing, wherever a type is unknown (a choice element b
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, Union, get_args, get_origin
 
 from fhir.resources.R4B import get_fhir_model_class
@@ -73,13 +73,14 @@ def _class_of(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def problems(tree: Node, resource_type: str | None) -> list[str]:
-    """What is wrong with the element names of an expression on `resource_type` (empty when unknown)."""
+def problems(tree: Node, resource_type: str | None, names: Mapping[str, str] | None = None) -> list[str]:
+    """What is wrong with the element names of an expression on `resource_type` (empty when unknown);
+    `names`: the resource type each bound name (`%lab`) holds."""
     root = model(resource_type) if resource_type else None
     if root is None:
         return []
     found: list[str] = []
-    _Walk(found).type_of(tree, root)
+    _Walk(found, names or {}).type_of(tree, root)
     return list(dict.fromkeys(found))
 
 
@@ -102,8 +103,8 @@ def _walk_down(node: Node) -> Iterator[Node]:
 
 
 class _Walk:
-    def __init__(self, found: list[str]) -> None:
-        self.found = found
+    def __init__(self, found: list[str], names: Mapping[str, str]) -> None:
+        self.found, self.names = found, names
 
     def type_of(self, node: Node, context: Any) -> Any:
         """The type `node` yields on `context` (a class, CHOICE or None), checking the names on the way."""
@@ -126,8 +127,9 @@ class _Walk:
             self.type_of(children[0], context)
             named = self.type_named(str(children[1].get("text") or ""))
             return named if node.get("terminalNodeText") == ["as"] else None
-        if kind == "ExternalConstantTerm":
-            return model("Patient") if _identifier(node) == "patient" else None
+        if kind == "ExternalConstantTerm":  # %patient, or a name an earlier clause bound
+            name = _identifier(node)
+            return model("Patient") if name == "patient" else model(self.names[name]) if name in self.names else None
         for child in children:  # operators: each side on the same context; the result is not a resource
             self.type_of(child, context)
         return None

@@ -177,17 +177,18 @@ def interpreted(tree: Any, member: Callable[[list[Any], str], list[bool]]) -> Co
 
 
 def compile_expression(expression: str, resource_type: str | None = None,
-                       valuesets: ValueSets | None = None, bound: Collection[str] = ()) -> Compiled:
+                       valuesets: ValueSets | None = None, bound: Collection[str] | Mapping[str, str] = ()) -> Compiled:
     """Parse strictly, check function names, then dry-run on an empty resource so wrong arity, a variable
     that is never defined (`%encounterID`, a clause's own name) and the like surface at load time rather
-    than as a rule that raises on every patient's record. `bound`: the names earlier clauses bind."""
+    than as a rule that raises on every patient's record. `bound`: the names earlier clauses bind (with their
+    resource types, when known: `%lab.valeu` is then checked as `valeu` on an Observation)."""
     if _CLOCK_FUNCTIONS.search(expression):
         raise FhirPathSyntaxError("use %now or %today instead of now()/today(): the clock is injected", 0)
     function_names(expression)
     value_set_names(expression, valuesets or {})
     member = member_of(valuesets or {})
     tree = syntax_tree(expression)
-    for problem in element_problems(tree, resource_type):
+    for problem in element_problems(tree, resource_type, bound if isinstance(bound, Mapping) else {}):
         name = problem.split("'")[1]
         raise FhirPathSyntaxError(problem, max(expression.find(name), 0))
     # The expression as closures where it lies in the compiled subset (about ten times faster on the

@@ -6,7 +6,7 @@ Checked at load against the names a rule binds, so a card can never render an un
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][\w.]*)\s*\}\}")
@@ -23,7 +23,7 @@ SAMPLE = {"context.patientId": "example", "context.userId": "Practitioner/exampl
 
 
 
-def template_problems(text: str, certain: set[str], seen: set[str]) -> list[str]:
+def template_problems(text: str, certain: set[str], seen: Collection[str]) -> list[str]:
     """Placeholders must name something bound whenever they render: a name bound only sometimes (under
     `any`) inside its own {{#name}} section; sections must be about bound names and properly closed."""
     problems, stack = [], []
