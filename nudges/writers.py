@@ -63,21 +63,21 @@ class Writers:
         """Store.retrying for work on these connections: once more when the database dropped the one it
         had. A connection seldom drops alone (a restart, a failover), so the pool's idle connections are
         checked, the dead ones replaced, before the second try."""
+        async def attempt() -> T:
+            try:
+                return await work()
+            except PoolTimeout:  # no connection in time: the next call opens a fresh pool (see pool())
+                self._stale = True
+                raise
+
         try:
-            return await work()
-        except PoolTimeout:
-            self._stale = True
-            raise
+            return await attempt()
         except DBAPIError as exc:
             if not exc.connection_invalidated:
                 raise
         if self._pool is not None:
             await self._pool.check()
-        try:
-            return await work()
-        except PoolTimeout:
-            self._stale = True
-            raise
+        return await attempt()
 
     async def close(self) -> None:
         if self._pool is not None:
