@@ -18,10 +18,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import bindparam, exists, func, select, true, union_all
-from sqlalchemy.dialects import postgresql
 
 from .events.followups import ANY_WAITING
-from .store import CardRecord, Store, cards, claim_statement, claims
+from .store import CardRecord, Store, cards, claim_statement, claims, insert_cards
 
 CARD_COLUMNS = tuple(column.name for column in cards.c)
 # What every card of one call has alike: bound once per statement, as `c_{column}`.
@@ -53,8 +52,8 @@ def one_statement(rows: int) -> Any:
             .where(exists().where(claimed.c.rule_id == bindparam(f"rule_id_{i}"),
                                   claimed.c.focus == bindparam(f"focus_{i}")))
             for i in range(rows)]
-    stored = (postgresql.insert(cards).from_select(list(CARD_COLUMNS), kept[0] if rows == 1 else union_all(*kept))
-              .on_conflict_do_nothing(index_elements=["uuid"]).returning(cards.c.uuid).cte("stored"))
+    stored = (insert_cards("postgresql").from_select(list(CARD_COLUMNS), kept[0] if rows == 1 else union_all(*kept))
+              .returning(cards.c.uuid).cte("stored"))
     head = select(waiting, select(func.count()).select_from(stored).scalar_subquery().label("stored")).subquery("head")
     return select(head.c.waiting, claimed.c.rule_id, claimed.c.focus).select_from(head.outerjoin(claimed, true()))
 

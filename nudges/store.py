@@ -251,8 +251,10 @@ def _ping_if_idle(engine: Engine, dbapi_connection: Any, record: Any, _proxy: An
         raise DisconnectionError("the database dropped an idle pooled connection") from exc
 
 
-def _upsert(dialect: str) -> Any:
-    return postgresql.insert(suppressions) if dialect == "postgresql" else sqlite.insert(suppressions)
+def _upsert(dialect: str, table: Table | None = None) -> Any:
+    """An INSERT that can say what to do ON CONFLICT, in the dialect's own form (suppressions by default)."""
+    table = suppressions if table is None else table
+    return postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
 
 
 SUPPRESSION_KEY = ["patient_hash", "rule_id", "focus"]
@@ -338,8 +340,7 @@ INSERT_CARDS = insert(cards)
 
 def insert_cards(dialect: str) -> Any:
     """A hook call's card rows: a call sent again stores its cards once (their uuids are the call's own)."""
-    statement = postgresql.insert(cards) if dialect == "postgresql" else sqlite.insert(cards)
-    return statement.on_conflict_do_nothing(index_elements=["uuid"])
+    return _upsert(dialect, cards).on_conflict_do_nothing(index_elements=["uuid"])
 
 
 class Store:

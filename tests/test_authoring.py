@@ -119,7 +119,7 @@ def test_nudges_test_one_rule_verbose_with_counts_that_add_up(rules_dir: Path,
      "unknown FHIRPath function 'memberof()' (did you mean 'memberOf'?)"),
     # a variable that is never defined had linted clean, and the rule raised on every call
     (RULE, ".exists()\"", ".exists() and %encounterID.exists()\"",
-     "%encounterID is not defined here (did you mean %encounterId?)"),
+     "%encounterID is not defined here (did you mean '%encounterId'?)"),
     (RULE, "where: \"(value", "where: \"%troponin.id = id or (value", "%troponin is not defined here"),
     (RULE, "      since: troponin\n", "      since: troponin\n      where: \"status = %finalStatus\"\n",
      "%finalStatus is not defined here: an expression reads %now"),

@@ -81,13 +81,11 @@ def install(app: FastAPI) -> None:
         return error_response(BadRequest(f"{where}: {first.get('msg', 'invalid request')}" if where
                                          else "invalid request", expression=where or None), request)
 
-    for down in DATABASE_DOWN:  # answered inside the app, not re-raised to the server as a fault
-        app.add_exception_handler(down, _database_down)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> Response:
-        return unexpected_response(exc)
+    # the database's outages too (a 503), so that they are answered inside the app, not re-raised to
+    # the server as a fault
+    for kind in (*DATABASE_DOWN, Exception):
+        app.add_exception_handler(kind, _unexpected)
 
 
-async def _database_down(_: Request, exc: Exception) -> Response:
+async def _unexpected(_: Request, exc: Exception) -> Response:
     return unexpected_response(exc)

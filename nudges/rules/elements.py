@@ -73,13 +73,15 @@ def _class_of(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def problems(tree: Node, resource_type: str | None, names: Mapping[str, str] | None = None) -> list[str]:
-    """What is wrong with the element names of an expression on `resource_type` (empty when unknown);
-    `names`: the resource type each bound name (`%lab`) holds."""
+def problems(tree: Node, resource_type: str | None,
+             names: Mapping[str, str] | None = None) -> list[tuple[str, str]]:
+    """(the name, what is wrong with it) for each element or type name of an expression on `resource_type`
+    that the R4 model does not have (none when the type is unknown); `names`: the resource type each bound
+    name (`%lab`) holds."""
     root = model(resource_type) if resource_type else None
     if root is None:
         return []
-    found: list[str] = []
+    found: list[tuple[str, str]] = []
     _Walk(found, names or {}).type_of(tree, root)
     return list(dict.fromkeys(found))
 
@@ -103,7 +105,7 @@ def _walk_down(node: Node) -> Iterator[Node]:
 
 
 class _Walk:
-    def __init__(self, found: list[str], names: Mapping[str, str]) -> None:
+    def __init__(self, found: list[tuple[str, str]], names: Mapping[str, str]) -> None:
         self.found, self.names = found, names
 
     def type_of(self, node: Node, context: Any) -> Any:
@@ -141,8 +143,8 @@ class _Walk:
         if found is None and bare[:1].isupper() and "." not in bare and bare not in ABSTRACT:
             from .resources import did_you_mean
 
-            self.found.append(f"'{bare}' is not a FHIR R4 type{did_you_mean(bare, type_names())}: `as` and "
-                              "`ofType` with it are always empty")
+            self.found.append((bare, f"'{bare}' is not a FHIR R4 type{did_you_mean(bare, type_names())}: `as` "
+                                     "and `ofType` with it are always empty"))
         return found
 
     def invoke(self, node: Node, input_type: Any) -> Any:
@@ -163,8 +165,8 @@ class _Walk:
         from .resources import did_you_mean
 
         quoted = f"; a value is written in quotes ('{name}')" if first else ""
-        self.found.append(f"'{name}' is not an element of {on.__name__}{did_you_mean(name, set(known))} "
-                          f"(FHIR R4): a name that does not exist is always empty{quoted}")
+        self.found.append((name, f"'{name}' is not an element of {on.__name__}{did_you_mean(name, set(known))} "
+                                 f"(FHIR R4): a name that does not exist is always empty{quoted}"))
         return None
 
     def function(self, node: Node, input_type: Any) -> Any:

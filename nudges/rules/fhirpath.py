@@ -4,7 +4,6 @@ hook and its context ids)."""
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Callable, Collection, Mapping
 from datetime import UTC, datetime
@@ -188,8 +187,7 @@ def compile_expression(expression: str, resource_type: str | None = None,
     value_set_names(expression, valuesets or {})
     member = member_of(valuesets or {})
     tree = syntax_tree(expression)
-    for problem in element_problems(tree, resource_type, bound if isinstance(bound, Mapping) else {}):
-        name = problem.split("'")[1]
+    for name, problem in element_problems(tree, resource_type, bound if isinstance(bound, Mapping) else {}):
         raise FhirPathSyntaxError(problem, max(expression.find(name), 0))
     # The expression as closures where it lies in the compiled subset (about ten times faster on the
     # catalog; identical results, errors included: tests/test_fastpath.py), else fhirpathpy's interpreter.
@@ -205,8 +203,9 @@ def compile_expression(expression: str, resource_type: str | None = None,
         undefined = _UNDEFINED.search(message)
         if undefined:
             name = undefined.group(1)
-            known = sorted({*SAMPLE_ENVIRONMENT, *bound})
-            hint = close_matches(name, known)
+            from .resources import did_you_mean
+
+            hint = did_you_mean(f"%{name}", {f"%{known}" for known in (*SAMPLE_ENVIRONMENT, *bound)})
             raise FhirPathSyntaxError(
                 f"%{name} is not defined here{hint}: an expression reads %now, %today, %hook, %patient, "
                 f"%patientId, %encounterId, %userId and the names of earlier clauses "
@@ -216,13 +215,6 @@ def compile_expression(expression: str, resource_type: str | None = None,
 
 
 _UNDEFINED = re.compile(r"undefined environment variable:?\s*%?([A-Za-z_][\w]*)")
-
-
-def close_matches(name: str, known: Collection[str]) -> str:
-    """ " (did you mean %x?)" when a known name is near `name` (case included: %encounterID)."""
-    by_case = [k for k in known if k.lower() == name.lower()]
-    near = by_case or difflib.get_close_matches(name, list(known), n=1, cutoff=0.75)
-    return f" (did you mean %{near[0]}?)" if near else ""
 
 
 def truthy(result: list[Any]) -> bool:

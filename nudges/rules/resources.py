@@ -104,15 +104,16 @@ def _inner_model(annotation: Any) -> type[BaseModel] | None:
 # fhir.resources takes its code lists from each element's short text, where the spec ends an abridged list
 # with '+' ("registered | preliminary | final | amended +"); these are the required bindings' whole value
 # sets (FHIR R4), so that `status: finalised` is refused on an Observation as on a Procedure.
+_OBSERVATION_STATUS = "registered preliminary final amended corrected cancelled entered-in-error unknown"
+_ENCOUNTER_STATUS = "planned arrived triaged in-progress onleave finished cancelled entered-in-error unknown"
 _ABRIDGED = {
-    ("Observation", "status"): "registered preliminary final amended corrected cancelled entered-in-error unknown",
-    ("DetectedIssue", "status"): "registered preliminary final amended corrected cancelled entered-in-error unknown",
-    ("RiskAssessment", "status"): "registered preliminary final amended corrected cancelled entered-in-error unknown",
+    ("Observation", "status"): _OBSERVATION_STATUS,
+    ("DetectedIssue", "status"): _OBSERVATION_STATUS,
+    ("RiskAssessment", "status"): _OBSERVATION_STATUS,
     ("DiagnosticReport", "status"): "registered partial preliminary final amended corrected appended cancelled "
                                     "entered-in-error unknown",
-    ("Encounter", "status"): "planned arrived triaged in-progress onleave finished cancelled entered-in-error unknown",
-    ("EncounterStatusHistory", "status"): "planned arrived triaged in-progress onleave finished cancelled "
-                                          "entered-in-error unknown",
+    ("Encounter", "status"): _ENCOUNTER_STATUS,
+    ("EncounterStatusHistory", "status"): _ENCOUNTER_STATUS,
     ("DeviceUseStatement", "status"): "active completed entered-in-error intended stopped on-hold",
     ("DeviceUdiCarrier", "entryType"): "barcode rfid manual card self-reported unknown",
     ("QuestionnaireItem", "type"): "group display question boolean decimal integer date dateTime time string text "
