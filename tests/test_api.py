@@ -313,7 +313,6 @@ def test_health_ready_and_metrics(client: LiveServer) -> None:
     assert client.get("/healthz").json() == {"status": "alive"}
     ready = client.get("/readyz").json()
     assert ready["status"] == "ready" and ready["rules"] and ready["database"] == "ok"
-    assert ready["rule_count"] == len(client.runtime.services().rules())  # the served ones
     for path in ("/healthz", "/readyz"):  # a load balancer's check may be a HEAD
         head = client.head(path)
         assert head.status_code == 200 and head.content == b"", (path, head.status_code)
@@ -567,3 +566,11 @@ def test_bodies_that_are_not_json_are_a_415(client: LiveServer, headers: dict[st
             assert "is not JSON" not in answer.text
         else:
             assert answer.status_code == 415 and refused in answer.json()["issue"][0]["diagnostics"], answer.text
+
+
+def test_readiness_counts_the_rules_served_not_all_loaded(make_client) -> None:  # type: ignore[no-untyped-def]
+    """rule_count and nudges_rules_loaded had counted every loaded rule, experimental ones included."""
+    client = make_client(rule_statuses=["experimental"])  # the test rules are all active: none served
+    ready = client.get("/readyz").json()
+    assert ready["rule_count"] == 0 and len(client.runtime.services().ruleset.rules) == 3, ready
+    assert "nudges_rules_loaded 0.0" in client.get("/metrics").text
