@@ -1,6 +1,7 @@
 """The statements on the path of every hook call, compiled once per dialect to the driver's own SQL and
 run on the DBAPI cursor of the caller's SQLAlchemy connection, inside its transaction (or, for the hook
-write on PostgreSQL, on a psycopg asyncio connection of writers.py).
+write, on a psycopg asyncio connection of writers.py on PostgreSQL and the connection writers.HeldSqlite
+holds on SQLite).
 
 Why: for these few small statements SQLAlchemy's work per execute (an execution context, parameters
 constructed and processed, a result wrapper) cost more than SQLite's own: a call's suppression claim
@@ -14,13 +15,23 @@ datetime format SQLite stores) and its error handling (a dropped connection is i
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from psycopg import AsyncConnection
-from sqlalchemy.engine import Connection, Dialect
+from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
+
+
+class DriverConnection(Protocol):
+    """What a statement runs on: a SQLAlchemy Connection in its transaction, or the connection SQLite's
+    hook write holds (writers.HeldSqlite). Both give the pooled DBAPI connection, and invalidate it."""
+
+    @property
+    def connection(self) -> Any: ...
+
+    def invalidate(self, exception: BaseException | None = None) -> None: ...
 
 
 class Prepared:
@@ -53,12 +64,12 @@ class Prepared:
             merged[name] = processors[name](value) if name in processors else value
         return [merged[name] for name in self.order] if self.order is not None else merged
 
-    def rows(self, conn: Connection, values: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+    def rows(self, conn: DriverConnection, values: Mapping[str, Any]) -> list[tuple[Any, ...]]:
         """Run it once; the rows it returns (none for a statement without RETURNING)."""
         parameters = self.parameters(values)
         return self._run(conn, parameters, lambda cursor: cursor.execute(self.sql, parameters))
 
-    def many(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
+    def many(self, conn: DriverConnection, rows: Sequence[Mapping[str, Any]]) -> None:
         """Run it once per row of parameters, in one driver call."""
         if rows:
             parameters = [self.parameters(row) for row in rows]
@@ -77,7 +88,7 @@ class Prepared:
                                       connection_invalidated=connection.broken or connection.closed,
                                       dialect=self.dialect) from exc
 
-    def _run(self, conn: Connection, parameters: Any, execute: Callable[[Any], Any]) -> list[tuple[Any, ...]]:
+    def _run(self, conn: DriverConnection, parameters: Any, execute: Callable[[Any], Any]) -> list[tuple[Any, ...]]:
         fairy = conn.connection  # the pooled DBAPI connection of this transaction
         cursor = fairy.cursor()
         try:

@@ -8,7 +8,8 @@ a worker thread that slept and woke for each one while the GIL changed hands: un
 (benchmarks/hook_load.py, 16 clients, two workers) one statement took the service's CPU per call from
 2.5–2.7 ms to 2.2 ms and PostgreSQL's from 0.55 to 0.35 ms, and awaiting it instead of a thread another
 fifth off the service's CPU (README "Performance"). SQLite answers in-process, without round trips, and
-has no data-modifying WITH: there the three statements share one transaction.
+has no data-modifying WITH: there the three statements share one transaction, on the connection the
+process holds for them (writers.HeldSqlite).
 """
 
 from __future__ import annotations
@@ -68,9 +69,9 @@ async def show(store: Store, records: Sequence[CardRecord], window: timedelta, p
     if any(row[name] != rows[0][name] for row in rows[1:] for name in CALL_COLUMNS):
         raise ValueError("the cards of one write must come from one call (CALL_COLUMNS alike)")
     if store.dialect != "postgresql":
-        with store.transaction() as conn:
-            shown = store.show_cards(records, window, conn)
-            waiting = store.prepared("any-waiting", lambda: ANY_WAITING).rows(conn, waiting_binds)
+        with store.held.transaction() as held:  # writers.HeldSqlite: the driver's transaction, no checkout
+            shown = store.show_cards(records, window, held)
+            waiting = store.prepared("any-waiting", lambda: ANY_WAITING).rows(held, waiting_binds)
         return shown, bool(waiting)
     first, values = claims(records, window) if records else ({}, {})
     if rows:
@@ -78,7 +79,7 @@ async def show(store: Store, records: Sequence[CardRecord], window: timedelta, p
     for i, record in enumerate(first.values()):
         values.update({f"v_{i}": record.rule_version, f"ind_{i}": record.indicator, f"f_{i}": record.focus})
     statement = store.prepared(("one-statement", len(first)), lambda: one_statement(len(first)))
-    async with (await store.writers.pool()).connection() as connection:
+    async with store.writers.connection() as connection:
         answer = await statement.rows_async(connection, values | waiting_binds)
     claimed = {(row[1], row[2]) for row in answer if len(row) > 1 and row[1] is not None}
     chosen = {id(r) for key, r in first.items() if key in claimed}

@@ -46,8 +46,8 @@ from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError
 from sqlalchemy.sql import ClauseElement
 
 from .clock import Clock
-from .prepared import Prepared
-from .writers import Writers
+from .prepared import DriverConnection, Prepared
+from .writers import HeldSqlite, Writers
 
 T = TypeVar("T")
 
@@ -355,6 +355,7 @@ class Store:
         self._prepared: dict[Hashable, Prepared] = {}
         self.writers = Writers(self.engine.url, lambda: PING_IDLE_SECONDS, lambda: DATABASE_WAIT_SECONDS,
                                CONNECT_TIMEOUT_SECONDS)  # the hook write's, on PostgreSQL
+        self.held = HeldSqlite(self.engine)  # the hook write's, on SQLite (checked out at its first use)
 
     @property
     def dialect(self) -> str:
@@ -390,6 +391,7 @@ class Store:
             return False
 
     def dispose(self) -> None:
+        self.held.close()
         self.engine.dispose()
 
     # -- patient hashing -------------------------------------------------------------
@@ -453,7 +455,7 @@ class Store:
         return work()
 
     def show_cards(self, records: Sequence[CardRecord], window: timedelta,
-                   conn: Connection | None = None) -> list[CardRecord]:
+                   conn: DriverConnection | None = None) -> list[CardRecord]:
         """The cards that may be shown, claimed and recorded in one transaction: one atomic statement (see
         claim_statement; a row per (patient, rule, focus), sent as one multi-row INSERT) takes each display
         window, `window` long, unless a display or feedback still holds it; the cards that got it are
@@ -462,12 +464,14 @@ class Store:
         in a later call."""
         if not records:
             return []
+        if conn is None:
+            with self.transaction() as own:
+                return self.show_cards(records, window, own)
         first, values = claims(records, window)
         claim = self.prepared(("claim", len(first)), lambda: claim_statement(self.dialect, len(first)))
-        with self.transaction(conn) as conn:
-            claimed = set(claim.rows(conn, values))
-            shown = [r for key, r in first.items() if key in claimed]
-            self.prepared("insert-cards-once", lambda: insert_cards(self.dialect)).many(conn, [r.row() for r in shown])
+        claimed = set(claim.rows(conn, values))
+        shown = [r for key, r in first.items() if key in claimed]
+        self.prepared("insert-cards-once", lambda: insert_cards(self.dialect)).many(conn, [r.row() for r in shown])
         chosen = {id(r) for r in shown}
         return [r for r in records if id(r) in chosen]
 

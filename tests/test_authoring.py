@@ -133,6 +133,10 @@ def test_nudges_test_one_rule_verbose_with_counts_that_add_up(rules_dir: Path,
      "'active' is not an element of ServiceRequest"),
     (RULE, "      since: troponin\n", "      since: troponin\n      where: \"%troponin.issud < authoredOn\"\n",
      "'issud' is not an element of Observation (did you mean 'issued'?)"),  # through a bound name
+    # a quoted unit is UCUM's: 'days' is none, and the rule had raised on every call
+    (RULE, "      since: troponin\n", "      since: troponin\n      where: \"authoredOn > %now - 2 'days'\"\n",
+     "2 'days' cannot be added to or taken from a date: a quoted unit is a UCUM unit, and only 'wk', 'd', 'h', "
+     "'min', 's' and 'ms' are times there; write the calendar duration `2 days`"),
 ])
 def test_did_you_mean_for_fields_values_and_fhirpath_functions(rules_dir: Path, capsys: pytest.CaptureFixture[str],
                                                                 where: Path, old: str, new: str, message: str) -> None:

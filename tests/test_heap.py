@@ -29,3 +29,31 @@ def test_the_service_settles_at_load_and_leaves_collection_on(client: LiveServer
     assert client.post(URL, content=b"{not json").status_code == 400
     assert client.post("/cds-services/nope", json={}).status_code == 404
     assert gc.isenabled()
+
+
+def turns(coroutine) -> int:  # type: ignore[no-untyped-def]
+    """How often a coroutine gives the event loop a turn before it finishes (driven by hand)."""
+    count = 0
+    try:
+        while True:
+            coroutine.send(None)
+            count += 1
+    except StopIteration:
+        return count
+
+
+def test_a_call_is_freed_after_the_answer_with_a_turn_of_the_loop_per_slice_not_per_bundle() -> None:
+    """A typical visit's dozen small Bundles are freed without giving the loop a turn each (an epoll call
+    apiece); a large one is freed a slice at a time, the loop turning between slices."""
+    from nudges.api.routes.services import RELEASE_SLICE, release
+
+    def body(bundles: int, entries: int) -> dict[str, object]:
+        return {"prefetch": {f"k{b}": {"resourceType": "Bundle", "entry": [{"resource": {}}] * entries}
+                             for b in range(bundles)} | {"patient": {"resourceType": "Patient"}}}
+
+    visit = body(14, 3)
+    assert turns(release(visit, "call", "result")) == 0
+    assert all(not v.get("entry") for v in visit["prefetch"].values())  # type: ignore[union-attr]
+    large = body(3, 2 * RELEASE_SLICE + 10)
+    assert turns(release(large)) == 6  # 1,530 entries: a turn after every 250 or more freed
+    assert all(not v.get("entry") for v in large["prefetch"].values())  # type: ignore[union-attr]

@@ -86,10 +86,12 @@ async def test_the_write_keeps_no_claim_when_a_card_cannot_be_stored(store: Stor
     with pytest.raises(IntegrityError):
         await showing.show(store, [clash, card(f"00000000-0000-4000-8006-{tag}02", "rule-c", h, clock, None)],
                      WINDOW, h, clock.now())
+    after = card(f"00000000-0000-4000-8006-{tag}04", "rule-d", h, clock, None)  # the next call's write, on
+    assert (await showing.show(store, [after], WINDOW, h, clock.now()))[0] == [after]  # the same connection
     with store.engine.connect() as conn:
         keys = conn.execute(select(suppressions.c.rule_id).where(suppressions.c.patient_hash == h)).scalars().all()
         rows = conn.execute(select(cards.c.uuid).where(cards.c.patient_hash == h)).scalars().all()
-    assert keys == ["rule-a"] and rows == [taken.uuid]
+    assert sorted(keys) == ["rule-a", "rule-d"] and sorted(rows) == sorted([taken.uuid, after.uuid])
 
 
 def test_the_statement_of_up_to_three_cards_stays_in_psycopgs_cache() -> None:
@@ -115,3 +117,30 @@ async def test_the_cards_of_one_write_come_from_one_call(store: Store, clock: Fi
         await showing.show(store, [one, other], WINDOW, h, clock.now())
     with store.engine.connect() as conn:  # refused before anything was claimed
         assert conn.execute(select(suppressions).where(suppressions.c.patient_hash == h)).first() is None
+
+
+async def test_sqlite_writes_on_the_connection_the_process_holds(tmp_path, clock: FixedClock) -> None:  # type: ignore[no-untyped-def]
+    """SQLite's hook write takes no pool checkout per call (writers.HeldSqlite), and a held connection
+    that became unusable is replaced: the call's write is tried once more on a fresh one, and is stored."""
+    from sqlalchemy import event
+
+    store = Store(f"sqlite:///{tmp_path}/held.db", clock)
+    store.migrate()
+    h = store.patient_hash("pt-held")  # the key's read: a checkout of its own, before counting
+    checkouts: list[object] = []
+    event.listen(store.engine, "checkout", lambda *args: checkouts.append(args[0]))
+    try:
+        for n in range(5):
+            record = card(f"00000000-0000-4000-8008-0000000000{n:02d}", f"rule-{n}", h, clock, None)
+            assert await store.writers.retrying(lambda r=record: showing.show(store, [r], WINDOW, h, clock.now())) \
+                == ([record], False)
+        assert len(checkouts) == 1
+        store.held.connection.dbapi_connection.close()  # as if the file had gone away under it
+        last = card("00000000-0000-4000-8008-000000000099", "rule-9", h, clock, None)
+        assert await store.writers.retrying(lambda: showing.show(store, [last], WINDOW, h, clock.now())) \
+            == ([last], False)
+        assert len(checkouts) == 2
+        with store.engine.connect() as conn:
+            assert len(conn.execute(select(cards.c.uuid).where(cards.c.patient_hash == h)).all()) == 6
+    finally:
+        store.dispose()

@@ -200,6 +200,8 @@ def compile_expression(expression: str, resource_type: str | None = None,
         message = str(exc)
         if "Not implemented" in message or "arity" in message or "not supported" in message.lower():
             raise FhirPathSyntaxError(f"FHIRPath error: {message}", 0) from exc
+        if "date/time arithmetic" in message:  # on the empty probe only constants do arithmetic: every call
+            raise _time_unit_error(expression) from exc
         undefined = _UNDEFINED.search(message)
         if undefined:
             name = undefined.group(1)
@@ -215,6 +217,27 @@ def compile_expression(expression: str, resource_type: str | None = None,
 
 
 _UNDEFINED = re.compile(r"undefined environment variable:?\s*%?([A-Za-z_][\w]*)")
+_QUANTITY = re.compile(r"(\d+(?:\.\d+)?)\s*'([^']*)'")
+_UCUM_TIME = frozenset({"wk", "d", "h", "min", "s", "ms"})
+_CALENDAR = {"a": "year", "mo": "month", "ann": "year"} | {w: w for w in (
+    "year", "month", "week", "day", "hour", "minute", "second", "millisecond")}
+
+
+def _time_unit_error(expression: str) -> FhirPathSyntaxError:
+    """`%now - 2 'days'` raised on every call: a quoted unit is UCUM, and 'days' is not UCUM's."""
+    for found in _QUANTITY.finditer(expression):
+        number, unit = found.groups()
+        if unit in _UCUM_TIME:
+            continue
+        word = _CALENDAR.get(unit) or _CALENDAR.get(unit.lower().removesuffix("s"))
+        fix = f"the calendar duration `{number} {word}{'' if number == '1' else 's'}`" if word else \
+            "a calendar duration such as `2 days`"
+        return FhirPathSyntaxError(
+            f"{number} '{unit}' cannot be added to or taken from a date: a quoted unit is a UCUM unit, and "
+            f"only 'wk', 'd', 'h', 'min', 's' and 'ms' are times there; write {fix} (unquoted: years, months, "
+            "weeks, days, hours, minutes, seconds)", found.start())
+    return FhirPathSyntaxError("date arithmetic needs a time unit: write a calendar duration such as `2 days` "
+                               "or a UCUM one such as `2 'd'`", 0)
 
 
 def truthy(result: list[Any]) -> bool:

@@ -232,8 +232,11 @@ def run(options: Options, out: TextIO, err: TextIO) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
-class Terminated(Exception):
-    """SIGTERM (a scheduler's or a container's stop) as an exception, so the shards are removed."""
+class Terminated(BaseException):
+    """SIGTERM (a scheduler's or a container's stop) as an exception, so the shards are removed. Not an
+    Exception, as KeyboardInterrupt is not: it is raised wherever the main thread happens to be, and an
+    `except Exception` on the way (cluster.map's, around a task's result, which the main thread waits
+    for while Dask fetches it) took the stop for that task's failure: exit 1, "a task failed", instead of 143."""
 
 
 def _stop_on_sigterm() -> Any:
