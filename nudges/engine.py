@@ -165,9 +165,21 @@ class _Evaluation:
         if clause.sources != ("record",) and self.record.is_draft(resource):
             self.drafts += (resource,)
         if clause.bind:
+            if clause.bind in self.bindings and not _preferred(clause, when, self.dates.get(clause.bind)):
+                return  # the branches of an `any` bind one name (schema.alternatives): the latest match wins
             self.bindings[clause.bind] = resource
             self.dates[clause.bind] = when
             self.env[clause.bind] = resource
+
+
+def _preferred(clause: CompiledClause, when: datetime | None, held: datetime | None) -> bool:
+    """Whether a second branch's match replaces the one an earlier branch bound: it is later (earlier, with
+    `pick: earliest`); an undated match never displaces a dated one, and on a tie the first stays."""
+    if when is None:
+        return False
+    if held is None:
+        return True
+    return when < held if clause.earliest else when > held
 
 
 def deceased(patient: dict[str, Any] | None, now: datetime) -> bool:

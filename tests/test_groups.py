@@ -128,6 +128,50 @@ def test_since_may_follow_a_name_bound_under_any(rules_dir: Path, capsys: pytest
     assert not fired(rules_dir, troponin(), visit, after)
 
 
+ALTERNATIVES = """    - any:
+        - as: pain
+          resource: Condition
+          text: chest pain
+        - as: pain
+          resource: Encounter
+          text: chest pain
+  none:
+    - resource: ServiceRequest
+      codes: cardiac-catheterization-or-cardiology
+      since: pain
+"""
+
+
+def test_the_branches_of_an_any_may_bind_one_name_the_later_match_wins(rules_dir: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """One fact recorded two ways (here chest pain on the problem list or as the visit's reason): each
+    branch binds `pain`, so card text may use it outside a section, and `since: pain` counts from the
+    later of the two when both match."""
+    path = nest(rules_dir, ALTERNATIVES)
+    text = path.read_text()
+    path.write_text(text.replace("ago with no catheterization", "ago (chest pain {{pain.date}}) with no cath"))
+    code, out = lint(rules_dir, capsys)
+    assert code == 0, out
+    problem = {"resourceType": "Condition", "id": "c1", "code": {"text": "Chest pain"},
+               "recordedDate": "2026-03-02T05:00:00Z"}
+    visit = {"resourceType": "Encounter", "id": "e1", "status": "in-progress",
+             "period": {"start": "2026-03-02T07:00:00Z"}, "reasonCode": [{"text": "chest pain"}]}
+    order = {"resourceType": "ServiceRequest", "id": "s1", "status": "active", "authoredOn": "2026-03-02T06:00:00Z",
+             "code": CATH}
+    assert fired(rules_dir, troponin(), problem) and fired(rules_dir, troponin(), visit)
+    assert not fired(rules_dir, troponin(), problem, order)  # ordered after the problem was recorded
+    assert fired(rules_dir, troponin(), problem, visit, order)  # the visit is later: ordered before it
+    assert fired(rules_dir, troponin(), visit, problem, order)  # whichever order the record holds them in
+    # Alternatives only: a name bound by one branch and again inside another's group is still bound twice.
+    branch = "        - as: pain\n          resource: Encounter\n          text: chest pain\n"
+    assert branch in path.read_text()
+    path.write_text(path.read_text().replace(branch, "        - all:\n            - as: pain\n"
+                                                     "              resource: Encounter\n"
+                                                     "              text: chest pain\n"))
+    code, out = lint(rules_dir, capsys)
+    assert code == 1 and any("'pain' is already bound by another clause" in line for line in out), out
+
+
 @pytest.mark.parametrize(("replacement", "needle", "message"), [
     (NESTED.replace("    - any:\n", "    - any:\n        - resource: Flag\n      all:\n"
                     "        - resource: Flag\n", 1),

@@ -45,6 +45,7 @@ from .schema import (
     RuleSetManifest,
     SiteCodes,
     ValueSet,
+    alternatives,
     parse_duration,
 )
 from .templates import PLACEHOLDER, SAMPLE, known_placeholder, template_problems
@@ -369,27 +370,32 @@ class _RuleChecker:
             return None
 
     def items(self, loc: tuple[Any, ...], items: list[Clause | Group], names: _Names, *, certain: bool,
-              negated: bool = False) -> tuple[CompiledItem, ...]:
+              negated: bool = False, any_of: bool = False) -> tuple[CompiledItem, ...]:
         """Compile a list of clauses and groups in evaluation order. A name bound where the rule can fire
-        without it (under any) may anchor a later `since` but not card text; under none nothing binds."""
+        without it (under any) may anchor a later `since` but not card text, unless every branch of that
+        `any` binds it (schema.alternatives); under none nothing binds."""
         compiled: list[CompiledItem] = []
+        shared = alternatives(items) if any_of and not negated else None
         for i, item in enumerate(items):
             at = (*loc, i)
             if isinstance(item, Group):
                 inner = self.items((*at, item.mode), item.items, names, certain=certain and item.mode == "all",
-                                   negated=negated or item.mode == "none")
+                                   negated=negated or item.mode == "none", any_of=item.mode == "any")
                 if len(inner) == len(item.items):
                     compiled.append(CompiledGroup(item.mode, inner))
+                    if certain and item.mode == "any" and (shared_here := alternatives(item.items)):
+                        names.certain.add(shared_here)  # bound whichever branch held
                 continue
             if item.bind:
                 if negated:
                     self.problem((*at, "as"), "a clause under `none` matches nothing when the rule fires, so "
                                               "it cannot bind a name", value=True)
-                elif item.bind in names.seen:
+                elif item.bind in names.seen and not (i and item.bind == shared):
                     self.problem((*at, "as"), f"'{item.bind}' is already bound by another clause", value=True)
             clause = self.clause(at, item, names.seen)
             if item.bind and not negated:
-                names.seen[item.bind] = item.resource
+                alternative = i and item.bind == shared and names.seen.get(item.bind) != item.resource
+                names.seen[item.bind] = "" if alternative else item.resource  # "": of no one type (elements)
                 if certain:
                     names.certain.add(item.bind)
             if clause is not None:
@@ -560,7 +566,9 @@ class _RuleChecker:
                              value=True)
         names = _Names()
         all_items = self.items(("when", "all"), rule.when.all, names, certain=True)
-        any_items = self.items(("when", "any"), rule.when.any, names, certain=False)
+        any_items = self.items(("when", "any"), rule.when.any, names, certain=False, any_of=True)
+        if (shared := alternatives(rule.when.any)) and len(any_items) == len(rule.when.any):
+            names.certain.add(shared)  # the top-level `any` holds whenever the rule fires
         none_items = self.items(("when", "none"), rule.when.none, names, certain=False, negated=True)
         patient = self.expression(("when", "patient"), rule.when.patient, "Patient")
         top = {c.bind for c in rule.when.all if isinstance(c, Clause) and c.bind}

@@ -112,6 +112,16 @@ class Group(Strict):
 
 
 Item = Annotated[Annotated[Clause, Tag("Clause")] | Annotated[Group, Tag("Group")], Discriminator(_item_kind)]
+
+
+def alternatives(items: list[Clause | Group]) -> str | None:
+    """The name each of these `any` items binds, when every one is a clause binding the same name: the
+    same fact recorded in different ways (a screen as an Observation or as a QuestionnaireResponse), bound
+    whichever branch matched, so the name is bound whenever the `any` holds."""
+    names = {item.bind if isinstance(item, Clause) else None for item in items}
+    if len(items) < 2 or len(names) != 1:
+        return None
+    return names.pop()
 # Tags of the unions above and of the delivery channels: they appear in validation error locations, and are
 # not YAML keys.
 UNION_TAGS = frozenset({"Clause", "Group", "ReasonList", "ReasonLockouts", "ReasonCode", "ReasonCoding",
