@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import sqlite3
 import time
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -195,12 +196,30 @@ class IssuedRow:
     focus: str | None
 
 
+SQLITE_BUSY_MS, SQLITE_SETUP_WAIT_SECONDS = 5000, 60  # a write's wait for another's; a new connection's (_wal)
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
+    _wal(cursor)
     cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA busy_timeout=5000")
     cursor.close()
+
+
+def _wal(cursor: Any) -> None:
+    """WAL mode, waited for: switching a new file needs it to itself, and SQLite says "locked" at once there,
+    not after the busy timeout (`serve --workers N` on a new database: one worker migrating, another
+    connecting, had stopped the server). Once the file is in WAL mode this is one quick read."""
+    deadline = time.monotonic() + SQLITE_SETUP_WAIT_SECONDS
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 # Connections kept open per process by the threads' pool: an overflow connection is closed when

@@ -29,6 +29,41 @@ def card(uuid: str, rule: str, patient_hash: str, clock: FixedClock, **bucket: s
                       indicator="info", issued_at=clock.now())
 
 
+def test_processes_starting_together_on_a_new_sqlite_file_migrate_it_once(tmp_path, clock: FixedClock) -> None:  # type: ignore[no-untyped-def]
+    """`nudges serve --workers N` on a new SQLite database: each worker migrates at start. They had raced
+    (alembic's DDL ran outside any transaction: "table meta already exists"; the WAL switch met another's
+    lock: "database is locked"), and one failing stopped the server. Here as threads with stores of their
+    own, released together, three times."""
+    import threading
+
+    from nudges.store import Store
+
+    for trial in range(3):
+        url = f"sqlite:///{tmp_path}/new-{trial}.db"
+        stores = [Store(url, clock) for _ in range(3)]
+        start, failures = threading.Barrier(len(stores)), list[str]()
+
+        def migrate(store: Store, start: threading.Barrier, failures: list[str]) -> None:
+            start.wait()
+            try:
+                store.migrate()
+            except Exception as exc:  # collected: the assertion below says which
+                failures.append(f"{type(exc).__name__}: {exc}"[:300])
+
+        threads = [threading.Thread(target=migrate, args=(store, start, failures)) for store in stores]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        try:
+            assert failures == [] and all(store.ping() for store in stores)
+            with stores[0].engine.connect() as conn:
+                assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        finally:
+            for store in stores:
+                store.dispose()
+
+
 def test_migrations_are_idempotent_and_ping(make_store) -> None:  # type: ignore[no-untyped-def]
     store = make_store()
     store.migrate()

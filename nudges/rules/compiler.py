@@ -365,15 +365,14 @@ class _RuleChecker:
         try:
             return compile_expression(text, resource, self.value_set_keys, bound or {})
         except FhirPathSyntaxError as exc:
-            quoted = 1 if _is_quoted(yamlfiles.node_at(self.data, loc)) else 0
+            quoted = 1 if yamlfiles.is_quoted(yamlfiles.node_at(self.data, loc)) else 0
             self.problem(loc, str(exc), value=True, offset=exc.column + quoted)
             return None
 
     def items(self, loc: tuple[Any, ...], items: list[Clause | Group], names: _Names, *, certain: bool,
               negated: bool = False, any_of: bool = False) -> tuple[CompiledItem, ...]:
-        """Compile a list of clauses and groups in evaluation order. A name bound where the rule can fire
-        without it (under any) may anchor a later `since` but not card text, unless every branch of that
-        `any` binds it (schema.alternatives); under none nothing binds."""
+        """Compile clauses and groups in evaluation order. A name bound under any (the rule may fire without
+        it) anchors a later `since` but not card text, unless each item binds it (schema.alternatives)."""
         compiled: list[CompiledItem] = []
         shared = alternatives(items) if any_of and not negated else None
         for i, item in enumerate(items):
@@ -599,9 +598,3 @@ class _RuleChecker:
 class _Names:
     seen: dict[str, str] = field(default_factory=dict)  # bound by some clause evaluated earlier -> its type
     certain: set[str] = field(default_factory=set)  # bound whenever the rule fires
-
-
-def _is_quoted(node: Any) -> bool:
-    from ruamel.yaml.scalarstring import DoubleQuotedScalarString, SingleQuotedScalarString
-
-    return isinstance(node, DoubleQuotedScalarString | SingleQuotedScalarString)

@@ -287,3 +287,10 @@ def plain(value: Any, budget: list[int] | None = None) -> Any:
     if isinstance(value, date):  # an unquoted 2026-12-01 reads as a date: kept as the text it was written as
         return value.isoformat()
     return value
+
+
+def is_quoted(node: Any) -> bool:
+    """A scalar written in quotes (positions inside it are one column on from its text's)."""
+    from ruamel.yaml.scalarstring import DoubleQuotedScalarString, SingleQuotedScalarString
+
+    return isinstance(node, DoubleQuotedScalarString | SingleQuotedScalarString)
