@@ -20,37 +20,33 @@ def alembic_config(engine: Engine) -> Config:
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Upgrade to `revision`; on PostgreSQL an advisory lock serialises replicas starting together."""
-    if engine.dialect.name == "postgresql":
-        with engine.connect() as conn:
-            conn.execute(text("SELECT pg_advisory_lock(727274)"))
-            try:
-                config = alembic_config(engine)
-                config.attributes["connection"] = conn
-                command.upgrade(config, revision)
-                conn.commit()
-            finally:
-                conn.execute(text("SELECT pg_advisory_unlock(727274)"))
-                conn.commit()
-        return
-    with engine.connect() as conn:
-        # SQLite: the upgrade in one write transaction taken at once, so the processes of `nudges serve
-        # --workers N` starting together on a new database wait for each other (the busy timeout, made
-        # long for this) instead of both creating the tables: the second had failed with "table meta
-        # already exists" and stopped the server. The driver begins a transaction only before a row is
-        # written, and left the DDL and alembic's version check outside any.
-        from ..store import SQLITE_BUSY_MS
+    """Upgrade to `revision`, serialised across processes starting together (the replicas of a
+    deployment, the workers of `nudges serve --workers N`): the first migrates, the others wait and find
+    nothing to do.
 
-        conn.exec_driver_sql(f"PRAGMA busy_timeout={MIGRATION_WAIT_MS}")
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+    PostgreSQL: an advisory lock. SQLite: the upgrade in one write transaction taken at its start, the
+    others waiting in the busy timeout (made long for this). The driver begins a transaction only before
+    a row is written, so alembic's DDL and version check had run outside any: two workers on a new
+    database both created the tables, the second failed ("table meta already exists"), and the server
+    stopped."""
+    from ..store import SQLITE_BUSY_MS
+
+    postgres = engine.dialect.name == "postgresql"
+    serialise, release = (("SELECT pg_advisory_lock(727274)", "SELECT pg_advisory_unlock(727274)") if postgres
+                          else (f"PRAGMA busy_timeout={MIGRATION_WAIT_MS}", f"PRAGMA busy_timeout={SQLITE_BUSY_MS}"))
+    with engine.connect() as conn:
+        conn.execute(text(serialise))
+        if not postgres:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
         try:
             config = alembic_config(engine)
             config.attributes["connection"] = conn
             command.upgrade(config, revision)
             conn.commit()
         finally:
-            conn.rollback()  # a no-op after the commit
-            conn.exec_driver_sql(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
+            conn.rollback()  # nothing to roll back after the commit
+            conn.execute(text(release))
+            conn.commit()
 
 
 MIGRATION_WAIT_MS = 120_000  # how long a process waits for another's migration of the same SQLite file
