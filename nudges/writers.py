@@ -113,7 +113,7 @@ class HeldSqlite:
     holds, its transaction committed on the DBAPI connection itself. SQLite answers in-process, so what a
     write cost beyond SQLite's own work was SQLAlchemy's: a pool checkout and check-in (with its reset), a
     Connection and its transaction objects, for a claim, a card insert and a look-up that take SQLite a
-    few hundredths of a millisecond each; a sixth of a 50-resource call's CPU (README "Performance").
+    few hundredths of a millisecond each: 8–12 % of a 50-resource call's CPU (README "Performance").
 
     Used on the event loop only, one transaction at a time (the write has no await inside). It is the
     driver's transaction as SQLAlchemy runs it on SQLite (pysqlite begins before the first write), with the
