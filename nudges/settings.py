@@ -260,6 +260,9 @@ class Settings(BaseSettings):
     tls_certfile: Path | None = Field(default=None, description="serve HTTPS directly (else terminate TLS in front)")
     tls_keyfile: Path | None = None
     log_level: str = "INFO"
+    access_log: bool = Field(
+        default=False, description="a log line per HTTP request (logger nudges.access: method, path without its "
+                                   "query, status, milliseconds, client address); no bodies, headers or query strings")
     log_format: Literal["json", "text"] = Field(
         default="json", description="json: one JSON object a line (for log collectors); text: plain lines for people")
     auth: AuthSettings = Field(default_factory=AuthSettings)

@@ -574,3 +574,22 @@ def test_readiness_counts_the_rules_served_not_all_loaded(make_client) -> None: 
     ready = client.get("/readyz").json()
     assert ready["rule_count"] == 0 and len(client.runtime.services().ruleset.rules) == 3, ready
     assert "nudges_rules_loaded 0.0" in client.get("/metrics").text
+
+
+def test_an_access_log_is_there_when_asked_for_and_carries_no_query_or_patient(make_client,  # type: ignore[no-untyped-def]
+                                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """`access_log: true`: a line per request (method, path, status, milliseconds, client address) in the
+    service's log format, for operators' request logs; never a query string or anything from the body."""
+    caplog.set_level("INFO", logger="nudges.access")
+    quiet = make_client()
+    assert quiet.post(URL, json=patient_view("pt-secret-1", troponin())).status_code == 200
+    assert not [r for r in caplog.records if r.name == "nudges.access"]  # off by default: the hot path's
+    logged = make_client(access_log=True)
+    assert logged.post(URL + "?patient=pt-secret-2", json=patient_view("pt-secret-2", troponin())).status_code == 200
+    assert logged.get("/healthz").status_code == 200
+    assert logged.post("/cds-services/no-such-service", json={}).status_code == 404
+    lines = [r for r in caplog.records if r.name == "nudges.access"]
+    assert [(r.method, r.path, r.status) for r in lines] == [  # type: ignore[attr-defined]
+        ("POST", URL, 200), ("GET", "/healthz", 200), ("POST", "/cds-services/no-such-service", 404)]
+    assert all(r.ms >= 0 and r.client == "127.0.0.1" for r in lines)  # type: ignore[attr-defined]
+    assert "pt-secret" not in caplog.text and "patient=" not in caplog.text

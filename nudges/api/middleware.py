@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import orjson
@@ -14,6 +15,7 @@ from ..errors import PayloadTooLarge
 from ..fhir import operation_outcome
 from ..hooks import service_hook
 
+ACCESS = logging.getLogger("nudges.access")
 MAX_TRACKED = 10_000  # client connections KeepAliveLimit counts at once
 
 # Path heads reported by name in metrics; anything else is "other" (no unbounded label values).
@@ -53,10 +55,16 @@ class Instrumentation:
         try:
             await self.app(scope, receive, capture)
         finally:
-            metrics = scope["app"].state.runtime.metrics
+            runtime = scope["app"].state.runtime
             label = path_label(scope["path"])
-            metrics.requests.labels(label, str(status[0])).inc()
-            metrics.latency.labels(label).observe((answered[0] if answered else time.perf_counter()) - start)
+            took = (answered[0] if answered else time.perf_counter()) - start
+            runtime.metrics.requests.labels(label, str(status[0])).inc()
+            runtime.metrics.latency.labels(label).observe(took)
+            if runtime.settings.access_log:  # the path only: a query string may carry what a log must not
+                client = scope.get("client")
+                ACCESS.info("%s %s %d", scope["method"], scope["path"], status[0],
+                            extra={"method": scope["method"], "path": scope["path"], "status": status[0],
+                                   "ms": round(took * 1000, 2), "client": client[0] if client else None})
 
 
 class BodyLimit:
