@@ -162,6 +162,14 @@ def test_the_branches_of_an_any_may_bind_one_name_the_later_match_wins(rules_dir
     assert not fired(rules_dir, troponin(), problem, order)  # ordered after the problem was recorded
     assert fired(rules_dir, troponin(), problem, visit, order)  # the visit is later: ordered before it
     assert fired(rules_dir, troponin(), visit, problem, order)  # whichever order the record holds them in
+    # Its elements are checked as each type it may be: an Encounter's period is one, `statsu` neither's.
+    for element, ok in (("period", True), ("statsu", False)):
+        path.write_text(path.read_text().replace("      since: pain\n", f"      since: pain\n      where: "
+                                                 f"\"%pain.{element}.exists() or status = 'active'\"\n", 1))
+        code, out = lint(rules_dir, capsys)
+        assert code == 0 if ok else code == 1 and any("'statsu' is not an element of" in line for line in out), out
+        path.write_text(path.read_text().replace(f"      where: \"%pain.{element}.exists() or status = 'active'\"\n",
+                                                 "", 1))
     # Alternatives only: a name bound by one branch and again inside another's group is still bound twice.
     branch = "        - as: pain\n          resource: Encounter\n          text: chest pain\n"
     assert branch in path.read_text()
@@ -170,6 +178,13 @@ def test_the_branches_of_an_any_may_bind_one_name_the_later_match_wins(rules_dir
                                                      "              text: chest pain\n"))
     code, out = lint(rules_dir, capsys)
     assert code == 1 and any("'pain' is already bound by another clause" in line for line in out), out
+    # Alternatives pick alike: which match the name binds must not hang on the order of the branches.
+    assert "          text: chest pain\n  none:" in text
+    path.write_text(text.replace("ago with no catheterization", "ago (chest pain {{pain.date}}) with no cath")
+                    .replace("          text: chest pain\n  none:", "          text: chest pain\n"
+                                                                    "          pick: earliest\n  none:"))
+    code, out = lint(rules_dir, capsys)
+    assert code == 1 and any("all bind 'pain': give them the same `pick`" in line for line in out), out
 
 
 @pytest.mark.parametrize(("replacement", "needle", "message"), [

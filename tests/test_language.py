@@ -280,3 +280,35 @@ def test_a_code_system_sent_as_its_oid_matches_and_reads_as_its_uri(rules_dir: P
     result = troponin("t", when="2026-03-01T22:00:00Z")
     result["code"]["coding"][0]["system"] = "urn:oid:2.16.840.1.113883.6.1"
     assert cards(rules_dir, result)
+
+
+@pytest.mark.parametrize(("expression", "culprit"), [
+    ("authoredOn > %now - 2 'days'", "2 'days'"),
+    # a string ending in a digit is not a quantity's number, nor a valid UCUM quantity the culprit
+    ("code.coding.where(code = '88122-7').exists() and authoredOn > %now - 2 'days'", "2 'days'"),
+    ("note.where(text = 'take 2 ').exists() and authoredOn > %now - 2 'days'", "2 'days'"),
+    ("(extension.value as Quantity) > 2 'mg' and authoredOn > %now - 2 'months'", "2 'months'"),
+    # where the dry run on an empty resource never evaluates it
+    ("extension.where(value.ofType(dateTime) > %now - 2 'days').exists()", "2 'days'"),
+    ("iif(status = 'active', authoredOn > %now - 1 'year', false)", "1 'year'"),
+])
+def test_date_arithmetic_with_a_quoted_calendar_word_is_refused_where_it_is(expression: str, culprit: str) -> None:
+    """A quoted unit is UCUM's, and fhirpathpy refuses date arithmetic in any other: the rule raised on
+    every call. The error is at the quantity (its column) and says what to write."""
+    from nudges.rules.fhirpath import FhirPathSyntaxError, compile_expression
+
+    with pytest.raises(FhirPathSyntaxError) as refused:
+        compile_expression(expression, "ServiceRequest")
+    number = culprit.split()[0]
+    assert refused.value.column == expression.index(f"- {culprit}") + 2
+    assert str(refused.value).startswith(f"{culprit} cannot be added to or taken from a date")
+    assert f"`{number} {culprit.split(chr(39))[1].removesuffix('s')}" in str(refused.value)
+
+
+@pytest.mark.parametrize("expression", [
+    "authoredOn > %now - 2 days", "authoredOn > %now - 2 'd'", "authoredOn > %now - 3 'wk'",
+    "note.where(text = 'it is 2 \\'days\\'').exists()", "(extension.value as Quantity) > 18 'a'"])
+def test_date_arithmetic_in_calendar_durations_or_ucum_times_lints_clean(expression: str) -> None:
+    from nudges.rules.fhirpath import compile_expression
+
+    compile_expression(expression, "ServiceRequest")

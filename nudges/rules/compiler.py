@@ -394,7 +394,7 @@ class _RuleChecker:
             clause = self.clause(at, item, names.seen)
             if item.bind and not negated:
                 alternative = i and item.bind == shared and names.seen.get(item.bind) != item.resource
-                names.seen[item.bind] = "" if alternative else item.resource  # "": of no one type (elements)
+                names.seen[item.bind] = f"{names.seen[item.bind]}|{item.resource}" if alternative else item.resource
                 if certain:
                     names.certain.add(item.bind)
             if clause is not None:

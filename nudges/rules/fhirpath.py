@@ -4,8 +4,9 @@ hook and its context ids)."""
 
 from __future__ import annotations
 
+import itertools
 import re
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -187,10 +188,12 @@ def compile_expression(expression: str, resource_type: str | None = None,
     value_set_names(expression, valuesets or {})
     member = member_of(valuesets or {})
     tree = syntax_tree(expression)
-    for name, problem in element_problems(tree, resource_type, bound if isinstance(bound, Mapping) else {}):
+    for name, problem in _element_problems(tree, resource_type, bound if isinstance(bound, Mapping) else {}):
         raise FhirPathSyntaxError(problem, max(expression.find(name), 0))
     # The expression as closures where it lies in the compiled subset (about ten times faster on the
     # catalog; identical results, errors included: tests/test_fastpath.py), else fhirpathpy's interpreter.
+    if (units := _time_unit_problem(expression, raised=False)) is not None:
+        raise units
     compiled = compile_fast(tree, valuesets or {}, member) or interpreted(tree, member)
     probe = {"resourceType": resource_type} if resource_type else {}
     env = dict(SAMPLE_ENVIRONMENT) | {name: {} for name in bound}
@@ -201,7 +204,7 @@ def compile_expression(expression: str, resource_type: str | None = None,
         if "Not implemented" in message or "arity" in message or "not supported" in message.lower():
             raise FhirPathSyntaxError(f"FHIRPath error: {message}", 0) from exc
         if "date/time arithmetic" in message:  # on the empty probe only constants do arithmetic: every call
-            raise _time_unit_error(expression) from exc
+            raise _time_unit_problem(expression, raised=True) or FhirPathSyntaxError(message, 0) from exc
         undefined = _UNDEFINED.search(message)
         if undefined:
             name = undefined.group(1)
@@ -217,27 +220,56 @@ def compile_expression(expression: str, resource_type: str | None = None,
 
 
 _UNDEFINED = re.compile(r"undefined environment variable:?\s*%?([A-Za-z_][\w]*)")
-_QUANTITY = re.compile(r"(\d+(?:\.\d+)?)\s*'([^']*)'")
+# A string literal (skipped whole, so a quote inside one is never taken for a unit) or a quantity: a number
+# and its quoted unit.
+_TOKEN = re.compile(r"'(?:[^'\\]|\\.)*'|(?<![\w.])(\d+(?:\.\d+)?)\s*'((?:[^'\\]|\\.)*)'")
 _UCUM_TIME = frozenset({"wk", "d", "h", "min", "s", "ms"})
 _CALENDAR = {"a": "year", "mo": "month", "ann": "year"} | {w: w for w in (
     "year", "month", "week", "day", "hour", "minute", "second", "millisecond")}
 
 
-def _time_unit_error(expression: str) -> FhirPathSyntaxError:
-    """`%now - 2 'days'` raised on every call: a quoted unit is UCUM, and 'days' is not UCUM's."""
-    for found in _QUANTITY.finditer(expression):
-        number, unit = found.groups()
-        if unit in _UCUM_TIME:
+def _element_problems(tree: Any, resource_type: str | None, bound: Mapping[str, str]) -> list[tuple[str, str]]:
+    """elements.element_problems; a name the items of an `any` bind as different types ("Observation|
+    QuestionnaireResponse", compiler) is checked as each, and an element is wrong only if no type has it."""
+    mixed = {name: kinds.split("|") for name, kinds in bound.items() if "|" in kinds}
+    variants = [dict(bound)] if not mixed else [
+        {**bound, **dict(zip(mixed, chosen, strict=True))} for chosen in itertools.product(*mixed.values())]
+    found = [list(element_problems(tree, resource_type, variant)) for variant in variants]
+    return [(name, problem) for name, problem in found[0]
+            if all(any(other == name for other, _ in rest) for rest in found[1:])]
+
+
+def _quantities(expression: str) -> Iterator[tuple[int, str, str, str | None, bool]]:
+    """Each quantity with a quoted unit that is no UCUM time: where it starts, its number and unit, the
+    calendar word it stands for (None for another unit), and whether a + or - comes just before it."""
+    for found in _TOKEN.finditer(expression):
+        number, unit = found.group(1), found.group(2)
+        if number is None or unit in _UCUM_TIME:
             continue
         word = _CALENDAR.get(unit) or _CALENDAR.get(unit.lower().removesuffix("s"))
-        fix = f"the calendar duration `{number} {word}{'' if number == '1' else 's'}`" if word else \
-            "a calendar duration such as `2 days`"
-        return FhirPathSyntaxError(
-            f"{number} '{unit}' cannot be added to or taken from a date: a quoted unit is a UCUM unit, and "
-            f"only 'wk', 'd', 'h', 'min', 's' and 'ms' are times there; write {fix} (unquoted: years, months, "
-            "weeks, days, hours, minutes, seconds)", found.start())
-    return FhirPathSyntaxError("date arithmetic needs a time unit: write a calendar duration such as `2 days` "
-                               "or a UCUM one such as `2 'd'`", 0)
+        yield found.start(), number, unit, word, expression[:found.start()].rstrip().endswith(("+", "-"))
+
+
+def _time_unit_problem(expression: str, raised: bool) -> FhirPathSyntaxError | None:
+    """`%now - 2 'days'`: a quoted unit is UCUM's, and 'days' is not, so the expression raises on every
+    call. Found in the text wherever a calendar word is added or taken away (inside `where()` or `iif()`,
+    which the dry run on an empty resource never reaches); when the dry run did raise (`raised`), the
+    likeliest culprit is named even if it is no calendar word."""
+    found = list(_quantities(expression))
+    culprits = [q for q in found if q[3] is not None and q[4]]
+    if not culprits and raised:
+        culprits = [q for q in found if q[4]] or found
+    if not culprits:
+        return None if not raised else FhirPathSyntaxError(
+            "date arithmetic needs a time unit: write a calendar duration such as `2 days` or a UCUM one such "
+            "as `2 'd'`", 0)
+    at, number, unit, word, _ = culprits[0]
+    fix = f"the calendar duration `{number} {word}{'' if number == '1' else 's'}`" if word else \
+        "a calendar duration such as `2 days`"
+    return FhirPathSyntaxError(
+        f"{number} '{unit}' cannot be added to or taken from a date: a quoted unit is a UCUM unit, and only "
+        f"'wk', 'd', 'h', 'min', 's' and 'ms' are times there; write {fix} (unquoted: years, months, weeks, "
+        "days, hours, minutes, seconds)", at)
 
 
 def truthy(result: list[Any]) -> bool:

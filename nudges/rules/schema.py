@@ -100,6 +100,8 @@ class Group(Strict):
         given = [k for k in GROUP_KEYS if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError("a group has exactly one of all, any or none")
+        if self.any is not None:
+            _picks_alike(self.any)
         return self
 
     @property
@@ -112,6 +114,13 @@ class Group(Strict):
 
 
 Item = Annotated[Annotated[Clause, Tag("Clause")] | Annotated[Group, Tag("Group")], Discriminator(_item_kind)]
+
+
+def _picks_alike(items: list[Clause | Group]) -> None:
+    """Alternatives (below) pick alike: which of two matches the name binds must not hang on their order."""
+    if alternatives(items) and len({item.pick for item in items if isinstance(item, Clause)}) > 1:
+        raise ValueError(f"the items of this `any` all bind '{items[0].bind if isinstance(items[0], Clause) else ''}'"
+                         ": give them the same `pick` (latest or earliest), which decides the match it binds")
 
 
 def alternatives(items: list[Clause | Group]) -> str | None:
@@ -143,6 +152,7 @@ class When(Strict):
     def _has_trigger(self) -> When:
         if not (self.all or self.any or self.patient or self.age):
             raise ValueError("`when` needs at least one of all, any, patient or age")
+        _picks_alike(self.any)
         return self
 
 
