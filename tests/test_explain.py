@@ -338,3 +338,30 @@ def test_an_order_whose_medication_the_call_does_not_hold_is_named() -> None:
     notes = [n for step in steps_by_where(rule).values() for n in step["notes"]]
     named = "MedicationRequest/mr-1 names its medication by reference (Medication/met500)"
     assert any(named in n for n in notes), notes
+
+
+def test_an_excluded_resource_names_the_part_of_its_where_that_was_not_true() -> None:
+    """A `where` of `and` parts is explained by the first part that is not true on the resource: a
+    negative Hunger Vital Sign questionnaire had been explained by `status = ["completed"]`, the one
+    comparison at the top level, which held."""
+    from nudges.tools.explain import failing_part
+
+    where = "status = 'final' and (value as Quantity).value > 10 and code.exists()"
+    low = {"resourceType": "Observation", "status": "final", "code": {"text": "x"}, "valueQuantity": {"value": 5}}
+    assert failing_part(where, low, {}) == "(value as Quantity).value > 10"
+    assert failing_part(where, {**low, "status": "preliminary"}, {}) == "status = 'final'"
+    assert failing_part(where, {**low, "valueQuantity": {"value": 50}}, {}) is None  # it held
+    assert failing_part("status = 'final' or code.exists()", low, {}) is None  # `or`: no one part to blame
+    assert failing_part("%troponin.exists() and status = 'final'", low, {}) is None  # needs its context
+
+    ruleset = load_ruleset(ROOT / "rules").ruleset
+    assert ruleset is not None
+    rule = next(r for r in ruleset.rules if r.id == "food-insecurity-referral")
+    path, cases = ruleset.cases[rule.id]
+    case = next(c for c in cases.cases if "answered 'Never true' to both" in c.name)
+    step = steps_by_where(rule_of(explain_case(ruleset, rule, case, path.parent, cases.now),
+                                  "food-insecurity-referral"))["when.any[1]"]
+    note = next(n for n in step["notes"] if "hvs-qr-neg" in n)
+    head = "excluded QuestionnaireResponse/hvs-qr-neg: `where` did not hold: `((questionnaire.lower()"
+    assert note.startswith(head), note
+    assert "was not true" in note and 'status = ["completed"]' not in note, note

@@ -272,8 +272,11 @@ class Recorder:
                     continue
                 passed += ok
                 if not ok:
-                    values = where_values(model.where if model else None, resource, env)
+                    expression = model.where if model else None
+                    part = failing_part(expression, resource, env)
+                    values = where_values(part or expression, resource, env)
                     step.note(f"excluded {reference(resource)}: `where` did not hold"
+                              + (f": `{shorten(part)}` was not true" if part else "")
                               + (f" ({values})" if values else ""))
         step.passed = passed
         if len(step.notes) == MAX_NOTES:
@@ -424,6 +427,32 @@ def comparisons(expression: str) -> list[tuple[str, str, str]]:
                     found.append((left, operator, right))
                 break
     return found
+
+
+def failing_part(expression: str | None, resource: dict[str, Any], env: dict[str, Any]) -> str | None:
+    """The first of a `where`'s top-level `and` parts that is not true on this resource: the part that
+    excluded it, where the comparisons alone may show one that held (`status = ["completed"]`). None when
+    the parts are joined otherwise, or one cannot be evaluated on its own."""
+    if not expression:
+        return None
+    top = _top_level(expression)
+    joins = [j for j in JOINS.finditer(expression) if j.start() in top]
+    if len(joins) < 1 or any(j.group().strip() != "and" for j in joins):
+        return None
+    edges = [0, *(p for j in joins for p in (j.start(), j.end())), len(expression)]
+    for part in (expression[a:b].strip() for a, b in zip(edges[::2], edges[1::2], strict=True)):
+        try:
+            held = truthy(_operand(part, resource.get("resourceType"))(resource, env))
+        except Exception:  # a part that needs its context (or a value set): no verdict
+            return None
+        if not held:
+            return part
+    return None
+
+
+def shorten(text: str, limit: int = 120) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
 def _encloses(text: str) -> bool:
