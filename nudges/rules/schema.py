@@ -118,9 +118,10 @@ Item = Annotated[Annotated[Clause, Tag("Clause")] | Annotated[Group, Tag("Group"
 
 def _picks_alike(items: list[Clause | Group]) -> None:
     """Alternatives (below) pick alike: which of two matches the name binds must not hang on their order."""
-    if alternatives(items) and len({item.pick for item in items if isinstance(item, Clause)}) > 1:
-        raise ValueError(f"the items of this `any` all bind '{items[0].bind if isinstance(items[0], Clause) else ''}'"
-                         ": give them the same `pick` (latest or earliest), which decides the match it binds")
+    name = alternatives(items)
+    if name and len({item.pick for item in items if isinstance(item, Clause)}) > 1:
+        raise ValueError(f"the items of this `any` all bind '{name}': give them the same `pick` (latest or "
+                         "earliest), which decides the match it binds")
 
 
 def alternatives(items: list[Clause | Group]) -> str | None:
@@ -131,6 +132,8 @@ def alternatives(items: list[Clause | Group]) -> str | None:
     if len(items) < 2 or len(names) != 1:
         return None
     return names.pop()
+
+
 # Tags of the unions above and of the delivery channels: they appear in validation error locations, and are
 # not YAML keys.
 UNION_TAGS = frozenset({"Clause", "Group", "ReasonList", "ReasonLockouts", "ReasonCode", "ReasonCoding",

@@ -437,7 +437,7 @@ def failing_part(expression: str | None, resource: dict[str, Any], env: dict[str
         return None
     top = _top_level(expression)
     joins = [j for j in JOINS.finditer(expression) if j.start() in top]
-    if len(joins) < 1 or any(j.group().strip() != "and" for j in joins):
+    if not joins or any(j.group().strip() != "and" for j in joins):
         return None
     edges = [0, *(p for j in joins for p in (j.start(), j.end())), len(expression)]
     for part in (expression[a:b].strip() for a, b in zip(edges[::2], edges[1::2], strict=True)):
