@@ -18,7 +18,8 @@ from nudges.rules.compiler import load_ruleset
 from nudges.services import Services
 from nudges.settings import Settings
 from nudges.tools.cases import case_result
-from nudges.tools.explain import Explanation, Recorder, comparisons, explain, explain_case, where_values
+from nudges.tools.comparisons import comparisons, where_values
+from nudges.tools.explain import Explanation, Recorder, explain, explain_case
 from nudges.tools.replay import summarize
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -344,7 +345,7 @@ def test_an_excluded_resource_names_the_part_of_its_where_that_was_not_true() ->
     """A `where` of `and` parts is explained by the first part that is not true on the resource: a
     negative Hunger Vital Sign questionnaire had been explained by `status = ["completed"]`, the one
     comparison at the top level, which held."""
-    from nudges.tools.explain import failing_part
+    from nudges.tools.comparisons import failing_part
 
     where = "status = 'final' and (value as Quantity).value > 10 and code.exists()"
     low = {"resourceType": "Observation", "status": "final", "code": {"text": "x"}, "valueQuantity": {"value": 5}}
