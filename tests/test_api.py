@@ -588,7 +588,9 @@ def test_an_access_log_is_there_when_asked_for_and_carries_no_query_or_patient(m
     assert logged.post(URL + "?patient=pt-secret-2", json=patient_view("pt-secret-2", troponin())).status_code == 200
     assert logged.get("/healthz").status_code == 200
     assert logged.post("/cds-services/no-such-service", json={}).status_code == 404
-    lines = [r for r in caplog.records if r.name == "nudges.access"]
+    deadline = time.monotonic() + 5  # a line is written once the answer has gone, in the server's thread
+    while len(lines := [r for r in caplog.records if r.name == "nudges.access"]) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert [(r.method, r.path, r.status) for r in lines] == [  # type: ignore[attr-defined]
         ("POST", URL, 200), ("GET", "/healthz", 200), ("POST", "/cds-services/no-such-service", 404)]
     assert all(r.ms >= 0 and r.client == "127.0.0.1" for r in lines)  # type: ignore[attr-defined]
