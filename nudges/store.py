@@ -451,12 +451,8 @@ class Store:
                 conn.execute(INSERT_CARDS, [r.row() for r in records])
 
     @contextmanager
-    def transaction(self, conn: Connection | None = None) -> Iterator[Connection]:
-        """`conn` when the caller already holds a transaction (a hook call's writes share one: one
-        checkout and one commit, where each round trip to PostgreSQL counts), else a new one."""
-        if conn is not None:
-            yield conn
-            return
+    def transaction(self) -> Iterator[Connection]:
+        """A new transaction (the hook call's write has its own connections: writers.py)."""
         with self.engine.begin() as conn:
             yield conn
 
