@@ -123,6 +123,10 @@ def test_nudges_test_one_rule_verbose_with_counts_that_add_up(rules_dir: Path,
     (RULE, "where: \"(value", "where: \"%troponin.id = id or (value", "%troponin is not defined here"),
     (RULE, "      since: troponin\n", "      since: troponin\n      where: \"status = %finalStatus\"\n",
      "%finalStatus is not defined here: an expression reads %now"),
+    # inside where(), which the load-time dry run on an empty resource never evaluates: it had linted clean
+    (RULE, "      since: troponin\n",
+     "      since: troponin\n      where: \"identifier.where(value = %resource.id).exists().not()\"\n",
+     "%resource is not defined here"),
     # a misspelt element is always empty, never an error: the clause never held (or never blocked)
     (RULE, "(value as Quantity).value >", "(value as Quantity).valeu >",
      "'valeu' is not an element of Quantity (did you mean 'value'?) (FHIR R4)"),

@@ -312,3 +312,21 @@ def test_date_arithmetic_in_calendar_durations_or_ucum_times_lints_clean(express
     from nudges.rules.fhirpath import compile_expression
 
     compile_expression(expression, "ServiceRequest")
+
+
+@pytest.mark.parametrize(("expression", "undefined"), [
+    ("identifier.where(value = %resource.id).exists()", "%resource"),  # inside where(): never dry-run
+    ("iif(status = 'final', %finalStatus, status) = 'final'", "%finalStatus"),
+    ("code.coding.select(%`vs-local`).exists()", "%`vs-local`"),
+    ("code.text = '%not-a-variable' and %context.id.exists() and %ucum.exists()", None),  # a string; fhirpathpy's own
+    ("code.coding.where(system = %`ucum`).exists() and %lab.status = 'final'", None),  # delimited; a bound name
+])
+def test_every_variable_is_checked_where_the_dry_run_cannot_reach(expression: str, undefined: str | None) -> None:
+    from nudges.rules.fhirpath import FhirPathSyntaxError, compile_expression
+
+    if undefined is None:
+        compile_expression(expression, "Observation", bound={"lab": "Observation"})
+        return
+    with pytest.raises(FhirPathSyntaxError, match=f"%{undefined.strip('%`')} is not defined here") as raised:
+        compile_expression(expression, "Observation", bound={"lab": "Observation"})
+    assert raised.value.column == expression.index(undefined)
