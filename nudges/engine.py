@@ -78,19 +78,34 @@ class _Evaluation:
         values = clause.date(resource, self.env)
         return parse_fhir_date(values[0]) if values else None
 
-    def candidates(self, clause: CompiledClause, source: str) -> list[dict[str, Any]]:
-        """What the index (and a clause's text pattern) leaves for FHIRPath to look at."""
+    def candidates(self, clause: CompiledClause, source: str, since: datetime | None = None,
+                   window: bool = False) -> list[dict[str, Any]]:
+        """What the index (and a clause's text pattern) leaves for FHIRPath to look at. With `window`, a
+        text pattern is searched only in resources inside the clause's time window (match drops the others
+        anyway): gathering a resource's words is the costly part of a `text:` clause, and a type read by
+        words (Observation) holds years of results."""
         record = self.record
-        if clause.codes is not None:
-            found = record.with_codes(source, clause.resource, clause.codes)
-            if clause.text is not None:
-                coded = {id(r) for r in found}
-                found = found + [r for r in record.of_type(source, clause.resource)
-                                 if id(r) not in coded and record.says(clause.text, r)]
-            return found
-        if clause.text is not None:
-            return [r for r in record.of_type(source, clause.resource) if record.says(clause.text, r)]
-        return record.of_type(source, clause.resource)
+        if clause.text is None:
+            return record.of_type(source, clause.resource) if clause.codes is None else \
+                record.with_codes(source, clause.resource, clause.codes)
+        pool = record.of_type(source, clause.resource)
+        if window:
+            pool = [r for r in pool if self.in_window(clause, r, since)]
+        if clause.codes is None:
+            return [r for r in pool if record.says(clause.text, r)]
+        found = record.with_codes(source, clause.resource, clause.codes)
+        coded = {id(r) for r in found}
+        return found + [r for r in pool if id(r) not in coded and record.says(clause.text, r)]
+
+    def in_window(self, clause: CompiledClause, resource: dict[str, Any], since: datetime | None) -> bool:
+        """Whether a resource's date lies in the clause's `within`, `older_than` and `since` bounds."""
+        when = self.date_of(clause, resource)
+        if when is None:
+            return False
+        now = self.now
+        return not ((clause.within is not None and when < now - clause.within)
+                    or (clause.older_than is not None and when > now - clause.older_than)
+                    or (since is not None and when < since))
 
     def match(self, clause: CompiledClause,
               trace: Tracer | None = None) -> tuple[datetime | None, dict[str, Any]] | None:
@@ -106,8 +121,9 @@ class _Evaluation:
             return None
         dated = timed or clause.bind is not None
         found: list[tuple[datetime | None, dict[str, Any]]] = []
+        window = timed and trace is None  # a trace reports every resource a window drops (nudges explain)
         for source in clause.sources:
-            for resource in self.candidates(clause, source):
+            for resource in self.candidates(clause, source, since, window):
                 when = self.date_of(clause, resource) if dated else None
                 if timed:
                     if when is None:
