@@ -240,6 +240,8 @@ def _undefined(name: str, at: int, bound: Collection[str] | Mapping[str, str]) -
         f"%patientId, %encounterId, %userId and the names of earlier clauses "
         f"({', '.join('%' + b for b in sorted(bound)) or 'none'}); a clause's own name is bound only "
         "once it has matched", at)
+
+
 # A string literal (skipped whole, so a quote inside one is never taken for a unit) or a quantity: a number
 # and its quoted unit.
 _TOKEN = re.compile(r"'(?:[^'\\]|\\.)*'|(?<![\w.])(\d+(?:\.\d+)?)\s*'((?:[^'\\]|\\.)*)'")
