@@ -98,14 +98,20 @@ class _Evaluation:
         return found + [r for r in pool if id(r) not in coded and record.says(clause.text, r)]
 
     def in_window(self, clause: CompiledClause, resource: dict[str, Any], since: datetime | None) -> bool:
-        """Whether a resource's date lies in the clause's `within`, `older_than` and `since` bounds."""
-        when = self.date_of(clause, resource)
+        return self.outside(clause, self.date_of(clause, resource), since) is None
+
+    def outside(self, clause: CompiledClause, when: datetime | None, since: datetime | None) -> str | None:
+        """Which of a timed clause's bounds a date misses ("no date", "within", "older_than", "since"), or
+        None when it lies inside all of them: one test for the text scan's narrowing and for match."""
         if when is None:
-            return False
-        now = self.now
-        return not ((clause.within is not None and when < now - clause.within)
-                    or (clause.older_than is not None and when > now - clause.older_than)
-                    or (since is not None and when < since))
+            return "no date"
+        if clause.within is not None and when < self.now - clause.within:
+            return "within"
+        if clause.older_than is not None and when > self.now - clause.older_than:
+            return "older_than"
+        if since is not None and when < since:
+            return "since"
+        return None
 
     def match(self, clause: CompiledClause,
               trace: Tracer | None = None) -> tuple[datetime | None, dict[str, Any]] | None:
@@ -125,23 +131,10 @@ class _Evaluation:
         for source in clause.sources:
             for resource in self.candidates(clause, source, since, window):
                 when = self.date_of(clause, resource) if dated else None
-                if timed:
-                    if when is None:
-                        if trace is not None:
-                            trace.drop(resource, "no date", when)
-                        continue
-                    if clause.within is not None and when < now - clause.within:
-                        if trace is not None:
-                            trace.drop(resource, "within", when)
-                        continue
-                    if clause.older_than is not None and when > now - clause.older_than:
-                        if trace is not None:
-                            trace.drop(resource, "older_than", when)
-                        continue
-                    if since is not None and when < since:
-                        if trace is not None:
-                            trace.drop(resource, "since", when)
-                        continue
+                if timed and (missed := self.outside(clause, when, since)) is not None:
+                    if trace is not None:
+                        trace.drop(resource, missed, when)
+                    continue
                 if clause.where is None and clause.bind is None and trace is None:
                     return when, resource
                 found.append((when, resource))
