@@ -160,8 +160,18 @@ class _Evaluation:
             else:
                 found.sort(key=latest, reverse=True)
         canonical = self.record.canonical
-        return next(((when, resource) for when, resource in found if truthy(where(canonical(resource), self.env))),
-                    None)
+        if clause.settled is None or trace is not None:
+            return next(((when, resource) for when, resource in found
+                         if truthy(where(canonical(resource), self.env))), None)
+        settled, text = self.record.settled, clause.settled
+        for when, resource in found:
+            key = (text, id(resource))
+            held = settled.get(key)
+            if held is None:
+                held = settled[key] = truthy(where(canonical(resource), self.env))
+            if held:
+                return when, resource
+        return None
 
     def save(self) -> _Saved:
         return dict(self.bindings), dict(self.dates), dict(self.env), self.drafts
@@ -339,6 +349,7 @@ def evaluate(rules: tuple[CompiledRule, ...], record: PatientRecord, now: dateti
     if trace is not None:
         return _traced(rules, record, now, env, trace)
     outcome = Outcome()
+    record.settled = {}  # what one call's clock, context and patient settle (CompiledClause.settled)
     for rule in rules:
         try:
             match = evaluate_rule(rule, record, now, env)

@@ -12,8 +12,9 @@ import pytest
 from nudges import engine, pipeline
 from nudges.clock import parse_instant
 from nudges.record import IndexPlan, PatientRecord
-from nudges.rules.compiled import index_plan
+from nudges.rules.compiled import CompiledClause, index_plan
 from nudges.rules.compiler import load_ruleset
+from nudges.rules.fhirpath import call_wide
 from nudges.services import Services
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -143,6 +144,39 @@ def test_a_binding_is_the_latest_candidate_that_passes_its_condition() -> None:
     assert bound(troponin("a", "2026-03-01T08:00:00Z", 90), troponin("b", "2026-03-01T20:00:00Z", 80)) == "b"
     assert bound(troponin("b", "2026-03-01T08:00:00Z", 90), troponin("a", "2026-03-01T08:00:00Z", 80)) == "b"
     assert bound(troponin("a", "2026-03-01T08:00:00Z", 10), troponin("b", "2026-02-01T08:00:00Z", 90)) is None
+
+
+def test_a_where_that_reads_only_call_wide_names_is_worked_out_once_per_resource_in_a_call() -> None:
+    """The troponin rule's two clauses share one "elevated" condition (a YAML anchor): its answer for a
+    result is worked out once per call and reused by the other clause (CompiledClause.settled). A condition
+    that reads a name a clause binds (%first) is never shared; nothing is carried into the next call."""
+    assert call_wide("%now - 3 days < effective and %patient.gender = 'female' and %context.id.exists()")
+    assert not call_wide("value > %first.value") and not call_wide("'%first' = 'x' and %lab.exists()")
+    ruleset = load_ruleset(ROOT / "rules").ruleset
+    assert ruleset is not None
+    service = Services.build(ruleset, frozenset({"active"})).by_id["nudges-patient-view"]
+    rule = next(r for r in service.rules if r.id == "troponin-without-cath-plan")
+    first, latest = rule.all[0], rule.all[1]
+    assert isinstance(first, CompiledClause) and isinstance(latest, CompiledClause)
+    assert first.settled is not None and first.settled == latest.settled
+    assert first.where is not latest.where  # compiled twice: shared by text, not by object
+    text = first.settled
+    now = parse_instant("2026-03-02T12:00:00Z")
+    results = [obs(f"t{i}", {"system": LOINC, "code": "89579-7"}, status="final",
+                   effectiveDateTime=f"2026-03-01T0{i}:00:00Z", valueQuantity={"value": value, "unit": "ng/L"},
+                   referenceRange=[{"high": {"value": 34}}]) for i, value in enumerate((10, 90, 10))]
+    record = PatientRecord(service.index)
+    record.add_all(results)
+    outcome = engine.evaluate((rule,), record, now, {"patientId": "p1"}, "patient-view")
+    assert [(m.bindings["first"]["id"], m.bindings["troponin"]["id"]) for m in outcome.matches] == [("t1", "t1")]
+    # first (earliest on): t0 no, t1 yes; troponin (latest on): t2 no, t1 from the first clause's answer
+    assert record.settled == {(text, id(results[0])): False, (text, id(results[1])): True,
+                              (text, id(results[2])): False}
+    env = {"now": "2026-03-02T12:00:00Z", "patientId": "p1"}
+    record.settled[(text, id(results[1]))] = False  # a recorded answer is what the clause goes by
+    assert engine.evaluate_rule(rule, record, now, env) is None
+    again = engine.evaluate((rule,), record, now, {"patientId": "p1"}, "patient-view")
+    assert len(again.matches) == 1  # a new call works it out again
 
 
 @pytest.mark.parametrize("value", [

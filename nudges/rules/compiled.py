@@ -30,6 +30,9 @@ class CompiledClause:
     date: Compiled | None
     sources: tuple[str, ...]
     earliest: bool = False  # a binding takes the earliest match instead of the latest
+    # The `where` text, when it reads no rule-bound name: its answer for a resource then holds for the whole
+    # call, and clauses with the same text (a YAML anchor: the troponin rule's "elevated", twice) share it.
+    settled: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ from . import yamlfiles
 from .compiled import CardTemplate, CompiledClause, CompiledGroup, CompiledItem, CompiledRule, RuleSet
 from .delivery import Targets, compile_deliveries
 from .elements import type_names
-from .fhirpath import MEMBER_OF, RACE_READ, Compiled, FhirPathSyntaxError, compile_expression
+from .fhirpath import MEMBER_OF, RACE_READ, Compiled, FhirPathSyntaxError, call_wide, compile_expression
 from .folders import (
     bare_minutes,
     case_names,
@@ -446,11 +446,11 @@ class _RuleChecker:
         where = self.expression((*loc, "where"), clause.where, clause.resource, bound)
         date = self.expression((*loc, "date"), clause.date, clause.resource, bound)
         sources = {"any": ("record", "draft")}.get(clause.source, (clause.source,))
+        within, older_than = (parse_duration(value) if value else None for value in (clause.within, clause.older_than))
         return CompiledClause(
-            clause.bind, clause.resource, codes, displays or {}, where, text,
-            parse_duration(clause.within) if clause.within else None,
-            parse_duration(clause.older_than) if clause.older_than else None,
-            clause.since, date, sources, clause.pick == "earliest")
+            clause.bind, clause.resource, codes, displays or {}, where, text, within, older_than, clause.since,
+            date, sources, clause.pick == "earliest",
+            clause.where if where is not None and call_wide(clause.where or "") else None)
 
     def card(self, card: Card, names: _Names) -> CardTemplate | None:
         ok, bound = True, names.certain

@@ -231,6 +231,12 @@ def _variables(expression: str) -> Iterator[tuple[str, int]]:
             yield found.group(1).strip("`"), found.start()
 
 
+def call_wide(expression: str) -> bool:
+    """Whether the expression reads only names that hold for a whole call (the clock, the hook's context,
+    the patient), none a clause binds: its answer for one resource is then the same in every rule."""
+    return all(name in SAMPLE_ENVIRONMENT or name in INTERPRETER_VARIABLES for name, _ in _variables(expression))
+
+
 def _undefined(name: str, at: int, bound: Collection[str] | Mapping[str, str]) -> FhirPathSyntaxError:
     from .resources import did_you_mean
 
