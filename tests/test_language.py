@@ -77,6 +77,18 @@ def test_lint_refuses_misused_pick_and_escalate(rules_dir: Path, capsys: pytest.
     assert any(message in line for line in lint(rules_dir, capsys))
 
 
+@pytest.mark.parametrize("name", ["now", "patient", "hook", "today", "context", "ucum"])
+def test_lint_refuses_a_clause_named_for_a_call_wide_variable(rules_dir: Path, capsys: pytest.CaptureFixture[str],
+                                                               name: str) -> None:
+    """`as: now` would make %now the bound result in later clauses: for a reader of the rule, and for the
+    engine, which shares across a call the answers of expressions reading only such names."""
+    edit(rules_dir / RULE, "    - as: troponin\n", f"    - as: {name}\n")
+    edit(rules_dir / RULE, "{{troponin.value}}", f"{{{{{name}.value}}}}")
+    at = 1 + (rules_dir / RULE).read_text().splitlines().index(f"    - as: {name}")
+    [line] = [line for line in lint(rules_dir, capsys) if "every expression reads" in line]
+    assert f"troponin-without-cath-plan.yaml:{at}:7:" in line, line
+    assert f"'{name}' is a name every expression reads (%{name}): give the clause another name" in line
+
 CATH_BY_TEXT = {"resourceType": "ServiceRequest", "id": "local-cath", "status": "active", "intent": "order",
                 "subject": {"reference": "Patient/p"}, "authoredOn": "2026-03-02T01:00:00Z",
                 "code": {"coding": [{"system": "urn:oid:1.2.3.4.5.site-orders", "code": "CATH-LHC-01",

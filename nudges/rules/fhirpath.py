@@ -218,6 +218,8 @@ def compile_expression(expression: str, resource_type: str | None = None,
 _UNDEFINED = re.compile(r"undefined environment variable:?\s*%?([A-Za-z_][\w]*)")
 # fhirpathpy's own variables: %context (the resource evaluated) and %ucum.
 INTERPRETER_VARIABLES = frozenset({"context", "ucum"})
+# What every expression reads the same way throughout a call; no clause may bind these names (schema.Clause).
+CALL_WIDE = frozenset(SAMPLE_ENVIRONMENT) | INTERPRETER_VARIABLES
 # A string literal or a delimited identifier (skipped whole), or a variable: %name or %`name`.
 _VARIABLE = re.compile(r"'(?:[^'\\]|\\.)*'|`(?:[^`\\]|\\.)*`|%(`(?:[^`\\]|\\.)*`|[A-Za-z_]\w*)")
 
@@ -234,7 +236,7 @@ def _variables(expression: str) -> Iterator[tuple[str, int]]:
 def call_wide(expression: str) -> bool:
     """Whether the expression reads only names that hold for a whole call (the clock, the hook's context,
     the patient), none a clause binds: its answer for one resource is then the same in every rule."""
-    return all(name in SAMPLE_ENVIRONMENT or name in INTERPRETER_VARIABLES for name, _ in _variables(expression))
+    return all(name in CALL_WIDE for name, _ in _variables(expression))
 
 
 def _undefined(name: str, at: int, bound: Collection[str] | Mapping[str, str]) -> FhirPathSyntaxError:
