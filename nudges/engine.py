@@ -75,6 +75,15 @@ class _Evaluation:
     def date_of(self, clause: CompiledClause, resource: dict[str, Any]) -> datetime | None:
         if clause.date is None:
             return self.record.date_of(resource)
+        if clause.dated is None:
+            return self.dated(clause, resource)
+        key, held = (clause.dated, id(resource)), self.record.dated  # CompiledClause.dated
+        if key not in held:
+            held[key] = self.dated(clause, resource)
+        return held[key]
+
+    def dated(self, clause: CompiledClause, resource: dict[str, Any]) -> datetime | None:
+        assert clause.date is not None
         values = clause.date(resource, self.env)
         return parse_fhir_date(values[0]) if values else None
 
@@ -243,6 +252,10 @@ class _Traced(_Evaluation):
         super().__init__(record, now, env, unbound)
         self.trace = trace
 
+    def date_of(self, clause: CompiledClause, resource: dict[str, Any]) -> datetime | None:
+        """Unshared, as the traced run's `where`s: each clause works its dates out itself."""
+        return self.record.date_of(resource) if clause.date is None else self.dated(clause, resource)
+
 
 Holds = Callable[["_Evaluation", CompiledItem], bool]
 
@@ -349,7 +362,7 @@ def evaluate(rules: tuple[CompiledRule, ...], record: PatientRecord, now: dateti
     if trace is not None:
         return _traced(rules, record, now, env, trace)
     outcome = Outcome()
-    record.settled = {}  # what one call's clock, context and patient settle (CompiledClause.settled)
+    record.settled, record.dated = {}, {}  # what one call's clock, context and patient settle (CompiledClause)
     for rule in rules:
         try:
             match = evaluate_rule(rule, record, now, env)

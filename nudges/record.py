@@ -141,7 +141,7 @@ class PatientRecord:
     indexed, for callers that do not know in advance which rules will ask."""
 
     __slots__ = ("_by_code", "_by_reference", "_canonical", "_clean", "_dates", "_medications", "_plan", "_raw",
-                 "_text", "patient_id", "settled")
+                 "_text", "dated", "patient_id", "settled")
 
     def __init__(self, plan: IndexPlan | None = None, patient_id: str | None = None) -> None:
         # the call's patient (context.patientId, "Patient/" dropped): what is about another is set aside
@@ -157,6 +157,7 @@ class PatientRecord:
         self._plan = plan
         # (where text, id(resource)) -> its answer, for `where`s that read only call-wide names (engine.match)
         self.settled: dict[tuple[str, int], bool] = {}
+        self.dated: dict[tuple[str, int], datetime | None] = {}  # the same for `date` texts (engine.date_of)
 
     def add_all(self, resources: Iterable[Resource], source: str = "record") -> None:
         """The hot path of every call: plain dict access, one tight loop per type, no models."""

@@ -179,6 +179,46 @@ def test_a_where_that_reads_only_call_wide_names_is_worked_out_once_per_resource
     assert len(again.matches) == 1  # a new call works it out again
 
 
+def test_a_date_that_reads_only_call_wide_names_is_worked_out_once_per_resource_in_a_call() -> None:
+    """An Encounter is dated by its departure in three rules' clauses, and each clause dates a candidate
+    twice (its window, then its order): the answer is worked out once per resource per call and shared
+    (CompiledClause.dated); a recorded date is what the window goes by; a new call starts afresh."""
+    ruleset = load_ruleset(ROOT / "rules").ruleset
+    assert ruleset is not None
+    service = Services.build(ruleset, frozenset({"active"})).by_id["nudges-patient-view"]
+    rule = next(r for r in service.rules if r.id == "trust-prior-ama-discharge")
+    clause = next(c for c in rule.clauses() if c.bind == "left_stay")
+    assert clause.date is not None and clause.dated == "iif(period.end.exists(), period.end, period.start)"
+    sharing = [c for r in service.rules for c in r.clauses() if c.dated == clause.dated]
+    assert len({id(c) for c in sharing}) >= 2  # compiled per clause, shared by text
+    now = parse_instant("2026-03-02T12:00:00Z")
+    stay = {"resourceType": "Encounter", "id": "e1", "status": "finished",
+            "period": {"start": "2025-02-01T00:00:00Z", "end": "2025-04-01T00:00:00Z"},  # left within the year
+            "hospitalization": {"dischargeDisposition": {"coding": [
+                {"system": "http://terminology.hl7.org/CodeSystem/discharge-disposition", "code": "aadvice"}]}}}
+    record = PatientRecord(service.index)
+    record.add_all([{"resourceType": "Patient", "id": "p1", "birthDate": "1970-01-01"}, stay])
+    calls: list[str] = []
+    original = clause.date
+
+    def counted(resource: dict[str, Any], env: dict[str, Any]) -> list[Any]:
+        calls.append(resource["id"])
+        return original(resource, env)
+
+    object.__setattr__(clause, "date", counted)
+    try:
+        outcome = engine.evaluate((rule,), record, now, {"patientId": "p1"}, "patient-view")
+        assert [m.rule.id for m in outcome.matches] == [rule.id] and calls == ["e1"]  # window and order: once
+        assert record.dated == {(clause.dated, id(stay)): parse_instant("2025-04-01T00:00:00Z")}
+        record.dated[(clause.dated, id(stay))] = parse_instant("2024-01-01T00:00:00Z")  # what the window reads
+        env = {"now": "2026-03-02T12:00:00Z", "patientId": "p1"}
+        assert engine.evaluate_rule(rule, record, now, env) is None
+        assert len(engine.evaluate((rule,), record, now, {"patientId": "p1"}, "patient-view").matches) == 1
+        assert calls == ["e1", "e1"]  # the new call worked it out again
+    finally:
+        object.__setattr__(clause, "date", original)
+
+
 @pytest.mark.parametrize("value", [
     None,
     {"resourceType": "OperationOutcome", "issue": []},

@@ -33,6 +33,10 @@ class CompiledClause:
     # The `where` text, when it reads no rule-bound name: its answer for a resource then holds for the whole
     # call, and clauses with the same text (a YAML anchor: the troponin rule's "elevated", twice) share it.
     settled: str | None = None
+    # The `date` text, on the same terms: worked out once per resource per call, however many clauses and
+    # rules date that type by it (an Encounter by its departure: three rules, and each clause twice, for
+    # its window and its order).
+    dated: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -449,8 +449,8 @@ class _RuleChecker:
         within, older_than = (parse_duration(value) if value else None for value in (clause.within, clause.older_than))
         return CompiledClause(
             clause.bind, clause.resource, codes, displays or {}, where, text, within, older_than, clause.since,
-            date, sources, clause.pick == "earliest",
-            clause.where if where is not None and call_wide(clause.where or "") else None)
+            date, sources, clause.pick == "earliest", *(said if done is not None and call_wide(said or "") else None
+                                                        for said, done in ((clause.where, where), (clause.date, date))))
 
     def card(self, card: Card, names: _Names) -> CardTemplate | None:
         ok, bound = True, names.certain
