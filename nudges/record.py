@@ -27,6 +27,7 @@ from .fhir import (
     words,
 )
 from .planned import Heads
+from .prefilter import lowered, may_match, needles
 
 _CODE_PATHS = {kind: tuple(tuple(p.split(".")) for p in paths) for kind, paths in CODE_ELEMENTS.items()}
 # What every call's record reads besides the rules' clauses: the patient (age, `patient:`, the audit's
@@ -140,8 +141,8 @@ class PatientRecord:
     the same for a code bucket's few members, dates, texts. Without a plan every (system, code) is
     indexed, for callers that do not know in advance which rules will ask."""
 
-    __slots__ = ("_by_code", "_by_reference", "_canonical", "_clean", "_dates", "_medications", "_plan", "_raw",
-                 "_text", "dated", "patient_id", "settled")
+    __slots__ = ("_by_code", "_by_reference", "_canonical", "_clean", "_dates", "_lower", "_medications", "_plan",
+                 "_raw", "_text", "dated", "patient_id", "settled")
 
     def __init__(self, plan: IndexPlan | None = None, patient_id: str | None = None) -> None:
         # the call's patient (context.patientId, "Patient/" dropped): what is about another is set aside
@@ -151,6 +152,7 @@ class PatientRecord:
         self._by_code: dict[tuple[str, str, Any], list[Resource]] = {}
         self._dates: dict[int, datetime | None] = {}
         self._text: dict[int, tuple[str, ...]] = {}
+        self._lower: dict[int, tuple[str | None, ...]] = {}  # the same texts lowered, for the prefilter
         self._by_reference: list[tuple[str, str, Resource]] = []  # medication[x] by reference, unresolved
         self._medications: dict[str, Resource] | None = None  # the record's Medication resources by id
         self._canonical: set[int] = set()  # resources whose code systems are already canonical
@@ -352,13 +354,20 @@ class PatientRecord:
         return patients[0] if patients else None
 
     def says(self, pattern: re.Pattern[str], resource: Resource) -> bool:
-        """Whether any of a resource's texts (see words) matches; the texts are gathered once per call."""
+        """Whether any of a resource's texts (see words) matches; the texts are gathered once per call, and a
+        text that has none of the strings every match contains (prefilter.py) is not searched."""
         key = id(resource)
         texts = self._text.get(key)
         if texts is None:
             medications = self.medications() if "medicationReference" in resource else None
             texts = self._text[key] = tuple(words(resource, medications))
-        return any(pattern.search(text) for text in texts)
+        found = needles(pattern)
+        if found is None:
+            return any(pattern.search(text) for text in texts)
+        low = self._lower.get(key)
+        if low is None:
+            low = self._lower[key] = lowered(texts)
+        return any(may_match(found, small) and pattern.search(text) for text, small in zip(texts, low, strict=True))
 
     def date_current_encounters(self, encounter_id: Any, now: datetime) -> None:
         """An Encounter without a `period.start` that is under way (the call's own encounter, or one

@@ -1,0 +1,102 @@
+"""What any match of a `text:` pattern must contain: a few plain strings, checked before the regex runs.
+
+A `text:` clause searches every kept resource of its type in its time window, and after the day's rule
+reviews those patterns are long case-insensitive alternations of local wording ("colonoscop|sigmoidoscop|
+fecal immunochem|…"). Python's regex engine has no literal-prefix scan for such a pattern: it tries a
+match at every position of every text, and in a 50-resource hook call that was an eighth of all the
+instructions (callgrind), for results that are nearly always "no". Every match of the pattern contains
+one of the strings found here, so a text that contains none of them (a substring test each, in C) cannot
+match and its regex search is skipped; any other text is searched as before. The answers are the same
+(tests/test_prefilter.py checks the shipped patterns on the shipped cases' texts and random ones).
+
+The strings come from the parsed pattern: a run of plain ASCII characters that every match passes through,
+or, for an alternation, one such run from each branch. Only ASCII texts are judged, compared lowered:
+for ASCII, lowering and IGNORECASE agree, while a case-insensitive ASCII letter can match a non-ASCII one
+(the Kelvin sign, the long s). Anything the parse does not show plainly (classes, optional parts,
+look-arounds, back-references, a parser this Python does not have) gives no strings, and the pattern is
+simply always searched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import re
+from collections.abc import Iterable
+from typing import Any
+
+_sre: Any = None
+_parse: Any = None
+with contextlib.suppress(ImportError):  # the re module's own parser (3.11+, private); else none prefiltered
+    _sre, _parse = importlib.import_module("re._constants"), importlib.import_module("re._parser")
+
+Needles = tuple[str, ...]
+_KNOWN: dict[re.Pattern[str], Needles | None] = {}  # one entry per distinct pattern text ever asked about
+
+
+def needles(pattern: re.Pattern[str]) -> Needles | None:
+    """Lowercase strings one of which is in every text the pattern matches (ASCII texts, compared lowered),
+    or None when no such set is known. Worked out once per pattern."""
+    if pattern in _KNOWN:
+        return _KNOWN[pattern]
+    found: Needles | None = None
+    try:
+        if _parse is not None:
+            required = _sequence(_parse.parse(pattern.pattern, pattern.flags).data)
+            if required and all(required):
+                found = tuple(sorted(required))
+    except Exception:  # a pattern the parser reads differently: search it every time
+        found = None
+    _KNOWN[pattern] = found
+    return found
+
+
+def may_match(found: Needles, lowered: str | None) -> bool:
+    """Whether a text (lowered, or None when it is not ASCII) can match a pattern with these needles."""
+    return lowered is None or any(needle in lowered for needle in found)
+
+
+def lowered(texts: Iterable[str]) -> tuple[str | None, ...]:
+    """Each text lowered for `may_match`, or None where it is not ASCII (then always searched)."""
+    return tuple(text.lower() if text.isascii() else None for text in texts)
+
+
+def _sequence(items: list[tuple[Any, Any]]) -> frozenset[str] | None:
+    """The best required set of one concatenation: every item of it must match, so any one item's set (or
+    a run of plain characters between them) is required of the whole; the strongest is kept."""
+    best: frozenset[str] | None = None
+    run: list[str] = []
+
+    def close() -> None:
+        nonlocal best
+        if run:
+            best = _stronger(best, frozenset({"".join(run)}))
+            run.clear()
+
+    for op, av in items:
+        if op is _sre.LITERAL and av < 128:
+            run.append(chr(av).lower())
+            continue
+        close()
+        part: frozenset[str] | None = None
+        if op is _sre.SUBPATTERN:
+            part = _sequence(av[-1].data)
+        elif op is _sre.ATOMIC_GROUP:
+            part = _sequence(av.data)
+        elif op is _sre.BRANCH:
+            branches = [_sequence(branch.data) for branch in av[1]]
+            part = None if any(b is None for b in branches) else frozenset().union(*branches)  # type: ignore[arg-type]
+        elif op in (_sre.MAX_REPEAT, _sre.MIN_REPEAT, _sre.POSSESSIVE_REPEAT) and av[0] >= 1:
+            part = _sequence(av[2].data)
+        best = _stronger(best, part)  # anything else (a class, a look-around, an optional part) requires nothing
+    close()
+    return best
+
+
+def _stronger(a: frozenset[str] | None, b: frozenset[str] | None) -> frozenset[str] | None:
+    """The set whose shortest string is longest (fewer strings on a tie): the likelier to rule a text out."""
+    if a is None or b is None:
+        return a if b is None else b
+    def weight(s: frozenset[str]) -> tuple[int, int]:
+        return min(map(len, s)), -len(s)
+    return a if weight(a) >= weight(b) else b
