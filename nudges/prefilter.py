@@ -52,13 +52,20 @@ def needles(pattern: re.Pattern[str]) -> Needles | None:
 
 
 def may_match(found: Needles, lowered: str | None) -> bool:
-    """Whether a text (lowered, or None when it is not ASCII) can match a pattern with these needles."""
-    return lowered is None or any(needle in lowered for needle in found)
+    """Whether texts (`lowered`, or None when one of them is not ASCII) can match a pattern with these needles."""
+    if lowered is None:
+        return True
+    for needle in found:  # noqa: SIM110  # a loop: any() over a generator costs more than these few tests
+        if needle in lowered:
+            return True
+    return False
 
 
-def lowered(texts: Iterable[str]) -> tuple[str | None, ...]:
-    """Each text lowered for `may_match`, or None where it is not ASCII (then always searched)."""
-    return tuple(text.lower() if text.isascii() else None for text in texts)
+def lowered(texts: Iterable[str]) -> str | None:
+    """A resource's texts lowered and joined for `may_match` (a needle found across two of them only means
+    they are searched), or None when one is not ASCII (then they are always searched)."""
+    texts = tuple(texts)
+    return "\n".join(texts).lower() if all(text.isascii() for text in texts) else None
 
 
 def _sequence(items: list[tuple[Any, Any]]) -> frozenset[str] | None:

@@ -152,7 +152,7 @@ class PatientRecord:
         self._by_code: dict[tuple[str, str, Any], list[Resource]] = {}
         self._dates: dict[int, datetime | None] = {}
         self._text: dict[int, tuple[str, ...]] = {}
-        self._lower: dict[int, tuple[str | None, ...]] = {}  # the same texts lowered, for the prefilter
+        self._lower: dict[int, str | None] = {}  # the same texts lowered and joined, for the prefilter
         self._by_reference: list[tuple[str, str, Resource]] = []  # medication[x] by reference, unresolved
         self._medications: dict[str, Resource] | None = None  # the record's Medication resources by id
         self._canonical: set[int] = set()  # resources whose code systems are already canonical
@@ -362,12 +362,11 @@ class PatientRecord:
             medications = self.medications() if "medicationReference" in resource else None
             texts = self._text[key] = tuple(words(resource, medications))
         found = needles(pattern)
-        if found is None:
-            return any(pattern.search(text) for text in texts)
-        low = self._lower.get(key)
-        if low is None:
-            low = self._lower[key] = lowered(texts)
-        return any(may_match(found, small) and pattern.search(text) for text, small in zip(texts, low, strict=True))
+        if found is not None:
+            low = self._lower[key] if key in self._lower else self._lower.setdefault(key, lowered(texts))
+            if not may_match(found, low):
+                return False
+        return any(pattern.search(text) for text in texts)
 
     def date_current_encounters(self, encounter_id: Any, now: datetime) -> None:
         """An Encounter without a `period.start` that is under way (the call's own encounter, or one

@@ -43,9 +43,9 @@ def test_only_ascii_texts_are_judged() -> None:
     found = needles(pattern)
     assert found == ("fits", "kit")
     for text in ("\u212aIT", "FIT\u017f"):  # KIT with a Kelvin sign; FITS with a long s
-        assert pattern.search(text) and lowered([text]) == (None,) and may_match(found, None)
-    assert not may_match(found, lowered(["Fecal immunochemical"])[0])
-    assert may_match(found, lowered(["Home FIT KIT given"])[0])
+        assert pattern.search(text) and lowered(["Stool test", text]) is None and may_match(found, None)
+    assert not may_match(found, lowered(["Fecal immunochemical", "Stool"]))
+    assert may_match(found, lowered(["Stool", "Home FIT KIT given"]))
 
 
 def _strings(value: Any) -> Iterator[str]:
@@ -89,10 +89,10 @@ def test_shipped_patterns_on_shipped_texts_lose_no_match() -> None:
         if found is None:
             continue
         judged += 1
-        for text, low in zip(variants, lowered(variants), strict=True):
+        for text in variants:
             if pattern.search(text):
                 matched += 1
-                assert may_match(found, low), (pattern.pattern, text)
+                assert may_match(found, lowered([text])), (pattern.pattern, text)
     assert judged >= len(patterns) * 3 // 4 and matched > 200  # most shipped patterns are prefiltered, and match
 
 
@@ -134,5 +134,5 @@ def test_random_patterns_on_random_texts_lose_no_match() -> None:
             text = "".join(rng.choice(ALPHABET) for _ in range(rng.randint(0, 12)))
             if pattern.search(text):
                 checked += 1
-                assert may_match(found, lowered([text])[0]), (source, text, found)
+                assert may_match(found, lowered(["b", text])), (source, text, found)
     assert checked > 1000
