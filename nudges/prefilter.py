@@ -5,9 +5,10 @@ reviews those patterns are long case-insensitive alternations of local wording (
 fecal immunochem|…"). Python's regex engine has no literal-prefix scan for such a pattern: it tries a
 match at every position of every text, and in a 50-resource hook call that was an eighth of all the
 instructions (callgrind), for results that are nearly always "no". Every match of the pattern contains
-one of the strings found here, so a text that contains none of them (a substring test each, in C) cannot
-match and its regex search is skipped; any other text is searched as before. The answers are the same
-(tests/test_prefilter.py checks the shipped patterns on the shipped cases' texts and random ones).
+one of the strings found here, so a resource whose texts (lowered and joined once per call) contain none
+of them (a substring test each, in C) cannot match and is not searched; any other is searched as before.
+The answers are the same (tests/test_prefilter.py checks the shipped patterns on every string of the
+shipped cases and fixtures, and random patterns on random texts).
 
 The strings come from the parsed pattern: a run of plain ASCII characters that every match passes through,
 or, for an alternation, one such run from each branch. Only ASCII texts are judged, compared lowered:
@@ -104,6 +105,7 @@ def _stronger(a: frozenset[str] | None, b: frozenset[str] | None) -> frozenset[s
     """The set whose shortest string is longest (fewer strings on a tie): the likelier to rule a text out."""
     if a is None or b is None:
         return a if b is None else b
+
     def weight(s: frozenset[str]) -> tuple[int, int]:
         return min(map(len, s)), -len(s)
     return a if weight(a) >= weight(b) else b

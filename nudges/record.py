@@ -354,8 +354,8 @@ class PatientRecord:
         return patients[0] if patients else None
 
     def says(self, pattern: re.Pattern[str], resource: Resource) -> bool:
-        """Whether any of a resource's texts (see words) matches; the texts are gathered once per call, and a
-        text that has none of the strings every match contains (prefilter.py) is not searched."""
+        """Whether any of a resource's texts (see words) matches; the texts are gathered once per call, and
+        texts that hold none of the strings every match contains (prefilter.py) are not searched."""
         key = id(resource)
         texts = self._text.get(key)
         if texts is None:
