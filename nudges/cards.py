@@ -152,6 +152,21 @@ def indicator(match: Match, now: datetime) -> str:
     return shown
 
 
+def summary_of(render: Renderer) -> str:
+    """The card's summary, cut to the length CDS Hooks allows: the one rendering a card and a worklist share."""
+    summary = render.text(render.match.rule.card.summary)
+    return summary if len(summary) <= MAX_SUMMARY else summary[: MAX_SUMMARY - 1].rstrip() + "…"
+
+
+def card_head(match: Match, context: dict[str, Any], patient: dict[str, Any] | None, now: datetime,
+              medications: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """What a worklist shows of a card, its summary and indicator, as build_card renders them: population
+    screening lists a card per patient and rule, and rendering the rest (the detail, suggestions with their
+    random uuids, links) for every one of them was a tenth of its screening time."""
+    return {"summary": summary_of(Renderer(match, context, patient, now, medications)),
+            "indicator": indicator(match, now)}
+
+
 def build_card(match: Match, ruleset: RuleSet, context: dict[str, Any], patient: dict[str, Any] | None,
                now: datetime, medications: dict[str, dict[str, Any]] | None = None,
                why_base: str | None = None, card_id: str | None = None) -> dict[str, Any]:
@@ -159,9 +174,7 @@ def build_card(match: Match, ruleset: RuleSet, context: dict[str, Any], patient:
     `card_id` when the caller derives one (pipeline.card_uuid), else a random one."""
     rule, template = match.rule, match.rule.card
     render = Renderer(match, context, patient, now, medications)
-    summary = render.text(template.summary)
-    if len(summary) > MAX_SUMMARY:
-        summary = summary[: MAX_SUMMARY - 1].rstrip() + "…"
+    summary = summary_of(render)
     manifest = ruleset.manifest
     source: dict[str, Any] = {"label": manifest.source_label,
                               "topic": {"system": manifest.topic_system, "code": rule.topic,

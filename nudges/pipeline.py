@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from . import engine
 from .api.models import CdsServiceRequest
-from .cards import IssuedCard, build_card, ordered
+from .cards import IssuedCard, build_card, card_head, ordered
 from .demographics import bucket
 from .errors import BadRequest, MissingField, NotFound
 from .fhir import FHIR_ID, RELATIVE_REFERENCE, flatten
@@ -183,10 +183,12 @@ class Result:
 
 
 def evaluate(call: Call, services: Services, now: datetime, *, patient_hash: str, keyed: Keyed | None = None,
-             tenant: str | None = None, why_base: str | None = None, trace: engine.Tracer | None = None) -> Result:
+             tenant: str | None = None, why_base: str | None = None, trace: engine.Tracer | None = None,
+             heads_only: bool = False) -> Result:
     """Evaluate, build the cards and their records, each with the keyed hash of its focus (and with a "Why
     this nudge" link to the console when `why_base`, the service's public URL, is known; a tracer, for
-    `nudges explain`, hears every step of the evaluation)."""
+    `nudges explain`, hears every step of the evaluation). `heads_only`: each card only its summary and
+    indicator (cards.card_head) and no record, for population screening's worklists."""
     record = build_record(call, call.service.index)
     record.date_current_encounters(call.context.get("encounterId"), now)
     hook = call.service.hook
@@ -196,6 +198,10 @@ def evaluate(call: Call, services: Services, now: datetime, *, patient_hash: str
     draft = selected(call, drafts(call)) if hook.drafts else []
     medications = record.medications() if hook.focus == "order" else None  # an order's identity may be its Medication
     for match in outcome.matches:
+        if heads_only:
+            head = card_head(match, call.context, record.patient, now, record.medications())
+            result.issued.append(IssuedCard(match.rule.id, head, match=match))
+            continue
         focus = keyed(focus_of(hook, call.context, match.drafts, draft, medications)) if keyed else None
         card = build_card(match, services.ruleset, call.context, record.patient, now, record.medications(),
                           why_base=why_base, card_id=card_uuid(keyed, call, patient_hash, match.rule.id, focus)

@@ -171,7 +171,8 @@ def test_one_worker_and_two_give_byte_identical_outputs(capsys: pytest.CaptureFi
 def test_worklists_hold_the_cards_each_patients_hook_call_gives(two_workers: Path, export: Path,
                                                                 rules: Path) -> None:
     """Every row is a card the patient's own call (all of their resources, run_body) returns, and every
-    such card is a row: leaving unread resources out and sharding changed nothing."""
+    such card is a row: leaving unread resources out, sharding and rendering only the card's head
+    (cards.card_head) changed nothing."""
     settings = Settings(rules=rules, rule_statuses=["active", "experimental"])
     ruleset = load_ruleset(rules).ruleset
     assert ruleset is not None
@@ -199,12 +200,12 @@ def test_worklists_hold_the_cards_each_patients_hook_call_gives(two_workers: Pat
         body = request_for(service, pid, resources + medications)  # as an EHR that _includes Medications
         assert body is not None
         for issued in run_body(services, settings, body, parse_instant(NOW)).issued:
-            expected.add((issued.rule_id, pid, issued.card["summary"]))
+            expected.add((issued.rule_id, pid, issued.card["summary"], issued.card["indicator"]))
     found = set()
     for path in sorted((two_workers / "worklists").glob("*.csv")):
         rows = csv_rows(path)
         assert [r["patient_id"] for r in rows] == sorted(r["patient_id"] for r in rows)  # sorted by patient
-        found |= {(r["rule"], r["patient_id"], r["summary"]) for r in rows}
+        found |= {(r["rule"], r["patient_id"], r["summary"], r["indicator"]) for r in rows}  # as the full card
         table = pq.read_table(path.with_suffix(".parquet")).to_pylist()
         assert [(t["patient_id"], t["rule"], t["summary"]) for t in table] == \
             [(r["patient_id"], r["rule"], r["summary"]) for r in rows]

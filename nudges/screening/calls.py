@@ -102,7 +102,7 @@ def screen_patient(services: Services, service: Service, pid: str, resources: li
         missing = still_missing(call)
         if missing:
             require(call, missing, "not in the export")
-        result = evaluate(call, services, now, patient_hash="population-screening")
+        result = evaluate(call, services, now, patient_hash="population-screening", heads_only=True)
         patient = next(iter(r for r in resources if r.get("resourceType") == "Patient"), None)
         medications: dict[str, dict[str, Any]] = {}  # what `Medication/id` names: the first of an id, as the record
         for r in resources:
