@@ -63,6 +63,7 @@ class _Evaluation:
     """State for one rule on one record: clock, FHIRPath environment, bindings so far."""
 
     __slots__ = ("bindings", "dates", "drafts", "env", "now", "record")
+    shares = True  # answers that hold for the whole call are kept in record.settled (a traced run: each its own)
 
     def __init__(self, record: PatientRecord, now: datetime, env: dict[str, Any],
                  unbound: dict[str, Any] | None = None) -> None:
@@ -75,12 +76,12 @@ class _Evaluation:
     def date_of(self, clause: CompiledClause, resource: dict[str, Any]) -> datetime | None:
         if clause.date is None:
             return self.record.date_of(resource)
-        if clause.dated is None:
+        if clause.dated is None or not self.shares:
             return self.dated(clause, resource)
-        key, held = (clause.dated, id(resource)), self.record.dated  # CompiledClause.dated
-        if key not in held:
-            held[key] = self.dated(clause, resource)
-        return held[key]
+        key, settled = ("date", clause.dated, id(resource)), self.record.settled  # CompiledClause.dated
+        if key not in settled:
+            settled[key] = self.dated(clause, resource)
+        return settled[key]
 
     def dated(self, clause: CompiledClause, resource: dict[str, Any]) -> datetime | None:
         assert clause.date is not None
@@ -169,12 +170,12 @@ class _Evaluation:
             else:
                 found.sort(key=latest, reverse=True)
         canonical = self.record.canonical
-        if clause.settled is None or trace is not None:
+        if clause.settled is None or not self.shares:
             return next(((when, resource) for when, resource in found
                          if truthy(where(canonical(resource), self.env))), None)
-        settled, text = self.record.settled, clause.settled
+        settled, text = self.record.settled, clause.settled  # CompiledClause.settled
         for when, resource in found:
-            key = (text, id(resource))
+            key = ("where", text, id(resource))
             held = settled.get(key)
             if held is None:
                 held = settled[key] = truthy(where(canonical(resource), self.env))
@@ -252,9 +253,7 @@ class _Traced(_Evaluation):
         super().__init__(record, now, env, unbound)
         self.trace = trace
 
-    def date_of(self, clause: CompiledClause, resource: dict[str, Any]) -> datetime | None:
-        """Unshared, as the traced run's `where`s: each clause works its dates out itself."""
-        return self.record.date_of(resource) if clause.date is None else self.dated(clause, resource)
+    shares = False  # every clause works out its own `where` and `date` answers: the trace reports each
 
 
 Holds = Callable[["_Evaluation", CompiledItem], bool]
@@ -362,7 +361,7 @@ def evaluate(rules: tuple[CompiledRule, ...], record: PatientRecord, now: dateti
     if trace is not None:
         return _traced(rules, record, now, env, trace)
     outcome = Outcome()
-    record.settled, record.dated = {}, {}  # what one call's clock, context and patient settle (CompiledClause)
+    record.settled = {}  # what one call's clock, context and patient settle (CompiledClause.settled, .dated)
     for rule in rules:
         try:
             match = evaluate_rule(rule, record, now, env)

@@ -142,7 +142,7 @@ class PatientRecord:
     indexed, for callers that do not know in advance which rules will ask."""
 
     __slots__ = ("_by_code", "_by_reference", "_canonical", "_clean", "_dates", "_lower", "_medications", "_plan",
-                 "_raw", "_text", "dated", "patient_id", "settled")
+                 "_raw", "_text", "patient_id", "settled")
 
     def __init__(self, plan: IndexPlan | None = None, patient_id: str | None = None) -> None:
         # the call's patient (context.patientId, "Patient/" dropped): what is about another is set aside
@@ -157,9 +157,9 @@ class PatientRecord:
         self._medications: dict[str, Resource] | None = None  # the record's Medication resources by id
         self._canonical: set[int] = set()  # resources whose code systems are already canonical
         self._plan = plan
-        # (where text, id(resource)) -> its answer, for `where`s that read only call-wide names (engine.match)
-        self.settled: dict[tuple[str, int], bool] = {}
-        self.dated: dict[tuple[str, int], datetime | None] = {}  # the same for `date` texts (engine.date_of)
+        # ("where" or "date", its text, id(resource)) -> its answer, for expressions that read only call-wide
+        # names (CompiledClause.settled and .dated: engine.match and date_of)
+        self.settled: dict[tuple[str, str, int], Any] = {}
 
     def add_all(self, resources: Iterable[Resource], source: str = "record") -> None:
         """The hot path of every call: plain dict access, one tight loop per type, no models."""

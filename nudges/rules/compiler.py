@@ -20,7 +20,7 @@ from . import yamlfiles
 from .compiled import CardTemplate, CompiledClause, CompiledGroup, CompiledItem, CompiledRule, RuleSet
 from .delivery import Targets, compile_deliveries
 from .elements import type_names
-from .fhirpath import MEMBER_OF, RACE_READ, Compiled, FhirPathSyntaxError, call_wide, compile_expression
+from .fhirpath import MEMBER_OF, RACE_READ, Compiled, FhirPathSyntaxError, compile_expression, shared_text
 from .folders import (
     bare_minutes,
     case_names,
@@ -449,8 +449,7 @@ class _RuleChecker:
         within, older_than = (parse_duration(value) if value else None for value in (clause.within, clause.older_than))
         return CompiledClause(
             clause.bind, clause.resource, codes, displays or {}, where, text, within, older_than, clause.since,
-            date, sources, clause.pick == "earliest", *(said if done is not None and call_wide(said or "") else None
-                                                        for said, done in ((clause.where, where), (clause.date, date))))
+            date, sources, clause.pick == "earliest", shared_text(clause.where, where), shared_text(clause.date, date))
 
     def card(self, card: Card, names: _Names) -> CardTemplate | None:
         ok, bound = True, names.certain

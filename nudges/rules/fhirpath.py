@@ -239,6 +239,11 @@ def call_wide(expression: str) -> bool:
     return all(name in CALL_WIDE for name, _ in _variables(expression))
 
 
+def shared_text(expression: str | None, compiled: Compiled | None) -> str | None:
+    """The text a compiled, call-wide expression is shared by across a call (CompiledClause.settled, .dated)."""
+    return expression if compiled is not None and expression is not None and call_wide(expression) else None
+
+
 def _undefined(name: str, at: int, bound: Collection[str] | Mapping[str, str]) -> FhirPathSyntaxError:
     from .resources import did_you_mean
 

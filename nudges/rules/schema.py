@@ -52,18 +52,6 @@ class Clause(Strict):
     bind: str | None = Field(None, alias="as", pattern=r"^[a-z][a-z0-9_]*$",
                              description="name for the matched resource, usable in card text and `since`")
     resource: str = Field(description="FHIR R4 resource type, e.g. Observation")
-
-    @field_validator("bind")
-    @classmethod
-    def _not_call_wide(cls, value: str | None) -> str | None:
-        """A clause named `now` or `patient` would change what %now or %patient means in the clauses after it,
-        for the reader of the rule and for the engine, which shares the answers of expressions that read
-        only such names across a call (CompiledClause.settled)."""
-        from .fhirpath import CALL_WIDE
-
-        if value in CALL_WIDE:
-            raise ValueError(f"'{value}' is a name every expression reads (%{value}): give the clause another name")
-        return value
     codes: str | None = Field(None, description="name of a value set in the valuesets folder")
     text: str | None = Field(
         None, description="case-insensitive regular expression searched in the resource's words (code text "
@@ -81,6 +69,18 @@ class Clause(Strict):
     source: Literal["record", "draft", "selected", "any"] = Field(
         "record", description="record: prefetch/FHIR server; draft: draftOrders or appointments in the "
                               "hook context; selected: order-select selections; any: both")
+
+    @field_validator("bind")
+    @classmethod
+    def _not_call_wide(cls, value: str | None) -> str | None:
+        """A clause named `now` or `patient` would change what %now or %patient means in the clauses after it,
+        for the reader of the rule and for the engine, which shares the answers of expressions that read
+        only such names across a call (CompiledClause.settled, .dated)."""
+        from .fhirpath import CALL_WIDE
+
+        if value in CALL_WIDE:
+            raise ValueError(f"'{value}' is a name every expression reads (%{value}): give the clause another name")
+        return value
 
 
 class AgeRange(Strict):
