@@ -99,13 +99,15 @@ class _Evaluation:
             return record.of_type(source, clause.resource) if clause.codes is None else \
                 record.with_codes(source, clause.resource, clause.codes)
         pool = record.of_type(source, clause.resource)
-        if window:
+        dear = clause.date is not None  # a FHIRPath date costs more than a resource's words: searched first
+        if window and not dear:
             pool = [r for r in pool if self.in_window(clause, r, since)]
-        if clause.codes is None:
-            return [r for r in pool if record.says(clause.text, r)]
-        found = record.with_codes(source, clause.resource, clause.codes)
+        found = [] if clause.codes is None else record.with_codes(source, clause.resource, clause.codes)
         coded = {id(r) for r in found}
-        return found + [r for r in pool if id(r) not in coded and record.says(clause.text, r)]
+        said = [r for r in pool if id(r) not in coded and record.says(clause.text, r)]
+        if window and dear:
+            said = [r for r in said if self.in_window(clause, r, since)]
+        return found + said
 
     def in_window(self, clause: CompiledClause, resource: dict[str, Any], since: datetime | None) -> bool:
         return self.outside(clause, self.date_of(clause, resource), since) is None
@@ -173,12 +175,13 @@ class _Evaluation:
         if clause.settled is None or not self.shares:
             return next(((when, resource) for when, resource in found
                          if truthy(where(canonical(resource), self.env))), None)
-        settled, text = self.record.settled, clause.settled  # CompiledClause.settled
+        settled, text, memo = self.record.settled, clause.settled, clause.memo  # CompiledClause.settled, .memo
         for when, resource in found:
             key = ("where", text, id(resource))
             held = settled.get(key)
             if held is None:
-                held = settled[key] = truthy(where(canonical(resource), self.env))
+                held = settled[key] = truthy(where(canonical(resource), self.env)) if memo is None else \
+                    memo.held(canonical(resource), self.env)
             if held:
                 return when, resource
         return None
@@ -319,12 +322,16 @@ def evaluate_rule(rule: CompiledRule, record: PatientRecord, now: datetime,
     if not _applies(rule, record, now, env):
         return None
     state = _Evaluation(record, now, env, rule.unbound)
-    if not _group(state, "all", rule.all):
-        return None
+    # _group without its snapshots: an item that fails leaves the state as it found it (a clause binds only
+    # when it matches; a group that fails restores itself), and a failure here ends the rule
+    for item in rule.all:
+        if not _holds(state, item):
+            return None
     if rule.any and not _group(state, "any", rule.any):
         return None
-    if not _group(state, "none", rule.none):
-        return None
+    for item in rule.none:
+        if _holds(state, item):
+            return None
     return Match(rule, state.bindings, state.dates, state.drafts)
 
 

@@ -221,6 +221,37 @@ def test_a_date_that_reads_only_call_wide_names_is_worked_out_once_per_resource_
         object.__setattr__(clause, "date", original)
 
 
+def test_a_text_clause_with_a_fhirpath_date_dates_only_what_its_words_or_codes_find() -> None:
+    """Searching a resource's words (behind the prefilter) is cheaper than a FHIRPath date, so a `text:`
+    clause dated by one searches first and dates only what it found: the routine visit is never dated,
+    and the card is the same."""
+    ruleset = load_ruleset(ROOT / "rules").ruleset
+    assert ruleset is not None
+    service = Services.build(ruleset, frozenset({"active"})).by_id["nudges-patient-view"]
+    rule = next(r for r in service.rules if r.id == "trust-prior-ama-discharge")
+    clause = next(c for c in rule.clauses() if c.bind == "left_stay")
+    assert clause.text is not None and clause.date is not None
+
+    def stay(rid: str, disposition: dict[str, Any]) -> dict[str, Any]:
+        return {"resourceType": "Encounter", "id": rid, "status": "finished",
+                "period": {"start": "2025-12-01T00:00:00Z", "end": "2025-12-03T00:00:00Z"},
+                "hospitalization": {"dischargeDisposition": disposition}}
+
+    record = PatientRecord(service.index)
+    record.add_all([{"resourceType": "Patient", "id": "p1", "birthDate": "1970-01-01"},
+                    stay("routine", {"text": "Discharged home"}), stay("worded", {"text": "Left AMA"})])
+    calls: list[str] = []
+    original = clause.date
+    object.__setattr__(clause, "date", lambda resource, env: calls.append(resource["id"]) or original(resource, env))
+    try:
+        outcome = engine.evaluate((rule,), record, parse_instant("2026-03-02T12:00:00Z"), {"patientId": "p1"},
+                                  "patient-view")
+    finally:
+        object.__setattr__(clause, "date", original)
+    assert [m.bindings["left_stay"]["id"] for m in outcome.matches] == ["worded"]
+    assert calls == ["worded"]
+
+
 @pytest.mark.parametrize("value", [
     None,
     {"resourceType": "OperationOutcome", "issue": []},

@@ -11,6 +11,7 @@ from typing import Any
 
 from ..record import IndexPlan
 from .delivery import CompiledDelivery
+from .fastpath.memo import Memo
 from .fhirpath import Compiled
 from .schema import Cases, Rule, RuleSetManifest, SourceAttributes
 from .valuesets import CompiledValueSet
@@ -37,6 +38,8 @@ class CompiledClause:
     # rules date that type by it (an Encounter by its departure: three rules, and each clause twice, for
     # its window and its order).
     dated: str | None = None
+    # The settled `where`'s answers by the content it reads, across calls (fastpath.memo), when that can be named.
+    memo: Memo | None = None
 
 
 @dataclass(frozen=True, slots=True)

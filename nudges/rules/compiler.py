@@ -20,6 +20,7 @@ from . import yamlfiles
 from .compiled import CardTemplate, CompiledClause, CompiledGroup, CompiledItem, CompiledRule, RuleSet
 from .delivery import Targets, compile_deliveries
 from .elements import type_names
+from .fastpath.memo import memo_for
 from .fhirpath import MEMBER_OF, RACE_READ, Compiled, FhirPathSyntaxError, compile_expression, shared_text
 from .folders import (
     bare_minutes,
@@ -30,9 +31,7 @@ from .folders import (
     scaffold_left,
     seed_passages,
 )
-from .folders import (
-    display as _show,
-)
+from .folders import display as _show
 from .resources import did_you_mean
 from .schema import (
     Card,
@@ -447,9 +446,10 @@ class _RuleChecker:
         date = self.expression((*loc, "date"), clause.date, clause.resource, bound)
         sources = {"any": ("record", "draft")}.get(clause.source, (clause.source,))
         within, older_than = (parse_duration(value) if value else None for value in (clause.within, clause.older_than))
+        settled = shared_text(clause.where, where)
         return CompiledClause(
             clause.bind, clause.resource, codes, displays or {}, where, text, within, older_than, clause.since,
-            date, sources, clause.pick == "earliest", shared_text(clause.where, where), shared_text(clause.date, date))
+            date, sources, clause.pick == "earliest", settled, shared_text(clause.date, date), memo_for(settled, where))
 
     def card(self, card: Card, names: _Names) -> CardTemplate | None:
         ok, bound = True, names.certain
