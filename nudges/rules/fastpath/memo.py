@@ -6,8 +6,8 @@ clauses of the catalog (a nursing-home stay read from an encounter's type, locat
 injury visit from its reason codes) ask the same question of the same few values over and over, and a
 population screening asks it of every patient. A `where` that reads no rule-bound name depends only on
 the elements of the resource it navigates and on a few call-wide scalars (%now, %today, %hook, the
-context ids); its answer is remembered under exactly those, as bytes, for as long as the rule set is
-loaded.
+context ids); its answer is remembered under exactly those (a 128-bit digest of their JSON), for as long
+as the rule set is loaded.
 
 Correctness rests on `reads`: the names an expression can read from the resource it is evaluated on. It
 is conservative by construction: every member name anywhere in the expression counts (most only name
@@ -21,6 +21,7 @@ every resource of the cases and fixtures is the same with every other element re
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from hashlib import blake2b
 from typing import Any
 
 import orjson
@@ -161,7 +162,9 @@ class Memo:
 
     __slots__ = ("_answers", "_lookups", "_misses", "_wanted", "off", "reads", "where")
 
-    LIMIT = 20_000  # answers kept per expression; cleared when full (a bound, not an eviction policy)
+    # answers kept per expression, by a 128-bit digest of what was read (about 130 bytes each, so a full memo
+    # holds about half a megabyte); cleared when full (a bound, not an eviction policy)
+    LIMIT = 4_096
     WINDOW = 2_000  # lookups between checks of the hit rate
     FLOOR = 0.3  # below this share of hits the memo turns itself off for the rule set's lifetime
 
@@ -179,7 +182,8 @@ class Memo:
         wanted = self._wanted
         try:
             parts = [(k, v) for k, v in resource.items() if (wanted[k] if k in wanted else self._learn(k))]
-            key = orjson.dumps((parts, [env.get(name) for name in self.reads.scalars]))
+            read = orjson.dumps((parts, [env.get(name) for name in self.reads.scalars]))
+            key = blake2b(read, digest_size=16).digest()
         except (TypeError, AttributeError):  # not plain JSON: asked as it is
             return truthy(self.where(resource, env))
         held = self._answers.get(key)
