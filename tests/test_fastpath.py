@@ -24,7 +24,7 @@ import pytest
 
 from nudges.rules.fastpath import SUPPORTED_FUNCTIONS, compile_fast
 from nudges.rules.fastpath.ops import Types as TypeInfo
-from nudges.rules.fhirpath import SAMPLE_ENVIRONMENT, FhirPathSyntaxError, compile_expression, member_of
+from nudges.rules.fhirpath import SAMPLE_ENVIRONMENT, FhirPathSyntaxError, compile_expression, member_of, variables
 
 SHIPPED = corpus.shipped()
 VALUESETS = corpus.value_sets()
@@ -61,10 +61,12 @@ def environments(shipped: corpus.Shipped, record: tuple[dict[str, Any], ...]) ->
     hook context."""
     env = corpus.environment(shipped, record)
     variants = [env]
-    if shipped.bindings:
+    read = {name for name, _ in variables(shipped.expression)}  # a variant of names it does not read is the same
+    if read & {name for name, _ in shipped.bindings}:
         variants.append({**env, **{name: [] for name, _ in shipped.bindings}})
         variants.append(dict(corpus.ENV))  # unbound: fhirpathpy raises, so must the compiled form
-    variants.append({**env, "patientId": [], "encounterId": [], "hook": []})
+    if read & {"patientId", "encounterId", "hook"}:
+        variants.append({**env, "patientId": [], "encounterId": [], "hook": []})
     return variants
 
 

@@ -192,7 +192,7 @@ def compile_expression(expression: str, resource_type: str | None = None,
         raise FhirPathSyntaxError(problem, max(expression.find(name), 0))
     if (units := _time_unit_problem(expression, raised=False)) is not None:
         raise units
-    for name, at in _variables(expression):
+    for name, at in variables(expression):
         if name not in SAMPLE_ENVIRONMENT and name not in bound and name not in INTERPRETER_VARIABLES:
             raise _undefined(name, at, bound)
     # The expression as closures where it lies in the compiled subset (about ten times faster on the
@@ -224,7 +224,7 @@ CALL_WIDE = frozenset(SAMPLE_ENVIRONMENT) | INTERPRETER_VARIABLES
 _VARIABLE = re.compile(r"'(?:[^'\\]|\\.)*'|`(?:[^`\\]|\\.)*`|%(`(?:[^`\\]|\\.)*`|[A-Za-z_]\w*)")
 
 
-def _variables(expression: str) -> Iterator[tuple[str, int]]:
+def variables(expression: str) -> Iterator[tuple[str, int]]:
     """Each %variable the expression names, and where. Read from the text because the load-time dry run
     on an empty resource never evaluates what lies inside `where()`, `select()` or `iif()`: a `%resource`
     there passed lint and then raised on every record with a candidate."""
@@ -236,7 +236,7 @@ def _variables(expression: str) -> Iterator[tuple[str, int]]:
 def call_wide(expression: str) -> bool:
     """Whether the expression reads only names that hold for a whole call (the clock, the hook's context,
     the patient), none a clause binds: its answer for one resource is then the same in every rule."""
-    return all(name in CALL_WIDE for name, _ in _variables(expression))
+    return all(name in CALL_WIDE for name, _ in variables(expression))
 
 
 def shared_text(expression: str | None, compiled: Compiled | None) -> str | None:
