@@ -19,6 +19,7 @@ from nudges import engine
 from nudges.clock import parse_instant
 from nudges.record import PatientRecord
 from nudges.rules.compiler import load_ruleset
+from nudges.rules.fastpath import memo as memo_module
 from nudges.rules.fastpath.memo import Memo, Reads, reads
 from nudges.rules.fhirpath import compile_expression, syntax_tree, truthy
 from nudges.services import Services
@@ -166,6 +167,9 @@ def test_the_memo_is_bounded_and_copes_with_values_that_are_not_json(monkeypatch
         assert memo.held({"resourceType": "Condition", "code": {"text": "x" if i % 2 else str(i)}}, corpus.ENV) is (
             i % 2 == 1)
     assert len(memo._answers) <= 50
+    for i in range(3_000):  # a body with endless invented element names does not grow the memo's name cache
+        memo.held({"resourceType": "Condition", "code": {"text": "x"}, f"invented{i}": 1}, corpus.ENV)
+    assert len(memo._wanted) <= memo_module.NAMES_LIMIT
     assert memo.held({"resourceType": "Condition", "code": {"text": "x"}, "meta": {"at": object()}}, corpus.ENV)
     assert memo.held({"resourceType": "Condition", "code": {"text": object()}}, corpus.ENV) is False
 

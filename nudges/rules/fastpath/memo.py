@@ -200,8 +200,13 @@ class Memo:
         return held
 
     def _learn(self, key: str) -> bool:
-        wanted = self._wanted[key] = self.reads.wants(key) if isinstance(key, str) else True
+        wanted = self.reads.wants(key) if isinstance(key, str) else True
+        if len(self._wanted) < NAMES_LIMIT:  # element names are a small vocabulary; a hostile body's are not
+            self._wanted[key] = wanted
         return wanted
+
+
+NAMES_LIMIT = 2_048  # element names a memo remembers the decision on
 
 
 def memo_for(settled: str | None, where: Callable[..., list[Any]] | None) -> Memo | None:
