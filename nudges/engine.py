@@ -93,7 +93,8 @@ class _Evaluation:
         """What the index (and a clause's text pattern) leaves for FHIRPath to look at. With `window`, a
         text pattern is searched only in resources inside the clause's time window (match drops the others
         anyway): gathering a resource's words is the costly part of a `text:` clause, and a type read by
-        words (Observation) holds years of results."""
+        words (Observation) holds years of results. A clause dated by a FHIRPath `date:` (dearer than a
+        search behind the prefilter) searches first and narrows what it found to the window."""
         record = self.record
         if clause.text is None:
             return record.of_type(source, clause.resource) if clause.codes is None else \

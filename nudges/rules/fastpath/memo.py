@@ -177,14 +177,8 @@ class Memo:
 
     def held(self, resource: Mapping[str, Any], env: Mapping[str, Any]) -> bool:
         """truthy(where(resource, env)), from memory when the same content was asked before."""
-        if self.off:
-            return truthy(self.where(resource, env))
-        wanted = self._wanted
-        try:
-            parts = [(k, v) for k, v in resource.items() if (wanted[k] if k in wanted else self._learn(k))]
-            read = orjson.dumps((parts, [env.get(name) for name in self.reads.scalars]))
-            key = blake2b(read, digest_size=16).digest()
-        except (TypeError, AttributeError):  # not plain JSON: asked as it is
+        key = None if self.off else self._key(resource, env)
+        if key is None:
             return truthy(self.where(resource, env))
         held = self._answers.get(key)
         self._lookups += 1
@@ -198,6 +192,16 @@ class Memo:
             self.off = self._misses > (1 - self.FLOOR) * self._lookups
             self._lookups = self._misses = 0
         return held
+
+    def _key(self, resource: Mapping[str, Any], env: Mapping[str, Any]) -> bytes | None:
+        """The digest of what the expression reads of this resource and call; None for what is not plain JSON."""
+        wanted = self._wanted
+        try:
+            parts = [(k, v) for k, v in resource.items() if (wanted[k] if k in wanted else self._learn(k))]
+            read = orjson.dumps((parts, [env.get(name) for name in self.reads.scalars]))
+        except (TypeError, AttributeError):
+            return None
+        return blake2b(read, digest_size=16).digest()
 
     def _learn(self, key: str) -> bool:
         wanted = self.reads.wants(key) if isinstance(key, str) else True
