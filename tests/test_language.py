@@ -342,3 +342,39 @@ def test_every_variable_is_checked_where_the_dry_run_cannot_reach(expression: st
     with pytest.raises(FhirPathSyntaxError, match=f"%{undefined.strip('%`')} is not defined here") as raised:
         compile_expression(expression, "Observation", bound={"lab": "Observation"})
     assert raised.value.column == expression.index(undefined)
+
+
+def test_a_compiled_expression_is_given_again_only_for_the_same_inputs() -> None:
+    """A reload compiles only what changed (fhirpath._COMPILED): a value set's edited codes, another
+    resource type or other bound names compile afresh; a change to a set the expression does not name
+    does not; what is refused is refused every time."""
+    from nudges.rules.fhirpath import FhirPathSyntaxError, compile_expression
+
+    a1c = {"resourceType": "Observation", "code": {"coding": [{"system": "http://loinc.org", "code": "4548-4"}]}}
+    text = "code.memberOf('hba1c-test') and %lab.exists().not()"
+    shipped = {"hba1c-test": frozenset({("http://loinc.org", "4548-4")}), "other-test": frozenset()}
+    unrelated = {"hba1c-test": frozenset({("http://loinc.org", "4548-4")}), "other-test": frozenset({("urn:x", "y")})}
+    edited = {"hba1c-test": frozenset({("http://loinc.org", "17856-6")}), "other-test": frozenset()}
+    bound = {"lab": "Observation"}
+    first = compile_expression(text, "Observation", shipped, bound)
+    assert first(a1c, {"lab": []}) == [True]
+    assert compile_expression(text, "Observation", unrelated, dict(bound)) is first
+    again = compile_expression(text, "Observation", edited, bound)
+    assert again is not first and again(a1c, {"lab": []}) == [False]  # the edited codes, not the cached ones
+    assert compile_expression(text, "Observation", shipped, {"lab": "Condition"}) is not first
+    assert compile_expression(text, "DiagnosticReport", shipped, bound) is not first
+    for _ in range(2):
+        with pytest.raises(FhirPathSyntaxError, match="lab is not defined here"):
+            compile_expression(text, "Observation", shipped)
+        with pytest.raises(FhirPathSyntaxError, match="unknown value set 'hba1c-test'"):
+            compile_expression(text, "Observation", {"other-test": frozenset()}, bound)
+
+
+def test_compiled_expressions_kept_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nudges.rules import fhirpath
+
+    monkeypatch.setattr(fhirpath, "COMPILED_LIMIT", 3)
+    monkeypatch.setattr(fhirpath, "_COMPILED", {})
+    for n in range(10):
+        fhirpath.compile_expression(f"status = 'final-{n}'", "Observation")
+    assert list(fhirpath._COMPILED) == [(f"status = 'final-{n}'", "Observation", False, (), ()) for n in (7, 8, 9)]

@@ -181,7 +181,40 @@ def compile_expression(expression: str, resource_type: str | None = None,
     """Parse strictly, check function names, then dry-run on an empty resource so wrong arity, a variable
     that is never defined (`%encounterID`, a clause's own name) and the like surface at load time rather
     than as a rule that raises on every patient's record. `bound`: the names earlier clauses bind (with their
-    resource types, when known: `%lab.valeu` is then checked as `valeu` on an Observation)."""
+    resource types, when known: `%lab.valeu` is then checked as `valeu` on an Observation).
+
+    An expression compiled before with the same inputs is given again (_COMPILED): checking and translating
+    were most of a rule set's load, and a hot reload after one rule's edit, or a test suite that starts
+    a service per test, compiles the same expressions again and again. A compiled expression is a pure
+    function of its text, resource type, bound names and the codes of the value sets it names (memberOf
+    takes only quoted names, value_set_names), so those are its key; what failed is never kept."""
+    key = _compiled_key(expression, resource_type, valuesets or {}, bound)
+    found = _COMPILED.get(key) if key is not None else None
+    if found is None:
+        found = _compile_expression(expression, resource_type, valuesets, bound)
+        if key is not None:
+            if len(_COMPILED) >= COMPILED_LIMIT:
+                del _COMPILED[next(iter(_COMPILED))]  # the oldest: an earlier rule set's, most likely
+            _COMPILED[key] = found
+    return found
+
+
+COMPILED_LIMIT = 4_096  # compiled expressions kept (the catalog has a few hundred)
+_COMPILED: dict[tuple[Any, ...], Compiled] = {}
+
+
+def _compiled_key(expression: str, resource_type: str | None, valuesets: ValueSets,
+                  bound: Collection[str] | Mapping[str, str]) -> tuple[Any, ...] | None:
+    names = sorted({m.group(1) for m in MEMBER_OF.finditer(expression)} - {None})
+    if any(name not in valuesets for name in names):
+        return None  # an error to report: compiled (and refused) each time
+    given = tuple(sorted(bound.items())) if isinstance(bound, Mapping) else tuple(sorted(bound))
+    return (expression, resource_type, isinstance(bound, Mapping), given,
+            tuple((name, valuesets[name]) for name in names))
+
+
+def _compile_expression(expression: str, resource_type: str | None, valuesets: ValueSets | None,
+                        bound: Collection[str] | Mapping[str, str]) -> Compiled:
     if _CLOCK_FUNCTIONS.search(expression):
         raise FhirPathSyntaxError("use %now or %today instead of now()/today(): the clock is injected", 0)
     function_names(expression)
