@@ -377,4 +377,5 @@ def test_compiled_expressions_kept_are_bounded(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(fhirpath, "_COMPILED", {})
     for n in range(10):
         fhirpath.compile_expression(f"status = 'final-{n}'", "Observation")
-    assert list(fhirpath._COMPILED) == [(f"status = 'final-{n}'", "Observation", False, (), ()) for n in (7, 8, 9)]
+        assert len(fhirpath._COMPILED) <= 3
+    assert (f"status = 'final-{n}'", "Observation", False, (), ()) in fhirpath._COMPILED  # the latest is kept

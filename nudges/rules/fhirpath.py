@@ -193,8 +193,8 @@ def compile_expression(expression: str, resource_type: str | None = None,
     if found is None:
         found = _compile_expression(expression, resource_type, valuesets, bound)
         if key is not None:
-            if len(_COMPILED) >= COMPILED_LIMIT:
-                del _COMPILED[next(iter(_COMPILED))]  # the oldest: an earlier rule set's, most likely
+            if len(_COMPILED) >= COMPILED_LIMIT:  # as cache.py's memory: emptied when full (one step, so
+                _COMPILED.clear()  # rule loads on two threads at once cannot trip over each other)
             _COMPILED[key] = found
     return found
 
