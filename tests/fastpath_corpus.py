@@ -20,9 +20,9 @@ from fhirpathpy.models import models
 from fhirpathpy.parser import parse
 
 from nudges.rules import yamlfiles
-from nudges.rules.compiler import load_valuesets
 from nudges.rules.fastpath import compile_fast
 from nudges.rules.fhirpath import interpreted, member_of
+from nudges.rules.valuefiles import load_valuesets
 
 ROOT = Path(__file__).resolve().parent.parent
 R4 = models["r4"]

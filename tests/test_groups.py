@@ -104,6 +104,47 @@ def test_nested_clauses_reach_prefetch_and_the_index(rules_dir: Path) -> None:
     assert "Condition?patient=" in templates and "Encounter?patient=" in templates
 
 
+SCOPED = """    - any:
+        - resource: Condition
+          text: chest pain
+  none:
+    - all:
+        - as: order
+          resource: ServiceRequest
+          codes: cardiac-catheterization-or-cardiology
+          since: troponin
+        - resource: Procedure
+          codes: cardiac-catheterization-or-cardiology
+          since: order
+"""
+
+
+def test_a_name_bound_under_none_anchors_the_rest_of_its_group(rules_dir: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """not (an order after the troponin, and a procedure after that order): the name is the group's own."""
+    path = nest(rules_dir, SCOPED)
+    code, out = lint(rules_dir, capsys)
+    assert code == 0, out
+    pain = {"resourceType": "Condition", "id": "c1", "code": {"text": "Chest pain, unspecified"}}
+    order = {"resourceType": "ServiceRequest", "id": "s1", "status": "active", "authoredOn": "2026-03-02T08:00:00Z",
+             "code": CATH}
+    done = {"resourceType": "Procedure", "id": "p1", "status": "completed",
+            "performedDateTime": "2026-03-02T09:00:00Z", "code": CATH}
+    early = dict(done, id="p0", performedDateTime="2026-03-02T07:00:00Z")  # after the troponin, before the order
+    assert not fired(rules_dir, troponin(), pain, order, done)
+    assert fired(rules_dir, troponin(), pain, order, early)
+    assert fired(rules_dir, troponin(), pain, done)
+    # Out of scope past the group: neither a later `none` item nor the card can use it.
+    text = path.read_text()
+    path.write_text(text.replace("          since: order\n", "          since: order\n"
+                                 "    - resource: Flag\n      since: order\n"))
+    code, out = lint(rules_dir, capsys)
+    assert code == 1 and any("'order' is not bound by a clause evaluated before" in line for line in out), out
+    path.write_text(text.replace("ago with no catheterization", "ago ({{order.date}}) with no cath"))
+    code, out = lint(rules_dir, capsys)
+    assert code == 1 and any("order.date" in line for line in out), out
+
+
 def test_since_may_follow_a_name_bound_under_any(rules_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     nest(rules_dir, """    - any:
         - as: visit
@@ -193,8 +234,8 @@ def test_the_branches_of_an_any_may_bind_one_name_the_later_match_wins(rules_dir
      "    - any:", "exactly one of all, any or none"),
     (NESTED.replace("          text: chest pain\n        - as: visit", "          colour: red\n        - as: visit"),
      "colour: red", "unknown field 'colour'"),
-    (NESTED.replace("    - all:\n        - resource: ServiceRequest", "    - all:\n        - as: order\n"
-                    "          resource: ServiceRequest"), "as: order", "cannot bind a name"),
+    (NESTED.replace("  none:\n    - all:\n", "  none:\n    - as: order\n      resource: Flag\n    - all:\n"),
+     "as: order", "cannot bind a name"),
     (NESTED.replace("          since: troponin\n        - resource: Procedure",
                     "          since: later\n        - resource: Procedure"), "since: later",
      "'later' is not bound by a clause evaluated before"),

@@ -37,26 +37,16 @@ from .schema import (
     Card,
     Cases,
     Clause,
-    Coding,
     Group,
     OverrideCoding,
     Rule,
     RuleSetManifest,
-    SiteCodes,
-    ValueSet,
     alternatives,
     parse_duration,
 )
 from .templates import PLACEHOLDER, SAMPLE, known_placeholder, template_problems
-from .valuesets import (
-    NON_ADHERENCE,
-    REASON_SYSTEM,
-    REMIND_LATER_CODE,
-    CompiledValueSet,
-    FhirValueSetError,
-    from_fhir,
-    override_coding,
-)
+from .valuefiles import load_valuesets
+from .valuesets import NON_ADHERENCE, REASON_SYSTEM, REMIND_LATER_CODE, CompiledValueSet, override_coding
 from .yamlfiles import Problem
 
 
@@ -240,96 +230,6 @@ def load_ruleset(directory: Path, site: Path | None = None, targets: Targets | N
     return LoadResult(ruleset, [], len(files), sorted(warnings), sorted(unconfigured))
 
 
-_VALUESETS: dict[tuple[str, bytes], tuple[CompiledValueSet | None, list[Problem], list[Problem]]] = {}
-
-
-def _yaml_valueset(path: Path, display: str) -> tuple[CompiledValueSet | None, list[Problem], list[Problem]]:
-    """One YAML value set compiled, with its problems and warnings. Remembered in this process by the file's
-    content: a large expansion (thousands of codes) costs tens of milliseconds to validate and index, and
-    a reloading service or a test suite loads the same files again and again."""
-    try:
-        digest = hashlib.sha256(path.read_bytes()).digest()
-    except OSError:
-        digest = b""
-    known = _VALUESETS.get((display, digest))
-    if known is not None:
-        return known
-    problems: list[Problem] = []
-    warnings: list[Problem] = []
-    compiled = None
-    document, found = yamlfiles.load(path, display)
-    problems += found
-    if document is not None:
-        vs, found = yamlfiles.validate(ValueSet, document, display)
-        problems += found
-        if vs is not None:
-            if vs.name != path.stem:
-                problems.append(Problem(display, *yamlfiles.position(document, ("name",)),
-                                        f"value set name '{vs.name}' must equal the file name"))
-            compiled = CompiledValueSet.of(vs)
-            left = placeholders(document.text)
-            if left is not None:
-                warnings.append(Problem(display, left[0], left[1], f"{left[2]} placeholder(s) from `nudges new "
-                                        "rule` left to fill in (REPLACE, replace-me); this is the first"))
-            missing = [k for k in ("source", "version", "date") if getattr(vs, k) is None]
-            if missing:
-                warnings.append(Problem(display, 1, 1, f"value set gives no {', '.join(missing)}: say where "
-                                                       "its codes came from, so they can be checked again"))
-    if digest and len(_VALUESETS) < 2000:
-        _VALUESETS[(display, digest)] = (compiled, problems, warnings)
-    return compiled, problems, warnings
-
-
-def load_valuesets(files: list[Path], site_files: list[Path],
-                   show: Any = _show) -> tuple[dict[str, CompiledValueSet], list[Problem], list[Problem]]:
-    """The rule set's value sets (YAML or FHIR ValueSet JSON, named by their file), then a site's codes
-    added to the shipped sets of the same name; last, warnings for sets that do not say where their codes
-    came from (source, version, date)."""
-    problems: list[Problem] = []
-    unsourced: list[Problem] = []
-    valuesets: dict[str, CompiledValueSet] = {}
-    for path in files:
-        if path.suffix == ".json":
-            try:
-                valuesets[path.stem] = from_fhir(path.stem, orjson.loads(path.read_bytes()))
-            except (OSError, orjson.JSONDecodeError, FhirValueSetError) as exc:
-                problems.append(Problem(show(path), 1, 1, f"FHIR ValueSet: {exc}"))
-            continue
-        compiled, found, warned = _yaml_valueset(path, show(path))
-        problems += found
-        unsourced += warned
-        if compiled is not None:
-            valuesets[compiled.name] = compiled
-    for path in site_files:
-        if path.stem not in valuesets:
-            problems.append(Problem(show(path), 1, 1, f"site codes for '{path.stem}', which is not a value set of "
-                                    f"the rule set{did_you_mean(path.stem, set(valuesets))}"))
-            continue
-        if path.suffix == ".json":
-            try:
-                extra = from_fhir(path.stem, orjson.loads(path.read_bytes()))
-            except (OSError, orjson.JSONDecodeError, FhirValueSetError) as exc:
-                problems.append(Problem(show(path), 1, 1, f"FHIR ValueSet: {exc}"))
-                continue
-            codes = SiteCodes(name=path.stem, source=extra.source, codes=[
-                Coding(system=s, code=c, display=extra.displays[s, c]) for s, c in sorted(extra.keys)])
-        else:
-            document, found = yamlfiles.load(path, show(path))
-            problems += found
-            if document is None:
-                continue
-            codes, found = yamlfiles.validate(SiteCodes, document, show(path))
-            problems += found
-            if codes is None:
-                continue
-            if codes.name != path.stem:
-                problems.append(Problem(show(path), *yamlfiles.position(document, ("name",)),
-                                        f"name '{codes.name}' must equal the file name"))
-                continue
-        valuesets[path.stem] = valuesets[path.stem].with_site(codes)
-    return valuesets, problems, unsourced
-
-
 class _RuleChecker:
     """Semantic checks that need more than the schema, and compilation into CompiledRule."""
 
@@ -369,32 +269,41 @@ class _RuleChecker:
             return None
 
     def items(self, loc: tuple[Any, ...], items: list[Clause | Group], names: _Names, *, certain: bool,
-              negated: bool = False, any_of: bool = False) -> tuple[CompiledItem, ...]:
+              negated: bool = False, any_of: bool = False, all_of: bool = False) -> tuple[CompiledItem, ...]:
         """Compile clauses and groups in evaluation order. A name bound under any (the rule may fire without
-        it) anchors a later `since` but not card text, unless each item binds it (schema.alternatives)."""
+        it) anchors a later `since` but not card text, unless each item binds it (schema.alternatives).
+        Under `none`, a name bound in an `all` group anchors the later items of that group only ("the
+        latest housing status is a nursing home": one answer, and none since it that says otherwise): the
+        engine drops what a negated item bound once it has been tried."""
         compiled: list[CompiledItem] = []
         shared = alternatives(items) if any_of and not negated else None
         for i, item in enumerate(items):
             at = (*loc, i)
             if isinstance(item, Group):
+                inner_negated = negated or item.mode == "none"
+                before = set(names.seen)
                 inner = self.items((*at, item.mode), item.items, names, certain=certain and item.mode == "all",
-                                   negated=negated or item.mode == "none", any_of=item.mode == "any")
+                                   negated=inner_negated, any_of=item.mode == "any", all_of=item.mode == "all")
+                if inner_negated:  # names bound inside are out of scope past the group
+                    for name in set(names.seen) - before:
+                        del names.seen[name]
                 if len(inner) == len(item.items):
                     compiled.append(CompiledGroup(item.mode, inner))
                     if certain and item.mode == "any" and (shared_here := alternatives(item.items)):
                         names.certain.add(shared_here)  # bound whichever branch held
                 continue
             if item.bind:
-                if negated:
+                if negated and not all_of:
                     self.problem((*at, "as"), "a clause under `none` matches nothing when the rule fires, so "
-                                              "it cannot bind a name", value=True)
+                                              "it cannot bind a name (except for the later items of an `all` "
+                                              "group under it)", value=True)
                 elif item.bind in names.seen and not (i and item.bind == shared):
                     self.problem((*at, "as"), f"'{item.bind}' is already bound by another clause", value=True)
             clause = self.clause(at, item, names.seen)
-            if item.bind and not negated:
+            if item.bind and (not negated or all_of):
                 alternative = i and item.bind == shared and names.seen.get(item.bind) != item.resource
                 names.seen[item.bind] = f"{names.seen[item.bind]}|{item.resource}" if alternative else item.resource
-                if certain:
+                if certain and not negated:
                     names.certain.add(item.bind)
             if clause is not None:
                 compiled.append(clause)
