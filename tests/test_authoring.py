@@ -244,6 +244,39 @@ def test_a_rule_load_is_cached_by_content(rules_dir: Path, tmp_path: Path, monke
     assert str(rule.all[0].within) == "2 days, 0:00:00"  # type: ignore[union-attr]  # the edit, not the cache
 
 
+def test_a_files_positions_are_parsed_once_per_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Placing a warning needs the round-trip tree; a reload of the same text reuses it (a rule set with
+    warnings had each load parse those files again), an edited text is parsed afresh, and a file with a
+    syntax error is reported at each load, never remembered."""
+    from nudges.rules import cache, yamlfiles
+
+    monkeypatch.setenv("NUDGES_CACHE_DIR", "")
+    monkeypatch.setattr(cache, "_memory", {})
+    monkeypatch.setattr(yamlfiles, "_TREES", {})
+    parsed: list[str] = []
+    real = yamlfiles._parse
+
+    def counted(text: str) -> object:
+        parsed.append(text)
+        return real(text)
+
+    monkeypatch.setattr(yamlfiles, "_parse", counted)
+    path = tmp_path / "x.yaml"
+    path.write_text("a: 1\nb:\n  c: 2\n")
+    for _ in range(3):
+        document, problems = yamlfiles.load(path, "x.yaml")
+        assert document is not None and not problems
+        assert yamlfiles.position(document, ("b", "c"), value=True) == (3, 6)
+    assert len(parsed) == 1
+    path.write_text("a: 1\nb:\n  d: 2\n")
+    document, _ = yamlfiles.load(path, "x.yaml")
+    assert document is not None and yamlfiles.position(document, ("b", "d")) == (3, 3) and len(parsed) == 2
+    path.write_text("a: [1\n")
+    for _ in range(2):
+        assert yamlfiles.load(path, "x.yaml")[0] is None
+    assert len(parsed) == 4
+
+
 def test_files_too_large_to_read_or_expand_are_refused_quickly(rules_dir: Path, capsys: pytest.CaptureFixture[str],
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """A few hundred bytes of nested YAML aliases (each anchor ten times the one before) had lint, and each
