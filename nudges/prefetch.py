@@ -25,12 +25,14 @@ class PrefetchPlan:
 
 
 def plan_for(rules: tuple[CompiledRule, ...]) -> PrefetchPlan:
-    """One template per resource type the rules read from the record (codes merged per type).
+    """One template per resource type the rules read from the record (codes merged per type), required
+    unless every clause that reads the type says `required: false`.
 
     A code filter is added only where it cannot drop what a rule matches: never with a `text:` clause
     (local wording has no code), never for medication types (a server's `code` search misses orders coded
     by `medicationReference`, which come with their Medication through `_include`)."""
     codes: dict[str, set[tuple[str, str]] | None] = {}
+    needed: set[str] = set()  # types some clause cannot do without (`required: false` reads when sent)
     needs_patient = False
     for rule in rules:
         if rule.age_min is not None or rule.age_max is not None or rule.patient is not None:
@@ -41,6 +43,8 @@ def plan_for(rules: tuple[CompiledRule, ...]) -> PrefetchPlan:
             if clause.resource == "Patient":
                 needs_patient = True
                 continue
+            if clause.required:
+                needed.add(clause.resource)
             if clause.codes is None or clause.text is not None or clause.resource not in CODE_SEARCH_PARAM:
                 codes[clause.resource] = None
             elif clause.resource not in codes or codes[clause.resource] is not None:
@@ -57,7 +61,8 @@ def plan_for(rules: tuple[CompiledRule, ...]) -> PrefetchPlan:
             query += f"&_include={kind}:medication"
         key = kind[0].lower() + kind[1:]
         templates[key] = query
-        required.add(key)
+        if kind in needed:
+            required.add(key)
     templates.setdefault("coverage", "Coverage?patient={{context.patientId}}")
     return PrefetchPlan(templates, frozenset(required))
 

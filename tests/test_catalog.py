@@ -136,3 +136,37 @@ def test_the_payer_class_is_the_primary_coverages_whatever_the_order_they_came_i
     primary = [plan("cov-b", "2", order=1), plan("cov-a", "5", order=2)]
     assert payer_class(primary) == payer_class(primary[::-1]) == payer_class([medicaid, private, *primary][::-1]) \
         == "medicaid"
+
+
+def test_data_read_only_when_sent_is_asked_for_but_not_demanded(catalog: Services) -> None:
+    """colorectal-screening-navigation reads dementia medication and frailty device orders with `required:
+    false`: patient-view's discovery asks for them, a call without them is answered as before (no 412),
+    and when they come they count."""
+    from nudges.errors import PreconditionFailed
+    from nudges.prefetch import fill
+
+    plan = catalog.by_id["nudges-patient-view"].plan
+    for key in ("medicationRequest", "deviceRequest"):
+        assert key in plan.templates and key not in plan.required
+    assert {"patient", "condition", "observation", "procedure"} <= plan.required
+    patient = {"resourceType": "Patient", "id": "pt-opt", "birthDate": "1956-11-11", "gender": "female"}
+    weak = {"resourceType": "Condition", "id": "c-weak", "subject": {"reference": "Patient/pt-opt"},
+            "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "R53.1"}]},
+            "onsetDateTime": "2026-01-05"}
+    donepezil = {"resourceType": "MedicationRequest", "id": "m-dpz", "status": "active", "intent": "order",
+                 "subject": {"reference": "Patient/pt-opt"}, "authoredOn": "2025-05-20",
+                 "medicationCodeableConcept": {"coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm",
+                                                           "code": "997223"}]}}
+    now = parse_instant("2026-03-02T12:00:00Z")
+
+    def fired(prefetch: dict[str, Any]) -> list[str]:
+        body = {"hook": "patient-view", "hookInstance": "d7d5a1f8-0000-4000-8000-000000000001",
+                "context": {"userId": "Practitioner/1", "patientId": "pt-opt"}, "prefetch": prefetch}
+        return [i.rule_id for i in run_body(catalog, Settings(), body, now).issued]
+
+    full = fill(plan, [patient, weak, donepezil])
+    assert "colorectal-screening-navigation" not in fired(full)  # frailty with a dementia medication
+    without = {k: v for k, v in full.items() if k not in ("medicationRequest", "deviceRequest")}
+    assert "colorectal-screening-navigation" in fired(without)  # not sent: answered, the order unseen
+    with pytest.raises(PreconditionFailed, match="condition"):
+        fired({k: v for k, v in without.items() if k != "condition"})

@@ -240,6 +240,8 @@ def test_the_branches_of_an_any_may_bind_one_name_the_later_match_wins(rules_dir
                     "          since: later\n        - resource: Procedure"), "since: later",
      "'later' is not bound by a clause evaluated before"),
     (NESTED.replace("        - as: visit", "        - as: troponin"), "        - as: troponin", "already bound"),
+    (NESTED.replace("  none:\n", "  none:\n    - resource: Patient\n      required: false\n"), "required: false",
+     "`required: false` is for what is read from the record"),
 ])
 def test_group_lint_positions(rules_dir: Path, capsys: pytest.CaptureFixture[str], replacement: str, needle: str,
                               message: str) -> None:

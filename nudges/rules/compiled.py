@@ -40,6 +40,7 @@ class CompiledClause:
     dated: str | None = None
     # The settled `where`'s answers by the content it reads, across calls (fastpath.memo), when that can be named.
     memo: Memo | None = None
+    required: bool = True  # its type's prefetch key must be had (else 412); false: read when sent (prefetch.plan_for)
 
 
 @dataclass(frozen=True, slots=True)

@@ -354,11 +354,16 @@ class _RuleChecker:
         where = self.expression((*loc, "where"), clause.where, clause.resource, bound)
         date = self.expression((*loc, "date"), clause.date, clause.resource, bound)
         sources = {"any": ("record", "draft")}.get(clause.source, (clause.source,))
+        if not clause.required and (clause.resource == "Patient" or "record" not in sources):
+            self.problem((*loc, "required"), "`required: false` is for what is read from the record's other "
+                                             "resources (the Patient is always asked for; drafts and selections "
+                                             "come with the call): remove it", value=True)
         within, older_than = (parse_duration(value) if value else None for value in (clause.within, clause.older_than))
         settled = shared_text(clause.where, where)
         return CompiledClause(
             clause.bind, clause.resource, codes, displays or {}, where, text, within, older_than, clause.since,
-            date, sources, clause.pick == "earliest", settled, shared_text(clause.date, date), memo_for(settled, where))
+            date, sources, clause.pick == "earliest", settled, shared_text(clause.date, date), memo_for(settled, where),
+            clause.required)
 
     def card(self, card: Card, names: _Names) -> CardTemplate | None:
         ok, bound = True, names.certain

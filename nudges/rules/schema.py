@@ -69,6 +69,12 @@ class Clause(Strict):
     source: Literal["record", "draft", "selected", "any"] = Field(
         "record", description="record: prefetch/FHIR server; draft: draftOrders or appointments in the "
                               "hook context; selected: order-select selections; any: both")
+    required: bool = Field(
+        True, description="false: read the record's resources of this type when the EHR sends them (or the "
+                          "fhirServer gives them), without demanding them: unless another clause needs the type, "
+                          "its prefetch key is not required, and a call without it is answered (this clause "
+                          "then finds nothing) instead of refused with 412. For evidence many EHRs do not send "
+                          "on a hook, such as an exclusion read from medication orders on patient-view")
 
     @field_validator("bind")
     @classmethod
