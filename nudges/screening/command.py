@@ -179,16 +179,18 @@ def run(options: Options, out: TextIO, err: TextIO) -> int:
     service = services.for_hook(options.hook)
     runner: Runner | None = None
     base = options.work or options.out
+    work: Path | None = None
+    previous = None
     try:
-        if base is not None:
-            base.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=".nudges-screen-", dir=base))
-    except OSError as exc:
-        err.write(f"nudges screen: cannot write the work folder in {base or tempfile.gettempdir()}: "
-                  f"{exc.strerror or exc} (--out and --work must be folders you can write)\n")
-        return 1
-    previous = _stop_on_sigterm()
-    try:
+        previous = _stop_on_sigterm()  # before the work folder exists: a stop as it is made still removes it
+        try:
+            if base is not None:
+                base.mkdir(parents=True, exist_ok=True)
+            work = Path(tempfile.mkdtemp(prefix=".nudges-screen-", dir=base))
+        except OSError as exc:
+            err.write(f"nudges screen: cannot write the work folder in {base or tempfile.gettempdir()}: "
+                      f"{exc.strerror or exc} (--out and --work must be folders you can write)\n")
+            return 1
         files, notes = _files(options, settings, service, err)
         started = time.perf_counter()
         runner = InProcess() if options.in_process else DaskRunner(
@@ -227,7 +229,8 @@ def run(options: Options, out: TextIO, err: TextIO) -> int:
     finally:
         if runner is not None:
             runner.close()
-        shutil.rmtree(work, ignore_errors=True)  # the shards hold the whole export: never left behind
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)  # the shards hold the whole export: never left behind
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
