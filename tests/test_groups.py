@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,11 @@ NESTED = """    - any:
           since: troponin
 """
 CATH = {"coding": [{"system": "http://snomed.info/sct", "code": "41976001"}]}
+PAIN = {"resourceType": "Condition", "id": "c1", "code": {"text": "Chest pain, unspecified"}}
+ORDER = {"resourceType": "ServiceRequest", "id": "s1", "status": "active", "authoredOn": "2026-03-02T08:00:00Z",
+         "code": CATH}  # a cath order after the troponin of helpers.troponin() ...
+DONE = {"resourceType": "Procedure", "id": "p1", "status": "completed", "performedDateTime": "2026-03-02T09:00:00Z",
+        "code": CATH}  # ... and the procedure an hour after the order
 
 
 def lint(rules_dir: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, list[str]]:
@@ -77,11 +83,7 @@ def test_and_of_or_and_not_of_and(rules_dir: Path, capsys: pytest.CaptureFixture
     nest(rules_dir)
     code, out = lint(rules_dir, capsys)
     assert code == 0, out
-    pain = {"resourceType": "Condition", "id": "c1", "code": {"text": "Chest pain, unspecified"}}
-    order = {"resourceType": "ServiceRequest", "id": "s1", "status": "active", "authoredOn": "2026-03-02T08:00:00Z",
-             "code": CATH}
-    done = {"resourceType": "Procedure", "id": "p1", "status": "completed",
-            "performedDateTime": "2026-03-02T09:00:00Z", "code": CATH}
+    pain, order, done = (copy.deepcopy(r) for r in (PAIN, ORDER, DONE))  # the engine may canonicalize in place
     assert fired(rules_dir, troponin(), pain)
     assert not fired(rules_dir, troponin())  # the any-group holds for neither
     assert fired(rules_dir, troponin(), pain, order)  # not (order and procedure): one is not both
@@ -125,11 +127,7 @@ def test_a_name_bound_under_none_anchors_the_rest_of_its_group(rules_dir: Path,
     path = nest(rules_dir, SCOPED)
     code, out = lint(rules_dir, capsys)
     assert code == 0, out
-    pain = {"resourceType": "Condition", "id": "c1", "code": {"text": "Chest pain, unspecified"}}
-    order = {"resourceType": "ServiceRequest", "id": "s1", "status": "active", "authoredOn": "2026-03-02T08:00:00Z",
-             "code": CATH}
-    done = {"resourceType": "Procedure", "id": "p1", "status": "completed",
-            "performedDateTime": "2026-03-02T09:00:00Z", "code": CATH}
+    pain, order, done = (copy.deepcopy(r) for r in (PAIN, ORDER, DONE))  # the engine may canonicalize in place
     early = dict(done, id="p0", performedDateTime="2026-03-02T07:00:00Z")  # after the troponin, before the order
     assert not fired(rules_dir, troponin(), pain, order, done)
     assert fired(rules_dir, troponin(), pain, order, early)
