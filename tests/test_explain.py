@@ -366,3 +366,15 @@ def test_an_excluded_resource_names_the_part_of_its_where_that_was_not_true() ->
     head = "excluded QuestionnaireResponse/hvs-qr-neg: `where` did not hold: `((questionnaire.lower()"
     assert note.startswith(head), note
     assert "was not true" in note and 'status = ["completed"]' not in note, note
+
+
+def test_a_type_read_when_sent_says_so_when_it_was_not(capsys: pytest.CaptureFixture[str]) -> None:
+    """colorectal's dementia-medication clause has `required: false`: a record without medication orders is
+    explained as not sent, not merely empty, so an informaticist knows the EHR may not have sent them."""
+    cases = str(ROOT / "rules" / "navigation" / "colorectal-screening-navigation.cases.yaml")
+    assert main(["explain", cases, "--case", "wheelchair-dependent, without an advanced illness"]) == 0
+    out = capsys.readouterr().out
+    line = next(text for text in out.splitlines() if "no MedicationRequest in the record" in text)
+    assert "required: false" in line and "answered without it" in line
+    procedures = [text for text in out.splitlines() if "no Procedure in the record" in text]
+    assert procedures and not any("required: false" in text for text in procedures)  # a type it demands

@@ -299,7 +299,8 @@ class Recorder:
             return
         present = [r for source in clause.sources for r in record.of_type(source, clause.resource)]
         if not present:
-            step.note(f"no {clause.resource} {_place(step.source)}")
+            step.note(f"no {clause.resource} {_place(step.source)}" + ("" if clause.required else
+                      " (read when the EHR sends it, `required: false`: a call without it is answered without it)"))
             return
         if clause.codes is None:
             return
