@@ -109,6 +109,27 @@ def test_a_sites_own_codes_join_the_shipped_value_set(rules_dir: Path, tmp_path:
     assert loaded is not None and loaded.version != load_ruleset(rules_dir).ruleset.version  # type: ignore[union-attr]
 
 
+def test_a_sites_own_codes_may_come_as_a_fhir_valueset(rules_dir: Path, tmp_path: Path) -> None:
+    """The same local code from a site's FHIR ValueSet JSON (an order catalog's export); a damaged one is a
+    problem of that file, and the rule set is refused (the last good one is kept)."""
+    import orjson
+
+    trop = troponin("t", when="2026-03-01T22:00:00Z")
+    site = tmp_path / "site"
+    site.mkdir()
+    path = site / "cardiac-catheterization-or-cardiology.json"
+    path.write_bytes(orjson.dumps({"resourceType": "ValueSet", "name": "SiteCath", "status": "active",
+                                   "expansion": {"contains": [{"system": "urn:oid:1.2.3.4.5.site-orders",
+                                                               "code": "CATH-LHC-01",
+                                                               "display": "Left heart catheterization"}]}}))
+    assert cards(rules_dir, trop, CATH_BY_TEXT, site=site) == []
+    path.write_text("{not json")
+    result = load_ruleset(rules_dir, site)
+    assert result.ruleset is None
+    assert any("FHIR ValueSet" in str(p) and p.path.endswith("cardiac-catheterization-or-cardiology.json")
+               for p in result.problems), result.problems
+
+
 def test_site_codes_for_an_unknown_value_set_are_refused(rules_dir: Path, tmp_path: Path) -> None:
     site = tmp_path / "site"
     site.mkdir()

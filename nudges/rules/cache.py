@@ -11,10 +11,11 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
+T = TypeVar("T")
 _memory: dict[str, Any] = {}
 _MEMORY_LIMIT = 20_000
 
@@ -72,6 +73,14 @@ def store(entry: str, value: Any) -> None:
 
 
 def _remember(entry: str, value: Any) -> None:
-    if len(_memory) >= _MEMORY_LIMIT:
-        _memory.clear()
-    _memory[entry] = value
+    keep(_memory, entry, value, _MEMORY_LIMIT)
+
+
+def keep(memory: dict[Any, Any], key: Any, value: T, limit: int) -> T:
+    """`value` kept in an in-process memory under `key`; a memory at `limit` is emptied first, in one step
+    (a rule set reloaded many times over fills it; never evicted entry by entry, so two rule loads on two
+    threads cannot trip over each other). Every such memory of the rule load goes through here."""
+    if len(memory) >= limit:
+        memory.clear()
+    memory[key] = value
+    return value

@@ -281,7 +281,7 @@ class _RuleChecker:
             at = (*loc, i)
             if isinstance(item, Group):
                 inner_negated = negated or item.mode == "none"
-                before = set(names.seen)
+                before = set(names.seen) if inner_negated else set()
                 inner = self.items((*at, item.mode), item.items, names, certain=certain and item.mode == "all",
                                    negated=inner_negated, any_of=item.mode == "any", all_of=item.mode == "all")
                 if inner_negated:  # names bound inside are out of scope past the group
@@ -303,7 +303,7 @@ class _RuleChecker:
             if item.bind and (not negated or all_of):
                 alternative = i and item.bind == shared and names.seen.get(item.bind) != item.resource
                 names.seen[item.bind] = f"{names.seen[item.bind]}|{item.resource}" if alternative else item.resource
-                if certain and not negated:
+                if certain:  # never under `none`: it is compiled with certain=False
                     names.certain.add(item.bind)
             if clause is not None:
                 compiled.append(clause)

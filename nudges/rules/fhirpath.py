@@ -193,9 +193,7 @@ def compile_expression(expression: str, resource_type: str | None = None,
     if found is None:
         found = _compile_expression(expression, resource_type, valuesets, bound)
         if key is not None:
-            if len(_COMPILED) >= COMPILED_LIMIT:  # as cache.py's memory: emptied when full (one step, so
-                _COMPILED.clear()  # rule loads on two threads at once cannot trip over each other)
-            _COMPILED[key] = found
+            cache.keep(_COMPILED, key, found, COMPILED_LIMIT)
     return found
 
 

@@ -9,6 +9,8 @@ import re
 from collections.abc import Callable, Collection
 from typing import Any
 
+from .cache import keep
+
 PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][\w.]*)\s*\}\}")
 # Sections in card text: {{#name}}...{{/name}} only when `name` was bound in this match, {{^name}}...{{/name}}
 # only when it was not (Mustache's syntax, for names bound under `any`).
@@ -70,11 +72,8 @@ _shown: dict[tuple[str, tuple[bool, ...]], str] = {}
 _pieces: dict[str, tuple[str, ...]] = {}
 
 
-def _remember(cache: dict[Any, Any], key: Any, value: Any) -> Any:
-    if len(cache) >= PLAN_CACHE:
-        cache.clear()
-    cache[key] = value
-    return value
+def _remember(memory: dict[Any, Any], key: Any, value: Any) -> Any:
+    return keep(memory, key, value, PLAN_CACHE)
 
 
 def pieces(text: str) -> tuple[str, ...]:

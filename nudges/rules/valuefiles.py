@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from . import yamlfiles
+from . import cache, yamlfiles
 from .folders import display as _show
 from .folders import placeholders
 from .resources import did_you_mean
@@ -33,12 +33,8 @@ def _remembered(path: Path, display: str, compile_file: Any) -> Compiled:
     known = _KNOWN.get((display, digest))
     if known is not None:
         return known
-    found = compile_file(path, display)
-    if digest:
-        if len(_KNOWN) >= KNOWN_LIMIT:
-            _KNOWN.clear()
-        _KNOWN[(display, digest)] = found
-    return found
+    found: Compiled = compile_file(path, display)
+    return cache.keep(_KNOWN, (display, digest), found, KNOWN_LIMIT) if digest else found
 
 
 def _json_valueset(path: Path, display: str) -> Compiled:
@@ -102,10 +98,9 @@ def load_valuesets(files: list[Path], site_files: list[Path],
 def _site_codes(path: Path, display: str, problems: list[Problem]) -> SiteCodes | None:
     """A site's codes for one shipped set: FHIR ValueSet JSON, or the project's YAML list."""
     if path.suffix == ".json":
-        try:
-            extra = from_fhir(path.stem, orjson.loads(path.read_bytes()))
-        except (OSError, orjson.JSONDecodeError, FhirValueSetError) as exc:
-            problems.append(Problem(display, 1, 1, f"FHIR ValueSet: {exc}"))
+        extra, found, _ = _json_valueset(path, display)
+        problems += found
+        if extra is None:
             return None
         return SiteCodes(name=path.stem, source=extra.source, codes=[
             Coding(system=s, code=c, display=extra.displays[s, c]) for s, c in sorted(extra.keys)])

@@ -67,10 +67,7 @@ def _tree_of(text: str) -> Any:
     key = hashlib.sha256(text.encode()).digest()
     tree = _TREES.get(key)
     if tree is None:
-        tree = _parse(text)  # a syntax error is raised, and not remembered
-        if len(_TREES) >= TREES_KEPT:
-            _TREES.clear()
-        _TREES[key] = tree
+        tree = cache.keep(_TREES, key, _parse(text), TREES_KEPT)  # a syntax error is raised, not remembered
     return tree
 
 
