@@ -319,11 +319,12 @@ def profile(files: list[Path], settings: Any, services: Any, scratch: Path, out:
     stats = pstats.Stats(profiler)
     total = stats.total_tt  # type: ignore[attr-defined]
     stages = {"shard the export (split_chunk, in all)": ("split_chunk",),
-              "  of which parsing lines (orjson)": ("loads",),
+              "  of which reading heads (Heads.decode_line)": ("decode_line",),
+              "  of which parsing kept lines (orjson)": ("loads",),
               "screen the shards (screen_shard, in all)": ("screen_shard",),
               "  read shard files": ("read_shard",), "  build the call body (request_for)": ("request_for",),
               "  validate the request (pydantic)": ("parse_call",), "  index the record": ("build_record",),
-              "  rules (engine.evaluate)": ("evaluate_rule",), "  cards (build_card)": ("build_card",),
+              "  rules (engine.evaluate)": ("evaluate_rule",), "  cards (cards.card_head)": ("card_head",),
               "  demographic bucket": ("bucket",), "  evidence for the worklist": ("evidence",)}
     found: dict[str, float] = {}
     for (path, _, name), (_, _, _, cumulative, callers) in stats.stats.items():  # type: ignore[attr-defined]
@@ -331,7 +332,7 @@ def profile(files: list[Path], settings: Any, services: Any, scratch: Path, out:
             if names == ("loads",):
                 if "orjson.loads" in name:  # only the calls made while sharding
                     found[stage] = found.get(stage, 0.0) + sum(
-                        c[3] for (cpath, _, cname), c in callers.items() if cname == "split_chunk")
+                        c[3] for (cpath, _, cname), c in callers.items() if cname == "_parse")
             elif name in names and "nudges" in path:
                 found[stage] = found.get(stage, 0.0) + cumulative
     out.write(f"profile: {tally.patients} patients in {total:.2f} s in process under cProfile (which slows "

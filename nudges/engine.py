@@ -99,6 +99,8 @@ class _Evaluation:
         if clause.text is None:
             return record.of_type(source, clause.resource) if clause.codes is None else \
                 record.with_codes(source, clause.resource, clause.codes)
+        if not record.may_say(source, clause.resource, clause.text):  # no resource of the type can say it
+            return record.with_codes(source, clause.resource, clause.codes) if clause.codes is not None else []
         pool = record.of_type(source, clause.resource)
         dear = clause.date is not None  # a FHIRPath date costs more than a resource's words: searched first
         if window and not dear:
@@ -133,6 +135,9 @@ class _Evaluation:
         A binding clause needs the latest match (or the earliest, with `pick: earliest`; ties broken by id),
         anything else just one, so FHIRPath runs on candidates in that order and stops at the first that
         passes: most calls evaluate it once or not at all, however many candidates the index returns."""
+        if trace is None and clause.text is None and clause.codes is not None and \
+                self.record.lacks_codes(clause.sources, clause.resource, clause.codes):
+            return None  # the common case, in short
         now = self.now
         timed = clause.within is not None or clause.older_than is not None or clause.since is not None
         since = self.dates.get(clause.since) if clause.since else None
@@ -228,11 +233,18 @@ def deceased(patient: dict[str, Any] | None, now: datetime) -> bool:
     return when is not None and when <= now
 
 
+_AGE = ("age", "", 0)  # the patient's age in record.settled
+
+
 def _applies(rule: CompiledRule, record: PatientRecord, now: datetime, env: dict[str, Any],
              trace: Tracer | None = None) -> bool:
     if rule.age_min is not None or rule.age_max is not None:
-        birth = parse_fhir_date((record.patient or {}).get("birthDate"))
-        age = None if birth is None else age_in_years(birth.date(), now.date())
+        settled = record.settled
+        if _AGE in settled:  # one call's patient and clock: worked out once, whatever the number of rules
+            age = settled[_AGE]
+        else:
+            birth = parse_fhir_date((record.patient or {}).get("birthDate"))
+            age = settled[_AGE] = None if birth is None else age_in_years(birth.date(), now.date())
         held = age is not None and not ((rule.age_min is not None and age < rule.age_min) or (
             rule.age_max is not None and age > rule.age_max))
         if trace is not None:
@@ -366,10 +378,10 @@ def evaluate(rules: tuple[CompiledRule, ...], record: PatientRecord, now: dateti
                 trace.done(rule, None, None)
         return Outcome()
     env = environment(now, context, hook, patient)
+    record.settled = {}  # what one call's clock, context and patient settle (CompiledClause.settled, .dated)
     if trace is not None:
         return _traced(rules, record, now, env, trace)
     outcome = Outcome()
-    record.settled = {}  # what one call's clock, context and patient settle (CompiledClause.settled, .dated)
     for rule in rules:
         try:
             match = evaluate_rule(rule, record, now, env)

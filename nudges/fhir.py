@@ -6,6 +6,7 @@ no model is built here, because every function runs on the hot path of a hook ca
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -92,9 +93,6 @@ _DATE_PATHS = {kind: tuple(tuple(p.split(".")) for p in paths) for kind, paths i
 CODE_SEARCH_PARAM = {"Observation": "code", "Condition": "code", "Procedure": "code", "ServiceRequest": "code",
                      "DiagnosticReport": "code", "AllergyIntolerance": "code", "Immunization": "vaccine-code"}
 
-# Elements that point at the patient a resource is about, in the order they are tried.
-PATIENT_ELEMENTS = ("subject", "patient", "beneficiary")
-
 
 # -- references -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -122,11 +120,16 @@ def patient_of(resource: Resource) -> str | None:
     """The FHIR id of the patient a resource is about: a Patient's own id, else the first of subject,
     patient or beneficiary that references a Patient. Ids that are not FHIR ids are refused, because the
     answer ends up in queries and database rows."""
-    if resource.get("resourceType") == "Patient":
-        pid = resource.get("id")
-        return pid if isinstance(pid, str) and FHIR_ID.match(pid) else None
-    for element in PATIENT_ELEMENTS:
-        value = resource.get(element)
+    get = resource.get  # the elements that can name the patient, in the order they are tried
+    return patient_in(get("resourceType"), get("id"), get("subject"), get("patient"), get("beneficiary"))
+
+
+def patient_in(kind: Any, rid: Any, *references: Any) -> str | None:
+    """patient_of from a resource's type, id and the values of those elements, in that order: what
+    population screening's split decodes of a line, without the rest of it."""
+    if kind == "Patient":
+        return rid if isinstance(rid, str) and FHIR_ID.match(rid) else None
+    for value in references:
         if not isinstance(value, dict):
             continue
         text = value.get("reference")
@@ -167,18 +170,26 @@ def canonical_system(system: str) -> str:
 
 def canonicalize(value: Any) -> None:
     """Every `system` in a resource under its canonical URI, in place, so FHIRPath that names a system
-    (`coding.where(system = 'http://loinc.org')`) reads it whichever name the sender used."""
-    if isinstance(value, dict):
-        system = value.get("system")
-        if isinstance(system, str) and system in SYSTEM_ALIASES:
-            value["system"] = SYSTEM_ALIASES[system]
-        for item in value.values():
-            if isinstance(item, dict | list):
-                canonicalize(item)
-    elif isinstance(value, list):
-        for item in value:
-            if isinstance(item, dict | list):
-                canonicalize(item)
+    (`coding.where(system = 'http://loinc.org')`) reads it whichever name the sender used. A loop over a
+    stack, classes compared before isinstance: it walks every node of each resource FHIRPath reads, on
+    every call, and most nodes are strings."""
+    stack, aliases = [value], SYSTEM_ALIASES
+    pop, push = stack.pop, stack.append
+    while stack:
+        node = pop()
+        if node.__class__ is dict or (node.__class__ is not list and isinstance(node, dict)):
+            system = node.get("system")
+            if system.__class__ is str and system in aliases:
+                node["system"] = aliases[system]
+            children: Any = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        for item in children:
+            kind = item.__class__
+            if kind is dict or kind is list or (kind is not str and isinstance(item, dict | list)):
+                push(item)
 
 
 # -- elements, codings, words -----------------------------------------------------------------------
@@ -339,8 +350,10 @@ def resource_date(resource: Resource) -> datetime | None:
     return None
 
 
+@functools.lru_cache(maxsize=4096)
 def instant(value: datetime) -> str:
-    """A datetime as a FHIR instant in UTC with "Z"."""
+    """A datetime as a FHIR instant in UTC with "Z". Remembered: every call formats its clock, and a
+    screening's calls share one."""
     return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 

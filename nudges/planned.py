@@ -19,6 +19,7 @@ Bad JSON anywhere, kept or not, is the same 400 as before.
 
 from __future__ import annotations
 
+import codecs
 from typing import Any, NoReturn, Union
 
 import msgspec
@@ -98,12 +99,16 @@ class Heads:
     plan's rules read this resource? The one implementation of that decision (IndexPlan.reads converts a
     whole resource to its head and asks here)."""
 
-    __slots__ = ("_bundle", "_convert", "_entry", "_seen", "codes", "elements", "texts", "types", "whole")
+    __slots__ = ("_bundle", "_convert", "_entry", "_line", "_lines", "_raw_seen", "_resource", "_seen", "codes",
+                 "elements", "texts", "types", "whole")
 
     def __init__(self, whole: frozenset[str], codes: dict[str, dict[str, tuple[tuple[str, int], ...]]],
                  texts: dict[str, tuple[Any, ...]]) -> None:
         self.whole, self.codes, self.texts = whole, codes, texts
         self.types: dict[type, str] = {}
+        # line class -> type, head class, (decoder, default) of each raw element, their count
+        self._lines: dict[type, tuple[str, type, tuple[tuple[Any, Any], ...], int]] = {}
+        self._raw_seen: dict[tuple[type, tuple[bytes | None, ...]], bool] = {}  # (line class, raw elements) -> decision
         # head class -> (element, child element or None) of each code element
         self.elements: dict[type, tuple[tuple[str, str | None], ...]] = {}
         for kind in sorted(whole | set(codes) | set(texts)):
@@ -125,12 +130,20 @@ class Heads:
             head = msgspec.defstruct(f"{kind}Head", fields, tag_field="resourceType", tag=kind, frozen=True)
             self.types[head] = kind
             self.elements[head] = tuple(paths)
+            # the head's elements undecoded and, after them, what population screening's split needs (decode_line)
+            raw = [(name, msgspec.Raw, UNSET) for name, _, _ in fields if name != "medicationReference"]
+            line = msgspec.defstruct(f"{kind}Line", raw + [(n, Any, UNSET if n == "medicationReference" else None)
+                                                           for n in LINE_ELEMENTS], tag_field="resourceType", tag=kind)
+            self._lines[line] = (kind, head, tuple((msgspec.json.Decoder(t), d) for n, t, d in fields
+                                                   if n != "medicationReference"), len(raw))
         resource = Union[tuple(self.types)]  # type: ignore[valid-type]  # noqa: UP007
         entry: Any = msgspec.defstruct("EntryHead", [("resource", resource | None, None)])
         self._entry: msgspec.json.Decoder[Any] = msgspec.json.Decoder(entry)
         bundle: Any = msgspec.defstruct("BundleHeads", [("entry", list[entry], [])])
         self._bundle: msgspec.json.Decoder[Any] = msgspec.json.Decoder(bundle)
         self._convert = entry
+        self._resource: msgspec.json.Decoder[Any] = msgspec.json.Decoder(resource)
+        self._line: msgspec.json.Decoder[Any] = msgspec.json.Decoder(Union[tuple(self._lines)])  # noqa: UP007
         self._seen: dict[Any, bool] = {}  # head -> decision
 
     def kept(self, bundle: msgspec.Raw, items: list[msgspec.Raw]) -> list[msgspec.Raw]:
@@ -160,6 +173,46 @@ class Heads:
             return isinstance(name, str) and (name in self.whole or name in self.codes or name in self.texts
                                               or name == "OperationOutcome")
         return resource is None or self.reads(resource)
+
+    def reads_json(self, data: bytes, kind: str) -> bool:
+        """The same decision on a resource's raw JSON whose type is already known (population screening's
+        split of an export, where three lines in four are vital signs and labs no rule reads: they are
+        never parsed into dicts). A head not shaped as FHIR shapes it is kept, as in reads_entry."""
+        if not (kind in self.whole or kind in self.codes or kind in self.texts):
+            return False
+        try:
+            head = self._resource.decode(data)
+        except (msgspec.DecodeError, RecursionError):
+            return True
+        return self.reads(head)
+
+    def decode_line(self, data: bytes) -> tuple[str, Any, bool] | None:
+        """One NDJSON line of a type the plan reads, in one decode: its type, the line's head (LINE_ELEMENTS:
+        the patient's references, the id, medicationReference) and the plan's decision; None for any other
+        line (a type no clause reads, bad JSON, a head not shaped as FHIR shapes it), which the caller reads
+        the slow way. Population screening's split decodes every line of an export, three in four of them
+        vital signs and labs it leaves out, and the code elements that decide come as the same few bytes
+        over and over: they are left as raw JSON, and decided once per distinct bytes."""
+        try:
+            line = self._line.decode(data)
+        except (msgspec.DecodeError, RecursionError):  # deep nesting is a RecursionError to msgspec
+            return None
+        kind, head, elements, count = self._lines[type(line)]
+        if line.medicationReference is not UNSET and kind in MEDICATION_TYPES:
+            return kind, line, True  # its code is the Medication's (as _decide)
+        key = (type(line), tuple([None if v is UNSET else bytes(v) for v in msgspec.structs.astuple(line)[:count]]))
+        hit = self._raw_seen.get(key)
+        if hit is None:
+            try:
+                decoded = [default if raw is None else decoder.decode(raw)
+                           for raw, (decoder, default) in zip(key[1], elements, strict=True)]
+            except msgspec.DecodeError:
+                return None
+            hit = self.reads(head(*decoded))
+            if len(self._raw_seen) >= SEEN_LIMIT:
+                self._raw_seen.clear()
+            self._raw_seen[key] = hit
+        return kind, line, hit
 
     def reads_resource(self, resource: dict[str, Any]) -> bool:
         """The same decision on a parsed resource (population screening)."""
@@ -221,6 +274,8 @@ class Heads:
         return False
 
 
+# What a line of an export holds besides its head that the split needs (fhir.patient_in reads the first four).
+LINE_ELEMENTS = ("id", "subject", "patient", "beneficiary", "medicationReference")
 SEEN_LIMIT = 50_000  # distinct heads a Heads remembers the decision on
 
 
@@ -230,7 +285,7 @@ def parse_body(body: bytes, heads: Heads | None) -> dict[str, Any]:
     Malformed JSON is a 400, nesting beyond 1024 levels (orjson's limit) a 400 too-costly, as ever."""
     if not body:
         raise BadRequest("request body is empty; a JSON object is required")
-    if heads is not None and (body.isascii() or _utf8(body)):
+    if heads is not None and is_utf8(body):  # else parsed whole: orjson's 400 says where
         try:
             envelope = _ENVELOPE.decode(body)
         except msgspec.ValidationError:  # not an object, or not shaped as a request: parsed whole below
@@ -265,13 +320,25 @@ def _value(raw: msgspec.Raw, heads: Heads) -> Any:
     return parsed
 
 
-def _utf8(body: bytes) -> bool:
-    """msgspec does not check the UTF-8 of what it skips; orjson would have refused it."""
+def is_utf8(*parts: bytes) -> bool:
+    """Whether the bytes, taken one after another, are UTF-8: msgspec does not check the UTF-8 of what it
+    skips, and orjson would have refused it. ASCII (nearly every body and export) is one quick scan;
+    anything else is decoded a megabyte at a time, so a 64 MB chunk of an export never becomes a str."""
+    if all(part.isascii() for part in parts):
+        return True
+    decoder = codecs.getincrementaldecoder("utf-8")()
     try:
-        body.decode("utf-8")
+        for part in parts:
+            view = memoryview(part)
+            for start in range(0, len(view), _SLICE):
+                decoder.decode(view[start:start + _SLICE])
+        decoder.decode(b"", final=True)
     except UnicodeDecodeError:
-        return False  # parsed whole: orjson's 400 says where
+        return False
     return True
+
+
+_SLICE = 1 << 20
 
 
 def _loads(raw: bytes | msgspec.Raw) -> Any:

@@ -33,11 +33,25 @@ with contextlib.suppress(ImportError):  # the re module's own parser (3.11+, pri
 
 Needles = tuple[str, ...]
 _KNOWN: dict[re.Pattern[str], Needles | None] = {}  # one entry per distinct pattern text ever asked about
+# The same by the pattern object's id, the object kept alive beside its answer (so the id is never reused):
+# a compiled pattern hashes its whole compiled program on every look-up, and a rule's alternation of local
+# wordings is a long one, asked about for every clause of every call.
+_BY_ID: dict[int, tuple[re.Pattern[str], Needles | None]] = {}
 
 
 def needles(pattern: re.Pattern[str]) -> Needles | None:
     """Lowercase strings one of which is in every text the pattern matches (ASCII texts, compared lowered),
     or None when no such set is known. Worked out once per pattern."""
+    known = _BY_ID.get(id(pattern))
+    if known is not None:
+        return known[1]
+    found = _needles(pattern)
+    if len(_BY_ID) < 65_536:  # patterns come from rule sets: a bound, not an eviction policy
+        _BY_ID[id(pattern)] = (pattern, found)
+    return found
+
+
+def _needles(pattern: re.Pattern[str]) -> Needles | None:
     if pattern in _KNOWN:
         return _KNOWN[pattern]
     found: Needles | None = None

@@ -142,7 +142,7 @@ class PatientRecord:
     indexed, for callers that do not know in advance which rules will ask."""
 
     __slots__ = ("_by_code", "_by_reference", "_canonical", "_clean", "_dates", "_lower", "_medications", "_plan",
-                 "_raw", "_text", "patient_id", "settled")
+                 "_pooled", "_raw", "_text", "patient_id", "settled")
 
     def __init__(self, plan: IndexPlan | None = None, patient_id: str | None = None) -> None:
         # the call's patient (context.patientId, "Patient/" dropped): what is about another is set aside
@@ -153,6 +153,7 @@ class PatientRecord:
         self._dates: dict[int, datetime | None] = {}
         self._text: dict[int, tuple[str, ...]] = {}
         self._lower: dict[int, str | None] = {}  # the same texts lowered and joined, for the prefilter
+        self._pooled: dict[tuple[str, str], str | None] = {}  # and those of a whole type's usable resources
         self._by_reference: list[tuple[str, str, Resource]] = []  # medication[x] by reference, unresolved
         self._medications: dict[str, Resource] | None = None  # the record's Medication resources by id
         self._canonical: set[int] = set()  # resources whose code systems are already canonical
@@ -194,6 +195,7 @@ class PatientRecord:
 
     def _add_groups(self, groups: dict[str, list[Resource]], source: str) -> None:
         self._clean.clear()
+        self._pooled.clear()
         self._medications = None
         for patient in groups.get("Patient", ()):
             code_text_languages(patient)
@@ -307,6 +309,22 @@ class PatientRecord:
             hits.update(id(r) for r in self._by_code.get((source, kind, system_code), ()))
         return [r for r in self.of_type(source, kind) if id(r) in hits] if hits else []
 
+    def lacks_codes(self, sources: tuple[str, ...], kind: str, keys: frozenset[tuple[str, str]]) -> bool:
+        """Whether no source holds a resource of the type carrying any of these codes, before a look-up's
+        clean-up (what no raw bucket holds, no clean one does): most clauses of most calls ask for codes the
+        record does not have (a rule's exclusions, someone else's diagnoses), and that answer is one dict
+        access per source here."""
+        if self._plan is None or (self._by_reference and kind in MEDICATION_TYPES):
+            return not any(self.with_codes(source, kind, keys) for source in sources)
+        bucket = self._plan.buckets.get((kind, keys))
+        if bucket is None:
+            return not any(self.with_codes(source, kind, keys) for source in sources)  # with_codes says why
+        by_code = self._by_code
+        for source in sources:  # noqa: SIM110  # a loop: any() over a generator costs more (one source, nearly always)
+            if (source, kind, bucket) in by_code:
+                return False
+        return True
+
     def is_draft(self, resource: Resource) -> bool:
         """Whether a resource came from the hook's drafts (draftOrders, appointments), not the record."""
         return any(r is resource for r in self._raw.get(("draft", str(resource.get("resourceType"))), ()))
@@ -356,17 +374,40 @@ class PatientRecord:
     def says(self, pattern: re.Pattern[str], resource: Resource) -> bool:
         """Whether any of a resource's texts (see words) matches; the texts are gathered once per call, and
         texts that hold none of the strings every match contains (prefilter.py) are not searched."""
+        texts = self._texts(resource)
+        found = needles(pattern)
+        if found is not None and not may_match(found, self._lowered(resource, texts)):
+            return False
+        return any(pattern.search(text) for text in texts)
+
+    def may_say(self, source: str, kind: str, pattern: re.Pattern[str]) -> bool:
+        """Whether any usable resource of the type could match (says): false when none of the pattern's
+        needles is in their texts taken together. A rule scans the same few Conditions, Procedures and
+        Encounters with many patterns (the colorectal rule's exclusions and tests: over twenty), and most
+        find nothing: one look at the type's texts instead of one per resource, and no dates worked out
+        for a window the scan would only narrow."""
+        found = needles(pattern)
+        if found is None:
+            return True
+        key = (source, kind)
+        if key in self._pooled:
+            pooled = self._pooled[key]
+        else:
+            parts = [self._lowered(r, self._texts(r)) for r in self.of_type(source, kind)]
+            pooled = self._pooled[key] = None if None in parts else "\n".join(parts)  # type: ignore[arg-type]
+        return may_match(found, pooled)
+
+    def _texts(self, resource: Resource) -> tuple[str, ...]:
         key = id(resource)
         texts = self._text.get(key)
         if texts is None:
             medications = self.medications() if "medicationReference" in resource else None
             texts = self._text[key] = tuple(words(resource, medications))
-        found = needles(pattern)
-        if found is not None:
-            low = self._lower[key] if key in self._lower else self._lower.setdefault(key, lowered(texts))
-            if not may_match(found, low):
-                return False
-        return any(pattern.search(text) for text in texts)
+        return texts
+
+    def _lowered(self, resource: Resource, texts: tuple[str, ...]) -> str | None:
+        key = id(resource)
+        return self._lower[key] if key in self._lower else self._lower.setdefault(key, lowered(texts))
 
     def date_current_encounters(self, encounter_id: Any, now: datetime) -> None:
         """An Encounter without a `period.start` that is under way (the call's own encounter, or one

@@ -202,6 +202,13 @@ PLAUSIBLE = [
     ("Observation", "code.coding.where(memberOf('hba1c')).exists()"),
     ("Observation", "component.where(code.coding.code = '8480-6').value.ofType(Quantity).value >= 140"),
     ("Observation", "iif(value.exists(), value.ofType(Quantity).value, 0) > 10"),
+    ("Observation", "iif(status = 'final', issued)"),  # no otherwise: empty
+    ("Observation", "code.coding.select(iif($this.system = 'http://loinc.org', code, 'other:' + code))"),
+    ("Observation", "category.coding.iif(code.exists(), code.first(), 'none')"),  # the focus is a collection
+    ("Encounter", "iif(period.end.exists(), period.end, iif(status = 'in-progress' or status = 'arrived', %now, "
+                  "period.start))"),
+    ("Condition", "iif(recordedDate.exists(), recordedDate, (onset.ofType(dateTime) | onset.ofType(Period).start)"
+                  ".first())"),
     ("Observation", "value.ofType(Quantity).value * 2 > 100"),
     ("Observation", "(value.ofType(Quantity).value / 2).round(1)"),
     ("Observation", "subject.reference = 'Patient/' + %patientId"),
@@ -257,6 +264,7 @@ PLAUSIBLE = [
     ("Patient", "identifier.where(type.coding.code = 'MR').value.count() = 1"),
     ("Patient", "generalPractitioner.reference.startsWith('Practitioner/')"),
     ("Patient", "id = %patientId"),
+    ("Patient", "iif(name.given, 'several', 'not one true')"),  # a criterion of several items is not true
     ("Patient", "id in %patientId"),
     ("Patient", "%hook = 'patient-view'"),
     ("Condition", "onset.ofType(dateTime) > %now.toDateTime() - 6 months"),
@@ -316,6 +324,7 @@ RAISING = [
     "-name.given",
     "name.given.substring('a')",
     "telecom.value.toDate()",
+    "iif(true, name.given.lower(), 'x')",  # the branch taken raises
 ]
 
 
@@ -418,6 +427,22 @@ def test_member_of_is_the_services() -> None:
     assert fast(hit, {}) == [True] and fast(miss, {}) == [False]
     for resource in (hit, miss, {"resourceType": "Observation"}):
         same(f"code.memberOf('{name}')", resource, {})
+
+
+def test_iif_runs_natively(monkeypatch: pytest.MonkeyPatch) -> None:
+    """iif is evaluated by the compiled form itself (rules date every Encounter by it), not handed to
+    fhirpathpy's macro: with that macro broken the compiled form still answers, and as fhirpathpy did."""
+    from fhirpathpy.engine.invocations import invocation_registry
+
+    def broken(*args: Any) -> Any:
+        raise AssertionError("fhirpathpy's iif was called")
+
+    monkeypatch.setitem(invocation_registry, "iif", {**invocation_registry["iif"], "fn": broken})
+    fast = compile_fast(corpus.tree("iif(period.end.exists(), period.end, period.start)"), {}, member_of({}))
+    assert fast is not None
+    assert fast({"resourceType": "Encounter", "period": {"start": "2026-01-01"}}, {}) == ["2026-01-01"]
+    assert fast({"resourceType": "Encounter", "period": {"start": "2026-01-01", "end": "2026-01-03"}}, {}) == \
+        ["2026-01-03"]
 
 
 def test_declines_another_fhirpathpy(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -180,3 +180,46 @@ def test_the_decision_is_the_same_on_a_parsed_resource(services: Services, shipp
                 left = [orjson.dumps(e) for e in parsed["prefetch"]["record"]["entry"]]
                 for entry in record["entry"]:
                     assert service.index.reads(entry["resource"]) == (orjson.dumps(entry) in left), entry
+
+
+def test_an_export_line_is_decided_as_its_parsed_resource(services: Services, shipped: RuleSet) -> None:
+    """Population screening's split decides on a line's raw code elements (Heads.decode_line): for every
+    resource of every case, each decided twice (the second time from memory), the same answer as
+    IndexPlan.reads and the same patient elements as the parsed resource; a line it declines is read the
+    slow way, to the same answer."""
+    decided = declined = 0
+    for hook in HOOKS:
+        service = services.for_hook(hook)
+        heads = service.index.heads
+        for _, (path, rule_cases) in shipped.cases.items():
+            for case in rule_cases.cases:
+                record = case_request(case, Path(path).parent, shipped.fixture_dirs)["prefetch"]["record"]
+                for entry in record["entry"]:
+                    resource = entry["resource"]
+                    for _ in range(2):
+                        found = heads.decode_line(orjson.dumps(resource))
+                        if found is None:  # the split's slow way: the same answer
+                            declined += 1
+                            kind = resource["resourceType"]
+                            assert heads.reads_json(orjson.dumps(resource), kind) == service.index.reads(resource)
+                            continue
+                        decided += 1
+                        kind, line, hit = found
+                        assert kind == resource["resourceType"] and hit == service.index.reads(resource), resource
+                        for name in ("id", "subject", "patient", "beneficiary"):
+                            assert getattr(line, name) == resource.get(name)
+    assert decided > 1000 and declined > 10
+
+
+def test_utf8_is_checked_across_parts_and_slices() -> None:
+    """The check a decoder that skips needs (is_utf8): a character cut between the parts it is given or
+    between its megabyte slices is still one character; a stray or cut-off byte is not UTF-8."""
+    from nudges.planned import is_utf8
+
+    assert is_utf8(b'{"a": "plain"}') and is_utf8(b"", b"")
+    assert is_utf8("café".encode()[:-1], "café".encode()[-1:])  # é cut between two parts
+    long = ("x" * ((1 << 20) - 1) + "é" + "日本" * 1000).encode()  # é across the first slice's end
+    assert is_utf8(long) and is_utf8(long[:5], long[5:])
+    assert not is_utf8(b"\xff") and not is_utf8(long + b"\xc3")  # a stray byte; a character cut off at the end
+    assert not is_utf8(b'{"a": "\xed\xa0\x80"}')  # a surrogate encoded as UTF-8 (CESU): refused by orjson too
+

@@ -96,6 +96,50 @@ def test_an_unplanned_lookup_is_an_error_not_an_empty_answer() -> None:
         record.with_codes("record", "Observation", frozenset({(LOINC, "4548-4")}))
 
 
+@pytest.mark.parametrize("planned", [True, False], ids=["planned", "full"])
+def test_lacks_codes_is_a_necessary_condition_of_a_look_up(planned: bool) -> None:
+    """engine.match's short cut: true only where with_codes finds nothing in every source asked."""
+    record = PatientRecord(IndexPlan(KEYSETS) if planned else None)
+    record.add_all(data())
+    record.add_all([obs("d1", {"system": LOINC, "code": "6598-7"})], "draft")
+    for sources in (("record",), ("draft",), ("record", "draft"), ("selected",)):
+        for kind, keys in KEYSETS:
+            found = any(record.with_codes(source, kind, keys) for source in sources)
+            assert not (record.lacks_codes(sources, kind, keys) and found), (sources, kind)
+    assert not record.lacks_codes(("record",), "Observation", TROPONIN)
+    assert record.lacks_codes(("selected",), "Observation", TROPONIN)
+    assert not record.lacks_codes(("draft",), "Observation", TROPONIN)
+    assert record.lacks_codes(("draft",), "Condition", SICKLE)
+    # an order naming a Medication elsewhere in the record (another prefetch key): resolved before the answer
+    order = {"resourceType": "MedicationRequest", "id": "m", "medicationReference": {"reference": "Medication/o"}}
+    medication = {"resourceType": "Medication", "id": "o", "code": {"coding": [{"system": RXNORM, "code": "7052"}]}}
+    for named in ([], [medication]):
+        referenced = PatientRecord(IndexPlan(KEYSETS) if planned else None)
+        referenced.add_all([order])
+        referenced.add_all(named)
+        assert referenced.lacks_codes(("record",), "MedicationRequest", OPIOID) == (not named)
+
+
+def test_may_say_looks_at_a_whole_type_once_and_never_hides_a_match() -> None:
+    import re
+
+    ama = re.compile(r"against (medical )?advice|\bAMA\b", re.IGNORECASE)
+
+    def stay(rid: str, text: str) -> dict[str, Any]:
+        return {"resourceType": "Encounter", "id": rid, "hospitalization": {"dischargeDisposition": {"text": text}}}
+
+    record = PatientRecord(IndexPlan(KEYSETS, texts=[("Encounter", ama)]))
+    record.add_all([stay("home", "Discharged home"), stay("snf", "Skilled nursing facility")])
+    assert not record.may_say("record", "Encounter", ama)
+    assert not record.may_say("record", "Condition", ama)  # no resource of the type at all
+    record.add_all([stay("left", "Left against medical advice")])  # a second batch: looked at again
+    assert record.may_say("record", "Encounter", ama)
+    assert [r["id"] for r in record.of_type("record", "Encounter") if record.says(ama, r)] == ["left"]
+    accented = PatientRecord(IndexPlan(KEYSETS, texts=[("Encounter", ama)]))
+    accented.add_all([stay("fr", "Sortie contre avis médical")])  # not ASCII: never ruled out by needles
+    assert accented.may_say("record", "Encounter", ama)
+
+
 def calls() -> list[Path]:
     return sorted(p for p in (ROOT / "fhir_fixtures/calls").glob("*.json")
                   if not p.name.endswith((".golden.json", ".server.json")))

@@ -305,6 +305,40 @@ def test_chunks_split_at_line_ends_and_count_lines_per_file(tmp_path: Path) -> N
     assert (tally.resources, tally.invalid) == (3, [])
 
 
+def test_a_line_left_out_is_still_checked_and_a_line_kept_is_parsed(tmp_path: Path) -> None:
+    """The split reads each line's head (msgspec) and parses in full only what it keeps: a line it leaves
+    out unparsed is still checked as UTF-8, a kept one is parsed by orjson (as screening will), and each
+    fault is reported by its line, as when every line was parsed."""
+    ruleset = load_ruleset(ROOT / "rules").ruleset
+    assert ruleset is not None
+    heads = Services.build(ruleset, frozenset({"active"})).for_hook("patient-view").index.heads
+    local = b'{"resourceType":"Observation","subject":{"reference":"Patient/p1"},' \
+            b'"code":{"coding":[{"system":"http://hospital.example.org/vitals","code":"HR"}]}'
+    lines = [
+        orjson.dumps(for_patient(coverage("c1", "p1"), "p1")),  # Coverage: every call reads it
+        local + b',"effectiveDateTime":"\xff"}',  # a vital sign no rule reads, not UTF-8
+        local + b',"valueQuantity":{"value":1}}',
+        b'{"resourceType":"Coverage","id":"c2","beneficiary":{"reference":"Patient/p1"},"extra":1e999}',
+        b"[1]",
+        b'{"resourceType":"Observation","subject":"Patient/p1"}',  # a subject that is not a Reference: no patient
+        b'{"resourceType":"Coverage","id":"c3","beneficiary":{"reference":"Patient/p1"}',  # cut short
+        b'{"resourceType":"Observation","subject":{"reference":"Patient/p1"},"x":' + b"[" * 5000 + b"]" * 5000 + b"}",
+        b'{"resourceType":"Coverage","beneficiary":{"reference":"Patient/p1"},"x":' + b"[" * 1010 + b"]" * 1010 + b"}",
+    ]
+    path = tmp_path / "mixed.ndjson"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    work = tmp_path / "work"
+    [tally] = [split_chunk(chunk, 3, work, heads) for chunk in plan_chunks([path])]
+    faults = dict(tally.invalid)
+    assert sorted(faults) == [2, 4, 5, 7, 8] and "depth limit exceeded" in faults[8]  # too deep for orjson too
+    assert faults[2].startswith("not JSON (str is not valid UTF-8")
+    assert faults[4].startswith("not JSON (number is infinity")
+    assert faults[5] == "not a FHIR resource (no resourceType)" and faults[7].startswith("not JSON (")
+    assert (tally.resources, tally.unread, tally.unlinked) == (3, 1, 1)
+    written = [line for part in work.rglob("*.part") for line in part.read_bytes().splitlines()]
+    assert written == [b"p1\t" + lines[0], b"p1\t" + lines[8]]  # too deep for msgspec, not for orjson: kept
+
+
 def test_a_worker_refuses_a_rule_set_that_changed(rules: Path) -> None:
     job = Job(str(rules), None, ("active",), "not-the-digest", "patient-view", NOW, "")
     with pytest.raises(ScreenError, match="not the one this run started with"):

@@ -18,14 +18,15 @@ import gzip
 import os
 import time
 import zlib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import msgspec
 import orjson
 
-from ..fhir import FHIR_ID, parse_reference, patient_of
+from ..fhir import FHIR_ID, parse_reference, patient_in
+from ..planned import is_utf8
 
 CHUNK_BYTES = 64 * 1024 * 1024  # one task's share of an input file
 SHARD_BYTES = 24 * 1024 * 1024  # aimed-for input bytes per shard: a shard's patients fit in a worker's memory
@@ -123,16 +124,17 @@ def medication_folder(work: Path, bucket: int) -> Path:
     return work / "medications" / f"{bucket:05d}"
 
 
-def medication_reference(resource: dict[str, object]) -> str | None:
-    """The id of a Medication named by `medicationReference` outside the resource (`Medication/x`, also
-    absolute), which only the export's own Medication resources can resolve."""
-    reference = resource.get("medicationReference")
-    parsed = parse_reference(reference.get("reference")) if isinstance(reference, dict) else None
+def medication_reference(value: object) -> str | None:
+    """The id of a Medication that a `medicationReference` value names outside the resource
+    (`Medication/x`, also absolute), which only the export's own Medication resources can resolve."""
+    parsed = parse_reference(value.get("reference")) if isinstance(value, dict) else None
     return parsed.id if parsed is not None and parsed.type == "Medication" else None
 
 
-def _lines(chunk: Chunk) -> list[bytes]:
-    """The lines that start inside the chunk (the last one may run past its end), read in one go."""
+def _lines(chunk: Chunk) -> tuple[list[bytes], bool]:
+    """The lines that start inside the chunk (the last one may run past its end), read in one go, and
+    whether they are all UTF-8 (checked once for the chunk instead of once per line)."""
+    tail = b""
     if chunk.path.endswith(".gz"):
         with gzip.open(chunk.path, "rb") as stream:
             data = stream.read()
@@ -144,60 +146,142 @@ def _lines(chunk: Chunk) -> list[bytes]:
                 if stream.read(1) != b"\n":
                     start += len(stream.readline())  # the line under way belongs to the chunk before
             if start >= chunk.end:
-                return []
+                return [], True
             data = stream.read(chunk.end - start)
             if not data.endswith(b"\n"):
-                data += stream.readline()  # the last line runs on past the end
+                tail = stream.readline()  # the last line runs on past the end (joined below, not to the chunk)
+    checked = is_utf8(data, tail)
     lines = data.split(b"\n")
+    if tail:
+        lines[-1] += tail[:-1] if tail.endswith(b"\n") else tail
     if lines and not lines[-1]:
         lines.pop()  # after the final newline
-    return lines
+    return lines, checked
 
 
 BOM = b"\xef\xbb\xbf"
 
 
-def split_chunk(chunk: Chunk, shards: int, work: Path,
-                keep: Callable[[dict[str, Any]], bool] | None = None) -> ChunkTally:
+class _Head(msgspec.Struct):
+    """What the split needs of a line: its type, its patient (fhir.patient_in), a Medication's id and an
+    order's medicationReference. msgspec skips the rest of the line without building it."""
+
+    resourceType: Any = None
+    id: Any = None
+    subject: Any = None
+    patient: Any = None
+    beneficiary: Any = None
+    medicationReference: Any = None
+
+
+_HEAD = msgspec.json.Decoder(_Head)
+_NAMES = tuple(_Head.__struct_fields__)
+
+
+class Sieve(Protocol):
+    """What no rule of the hook can read, judged on a line's head (planned.Heads is one)."""
+
+    def decode_line(self, data: bytes) -> tuple[str, Any, bool] | None:
+        """The line's type, its head (with the elements _Head has) and whether a rule can read it; None
+        to have the line read the slow way (_head, then reads_json)."""
+
+    def reads_json(self, data: bytes, kind: str) -> bool: ...
+
+
+def _parse(line: bytes) -> dict[str, Any] | str:
+    """A line parsed in full, or why it is not a FHIR resource in orjson's words (the parser that reads it
+    when it is screened)."""
+    try:
+        resource = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        return f"not JSON ({exc})"
+    if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
+        return "not a FHIR resource (no resourceType)"
+    return resource
+
+
+def _head(line: bytes) -> _Head | str:
+    """A line's head, or why it is not a FHIR resource. msgspec decodes only the head; a line it refuses
+    is judged by orjson."""
+    try:
+        head = _HEAD.decode(line)
+    except (msgspec.DecodeError, RecursionError):  # msgspec's depth limit is a RecursionError (orjson: 1024)
+        head = None
+    if head is not None and isinstance(head.resourceType, str):
+        return head
+    found = _parse(line)
+    return found if isinstance(found, str) else _Head(**{name: found.get(name) for name in _NAMES})
+
+
+def _fault(line: bytes, parsed: bool, checked: bool) -> str | None:
+    """What is wrong with a line whose head was read: a line that is kept is parsed in full (screening it
+    must not fail, and bad JSON is reported by its line number); one that is left out is checked as UTF-8
+    (the one fault a parser that skips what it does not need can miss), unless its whole chunk was."""
+    if not parsed:
+        if checked:
+            return None
+        try:
+            line.decode()
+            return None
+        except UnicodeDecodeError:
+            pass
+    found = _parse(line)
+    return found if isinstance(found, str) else None
+
+
+def split_chunk(chunk: Chunk, shards: int, work: Path, sieve: Sieve | None = None) -> ChunkTally:
     """Read one chunk and append each resource's line to its patient's shard (one part file per shard,
     named after the chunk, written whole so a retried task replaces rather than duplicates). A resource
-    `keep` says no rule can read is counted and left out."""
+    the sieve says no rule can read is counted and left out, unparsed: a line is judged by its head, and
+    only a line that is kept is parsed in full here (_fault)."""
     tally = ChunkTally(chunk)
     cpu = time.process_time()
     buffers: dict[int, list[bytes]] = {}
     medications: dict[int, list[bytes]] = {}  # bucket -> "id TAB line" of Medication resources
     wanted: dict[int, list[bytes]] = {}  # bucket -> "medication id TAB patient id TAB shard" of references
-    for number, raw in enumerate(_lines(chunk), 1):
+    lines, checked = _lines(chunk)
+    decode = sieve.decode_line if sieve is not None else None
+    for number, raw in enumerate(lines, 1):
         tally.lines = number
         line = raw.strip()
         if line.startswith(BOM):  # a byte-order mark, as some Windows tools write: not part of the JSON
             line = line[len(BOM):].strip()
         if not line:
             continue
-        try:
-            resource = orjson.loads(line)
-        except orjson.JSONDecodeError as exc:
-            tally.invalid.append((number, f"not JSON ({exc})"))
-            continue
-        if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
-            tally.invalid.append((number, "not a FHIR resource (no resourceType)"))
-            continue
-        pid = patient_of(resource)
+        decoded = decode(line) if decode is not None else None
+        kept: bool | None
+        if decoded is not None:
+            kind, head, kept = decoded
+        else:
+            head = _head(line)
+            if isinstance(head, str):
+                tally.invalid.append((number, head))
+                continue
+            kind, kept = head.resourceType, None
+        pid = patient_in(kind, head.id, head.subject, head.patient, head.beneficiary)
         if pid is None:
-            mid = resource.get("id")
-            if resource["resourceType"] == "Medication" and isinstance(mid, str) and FHIR_ID.match(mid):
+            mid = head.id
+            medication = kind == "Medication" and isinstance(mid, str) and FHIR_ID.match(mid) is not None
+            if (why := _fault(line, medication, checked)) is not None:
+                tally.invalid.append((number, why))
+            elif medication:
                 tally.medications += 1
                 medications.setdefault(shard_of(mid, shards), []).append(mid.encode() + b"\t" + line + b"\n")
             else:
                 tally.unlinked += 1
             continue
+        if kept is None:
+            kept = sieve is None or sieve.reads_json(line, kind)
+        if (why := _fault(line, kept, checked)) is not None:
+            tally.invalid.append((number, why))
+            continue
         tally.resources += 1
-        if keep is not None and not keep(resource):
+        if not kept:
             tally.unread += 1
             continue
         shard = shard_of(pid, shards)
         buffers.setdefault(shard, []).append(pid.encode() + b"\t" + line + b"\n")
-        named = medication_reference(resource)
+        named = medication_reference(head.medicationReference)
         if named is not None:
             wanted.setdefault(shard_of(named, shards), []).append(f"{named}\t{pid}\t{shard}\n".encode())
     for shard, lines in buffers.items():

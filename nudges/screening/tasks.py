@@ -20,10 +20,11 @@ from typing import Any
 import orjson
 
 from ..clock import parse_instant
+from ..planned import Heads
 from ..services import Services
 from ..tools.audit import DIMENSIONS
 from .calls import Fired, screen_patient
-from .shards import Chunk, ChunkTally, read_shard, shard_folder, split_chunk
+from .shards import Chunk, ChunkTally, Sieve, read_shard, shard_folder, split_chunk
 
 
 class ScreenError(Exception):
@@ -89,14 +90,29 @@ def services_for(job: Job) -> Services:
     return services
 
 
+class _Also:
+    """A sieve that keeps a type besides what the plan reads: encounter hooks need the patient's
+    encounters whatever the rules read of them (the call's context names the latest)."""
+
+    def __init__(self, heads: Heads, kind: str) -> None:
+        self.heads, self.kind = heads, kind
+
+    def decode_line(self, data: bytes) -> tuple[str, Any, bool] | None:
+        decoded = self.heads.decode_line(data)
+        if decoded is None or decoded[2] or decoded[0] != self.kind:
+            return decoded
+        return decoded[0], decoded[1], True
+
+    def reads_json(self, data: bytes, kind: str) -> bool:
+        return kind == self.kind or self.heads.reads_json(data, kind)
+
+
 def shard_chunk(chunk: Chunk, shards: int, job: Job) -> ChunkTally:
     """Split one input chunk into the shards, leaving out what no rule of the hook can read."""
     service = services_for(job).for_hook(job.hook)
-    plan = service.index
-    if service.hook.has_encounter:  # the call's context names the patient's latest encounter
-        return split_chunk(chunk, shards, Path(job.work), lambda r: r.get("resourceType") == "Encounter"
-                           or plan.reads(r))
-    return split_chunk(chunk, shards, Path(job.work), plan.reads)
+    heads = service.index.heads
+    sieve: Sieve = _Also(heads, "Encounter") if service.hook.has_encounter else heads
+    return split_chunk(chunk, shards, Path(job.work), sieve)
 
 
 def rows_path(work: Path, shard: int) -> Path:

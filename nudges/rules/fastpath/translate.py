@@ -436,6 +436,8 @@ class _Compiler:
                 return self.where(self.compile(raw[0]), exists=name == "exists", twice=_reads_state(raw[0]))
             if name == "exists":
                 return lambda ctx, focus: [len(focus) > 0]
+            if name == "iif":
+                return self.iif([self.compile(p) for p in raw])
             if name == "ofType":
                 test = _type_test(type_specifier(None, None, raw[0]))
                 return lambda ctx, focus: [v for v in focus if test(v)]
@@ -460,6 +462,26 @@ class _Compiler:
             raise Unsupported("memberOf without a quoted value set name")
         if ev.string_literal(None, None, literal)[0] not in self.valuesets:
             raise Unsupported("memberOf with an unknown value set")
+
+    @staticmethod
+    def iif(bodies: list[Eval]) -> Eval:
+        """misc.iif_macro: its three Expr parameters each see $this as the focus, and only the branch the
+        criterion picks is evaluated. Native because rules date encounters by it (`date:` on every
+        Encounter of every call), where the parameter plumbing cost more than the branches."""
+        criterion, ok = bodies[0], bodies[1]
+        otherwise = bodies[2] if len(bodies) > 2 else None
+
+        def iif(ctx: Ctx, focus: list[Any]) -> list[Any]:
+            this = ctx["$this"] = _arraify(focus)
+            if util.is_true(criterion(ctx, this)):
+                this = ctx["$this"] = _arraify(focus)
+                return _arraify(ok(ctx, this))
+            if otherwise is not None:
+                this = ctx["$this"] = _arraify(focus)
+                return _arraify(otherwise(ctx, this))
+            return []
+
+        return iif
 
     @staticmethod
     def where(body: Eval, *, exists: bool, twice: bool) -> Eval:
