@@ -209,9 +209,10 @@ class Heads:
             except msgspec.DecodeError:
                 return None
             hit = self.reads(head(*decoded))
-            if len(self._raw_seen) >= SEEN_LIMIT:
-                self._raw_seen.clear()
-            self._raw_seen[key] = hit
+            if sum(len(raw) for raw in key[1] if raw is not None) <= RAW_LIMIT:  # a note's text would not repeat
+                if len(self._raw_seen) >= SEEN_LIMIT:
+                    self._raw_seen.clear()
+                self._raw_seen[key] = hit
         return kind, line, hit
 
     def reads_resource(self, resource: dict[str, Any]) -> bool:
@@ -277,6 +278,7 @@ class Heads:
 # What a line of an export holds besides its head that the split needs (fhir.patient_in reads the first four).
 LINE_ELEMENTS = ("id", "subject", "patient", "beneficiary", "medicationReference")
 SEEN_LIMIT = 50_000  # distinct heads a Heads remembers the decision on
+RAW_LIMIT = 1_024  # bytes of raw elements above which a line's decision is not remembered (decode_line)
 
 
 def parse_body(body: bytes, heads: Heads | None) -> dict[str, Any]:

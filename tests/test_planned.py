@@ -223,3 +223,23 @@ def test_utf8_is_checked_across_parts_and_slices() -> None:
     assert not is_utf8(b"\xff") and not is_utf8(long + b"\xc3")  # a stray byte; a character cut off at the end
     assert not is_utf8(b'{"a": "\xed\xa0\x80"}')  # a surrogate encoded as UTF-8 (CESU): refused by orjson too
 
+
+def test_an_export_line_with_a_long_note_is_decided_but_not_remembered(services: Services) -> None:
+    """decode_line remembers decisions by the raw bytes of what decides them; a free-text note's bytes
+    never repeat, so lines whose raw elements are long are decided every time and kept out of the memory
+    (which would otherwise hold up to its bound of notes)."""
+    from nudges.planned import RAW_LIMIT
+
+    heads = services.for_hook("patient-view").index.heads
+    assert "Observation" in heads.texts  # a `text:` clause reads Observations' notes
+    before = len(heads._raw_seen)
+    for i in range(50):
+        note = {"text": f"visit {i}: " + "patient reports feeling well. " * (RAW_LIMIT // 20)}
+        line = orjson.dumps({"resourceType": "Observation", "subject": {"reference": "Patient/p"}, "note": [note],
+                             "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]}})
+        found = heads.decode_line(line)
+        assert found is not None and found[2] is False
+    assert len(heads._raw_seen) == before
+    short = orjson.dumps({"resourceType": "Observation", "code": {"text": "Heart rate"}})
+    assert heads.decode_line(short) is not None and len(heads._raw_seen) == before + 1
+
