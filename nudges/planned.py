@@ -130,12 +130,14 @@ class Heads:
             head = msgspec.defstruct(f"{kind}Head", fields, tag_field="resourceType", tag=kind, frozen=True)
             self.types[head] = kind
             self.elements[head] = tuple(paths)
-            # the head's elements undecoded and, after them, what population screening's split needs (decode_line)
-            raw = [(name, msgspec.Raw, UNSET) for name, _, _ in fields if name != "medicationReference"]
-            line = msgspec.defstruct(f"{kind}Line", raw + [(n, Any, UNSET if n == "medicationReference" else None)
-                                                           for n in LINE_ELEMENTS], tag_field="resourceType", tag=kind)
-            self._lines[line] = (kind, head, tuple((msgspec.json.Decoder(t), d) for n, t, d in fields
-                                                   if n != "medicationReference"), len(raw))
+            # the head's deciding elements undecoded and, after them, what population screening's split needs
+            # (decode_line); an order's medicationReference, the last of its head, is one of those
+            deciding = [field for field in fields if field[0] != "medicationReference"]
+            line = msgspec.defstruct(f"{kind}Line", [(name, msgspec.Raw, UNSET) for name, _, _ in deciding] + [
+                (n, Any, UNSET if n == "medicationReference" else None) for n in LINE_ELEMENTS],
+                tag_field="resourceType", tag=kind)
+            self._lines[line] = (kind, head, tuple((msgspec.json.Decoder(t), d) for _, t, d in deciding),
+                                 len(deciding))
         resource = Union[tuple(self.types)]  # type: ignore[valid-type]  # noqa: UP007
         entry: Any = msgspec.defstruct("EntryHead", [("resource", resource | None, None)])
         self._entry: msgspec.json.Decoder[Any] = msgspec.json.Decoder(entry)

@@ -314,11 +314,11 @@ class PatientRecord:
         clean-up (what no raw bucket holds, no clean one does): most clauses of most calls ask for codes the
         record does not have (a rule's exclusions, someone else's diagnoses), and that answer is one dict
         access per source here."""
-        if self._plan is None or (self._by_reference and kind in MEDICATION_TYPES):
+        plan = self._plan
+        pending = self._by_reference and kind in MEDICATION_TYPES  # references to resolve first
+        bucket = None if plan is None or pending else plan.buckets.get((kind, keys))
+        if bucket is None:  # no plan, references pending, or a set the plan lacks (with_codes says so)
             return not any(self.with_codes(source, kind, keys) for source in sources)
-        bucket = self._plan.buckets.get((kind, keys))
-        if bucket is None:
-            return not any(self.with_codes(source, kind, keys) for source in sources)  # with_codes says why
         by_code = self._by_code
         for source in sources:  # noqa: SIM110  # a loop: any() over a generator costs more (one source, nearly always)
             if (source, kind, bucket) in by_code:

@@ -217,14 +217,8 @@ def _fault(line: bytes, parsed: bool, checked: bool) -> str | None:
     """What is wrong with a line whose head was read: a line that is kept is parsed in full (screening it
     must not fail, and bad JSON is reported by its line number); one that is left out is checked as UTF-8
     (the one fault a parser that skips what it does not need can miss), unless its whole chunk was."""
-    if not parsed:
-        if checked:
-            return None
-        try:
-            line.decode()
-            return None
-        except UnicodeDecodeError:
-            pass
+    if not parsed and (checked or is_utf8(line)):
+        return None
     found = _parse(line)
     return found if isinstance(found, str) else None
 
